@@ -1,0 +1,30 @@
+// Data-parallel loops over the process-wide OpenMP pool (shared with OpenBLAS).
+//
+// Contract for every kernel that uses ParallelFor: each output element is
+// produced by exactly one iteration, in an order fixed by the code and not by
+// the partition, so results are bit-identical for any thread count.
+#ifndef MUONPS_COMMON_PARALLEL_H_
+#define MUONPS_COMMON_PARALLEL_H_
+
+#include <cstdint>
+
+#include <omp.h>
+
+namespace muonps {
+
+// Calls fn(i) for i in [0, n), statically partitioned over the threads.
+template <typename Fn>
+void ParallelFor(int64_t n, Fn&& fn) {
+  if (n <= 0) return;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
+// Sets the number of threads used by ParallelFor and by BLAS (>= 1).
+void SetNumThreads(int threads);
+// The current number of threads.
+int NumThreads();
+
+}  // namespace muonps
+
+#endif  // MUONPS_COMMON_PARALLEL_H_
