@@ -1,2 +1,121 @@
+// muonps: one binary, a command per role.
+//
+//   muonps train [JOB.json] [--resume DIR] [--until STEP]   train in one process
+//   muonps validate JOB.json                                check a job file
+//   muonps defaults                                         print the default job
+//   muonps version
+#include <unistd.h>
+
+#include <cmath>
 #include <cstdio>
-int main() { std::puts("muonps"); return 0; }
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_format.h"
+#include "cli/progress.h"
+#include "common/blas_runtime.h"
+#include "common/job_spec.h"
+#include "common/parallel.h"
+#include "trainer/trainer.h"
+
+ABSL_FLAG(std::string, resume, "", "Checkpoint directory (or a directory of step-* checkpoints) to resume from");
+ABSL_FLAG(int64_t, until, 0, "Stop after this many completed steps (0 = the job's schedule.total_steps)");
+ABSL_FLAG(int, threads, 0, "Threads for kernels and BLAS (0 = all cores, or MUONPS_THREADS)");
+ABSL_FLAG(std::string, log_jsonl, "", "Append one JSON record per step and a summary to this file ('-' = stdout)");
+ABSL_FLAG(bool, quiet, false, "No progress display on stderr");
+
+namespace muonps {
+namespace {
+
+constexpr char kUsage[] =
+    "muonps: Mixture-of-Experts training with the Muon optimizer.\n\n"
+    "  muonps train [JOB.json] [--resume DIR] [--until STEP] [--threads N] [--log_jsonl PATH]\n"
+    "      Train in one process; without JOB.json, the default job (default model on the\n"
+    "      fortunes corpus).\n"
+    "  muonps validate JOB.json   Check a job file; print it with every default filled in.\n"
+    "  muonps defaults            Print the default job as JSON.\n"
+    "  muonps version\n";
+
+int Fail(const absl::Status& status) {
+  std::fprintf(stderr, "muonps: error: %s\n", std::string(status.message()).c_str());
+  return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+}
+
+void ApplyThreads() {
+  int threads = absl::GetFlag(FLAGS_threads);
+  if (threads <= 0) {
+    if (const char* env = std::getenv("MUONPS_THREADS")) threads = std::atoi(env);
+  }
+  if (threads <= 0) threads = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+  SetNumThreads(threads);
+}
+
+int Train(const std::vector<std::string>& args) {
+  absl::StatusOr<v1::JobSpec> job = args.empty() ? DefaultJobSpec() : LoadJobSpecFile(args[0]);
+  if (!job.ok()) return Fail(job.status());
+  ApplyThreads();
+
+  ProgressDisplay progress(absl::GetFlag(FLAGS_quiet) ? nullptr : stderr,
+                           absl::GetFlag(FLAGS_log_jsonl));
+  if (!progress.status().ok()) return Fail(progress.status());
+  TrainOptions options;
+  options.resume = absl::GetFlag(FLAGS_resume);
+  options.until_step = absl::GetFlag(FLAGS_until);
+  options.on_step = [&](const StepReport& r) { progress.Step(r); };
+
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(*job, options);
+  if (!trainer.ok()) return Fail(trainer.status());
+  progress.Start(*job, (*trainer)->corpus().description, (*trainer)->model().layout(),
+                 (*trainer)->step(), NumThreads(), BlasCoreName());
+  absl::StatusOr<TrainSummary> summary = (*trainer)->Run();
+  if (!summary.ok()) {
+    progress.Abort();
+    return Fail(summary.status());
+  }
+  progress.Finish(*summary);
+  return 0;
+}
+
+int Validate(const std::vector<std::string>& args) {
+  if (args.size() != 1) {
+    std::fprintf(stderr, "usage: muonps validate JOB.json\n");
+    return 2;
+  }
+  absl::StatusOr<v1::JobSpec> job = LoadJobSpecFile(args[0]);
+  if (!job.ok()) return Fail(job.status());
+  std::cout << ToJson(*job);
+  return 0;
+}
+
+}  // namespace
+}  // namespace muonps
+
+int main(int argc, char** argv) {
+  muonps::EnsureFastBlasKernel(argc, argv);
+  absl::SetProgramUsageMessage(muonps::kUsage);
+  std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  std::vector<std::string> args(positional.begin() + 1, positional.end());
+  if (args.empty()) {
+    std::fputs(muonps::kUsage, stderr);
+    return 2;
+  }
+  const std::string command = args[0];
+  args.erase(args.begin());
+  if (command == "train") return muonps::Train(args);
+  if (command == "validate") return muonps::Validate(args);
+  if (command == "defaults") {
+    std::cout << muonps::ToJson(muonps::DefaultJobSpec());
+    return 0;
+  }
+  if (command == "version") {
+    std::printf("muonps 0.1.0 (BLAS core %s)\n", muonps::BlasCoreName().c_str());
+    return 0;
+  }
+  std::fprintf(stderr, "muonps: unknown command \"%s\"\n\n%s", command.c_str(), muonps::kUsage);
+  return 2;
+}

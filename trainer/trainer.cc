@@ -1,1 +1,288 @@
-// placeholder
+#include "trainer/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "services/optimizer/adamw.h"
+#include "services/optimizer/grad_norm.h"
+#include "services/optimizer/lr_schedule.h"
+#include "services/optimizer/muon.h"
+#include "trainer/checkpoint.h"
+
+namespace muonps {
+namespace {
+
+double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+}  // namespace
+
+Trainer::Trainer(const v1::JobSpec& job, const TrainOptions& options)
+    : job_(job), options_(options) {}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& job,
+                                                         const TrainOptions& options) {
+  std::unique_ptr<Trainer> trainer(new Trainer(job, options));
+  MUONPS_RETURN_IF_ERROR(trainer->Init());
+  return trainer;
+}
+
+absl::Status Trainer::Init() {
+  const v1::ModelConfig& mc = job_.model();
+  const int T = mc.max_position_embeddings();
+  MUONPS_ASSIGN_OR_RETURN(corpus_, LoadTokenCorpus(job_.data(), mc.vocab_size(), T));
+  sampler_ = std::make_unique<BatchSampler>(&corpus_.train, T, job_.batch().slots(),
+                                            job_.batch().micro_batch(),
+                                            job_.data().sampling() == "random", job_.seed());
+  val_windows_ = ValidationWindows(corpus_.val, T, job_.data().eval_windows(), &val_inputs_,
+                                   &val_targets_);
+  model_ = std::make_unique<MoeModel>(mc);
+  const ModelLayout& layout = model_->layout();
+  const size_t total = static_cast<size_t>(layout.total_floats());
+  state_.params.assign(total, 0.0f);
+  state_.momentum.assign(total, 0.0f);
+  state_.exp_avg.assign(total, 0.0f);
+  state_.exp_avg_sq.assign(total, 0.0f);
+  grads_.assign(total, 0.0f);
+  slot_grads_.assign(total, 0.0f);
+  const int rows = job_.batch().micro_batch();
+  inputs_.assign(static_cast<size_t>(rows) * T, 0);
+  targets_.assign(static_cast<size_t>(rows) * T, 0);
+
+  if (options_.resume.empty()) {
+    InitParameters(layout, job_.seed(), mc.initializer_range(), state_.params.data());
+    state_.trainer.set_step(0);
+    state_.trainer.set_tokens_seen(0);
+    state_.trainer.set_last_val_loss(std::nan(""));
+  } else {
+    MUONPS_ASSIGN_OR_RETURN(std::string dir, ResolveCheckpointDir(options_.resume));
+    MUONPS_RETURN_IF_ERROR(ReadCheckpoint(dir, layout, mc, job_.optimizer().name(), &state_));
+    const v1::JobSpec& saved = state_.trainer.job();
+    if (saved.seed() != job_.seed() || saved.optimizer().name() != job_.optimizer().name()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(dir, ": the checkpoint was trained with a different seed or optimizer"));
+    }
+    if (state_.trainer.step() > job_.schedule().total_steps()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(dir, ": checkpoint is at step ", state_.trainer.step(),
+                       ", beyond the job's schedule.total_steps ", job_.schedule().total_steps()));
+    }
+  }
+  *state_.trainer.mutable_job() = job_;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepReport> Trainer::Step() {
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  const int64_t step_index = state_.trainer.step();  // 0-based index of this step
+  const int slots = job_.batch().slots(), rows = job_.batch().micro_batch();
+  const int T = model_->seq_len();
+  const int64_t global_tokens = static_cast<int64_t>(slots) * rows * T;
+  const bool aux_loss = job_.model().balancing() == "aux_loss";
+  const float loss_scale = static_cast<float>(1.0 / static_cast<double>(global_tokens));
+  const float aux_scale =
+      aux_loss ? static_cast<float>(job_.model().aux_loss_alpha() / slots) : 0.0f;
+
+  StepReport report;
+  report.total_steps = job_.schedule().total_steps();
+  report.tokens = global_tokens;
+  report.lr = ScheduledLr(job_.optimizer().lr(), step_index, job_.schedule().total_steps(),
+                          job_.schedule().warmup_steps(), job_.schedule().min_lr_ratio());
+
+  // 1. Slot gradients, summed left to right.
+  std::fill(grads_.begin(), grads_.end(), 0.0f);
+  double loss_sum = 0.0, aux_sum = 0.0;
+  std::vector<std::vector<int64_t>> loads;
+  for (int s = 0; s < slots; ++s) {
+    sampler_->Fill(step_index, s, inputs_.data(), targets_.data());
+    std::fill(slot_grads_.begin(), slot_grads_.end(), 0.0f);
+    SlotStats stats = model_->ForwardBackward(state_.params.data(), inputs_.data(),
+                                              targets_.data(), rows, loss_scale, aux_scale,
+                                              slot_grads_.data());
+    for (size_t i = 0; i < grads_.size(); ++i) grads_[i] += slot_grads_[i];
+    loss_sum += stats.loss_sum;
+    aux_sum += stats.aux_sum;
+    if (loads.empty()) {
+      loads = stats.expert_load;
+    } else {
+      for (size_t l = 0; l < loads.size(); ++l) {
+        for (size_t e = 0; e < loads[l].size(); ++e) loads[l][e] += stats.expert_load[l][e];
+      }
+    }
+  }
+  report.loss = loss_sum / static_cast<double>(global_tokens);
+  report.aux_loss = aux_sum / slots;
+  if (!std::isfinite(report.loss)) {
+    return absl::InternalError(absl::StrCat("loss is not finite at step ", step_index + 1,
+                                            " (diverged: lower optimizer.lr?)"));
+  }
+  const auto t1 = Clock::now();
+
+  // 2-4. Clip, update, rebalance.
+  report.grad_norm = ApplyOptimizer(report.lr, step_index);
+  UpdateRouterBias(loads);
+  for (const auto& layer : loads) {
+    int64_t total = 0, peak = 0;
+    for (int64_t x : layer) {
+      total += x;
+      peak = std::max(peak, x);
+    }
+    if (total > 0) {
+      report.max_load_ratio = std::max(
+          report.max_load_ratio, static_cast<double>(peak) * layer.size() / static_cast<double>(total));
+    }
+  }
+  const auto t2 = Clock::now();
+
+  state_.trainer.set_step(step_index + 1);
+  state_.trainer.set_tokens_seen(state_.trainer.tokens_seen() + global_tokens);
+  report.step = step_index + 1;
+
+  // 5. Validation.
+  const int eval_every = job_.data().eval_every();
+  const bool last = report.step == job_.schedule().total_steps();
+  if ((eval_every > 0 && report.step % eval_every == 0) || last) {
+    report.val_loss = EvaluateValidation();
+    state_.trainer.set_last_val_loss(*report.val_loss);
+  }
+  report.forward_backward_seconds = Seconds(t0, t1);
+  report.optimizer_seconds = Seconds(t1, t2);
+  report.step_seconds = Seconds(t0, Clock::now());
+  return report;
+}
+
+double Trainer::ApplyOptimizer(double lr, int64_t step_index) {
+  const ModelLayout& layout = model_->layout();
+  const v1::OptimizerConfig& oc = job_.optimizer();
+  // Global gradient norm over trainable tensors, summed in layout order.
+  double sq = 0.0;
+  for (const TensorInfo& t : layout.tensors()) {
+    if (t.trainable()) sq += SumOfSquares(grads_.data() + t.offset, t.numel);
+  }
+  const double norm = std::sqrt(sq);
+  if (oc.max_grad_norm() > 0.0) {
+    const double coef = oc.max_grad_norm() / (norm + 1e-6);
+    if (coef < 1.0) {
+      for (const TensorInfo& t : layout.tensors()) {
+        if (t.trainable()) Scale(grads_.data() + t.offset, t.numel, static_cast<float>(coef));
+      }
+    }
+  }
+  MuonHyper muon;
+  muon.lr = lr;
+  muon.weight_decay = oc.weight_decay();
+  muon.momentum = oc.momentum();
+  muon.nesterov = oc.nesterov();
+  muon.ns_steps = oc.ns_steps();
+  muon.scale_rule = *ParseMuonScaleRule(oc.scale_rule());
+  AdamWHyper adam;
+  adam.lr = lr;
+  adam.beta1 = oc.adam_beta1();
+  adam.beta2 = oc.adam_beta2();
+  adam.eps = oc.adam_eps();
+  adam.weight_decay = oc.weight_decay();
+  for (const TensorInfo& t : layout.tensors()) {
+    if (!t.trainable()) continue;
+    float* w = state_.params.data() + t.offset;
+    const float* g = grads_.data() + t.offset;
+    if (UsesMuon(t, oc.name())) {
+      MuonStep(w, state_.momentum.data() + t.offset, g, t.rows(), t.cols(), muon);
+    } else {
+      AdamWStep(w, state_.exp_avg.data() + t.offset, state_.exp_avg_sq.data() + t.offset, g,
+                t.numel, step_index + 1, adam);
+    }
+  }
+  return norm;
+}
+
+void Trainer::UpdateRouterBias(const std::vector<std::vector<int64_t>>& loads) {
+  if (job_.model().balancing() != "aux_free_bias") return;
+  const float rate = static_cast<float>(job_.model().bias_update_rate());
+  const std::vector<int>& bias = model_->bias_tensors();
+  for (size_t l = 0; l < bias.size() && l < loads.size(); ++l) {
+    const TensorInfo& t = model_->layout().tensors()[bias[l]];
+    float* b = state_.params.data() + t.offset;
+    int64_t total = 0;
+    for (int64_t x : loads[l]) total += x;
+    const double mean = static_cast<double>(total) / static_cast<double>(loads[l].size());
+    for (size_t e = 0; e < loads[l].size(); ++e) {
+      const double diff = mean - static_cast<double>(loads[l][e]);
+      const float sign = diff > 0 ? 1.0f : (diff < 0 ? -1.0f : 0.0f);
+      b[e] += rate * sign;
+    }
+  }
+}
+
+double Trainer::EvaluateValidation() {
+  const int T = model_->seq_len();
+  const int rows = job_.batch().micro_batch();
+  double loss_sum = 0.0;
+  int64_t tokens = 0;
+  for (int64_t w = 0; w < val_windows_; w += rows) {
+    const int B = static_cast<int>(std::min<int64_t>(rows, val_windows_ - w));
+    SlotStats stats = model_->Forward(state_.params.data(), val_inputs_.data() + w * T,
+                                      val_targets_.data() + w * T, B);
+    loss_sum += stats.loss_sum;
+    tokens += stats.tokens;
+  }
+  return tokens > 0 ? loss_sum / static_cast<double>(tokens) : std::nan("");
+}
+
+absl::Status Trainer::SaveCheckpoint() {
+  const std::string& root = job_.checkpoint().dir();
+  if (root.empty()) return absl::OkStatus();
+  std::error_code ec;
+  std::filesystem::create_directories(root, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", root, ": ", ec.message()));
+  const std::string dir = absl::StrCat(root, "/", CheckpointName(state_.trainer.step()));
+  MUONPS_RETURN_IF_ERROR(WriteCheckpoint(dir, model_->layout(), state_));
+  last_checkpoint_ = dir;
+  const int keep = job_.checkpoint().keep_last();
+  if (keep > 0) {
+    std::vector<std::string> all;
+    for (const auto& e : std::filesystem::directory_iterator(root, ec)) {
+      const std::string name = e.path().filename().string();
+      if (e.is_directory() && name.rfind("step-", 0) == 0 && name.find('.') == std::string::npos) {
+        all.push_back(e.path().string());
+      }
+    }
+    std::sort(all.begin(), all.end());
+    for (size_t i = 0; i + keep < all.size(); ++i) std::filesystem::remove_all(all[i], ec);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TrainSummary> Trainer::Run() {
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t total = job_.schedule().total_steps();
+  const int64_t until =
+      options_.until_step > 0 ? std::min<int64_t>(options_.until_step, total) : total;
+  TrainSummary summary;
+  int64_t tokens = 0;
+  const int every = job_.checkpoint().every_steps();
+  while (state_.trainer.step() < until) {
+    MUONPS_ASSIGN_OR_RETURN(StepReport report, Step());
+    tokens += report.tokens;
+    ++summary.steps_run;
+    summary.final_loss = report.loss;
+    if (report.val_loss) summary.final_val_loss = report.val_loss;
+    if (options_.on_step) options_.on_step(report);
+    if (every > 0 && report.step % every == 0 && report.step < until) {
+      MUONPS_RETURN_IF_ERROR(SaveCheckpoint());
+    }
+  }
+  if (summary.steps_run > 0) MUONPS_RETURN_IF_ERROR(SaveCheckpoint());
+  summary.final_step = state_.trainer.step();
+  summary.seconds = Seconds(start, std::chrono::steady_clock::now());
+  summary.tokens_per_second = summary.seconds > 0 ? tokens / summary.seconds : 0.0;
+  summary.last_checkpoint = last_checkpoint_;
+  return summary;
+}
+
+}  // namespace muonps

@@ -1,0 +1,87 @@
+#include "common/blas_runtime.h"
+
+#include <unistd.h>
+
+#include <array>
+#include <cctype>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include <cblas.h>
+
+namespace muonps {
+namespace {
+
+// Set (to "1") just before the re-exec; seeing it means we already tried.
+constexpr char kReexecMarker[] = "MUONPS_BLAS_REEXEC";
+
+// OpenBLAS x86 kernel names without AVX kernels, which it falls back to for
+// CPUs it does not recognise.
+constexpr std::array<std::string_view, 13> kGenericCores = {
+    "Prescott", "Katmai",  "Coppermine", "Northwood", "Banias",  "Atom",    "Core2",
+    "Penryn",   "Dunnington", "Nehalem", "Opteron",   "Barcelona", "Generic"};
+
+std::string OrEmpty(const char* s) { return s == nullptr ? std::string() : std::string(s); }
+
+bool EqualsIgnoreCase(std::string_view x, std::string_view y) {
+  if (x.size() != y.size()) return false;
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (std::tolower(static_cast<unsigned char>(x[i])) !=
+        std::tolower(static_cast<unsigned char>(y[i]))) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+std::string BlasCoreName() { return OrEmpty(openblas_get_corename()); }
+
+std::string BlasConfig() { return OrEmpty(openblas_get_config()); }
+
+bool IsGenericBlasCore(std::string_view core_name) {
+  for (std::string_view generic : kGenericCores) {
+    if (EqualsIgnoreCase(core_name, generic)) return true;
+  }
+  return false;
+}
+
+std::string BestBlasCoreType() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+    return "SkylakeX";
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "Haswell";
+#endif
+  return "";
+}
+
+void EnsureFastBlasKernel(int argc, char** argv) {
+  if (argc < 1 || argv == nullptr || argv[0] == nullptr) return;
+  if (std::getenv(kReexecMarker) != nullptr) return;
+  if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return;
+  const std::string core = BlasCoreName();
+  if (!IsGenericBlasCore(core)) return;
+  const std::string best = BestBlasCoreType();
+  if (best.empty()) return;
+  if (setenv("OPENBLAS_CORETYPE", best.c_str(), /*overwrite=*/1) != 0 ||
+      setenv(kReexecMarker, "1", /*overwrite=*/1) != 0) {
+    return;
+  }
+  std::fflush(nullptr);
+  execv("/proc/self/exe", argv);
+  // Only reached when execv failed: carry on, slowly, and say why.
+  const int err = errno;
+  unsetenv("OPENBLAS_CORETYPE");
+  std::fprintf(stderr,
+               "warning: BLAS runs the generic %s kernel; re-running with "
+               "OPENBLAS_CORETYPE=%s failed: %s\n",
+               core.c_str(), best.c_str(), std::strerror(err));
+}
+
+}  // namespace muonps
