@@ -4,8 +4,9 @@
 //   {"__metadata__": {str: str}, "<name>": {"dtype": "F32", "shape": [..],
 //    "data_offsets": [begin, end]}, ...}
 // padded with spaces; then the raw little-endian data buffer, with offsets
-// relative to its start. The files this module writes load with the Python
-// `safetensors` package and vice versa.
+// relative to its start. Reading applies the same checks as the Python
+// `safetensors` package (tensors tile the data buffer exactly), and writing
+// uses its layout (metadata first, header padded to a multiple of 8 bytes).
 #ifndef MUONPS_COMMON_SAFETENSORS_H_
 #define MUONPS_COMMON_SAFETENSORS_H_
 

@@ -37,7 +37,7 @@ double MuonScale(int rows, int cols, MuonScaleRule rule) {
     case MuonScaleRule::kMatchRmsAdamW:
       return 0.2 * std::sqrt(static_cast<double>(std::max(rows, cols)));
     case MuonScaleRule::kOriginal:
-      return std::sqrt(std::max(1.0, static_cast<double>(rows) / static_cast<double>(cols)));
+      return std::sqrt(std::max(1.0, static_cast<double>(rows / cols)));
   }
   return 1.0;
 }

@@ -180,32 +180,110 @@ void rope_backward(float* dinp, const float* dout, const float* cos, const float
 // ---- causal multi-head attention -----------------------------------------------
 //
 // One ParallelFor iteration per (b, h) pair; it reads and writes only that
-// head's columns. Keys and values are transposed into a (D, T) scratch so the
-// per-query loops over keys run over contiguous memory and vectorise.
+// head's columns. The per-head products (Q K^T, A V and their transposes) go
+// through RowBlockProduct, a register-tiled loop that keeps the summation
+// order of every element fixed. Causality is used by limiting, per block of
+// rows, the columns (Q K^T, dO V^T) or the summation range (A V, dP K, dP^T Q,
+// A^T dO); entries above the diagonal inside a block are zero in A and dP.
+
+namespace {
+
+constexpr int kTileRows = 4;
+constexpr int kTileCols = 8;
+
+// Four floats in one SSE register (GCC/Clang vector extension); arithmetic on
+// it is lane-wise, so every lane keeps the scalar summation order.
+typedef float Float4 __attribute__((vector_size(16)));
+
+inline Float4 Load4(const float* p) {
+  Float4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// For rows i in [i0, i0 + mb) and columns j in [0, n):
+//   c(i, j) = [c(i, j) +] alpha * sum_{l = l0}^{l1 - 1} a(i, l) b(l, j)
+// with a(i, l) = a[i * a_rs + l * a_cs], b(l, j) = b[l * ldb + j] and
+// c(i, j) = c[i * ldc + j]; c(i, j) is kept when accumulate. Every sum runs
+// over l in increasing order from zero, whatever the tiling.
+void RowBlockProduct(float* c, int64_t ldc, const float* a, int64_t a_rs, int64_t a_cs,
+                     const float* b, int64_t ldb, int i0, int mb, int n, int l0, int l1,
+                     float alpha, bool accumulate) {
+  auto store = [&](int i, int j, float acc) {
+    float* dst = c + i * ldc + j;
+    *dst = accumulate ? *dst + alpha * acc : alpha * acc;
+  };
+  int j0 = 0;
+  if (mb == kTileRows) {
+    // 4 x 8 tile held in eight registers.
+    for (; j0 + kTileCols <= n; j0 += kTileCols) {
+      Float4 acc[kTileRows][2] = {};
+      for (int l = l0; l < l1; ++l) {
+        const float* bl = b + l * ldb + j0;
+        const Float4 b0 = Load4(bl);
+        const Float4 b1 = Load4(bl + 4);
+        for (int r = 0; r < kTileRows; ++r) {
+          const float ar = a[(i0 + r) * a_rs + l * a_cs];
+          const Float4 av = {ar, ar, ar, ar};
+          acc[r][0] += av * b0;
+          acc[r][1] += av * b1;
+        }
+      }
+      for (int r = 0; r < kTileRows; ++r) {
+        for (int x = 0; x < 4; ++x) {
+          store(i0 + r, j0 + x, acc[r][0][x]);
+          store(i0 + r, j0 + 4 + x, acc[r][1][x]);
+        }
+      }
+    }
+  }
+  // Short row blocks and the last columns, one row at a time.
+  for (int r = 0; r < mb; ++r) {
+    const int i = i0 + r;
+    int j = j0;
+    for (; j + kTileCols <= n; j += kTileCols) {
+      float acc[kTileCols] = {};
+      for (int l = l0; l < l1; ++l) {
+        const float ar = a[i * a_rs + l * a_cs];
+        const float* bl = b + l * ldb + j;
+        for (int x = 0; x < kTileCols; ++x) acc[x] += ar * bl[x];
+      }
+      for (int x = 0; x < kTileCols; ++x) store(i, j + x, acc[x]);
+    }
+    for (; j < n; ++j) {
+      float acc = 0.0f;
+      for (int l = l0; l < l1; ++l) acc += a[i * a_rs + l * a_cs] * b[l * ldb + j];
+      store(i, j, acc);
+    }
+  }
+}
+
+// Copies the (T, D) head slice with row stride C into dst (D, T).
+void TransposeHead(float* dst, const float* src, int64_t C, int T, int D) {
+  for (int j = 0; j < T; ++j) {
+    for (int d = 0; d < D; ++d) dst[static_cast<int64_t>(d) * T + j] = src[j * C + d];
+  }
+}
+
+}  // namespace
 
 void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
                        int B, int T, int H, int D) {
   const int64_t C = static_cast<int64_t>(H) * D;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   ParallelFor(static_cast<int64_t>(B) * H, [&](int64_t bh) {
-    const int64_t b = bh / H;
-    const int64_t h = bh % H;
-    const int64_t base = b * T * C + h * D;  // (b, t=0, head h)
-    std::vector<float> kt(static_cast<size_t>(D) * T);  // (D, T)
-    for (int j = 0; j < T; ++j) {
-      const float* kj = k + base + j * C;
-      for (int d = 0; d < D; ++d) kt[static_cast<size_t>(d) * T + j] = kj[d];
+    const int64_t base = (bh / H) * T * C + (bh % H) * D;  // (b, t = 0, head h)
+    float* a = att + bh * T * T;                           // (T, T)
+    std::vector<float> kt(static_cast<size_t>(D) * T);     // (D, T)
+    TransposeHead(kt.data(), k + base, C, T, D);
+    // Scores q_t . k_j for j < end of the row block.
+    for (int i0 = 0; i0 < T; i0 += kTileRows) {
+      const int mb = std::min(kTileRows, T - i0);
+      RowBlockProduct(a, T, q + base, C, 1, kt.data(), T, i0, mb, i0 + mb, 0, D, 1.0f, false);
     }
     for (int t = 0; t < T; ++t) {
-      const float* qt = q + base + t * C;
-      float* row = att + (bh * T + t) * T;
+      float* row = a + static_cast<int64_t>(t) * T;
       const int n = t + 1;
-      for (int j = 0; j < n; ++j) row[j] = 0.0f;
-      for (int d = 0; d < D; ++d) {
-        const float qd = qt[d];
-        const float* ktd = kt.data() + static_cast<size_t>(d) * T;
-        for (int j = 0; j < n; ++j) row[j] += qd * ktd[j];
-      }
       float mx = -INFINITY;
       for (int j = 0; j < n; ++j) {
         row[j] *= scale;
@@ -219,14 +297,11 @@ void attention_forward(float* out, float* att, const float* q, const float* k, c
       const float inv = 1.0f / sum;
       for (int j = 0; j < n; ++j) row[j] *= inv;
       for (int j = n; j < T; ++j) row[j] = 0.0f;
-
-      float* ot = out + base + t * C;
-      for (int d = 0; d < D; ++d) ot[d] = 0.0f;
-      for (int j = 0; j < n; ++j) {
-        const float a = row[j];
-        const float* vj = v + base + j * C;
-        for (int d = 0; d < D; ++d) ot[d] += a * vj[d];
-      }
+    }
+    // out = A V.
+    for (int i0 = 0; i0 < T; i0 += kTileRows) {
+      const int mb = std::min(kTileRows, T - i0);
+      RowBlockProduct(out + base, C, a, T, 1, v + base, C, i0, mb, D, 0, i0 + mb, 1.0f, false);
     }
   });
 }
@@ -237,75 +312,45 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   if (dq == nullptr && dk == nullptr && dv == nullptr) return;
   const int64_t C = static_cast<int64_t>(H) * D;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const bool need_dpre = dq != nullptr || dk != nullptr;
   ParallelFor(static_cast<int64_t>(B) * H, [&](int64_t bh) {
-    const int64_t b = bh / H;
-    const int64_t h = bh % H;
-    const int64_t base = b * T * C + h * D;
-    const size_t TD = static_cast<size_t>(T) * D;
-    std::vector<float> vt(need_dpre ? TD : 0);       // (D, T)
-    std::vector<float> dk_acc(dk != nullptr ? TD : 0);  // (T, D)
-    std::vector<float> dv_acc(dv != nullptr ? TD : 0);  // (T, D)
-    std::vector<float> dpre(T);
-    std::vector<float> dq_t(D);
-    if (need_dpre) {
-      for (int j = 0; j < T; ++j) {
-        const float* vj = v + base + j * C;
-        for (int d = 0; d < D; ++d) vt[static_cast<size_t>(d) * T + j] = vj[d];
+    const int64_t base = (bh / H) * T * C + (bh % H) * D;
+    const float* a = att + bh * T * T;  // (T, T)
+    if (dv != nullptr) {
+      // dv = A^T dout; row j sums over queries t >= j.
+      for (int i0 = 0; i0 < T; i0 += kTileRows) {
+        const int mb = std::min(kTileRows, T - i0);
+        RowBlockProduct(dv + base, C, a, 1, T, dout + base, C, i0, mb, D, i0, T, 1.0f, true);
       }
+    }
+    if (dq == nullptr && dk == nullptr) return;
+    std::vector<float> vt(static_cast<size_t>(D) * T);        // (D, T)
+    std::vector<float> dp(static_cast<size_t>(T) * T, 0.0f);  // (T, T)
+    TransposeHead(vt.data(), v + base, C, T, D);
+    // datt = dout V^T, then dp = a * (datt - <a, datt>) on and below the diagonal.
+    for (int i0 = 0; i0 < T; i0 += kTileRows) {
+      const int mb = std::min(kTileRows, T - i0);
+      RowBlockProduct(dp.data(), T, dout + base, C, 1, vt.data(), T, i0, mb, i0 + mb, 0, D, 1.0f,
+                      false);
     }
     for (int t = 0; t < T; ++t) {
-      const float* a = att + (bh * T + t) * T;
-      const float* g = dout + base + t * C;
+      const float* at = a + static_cast<int64_t>(t) * T;
+      float* row = dp.data() + static_cast<int64_t>(t) * T;
       const int n = t + 1;
-      if (need_dpre) {
-        // datt[j] = <dout_t, v_j>; dpre = a * (datt - <a, datt>).
-        for (int j = 0; j < n; ++j) dpre[j] = 0.0f;
-        for (int d = 0; d < D; ++d) {
-          const float gd = g[d];
-          const float* vtd = vt.data() + static_cast<size_t>(d) * T;
-          for (int j = 0; j < n; ++j) dpre[j] += gd * vtd[j];
-        }
-        float s = 0.0f;
-        for (int j = 0; j < n; ++j) s += a[j] * dpre[j];
-        for (int j = 0; j < n; ++j) dpre[j] = a[j] * (dpre[j] - s);
-      }
-      if (dq != nullptr) {
-        for (int d = 0; d < D; ++d) dq_t[d] = 0.0f;
-        for (int j = 0; j < n; ++j) {
-          const float c = dpre[j];
-          const float* kj = k + base + j * C;
-          for (int d = 0; d < D; ++d) dq_t[d] += c * kj[d];
-        }
-        float* dqt = dq + base + t * C;
-        for (int d = 0; d < D; ++d) dqt[d] += scale * dq_t[d];
-      }
-      if (dk != nullptr) {
-        const float* qt = q + base + t * C;
-        for (int j = 0; j < n; ++j) {
-          const float c = scale * dpre[j];
-          float* acc = dk_acc.data() + static_cast<size_t>(j) * D;
-          for (int d = 0; d < D; ++d) acc[d] += c * qt[d];
-        }
-      }
-      if (dv != nullptr) {
-        for (int j = 0; j < n; ++j) {
-          const float c = a[j];
-          float* acc = dv_acc.data() + static_cast<size_t>(j) * D;
-          for (int d = 0; d < D; ++d) acc[d] += c * g[d];
-        }
-      }
+      float s = 0.0f;
+      for (int j = 0; j < n; ++j) s += at[j] * row[j];
+      for (int j = 0; j < n; ++j) row[j] = at[j] * (row[j] - s);
+      for (int j = n; j < T; ++j) row[j] = 0.0f;
     }
-    for (int j = 0; j < T; ++j) {
-      if (dk != nullptr) {
-        float* dst = dk + base + j * C;
-        const float* src = dk_acc.data() + static_cast<size_t>(j) * D;
-        for (int d = 0; d < D; ++d) dst[d] += src[d];
+    for (int i0 = 0; i0 < T; i0 += kTileRows) {
+      const int mb = std::min(kTileRows, T - i0);
+      // dq = scale dp K (keys up to the block end); dk = scale dp^T Q (queries from the block
+      // start).
+      if (dq != nullptr) {
+        RowBlockProduct(dq + base, C, dp.data(), T, 1, k + base, C, i0, mb, D, 0, i0 + mb, scale,
+                        true);
       }
-      if (dv != nullptr) {
-        float* dst = dv + base + j * C;
-        const float* src = dv_acc.data() + static_cast<size_t>(j) * D;
-        for (int d = 0; d < D; ++d) dst[d] += src[d];
+      if (dk != nullptr) {
+        RowBlockProduct(dk + base, C, dp.data(), 1, T, q + base, C, i0, mb, D, i0, T, scale, true);
       }
     }
   });
@@ -444,8 +489,8 @@ void topk_weights_backward(float* dscores, const float* dweights, const float* s
 
 // ---- expert dispatch / combine -------------------------------------------------
 
-void build_routing(int32_t* offsets, int32_t* token, int32_t* pos, const int32_t* idx, int N,
-                   int E, int K) {
+void build_routing(int32_t* offsets, int32_t* token, int32_t* pos, const int32_t* idx, int N, int E,
+                   int K) {
   // Counting sort: stable in (n, j), so tokens stay in order within an expert.
   std::fill(offsets, offsets + E + 1, 0);
   const int64_t P = static_cast<int64_t>(N) * K;
@@ -514,8 +559,8 @@ void combine_backward(float* dye, float* dweights, const float* dout, const floa
 
 // ---- loss ---------------------------------------------------------------------
 
-void crossentropy_forward(float* losses, float* probs, const float* logits,
-                          const int32_t* targets, int N, int V) {
+void crossentropy_forward(float* losses, float* probs, const float* logits, const int32_t* targets,
+                          int N, int V) {
   ParallelFor(N, [&](int64_t n) {
     const float* l = logits + n * V;
     float* p = probs + n * V;

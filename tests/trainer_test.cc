@@ -1,0 +1,198 @@
+// The single-process trainer: determinism, bit-identical resume, thread-count
+// independence, learning on the default corpus, and clear errors.
+#include "trainer/trainer.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "common/job_spec.h"
+#include "common/parallel.h"
+#include "common/safetensors.h"
+#include "trainer/checkpoint.h"
+
+namespace muonps {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+std::string TempDir(const std::string& name) {
+  const fs::path dir = fs::path(testing::TempDir()) / absl::StrCat("muonps_trainer_", name, "_",
+                                                                   ::getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir.string();
+}
+
+// A small but non-trivial text corpus: numbered sentences.
+std::string WriteCorpus(const std::string& dir) {
+  const std::string path = dir + "/corpus.txt";
+  std::ofstream out(path);
+  for (int i = 0; i < 600; ++i) {
+    out << "Line " << i << ": the quick brown fox " << (i % 7 == 0 ? "jumps" : "naps")
+        << " over " << (i * 37 % 101) << " lazy dogs.\n";
+  }
+  return path;
+}
+
+v1::JobSpec TinyJob(const std::string& corpus, const std::string& optimizer) {
+  absl::StatusOr<v1::JobSpec> job = ParseJobSpecJson(absl::StrCat(R"({
+    "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "max_position_embeddings": 32, "intermediate_size": 64,
+              "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+    "optimizer": {"name": ")", optimizer, R"(", "lr": 0.01},
+    "schedule": {"total_steps": 6, "warmup_steps": 2},
+    "data": {"path": ")", corpus, R"(", "eval_every": 3, "eval_windows": 4, "sampling": "random"},
+    "batch": {"slots": 3, "micro_batch": 2},
+    "seed": 7})"));
+  EXPECT_TRUE(job.ok()) << job.status();
+  return *job;
+}
+
+TrainingState RunJob(const v1::JobSpec& job, TrainOptions options = {}) {
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(job, options);
+  EXPECT_TRUE(trainer.ok()) << trainer.status();
+  if (!trainer.ok()) return {};
+  absl::StatusOr<TrainSummary> summary = (*trainer)->Run();
+  EXPECT_TRUE(summary.ok()) << summary.status();
+  return (*trainer)->state();
+}
+
+void ExpectBitIdentical(const std::vector<float>& a, const std::vector<float>& b,
+                        const char* what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
+      << what << " differ";
+}
+
+class TrainerTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(TrainerTest, SameJobSameSeedIsBitIdentical) {
+  const std::string dir = TempDir("repeat_" + GetParam());
+  const v1::JobSpec job = TinyJob(WriteCorpus(dir), GetParam());
+  const TrainingState a = RunJob(job);
+  const TrainingState b = RunJob(job);
+  ExpectBitIdentical(a.params, b.params, "parameters");
+  // And training did change the parameters.
+  v1::JobSpec zero = job;
+  absl::StatusOr<std::unique_ptr<Trainer>> fresh = Trainer::Create(zero, {});
+  ASSERT_TRUE(fresh.ok());
+  EXPECT_NE(std::memcmp(a.params.data(), (*fresh)->state().params.data(),
+                        a.params.size() * sizeof(float)),
+            0);
+}
+
+TEST_P(TrainerTest, ResumeIsBitIdenticalToAnUninterruptedRun) {
+  const std::string dir = TempDir("resume_" + GetParam());
+  v1::JobSpec job = TinyJob(WriteCorpus(dir), GetParam());
+  const TrainingState straight = RunJob(job);
+
+  job.mutable_checkpoint()->set_dir(dir + "/ckpt");
+  TrainOptions first;
+  first.until_step = 3;
+  const TrainingState half = RunJob(job, first);
+  ASSERT_EQ(half.trainer.step(), 3);
+  ASSERT_TRUE(fs::exists(dir + "/ckpt/step-00000003/model.safetensors"));
+
+  TrainOptions second;
+  second.resume = dir + "/ckpt";  // resolves to the newest step-* inside
+  const TrainingState resumed = RunJob(job, second);
+  ASSERT_EQ(resumed.trainer.step(), 6);
+  ExpectBitIdentical(straight.params, resumed.params, "parameters");
+  ExpectBitIdentical(straight.momentum, resumed.momentum, "momentum buffers");
+  ExpectBitIdentical(straight.exp_avg, resumed.exp_avg, "exp_avg");
+  ExpectBitIdentical(straight.exp_avg_sq, resumed.exp_avg_sq, "exp_avg_sq");
+}
+
+TEST_P(TrainerTest, ThreadCountDoesNotChangeTheResult) {
+  const std::string dir = TempDir("threads_" + GetParam());
+  const v1::JobSpec job = TinyJob(WriteCorpus(dir), GetParam());
+  SetNumThreads(1);
+  const TrainingState one = RunJob(job);
+  SetNumThreads(2);
+  const TrainingState two = RunJob(job);
+  ExpectBitIdentical(one.params, two.params, "parameters");
+}
+
+INSTANTIATE_TEST_SUITE_P(Optimizers, TrainerTest, ::testing::Values("muon", "adamw"));
+
+TEST(TrainerErrors, MissingDataIsAClearError) {
+  v1::JobSpec job = TinyJob("/nonexistent/corpus", "muon");
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(job, {});
+  ASSERT_FALSE(trainer.ok());
+  EXPECT_THAT(std::string(trainer.status().message()), HasSubstr("/nonexistent/corpus"));
+}
+
+TEST(TrainerErrors, CorpusShorterThanOneWindowIsAClearError) {
+  const std::string dir = TempDir("short");
+  std::ofstream(dir + "/short.txt") << "too short";
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer =
+      Trainer::Create(TinyJob(dir + "/short.txt", "muon"), {});
+  ASSERT_FALSE(trainer.ok());
+  EXPECT_THAT(std::string(trainer.status().message()), HasSubstr("short"));
+}
+
+TEST(TrainerErrors, CorruptCheckpointIsRefusedNamingTheTensor) {
+  const std::string dir = TempDir("corrupt");
+  v1::JobSpec job = TinyJob(WriteCorpus(dir), "muon");
+  job.mutable_checkpoint()->set_dir(dir + "/ckpt");
+  TrainOptions first;
+  first.until_step = 1;
+  RunJob(job, first);
+  const std::string model = dir + "/ckpt/step-00000001/model.safetensors";
+  ASSERT_TRUE(fs::exists(model));
+
+  // A checkpoint of another architecture: same names, other shapes.
+  v1::JobSpec other = job;
+  other.mutable_model()->set_intermediate_size(48);
+  TrainOptions resume;
+  resume.resume = dir + "/ckpt";
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(other, resume);
+  ASSERT_FALSE(trainer.ok());
+  EXPECT_THAT(std::string(trainer.status().message()), HasSubstr("config"));
+
+  // Truncated parameters.
+  fs::resize_file(model, fs::file_size(model) / 2);
+  trainer = Trainer::Create(job, resume);
+  ASSERT_FALSE(trainer.ok());
+  EXPECT_THAT(std::string(trainer.status().message()), HasSubstr("model.safetensors"));
+}
+
+// Runs the muonps binary; returns its exit status and stderr.
+std::pair<int, std::string> RunCli(const std::string& args) {
+  const std::string err = TempDir("cli") + "/stderr.txt";
+  const int rc = std::system((std::string(MUONPS_BINARY) + " " + args + " > /dev/null 2> " + err).c_str());
+  std::ifstream in(err);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, text};
+}
+
+TEST(TrainerCli, BadJobsEndWithOneClearMessage) {
+  const std::string dir = TempDir("cli_jobs");
+  std::ofstream(dir + "/bad.json") << R"({"model": {"num_experts_per_tok": 99}})";
+  auto [rc, err] = RunCli("train " + dir + "/bad.json");
+  EXPECT_NE(rc, 0);
+  EXPECT_THAT(err, HasSubstr("model.num_experts_per_tok"));
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+
+  std::ofstream(dir + "/nodata.json") << R"({"data": {"path": "/nonexistent/x"}})";
+  std::tie(rc, err) = RunCli("train " + dir + "/nodata.json");
+  EXPECT_NE(rc, 0);
+  EXPECT_THAT(err, HasSubstr("/nonexistent/x"));
+
+  std::tie(rc, err) = RunCli("train /nonexistent/job.json");
+  EXPECT_NE(rc, 0);
+  EXPECT_THAT(err, HasSubstr("/nonexistent/job.json"));
+}
+
+}  // namespace
+}  // namespace muonps
