@@ -20,8 +20,8 @@ constexpr char kReexecMarker[] = "MUONPS_BLAS_REEXEC";
 // OpenBLAS x86 kernel names without AVX kernels, which it falls back to for
 // CPUs it does not recognise.
 constexpr std::array<std::string_view, 13> kGenericCores = {
-    "Prescott", "Katmai",  "Coppermine", "Northwood", "Banias",  "Atom",    "Core2",
-    "Penryn",   "Dunnington", "Nehalem", "Opteron",   "Barcelona", "Generic"};
+    "Prescott", "Katmai",     "Coppermine", "Northwood", "Banias",    "Atom",   "Core2",
+    "Penryn",   "Dunnington", "Nehalem",    "Opteron",   "Barcelona", "Generic"};
 
 std::string OrEmpty(const char* s) { return s == nullptr ? std::string() : std::string(s); }
 

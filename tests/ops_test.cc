@@ -211,8 +211,8 @@ TEST(Ops, RopeForwardAndBackward) {
   CheckGradient("dinp", &inp, Minus(dinp, base), loss, 1e-3, 1e-3);
 }
 
-TEST(Ops, AttentionBackwardMatchesFiniteDifferences) {
-  const int B = 2, T = 5, H = 2, D = 4, C = H * D;
+void CheckAttentionGradients(int B, int T, int H, int D) {
+  const int C = H * D;
   std::vector<float> q = Random(B * T * C, 40, -1.5f, 1.5f);
   std::vector<float> k = Random(B * T * C, 41, -1.5f, 1.5f);
   std::vector<float> v = Random(B * T * C, 42);
@@ -233,8 +233,8 @@ TEST(Ops, AttentionBackwardMatchesFiniteDifferences) {
   CheckGradient("dv", &v, Minus(dv, bv), loss, 2e-3, 5e-3);
 }
 
-TEST(Ops, AttentionForwardIsCausalAndMatchesReference) {
-  const int B = 2, T = 5, H = 2, D = 4, C = H * D;
+void CheckAttentionForward(int B, int T, int H, int D) {
+  const int C = H * D;
   std::vector<float> q = Random(B * T * C, 50, -2.0f, 2.0f);
   std::vector<float> k = Random(B * T * C, 51, -2.0f, 2.0f);
   std::vector<float> v = Random(B * T * C, 52);
@@ -271,7 +271,7 @@ TEST(Ops, AttentionForwardIsCausalAndMatchesReference) {
     }
   }
   // Changing q, k, v after position t0 leaves every output up to t0 untouched.
-  const int t0 = 2;
+  const int t0 = T / 2;
   for (int b = 0; b < B; ++b) {
     for (int t = t0 + 1; t < T; ++t) {
       for (int c = 0; c < C; ++c) {
@@ -289,6 +289,27 @@ TEST(Ops, AttentionForwardIsCausalAndMatchesReference) {
     EXPECT_EQ(0,
               std::memcmp(out.data() + first, out2.data() + first, sizeof(float) * (t0 + 1) * C));
     EXPECT_NE(0, std::memcmp(out.data() + first, out2.data() + first, sizeof(float) * T * C));
+  }
+}
+
+// Sizes for the attention checks: the first is tiny, the second also runs the
+// kernel's full 4 x 8 register tiles and a short last row block (T % 4 != 0).
+struct AttentionSizes {
+  int B, T, H, D;
+};
+constexpr AttentionSizes kAttentionSizes[] = {{2, 5, 2, 4}, {1, 11, 2, 8}};
+
+TEST(Ops, AttentionBackwardMatchesFiniteDifferences) {
+  for (const AttentionSizes& sz : kAttentionSizes) {
+    SCOPED_TRACE(testing::Message() << "T=" << sz.T << " D=" << sz.D);
+    CheckAttentionGradients(sz.B, sz.T, sz.H, sz.D);
+  }
+}
+
+TEST(Ops, AttentionForwardIsCausalAndMatchesReference) {
+  for (const AttentionSizes& sz : kAttentionSizes) {
+    SCOPED_TRACE(testing::Message() << "T=" << sz.T << " D=" << sz.D);
+    CheckAttentionForward(sz.B, sz.T, sz.H, sz.D);
   }
 }
 

@@ -18,6 +18,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "common/blas_runtime.h"
 #include "common/parallel.h"
 #include "common/philox.h"
 #include "services/optimizer/adamw.h"
@@ -229,8 +230,8 @@ std::vector<double> SymmetricEigenvalues(std::vector<double> s, int n) {
         const double apq = s[p * n + q];
         if (std::abs(apq) < 1e-300) continue;
         const double theta = (s[q * n + q] - s[p * n + p]) / (2.0 * apq);
-        const double t = (theta >= 0 ? 1.0 : -1.0) /
-                         (std::abs(theta) + std::sqrt(theta * theta + 1.0));
+        const double t =
+            (theta >= 0 ? 1.0 : -1.0) / (std::abs(theta) + std::sqrt(theta * theta + 1.0));
         const double cs = 1.0 / std::sqrt(t * t + 1.0), sn = t * cs;
         for (int k = 0; k < n; ++k) {  // columns p, q
           const double kp = s[k * n + p], kq = s[k * n + q];
@@ -306,8 +307,7 @@ MuonHyper HyperFromCase(const nlohmann::json& c) {
   h.momentum = c["momentum"];
   h.nesterov = c["nesterov"];
   h.ns_steps = 5;
-  const absl::StatusOr<MuonScaleRule> rule =
-      ParseMuonScaleRule(c["scale_rule"].get<std::string>());
+  const absl::StatusOr<MuonScaleRule> rule = ParseMuonScaleRule(c["scale_rule"].get<std::string>());
   EXPECT_TRUE(rule.ok()) << rule.status();
   h.scale_rule = rule.value_or(MuonScaleRule::kMatchRmsAdamW);
   return h;
@@ -346,8 +346,8 @@ TEST(OptimizerGolden, MuonStepMatchesReference) {
     ASSERT_EQ(run.w.size(), c["w_after"].size());
     std::vector<double> ours_before = ToDouble(c["w0"]), ref_before = ToDouble(c["w0"]);
     for (size_t s = 0; s < run.w.size(); ++s) {
-      const std::string name = "muon " + c["rows"].dump() + "x" + c["cols"].dump() +
-                               " step " + std::to_string(s + 1);
+      const std::string name =
+          "muon " + c["rows"].dump() + "x" + c["cols"].dump() + " step " + std::to_string(s + 1);
       const std::vector<double> ref = ToDouble(c["w_after"][s]);
       ExpectClose(run.w[s], ref, name + " w");
       ExpectClose(run.buf[s], ToDouble(c["buf_after"][s]), name + " buf");
@@ -372,9 +372,8 @@ TEST(OptimizerGolden, MuonToleranceRejectsMistakes) {
     const std::vector<double> ref = ToDouble(c["w_after"][1]);
 
     MuonHyper other_rule = h;
-    other_rule.scale_rule = h.scale_rule == MuonScaleRule::kOriginal
-                                ? MuonScaleRule::kMatchRmsAdamW
-                                : MuonScaleRule::kOriginal;
+    other_rule.scale_rule = h.scale_rule == MuonScaleRule::kOriginal ? MuonScaleRule::kMatchRmsAdamW
+                                                                     : MuonScaleRule::kOriginal;
     EXPECT_GT(RelError(RunMuonCase(c, other_rule).w[1], ref), 10 * kRelTol);
 
     MuonHyper other_nesterov = h;
@@ -543,6 +542,20 @@ TEST(OptimizerGradNorm, ScaleMultiplies) {
   std::vector<float> x = {1.0f, -2.0f, 0.5f, 0.0f, 3.0f};
   Scale(x.data(), static_cast<int64_t>(x.size()), 0.25f);
   EXPECT_EQ(x, (std::vector<float>{0.25f, -0.5f, 0.125f, 0.0f, 0.75f}));
+}
+
+// ---- BLAS runtime --------------------------------------------------------------
+
+TEST(OptimizerBlasRuntime, ReportsCoreAndRecognisesGenericKernels) {
+  EXPECT_FALSE(BlasCoreName().empty());
+  EXPECT_NE(BlasConfig().find("OpenBLAS"), std::string::npos);
+  EXPECT_TRUE(IsGenericBlasCore("Prescott"));
+  EXPECT_TRUE(IsGenericBlasCore("prescott"));
+  EXPECT_TRUE(IsGenericBlasCore("Core2"));
+  EXPECT_FALSE(IsGenericBlasCore("SkylakeX"));
+  EXPECT_FALSE(IsGenericBlasCore("Haswell"));
+  const std::string best = BestBlasCoreType();
+  EXPECT_TRUE(best.empty() || best == "SkylakeX" || best == "Haswell") << best;
 }
 
 }  // namespace

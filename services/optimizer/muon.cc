@@ -37,7 +37,7 @@ double MuonScale(int rows, int cols, MuonScaleRule rule) {
     case MuonScaleRule::kMatchRmsAdamW:
       return 0.2 * std::sqrt(static_cast<double>(std::max(rows, cols)));
     case MuonScaleRule::kOriginal:
-      return std::sqrt(std::max(1.0, static_cast<double>(rows / cols)));
+      return std::sqrt(std::max(1.0, static_cast<double>(rows) / static_cast<double>(cols)));
   }
   return 1.0;
 }
@@ -63,9 +63,7 @@ void MuonStep(float* w, float* momentum_buffer, const float* grad, int rows, int
 
   const double decay = 1.0 - h.lr * h.weight_decay;
   const double step = h.lr * MuonScale(rows, cols, h.scale_rule);
-  ParallelFor(size, [&](int64_t i) {
-    w[i] = static_cast<float>(w[i] * decay - step * u[i]);
-  });
+  ParallelFor(size, [&](int64_t i) { w[i] = static_cast<float>(w[i] * decay - step * u[i]); });
 }
 
 }  // namespace muonps

@@ -61,8 +61,8 @@ void TiledGemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, con
                                    : static_cast<int64_t>(row_tiles) * col_tiles;
   // Inside the parallel region OpenBLAS runs each call on the calling thread.
   ParallelFor(count, [&](int64_t k) {
-    const auto [tr, tc] = upper_only ? UpperTile(k, row_tiles)
-                                     : std::pair<int, int>(k / col_tiles, k % col_tiles);
+    const auto [tr, tc] =
+        upper_only ? UpperTile(k, row_tiles) : std::pair<int, int>(k / col_tiles, k % col_tiles);
     const int64_t r0 = static_cast<int64_t>(tr) * kTile;
     const int64_t c0 = static_cast<int64_t>(tc) * kTile;
     const int rows = std::min<int>(kTile, M - r0);
@@ -70,8 +70,8 @@ void TiledGemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, con
     const float* a_tile = trans_a ? a + r0 : a + r0 * lda;
     const float* b_tile = trans_b ? b + c0 * ldb : b + c0;
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-                trans_b ? CblasTrans : CblasNoTrans, rows, cols, K, alpha, a_tile, lda, b_tile,
-                ldb, beta, c + r0 * ldc + c0, ldc);
+                trans_b ? CblasTrans : CblasNoTrans, rows, cols, K, alpha, a_tile, lda, b_tile, ldb,
+                beta, c + r0 * ldc + c0, ldc);
   });
 }
 

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/gemm.h"
 #include "common/parallel.h"
 
 namespace muonps {
@@ -106,20 +107,17 @@ void matmul_forward(float* out, const float* inp, const float* weight, int N, in
     std::fill(out, out + static_cast<int64_t>(N) * OC, 0.0f);
     return;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, IC, 1.0f, inp, IC, weight, IC, 0.0f,
-              out, OC);
+  TiledSgemm(false, true, N, OC, IC, 1.0f, inp, IC, weight, IC, 0.0f, out, OC);
 }
 
 void matmul_backward(float* dinp, float* dweight, const float* dout, const float* inp,
                      const float* weight, int N, int IC, int OC) {
   if (N <= 0 || IC <= 0 || OC <= 0) return;
   if (dinp != nullptr) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, IC, OC, 1.0f, dout, OC, weight, IC,
-                1.0f, dinp, IC);
+    TiledSgemm(false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, 1.0f, dinp, IC);
   }
   if (dweight != nullptr) {
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f,
-                dweight, IC);
+    TiledSgemm(true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
   }
 }
 

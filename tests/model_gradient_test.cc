@@ -1,0 +1,308 @@
+// The whole model's gradient (MoeModel::ForwardBackward) against central
+// finite differences of MoeModel::Forward, for every trainable tensor, under
+// every scoring function x balancing combination; plus thread-count
+// independence and the router bias buffer's (absent) gradient.
+//
+// The objective is L = loss_scale * sum CE + aux_scale * sum aux, accumulated
+// in double from the float32 forward. For each trainable tensor W and each of
+// kDirections random unit directions d (unit L2 norm over the tensor):
+//   analytic  <g_W, d>                    (g from ForwardBackward, in double)
+//   numeric   (L(W + h d) - L(W - h d)) / (2h),   h = kStep
+// and the check is |analytic - numeric| <= kAtol + kRtol |numeric|.
+//
+// Why these numbers: the float32 forward leaves about 1e-7 of noise in L, i.e.
+// ~1e-5 in the difference quotient at h = 1e-2; the O(h^2) truncation term is
+// of the same order. kAtol = 1e-4 and kRtol = 2e-2 sit above both, while a
+// gradient off by 10% or missing a term is well outside them: the test
+// SensitiveToScaledGradient asserts, for every tensor and direction used here,
+// that 0.9 g and 1.1 g would fail the same check, so no check passes vacuously.
+//
+// Routing is discontinuous; parameters, tokens and h are chosen so that no
+// perturbation changes any expert's load (asserted), which with the smallness
+// of h means the choices do not flip.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <ostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/job_spec.h"
+#include "common/model_layout.h"
+#include "common/parallel.h"
+#include "common/philox.h"
+#include "workers/model/moe_model.h"
+
+namespace muonps {
+namespace {
+
+constexpr double kStep = 1e-3;
+constexpr double kAtol = 5e-5;
+constexpr double kRtol = 1e-2;
+constexpr int kDirections = 3;
+constexpr int kBatch = 2;
+constexpr float kAuxScale = 0.05f;
+
+struct GradCase {
+  std::string name;
+  std::string scoring;
+  std::string balancing;
+};
+
+void PrintTo(const GradCase& c, std::ostream* os) { *os << c.name; }
+
+v1::ModelConfig TinyConfig(const std::string& scoring, const std::string& balancing) {
+  v1::ModelConfig m = DefaultJobSpec().model();
+  m.set_vocab_size(24);
+  m.set_hidden_size(16);
+  m.set_num_hidden_layers(3);
+  m.set_num_attention_heads(2);
+  m.set_max_position_embeddings(6);
+  m.set_first_k_dense_replace(1);
+  m.set_intermediate_size(16);
+  m.set_n_routed_experts(4);
+  m.set_num_experts_per_tok(2);
+  m.set_n_shared_experts(1);
+  m.set_moe_intermediate_size(8);
+  m.set_scoring_func(scoring);
+  m.set_balancing(balancing);
+  m.set_initializer_range(0.3);
+  return m;
+}
+
+// Random parameters with non-trivial norm gains and router biases.
+std::vector<float> RandomParams(const ModelLayout& layout, uint64_t seed) {
+  std::vector<float> params(layout.total_floats());
+  InitParameters(layout, seed, 0.3, params.data());
+  for (const TensorInfo& t : layout.tensors()) {
+    float* p = params.data() + t.offset;
+    if (t.role == TensorRole::kNorm) {
+      std::vector<float> noise(t.numel);
+      FillNormal(noise.data(), t.numel, seed, t.name + "#gain", 0.2);
+      for (int64_t i = 0; i < t.numel; ++i) p[i] += noise[i];
+    } else if (t.role == TensorRole::kBuffer) {
+      FillNormal(p, t.numel, seed, t.name + "#bias", 0.15);
+    }
+  }
+  return params;
+}
+
+void RandomTokens(std::vector<int32_t>* inputs, std::vector<int32_t>* targets, int n, int vocab,
+                  uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int32_t> dist(0, vocab - 1);
+  inputs->resize(n);
+  targets->resize(n);
+  for (int i = 0; i < n; ++i) {
+    (*inputs)[i] = dist(gen);
+    (*targets)[i] = dist(gen);
+  }
+}
+
+// A random unit direction biased towards the gradient: normalize(u + g/||g||)
+// with u uniform on the unit sphere. A purely random direction in a tensor of
+// n entries sees only ~||g||/sqrt(n) of the gradient, which for the small,
+// sparsely used expert tensors sinks into the float32 noise of the difference
+// quotient; this one keeps <g, d> near ||g||/sqrt(2), while its random half
+// still probes the components orthogonal to g (where a missing term may hide).
+std::vector<double> ProbeDirection(const float* g, int64_t n, std::mt19937* gen) {
+  std::normal_distribution<double> dist(0.0, 1.0);
+  std::vector<double> u(n);
+  double uu = 0.0, gg = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    u[i] = dist(*gen);
+    uu += u[i] * u[i];
+    gg += static_cast<double>(g[i]) * g[i];
+  }
+  const double su = 1.0 / std::sqrt(uu), sg = gg > 0.0 ? 1.0 / std::sqrt(gg) : 0.0;
+  double dd = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    u[i] = u[i] * su + g[i] * sg;
+    dd += u[i] * u[i];
+  }
+  for (double& x : u) x /= std::sqrt(dd);
+  return u;
+}
+
+// One directional-derivative comparison.
+struct Probe {
+  std::string tensor;
+  double analytic = 0.0;
+  double numeric = 0.0;
+  bool loads_unchanged = true;
+};
+
+bool WithinTolerance(double analytic, double numeric) {
+  return std::abs(analytic - numeric) <= kAtol + kRtol * std::abs(numeric);
+}
+
+// Runs every probe of one configuration.
+std::vector<Probe> ProbeModel(const std::string& scoring, const std::string& balancing) {
+  const v1::ModelConfig config = TinyConfig(scoring, balancing);
+  MoeModel model(config);
+  const ModelLayout& layout = model.layout();
+  const int N = kBatch * model.seq_len();
+  std::vector<float> params = RandomParams(layout, 3);
+  std::vector<int32_t> inputs, targets;
+  RandomTokens(&inputs, &targets, N, config.vocab_size(), 5);
+  const float loss_scale = 1.0f / static_cast<float>(N);
+
+  std::vector<float> grads(layout.total_floats(), 0.0f);
+  const SlotStats base = model.ForwardBackward(params.data(), inputs.data(), targets.data(),
+                                               kBatch, loss_scale, kAuxScale, grads.data());
+  auto objective = [&](const SlotStats& s) {
+    return static_cast<double>(loss_scale) * s.loss_sum +
+           static_cast<double>(kAuxScale) * s.aux_sum;
+  };
+
+  std::vector<Probe> probes;
+  std::mt19937 gen(17);
+  for (const TensorInfo& t : layout.tensors()) {
+    if (!t.trainable()) continue;
+    float* w = params.data() + t.offset;
+    const std::vector<float> saved(w, w + t.numel);
+    for (int k = 0; k < kDirections; ++k) {
+      const std::vector<double> d = ProbeDirection(grads.data() + t.offset, t.numel, &gen);
+      Probe probe;
+      probe.tensor = t.name;
+      for (int64_t i = 0; i < t.numel; ++i) probe.analytic += grads[t.offset + i] * d[i];
+      // The perturbation actually applied is the float-rounded one; use it.
+      double lp = 0.0, lm = 0.0, applied = 0.0;
+      for (int sign : {1, -1}) {
+        for (int64_t i = 0; i < t.numel; ++i) {
+          w[i] = static_cast<float>(saved[i] + sign * kStep * d[i]);
+          if (sign == 1) {
+            applied += (static_cast<double>(w[i]) - saved[i]) * d[i];
+          } else {
+            applied -= (static_cast<double>(w[i]) - saved[i]) * d[i];
+          }
+        }
+        const SlotStats s = model.Forward(params.data(), inputs.data(), targets.data(), kBatch);
+        (sign == 1 ? lp : lm) = objective(s);
+        if (s.expert_load != base.expert_load) probe.loads_unchanged = false;
+      }
+      std::copy(saved.begin(), saved.end(), w);
+      probe.numeric = (lp - lm) / applied;
+      probes.push_back(probe);
+    }
+  }
+  return probes;
+}
+
+class ModelGradientTest : public testing::TestWithParam<GradCase> {};
+
+TEST_P(ModelGradientTest, MatchesFiniteDifferences) {
+  const GradCase& c = GetParam();
+  const std::vector<Probe> probes = ProbeModel(c.scoring, c.balancing);
+  ASSERT_FALSE(probes.empty());
+  double worst = 0.0;
+  for (const Probe& p : probes) {
+    ASSERT_TRUE(p.loads_unchanged) << p.tensor << ": a perturbation changed the routing";
+    EXPECT_TRUE(WithinTolerance(p.analytic, p.numeric))
+        << p.tensor << ": analytic " << p.analytic << " finite difference " << p.numeric;
+    worst = std::max(worst, std::abs(p.analytic - p.numeric) / (kAtol + kRtol * std::abs(p.numeric)));
+  }
+  std::printf("%s: %zu directional derivatives, max error / tolerance = %.3f\n", c.name.c_str(),
+              probes.size(), worst);
+}
+
+// The check above would catch a gradient 10% off on any tensor.
+TEST_P(ModelGradientTest, SensitiveToScaledGradient) {
+  const GradCase& c = GetParam();
+  for (const Probe& p : ProbeModel(c.scoring, c.balancing)) {
+    EXPECT_FALSE(WithinTolerance(0.9 * p.analytic, p.numeric))
+        << p.tensor << ": |<g, d>| = " << std::abs(p.analytic) << " is too small to check";
+    EXPECT_FALSE(WithinTolerance(1.1 * p.analytic, p.numeric)) << p.tensor;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(ScoringAndBalancing, ModelGradientTest,
+                         testing::Values(GradCase{"sigmoid_aux_free_bias", "sigmoid",
+                                                  "aux_free_bias"},
+                                         GradCase{"sigmoid_aux_loss", "sigmoid", "aux_loss"},
+                                         GradCase{"softmax_aux_free_bias", "softmax",
+                                                  "aux_free_bias"},
+                                         GradCase{"softmax_aux_loss", "softmax", "aux_loss"}),
+                         [](const testing::TestParamInfo<GradCase>& info) {
+                           return info.param.name;
+                         });
+
+// Gradient and stats are bit-identical for 1, 2 and 3 threads, on a model big
+// enough for every parallel loop to be split.
+TEST(ModelGradientThreadsTest, IndependentOfThreadCount) {
+  v1::ModelConfig config = DefaultJobSpec().model();
+  config.set_max_position_embeddings(64);
+  config.set_balancing("aux_loss");
+  MoeModel model(config);
+  const ModelLayout& layout = model.layout();
+  const int N = kBatch * model.seq_len();
+  const std::vector<float> params = RandomParams(layout, 9);
+  std::vector<int32_t> inputs, targets;
+  RandomTokens(&inputs, &targets, N, config.vocab_size(), 13);
+  const int saved_threads = NumThreads();
+
+  std::vector<std::vector<float>> grads;
+  std::vector<SlotStats> stats;
+  for (int threads : {1, 2, 3}) {
+    SetNumThreads(threads);
+    grads.emplace_back(layout.total_floats(), 0.0f);
+    stats.push_back(model.ForwardBackward(params.data(), inputs.data(), targets.data(), kBatch,
+                                          1.0f / N, kAuxScale, grads.back().data()));
+  }
+  SetNumThreads(saved_threads);
+  for (size_t i = 1; i < grads.size(); ++i) {
+    EXPECT_EQ(std::memcmp(grads[0].data(), grads[i].data(), grads[0].size() * sizeof(float)), 0)
+        << "gradient differs between 1 and " << i + 1 << " threads";
+    EXPECT_EQ(stats[0].loss_sum, stats[i].loss_sum);
+    EXPECT_EQ(stats[0].aux_sum, stats[i].aux_sum);
+    EXPECT_EQ(stats[0].expert_load, stats[i].expert_load);
+  }
+}
+
+// The bias buffer steers the choice but is not trained by gradients: its
+// slots in the gradient buffer are left exactly as they were, while it does
+// change the loss. Forward and ForwardBackward report the same loss.
+TEST(ModelGradientBufferTest, BiasGetsNoGradient) {
+  for (const char* balancing : {"aux_free_bias", "aux_loss"}) {
+    const v1::ModelConfig config = TinyConfig("sigmoid", balancing);
+    MoeModel model(config);
+    const ModelLayout& layout = model.layout();
+    const int N = kBatch * model.seq_len();
+    const std::vector<float> params = RandomParams(layout, 3);
+    std::vector<int32_t> inputs, targets;
+    RandomTokens(&inputs, &targets, N, config.vocab_size(), 5);
+
+    std::vector<float> grads(layout.total_floats());
+    FillNormal(grads.data(), layout.total_floats(), 1, "grad_base", 1.0);
+    const std::vector<float> before = grads;
+    const SlotStats fb = model.ForwardBackward(params.data(), inputs.data(), targets.data(),
+                                               kBatch, 1.0f / N, kAuxScale, grads.data());
+    const SlotStats f = model.Forward(params.data(), inputs.data(), targets.data(), kBatch);
+    EXPECT_EQ(fb.loss_sum, f.loss_sum) << balancing;
+    EXPECT_EQ(fb.aux_sum, f.aux_sum) << balancing;
+    ASSERT_EQ(model.bias_tensors().size(), 2u);
+    for (int index : model.bias_tensors()) {
+      const TensorInfo& t = layout.tensors()[index];
+      EXPECT_EQ(t.role, TensorRole::kBuffer);
+      EXPECT_EQ(std::memcmp(grads.data() + t.offset, before.data() + t.offset,
+                            t.numel * sizeof(float)),
+                0)
+          << balancing << ": " << t.name << " received a gradient";
+    }
+    // Every trainable tensor did receive one.
+    for (const TensorInfo& t : layout.tensors()) {
+      if (!t.trainable()) continue;
+      EXPECT_NE(std::memcmp(grads.data() + t.offset, before.data() + t.offset,
+                            t.numel * sizeof(float)),
+                0)
+          << balancing << ": " << t.name << " received no gradient";
+    }
+  }
+}
+
+}  // namespace
+}  // namespace muonps
