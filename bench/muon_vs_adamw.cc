@@ -56,7 +56,7 @@ std::map<int64_t, double> Curve(v1::JobSpec job, const std::string& optimizer, d
 }  // namespace muonps
 
 int main(int argc, char** argv) {
-  muonps::EnsureFastBlasKernel(argc, argv);
+  muonps::PrepareComputeRuntime(argc, argv);
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   absl::StatusOr<muonps::v1::JobSpec> job =
       args.size() > 1 ? muonps::LoadJobSpecFile(args[1]) : muonps::DefaultJobSpec();

@@ -93,7 +93,7 @@ void RunShape(int rows, int cols, int repeats) {
 }  // namespace muonps
 
 int main(int argc, char** argv) {
-  muonps::EnsureFastBlasKernel(argc, argv);
+  muonps::PrepareComputeRuntime(argc, argv);
   int repeats = 5;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--repeats=", 10) == 0) {

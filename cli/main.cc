@@ -96,7 +96,7 @@ int Validate(const std::vector<std::string>& args) {
 }  // namespace muonps
 
 int main(int argc, char** argv) {
-  muonps::EnsureFastBlasKernel(argc, argv);
+  muonps::PrepareComputeRuntime(argc, argv);
   absl::SetProgramUsageMessage(muonps::kUsage);
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   std::vector<std::string> args(positional.begin() + 1, positional.end());

@@ -61,27 +61,32 @@ std::string BestBlasCoreType() {
   return "";
 }
 
-void EnsureFastBlasKernel(int argc, char** argv) {
+void PrepareComputeRuntime(int argc, char** argv) {
   if (argc < 1 || argv == nullptr || argv[0] == nullptr) return;
   if (std::getenv(kReexecMarker) != nullptr) return;
-  if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return;
-  const std::string core = BlasCoreName();
-  if (!IsGenericBlasCore(core)) return;
-  const std::string best = BestBlasCoreType();
-  if (best.empty()) return;
-  if (setenv("OPENBLAS_CORETYPE", best.c_str(), /*overwrite=*/1) != 0 ||
-      setenv(kReexecMarker, "1", /*overwrite=*/1) != 0) {
-    return;
+  bool changed = false;
+  std::string core_note;
+  if (std::getenv("OPENBLAS_CORETYPE") == nullptr) {
+    const std::string core = BlasCoreName();
+    const std::string best = BestBlasCoreType();
+    if (IsGenericBlasCore(core) && !best.empty() &&
+        setenv("OPENBLAS_CORETYPE", best.c_str(), /*overwrite=*/1) == 0) {
+      changed = true;
+      core_note = core + " -> " + best;
+    }
   }
+  if (std::getenv("OMP_WAIT_POLICY") == nullptr &&
+      setenv("OMP_WAIT_POLICY", "PASSIVE", /*overwrite=*/1) == 0) {
+    changed = true;
+  }
+  if (!changed || setenv(kReexecMarker, "1", /*overwrite=*/1) != 0) return;
   std::fflush(nullptr);
   execv("/proc/self/exe", argv);
-  // Only reached when execv failed: carry on, slowly, and say why.
+  // Only reached when execv failed: carry on with the current settings.
   const int err = errno;
-  unsetenv("OPENBLAS_CORETYPE");
-  std::fprintf(stderr,
-               "warning: BLAS runs the generic %s kernel; re-running with "
-               "OPENBLAS_CORETYPE=%s failed: %s\n",
-               core.c_str(), best.c_str(), std::strerror(err));
+  std::fprintf(stderr, "warning: re-running with a tuned compute environment failed (%s)%s%s\n",
+               std::strerror(err), core_note.empty() ? "" : "; BLAS stays on ",
+               core_note.empty() ? "" : BlasCoreName().c_str());
 }
 
 }  // namespace muonps

@@ -31,17 +31,20 @@ bool IsGenericBlasCore(std::string_view core_name);
 // and fma; else "" (nothing better than the generic kernels).
 std::string BestBlasCoreType();
 
-// If the BLAS is running a generic kernel, OPENBLAS_CORETYPE is unset and the
-// CPU supports a better kernel (BestBlasCoreType()), sets OPENBLAS_CORETYPE
-// and replaces the process with a fresh copy of itself (/proc/self/exe, same
-// argv and environment otherwise). An environment marker set before the
-// re-exec prevents a second attempt, so this never loops.
-//
-// Returns normally when no re-exec is needed, or when the re-exec failed (a
-// warning is printed to stderr and the process continues on the slow kernel).
-// Call first thing in main(), before any threads are started or any state is
-// created: on success nothing after the call runs in this process image.
-void EnsureFastBlasKernel(int argc, char** argv);
+// Settles, before any thread or state exists, the two settings that OpenBLAS
+// and the OpenMP runtime only read at load time:
+// - OPENBLAS_CORETYPE: if the BLAS is running a generic kernel, the variable
+//   is unset and the CPU supports a better one (BestBlasCoreType()), it is set.
+// - OMP_WAIT_POLICY: PASSIVE unless set. Idle OpenMP threads then sleep
+//   instead of spinning; spinning threads make a shared or oversubscribed
+//   machine (a local cluster, a CI box) up to 30x slower.
+// When either changed, the process replaces itself with a fresh copy
+// (/proc/self/exe, same argv); an environment marker prevents a second
+// attempt, so this never loops. Returns normally when nothing needed changing
+// or the re-exec failed (a warning is printed and the process continues).
+// Call first thing in main(): on success nothing after the call runs in this
+// process image.
+void PrepareComputeRuntime(int argc, char** argv);
 
 }  // namespace muonps
 

@@ -18,8 +18,9 @@ struct GemmTiles {
 };
 
 // C (M, N) = alpha * op(A) · op(B) + beta * C, all row-major, where op(A) is
-// (M, K) and op(B) is (K, N). With upper_only (M == N) only tiles that touch
-// the upper triangle are computed (for symmetric results).
+// (M, K) and op(B) is (K, N). With upper_only (M == N; tiles made square)
+// only the tiles on or above the diagonal are computed: enough for a
+// symmetric result whose lower triangle the caller mirrors.
 void TiledSgemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* a,
                 int lda, const float* b, int ldb, float beta, float* c, int ldc,
                 GemmTiles tiles = {}, bool upper_only = false);

@@ -143,7 +143,7 @@ TEST(OptimizerGolden, NewtonSchulzToleranceRejectsMistakes) {
     EXPECT_GT(RelError(RunNs(in, rows, cols, 4), ref), 100 * kRelTol);
     EXPECT_GT(RelError(RunNs(in, rows, cols, 6), ref), 100 * kRelTol);
     // Result left in the transposed layout (for a square matrix too).
-    EXPECT_GT(RelError(Transposed(RunNs(in, rows, cols, 5), cols, rows), ref), 100 * kRelTol);
+    EXPECT_GT(RelError(Transposed(RunNs(in, rows, cols, 5), rows, cols), ref), 100 * kRelTol);
   }
 }
 

@@ -7,6 +7,7 @@
 
 #include <cblas.h>
 
+#include "common/gemm.h"
 #include "common/parallel.h"
 #include "services/optimizer/grad_norm.h"
 
@@ -18,11 +19,9 @@ constexpr float kB = -4.7750f;
 constexpr float kC = 2.0315f;
 constexpr double kNormEps = 1e-7;
 
-// Edge of the output tiles the products are split into. A constant, so which
-// BLAS call computes an element, and thus its rounding, depends only on the
-// shape. (A multithreaded BLAS call partitions its output by the thread count,
-// and OpenBLAS's edge kernels round differently from its main kernels.)
-constexpr int kTile = 256;
+// Output tiles of the products (see common/gemm.h for why tiles): large,
+// since these matrices are big and each tile is one single-threaded BLAS call.
+constexpr GemmTiles kTiles = {256, 256};
 
 // Per-thread scratch, grown on demand and never shrunk.
 struct Workspace {
@@ -36,44 +35,6 @@ struct Workspace {
     if (static_cast<int64_t>(b.size()) < mm) b.resize(mm);
   }
 };
-
-int NumTiles(int extent) { return (extent + kTile - 1) / kTile; }
-
-// The k-th tile (row, col) with col >= row of a tiles x tiles grid, row-major.
-std::pair<int, int> UpperTile(int64_t k, int tiles) {
-  int row = 0;
-  while (k >= tiles - row) {
-    k -= tiles - row;
-    ++row;
-  }
-  return {row, row + static_cast<int>(k)};
-}
-
-// C (M, N) = alpha * op(A) op(B) + beta * C, row-major, with op(A) (M, K) and
-// op(B) (K, N), as one single-threaded BLAS call per kTile x kTile tile of C,
-// the tiles spread over the threads. With upper_only (M == N), only tiles on
-// or above the diagonal are computed: enough for a symmetric result.
-void TiledGemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* a,
-               int lda, const float* b, int ldb, float beta, float* c, int ldc, bool upper_only) {
-  const int row_tiles = NumTiles(M);
-  const int col_tiles = NumTiles(N);
-  const int64_t count = upper_only ? static_cast<int64_t>(row_tiles) * (row_tiles + 1) / 2
-                                   : static_cast<int64_t>(row_tiles) * col_tiles;
-  // Inside the parallel region OpenBLAS runs each call on the calling thread.
-  ParallelFor(count, [&](int64_t k) {
-    const auto [tr, tc] =
-        upper_only ? UpperTile(k, row_tiles) : std::pair<int, int>(k / col_tiles, k % col_tiles);
-    const int64_t r0 = static_cast<int64_t>(tr) * kTile;
-    const int64_t c0 = static_cast<int64_t>(tc) * kTile;
-    const int rows = std::min<int>(kTile, M - r0);
-    const int cols = std::min<int>(kTile, N - c0);
-    const float* a_tile = trans_a ? a + r0 : a + r0 * lda;
-    const float* b_tile = trans_b ? b + c0 * ldb : b + c0;
-    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-                trans_b ? CblasTrans : CblasNoTrans, rows, cols, K, alpha, a_tile, lda, b_tile, ldb,
-                beta, c + r0 * ldc + c0, ldc);
-  });
-}
 
 // s (m, m) holds a symmetric matrix in its upper triangle (row-major, j >= i).
 // Copies it into the lower triangle, adds diag_add to the diagonal, and when
@@ -115,20 +76,20 @@ void NewtonSchulz(float* out, const float* in, int rows, int cols, int steps) {
   for (int step = 0; step < steps; ++step) {
     // A = X X^T. Symmetric: compute the upper tiles, mirror, and start B = A.
     if (tall) {
-      TiledGemm(true, false, m, m, n, 1.0f, cur, m, cur, m, 0.0f, a, m, /*upper_only=*/true);
+      TiledSgemm(true, false, m, m, n, 1.0f, cur, m, cur, m, 0.0f, a, m, kTiles, /*upper_only=*/true);
     } else {
-      TiledGemm(false, true, m, m, n, 1.0f, cur, n, cur, n, 0.0f, a, m, /*upper_only=*/true);
+      TiledSgemm(false, true, m, m, n, 1.0f, cur, n, cur, n, 0.0f, a, m, kTiles, /*upper_only=*/true);
     }
     CompleteSymmetric(a, m, 0.0f, b);
     // B = c A A + b A + a I, symmetric as well. The a X term of the update is
     // folded into B's diagonal, so the next product gives a X + (b A + c A A) X.
-    TiledGemm(false, false, m, m, m, kC, a, m, a, m, kB, b, m, /*upper_only=*/true);
+    TiledSgemm(false, false, m, m, m, kC, a, m, a, m, kB, b, m, kTiles, /*upper_only=*/true);
     CompleteSymmetric(b, m, kA, nullptr);
     // X <- B X  (tall: X^T <- X^T B).
     if (tall) {
-      TiledGemm(false, false, n, m, m, 1.0f, cur, m, b, m, 0.0f, next, m, false);
+      TiledSgemm(false, false, n, m, m, 1.0f, cur, m, b, m, 0.0f, next, m, kTiles);
     } else {
-      TiledGemm(false, false, m, n, m, 1.0f, b, m, cur, n, 0.0f, next, n, false);
+      TiledSgemm(false, false, m, n, m, 1.0f, b, m, cur, n, 0.0f, next, n, kTiles);
     }
     std::swap(cur, next);
   }
