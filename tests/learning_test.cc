@@ -1,9 +1,9 @@
 // A short training run of the default model on the default corpus must learn.
 //
-// Threshold: the validation loss must fall below 2.9 nats/token. ln(256) =
+// Threshold: the validation loss must fall below 2.8 nats/token. ln(256) =
 // 5.55 is what an untrained model scores (we check the start is near it), and
 // 3.32 nats is the unigram (byte-frequency) entropy of the fortunes corpus,
-// measured over the same files the loader reads. A model below 2.9 therefore
+// measured over the same files the loader reads. A model below 2.8 therefore
 // predicts from context, which a broken gradient, optimizer or data pipeline
 // cannot do by accident; the bigram conditional entropy of the corpus
 // (2.59 nats, in-sample) shows the target is reachable with short context.
@@ -19,7 +19,7 @@ namespace muonps {
 namespace {
 
 constexpr char kCorpus[] = "/usr/share/games/fortunes";
-constexpr double kThreshold = 2.9;
+constexpr double kThreshold = 2.8;
 constexpr int kSteps = 80;
 
 class LearningTest : public ::testing::TestWithParam<std::string> {};

@@ -171,7 +171,8 @@ TEST_P(ModelReferenceTest, MatchesPyTorchFloat64) {
     }
     MoeModel plain(config);
     const SlotStats s = plain.Forward(unbiased.data(), inputs.data(), targets.data(), kBatch);
-    EXPECT_NE(s.loss_sum, stats.loss_sum) << "the router bias changed no choice; pick larger biases";
+    EXPECT_NE(s.loss_sum, stats.loss_sum)
+        << "the router bias changed no choice; pick larger biases";
   }
 
   // Write the reference's input.
@@ -285,9 +286,10 @@ TEST_P(ModelReferenceTest, MatchesPyTorchFloat64) {
     ++compared;
   }
   EXPECT_GT(compared, 0);
-  std::printf("%s: %d gradient tensors, max ||ours - ref|| / ||ref|| = %.3g (bound %.0e); "
-              "loss %.9g vs %.9g\n",
-              c.name.c_str(), compared, worst, kGradRtol, ours_loss, ref_loss);
+  std::printf(
+      "%s: %d gradient tensors, max ||ours - ref|| / ||ref|| = %.3g (bound %.0e); "
+      "loss %.9g vs %.9g\n",
+      c.name.c_str(), compared, worst, kGradRtol, ours_loss, ref_loss);
 
   // The aux term must carry weight in the router gradient, or its check is empty.
   if (c.balancing == "aux_loss") {
@@ -315,6 +317,10 @@ INSTANTIATE_TEST_SUITE_P(
                     RefCase{"softmax_aux_loss", "softmax", "aux_loss"},
                     // Unnormalised weights with a scale, as in DeepSeek-V3.
                     RefCase{"sigmoid_unnormalized_scaled", "sigmoid", "aux_free_bias",
+                            /*norm_topk_prob=*/false, /*routed_scaling_factor=*/2.5},
+                    // With softmax, normalising the chosen scores cancels the
+                    // softmax normaliser; without it the full Jacobian is used.
+                    RefCase{"softmax_unnormalized_scaled", "softmax", "aux_free_bias",
                             /*norm_topk_prob=*/false, /*routed_scaling_factor=*/2.5},
                     // Every layer MoE, no shared expert, one expert per token.
                     RefCase{"softmax_all_moe_k1_unshared", "softmax", "aux_loss",

@@ -439,11 +439,12 @@ class MuonWithAdamW:
         self.adamw.zero_grad(set_to_none=True)
 
 
-def bench_main(args):
-    torch.set_num_threads(args.threads)
+def bench_step(threads, steps, warmup, muon, micro_batch=2, slots=4):
+    """Median timings of a float32 training step of the default model (a dict)."""
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(True)
     cfg = model_config({})
     T = cfg["max_position_embeddings"]
-    micro_batch, slots = args.micro_batch, args.slots
     gen = torch.Generator().manual_seed(1)
     named = []
     params = {}
@@ -458,7 +459,7 @@ def bench_main(args):
         params[name] = value
         if train:
             named.append((name, value))
-    if args.muon:
+    if muon:
         opt = MuonWithAdamW(named)
     else:
         opt = torch.optim.AdamW([p for _, p in named], lr=3e-3, betas=(0.9, 0.95), eps=1e-8,
@@ -468,12 +469,13 @@ def bench_main(args):
     scale = 1.0 / total_tokens
 
     fwd_ms, bwd_ms, opt_ms, step_ms = [], [], [], []
-    for step in range(args.warmup + args.steps):
+    for step in range(warmup + steps):
         opt.zero_grad()
         t_fwd = t_bwd = 0.0
         start = time.perf_counter()
         for s in range(slots):
-            inputs, targets = tokens[s, :, :-1], tokens[s, :, 1:]
+            inputs = tokens[s, :, :-1].contiguous()
+            targets = tokens[s, :, 1:].contiguous()
             t0 = time.perf_counter()
             objective, _, _, _ = forward(params, inputs, targets, cfg, scale, 0.0)
             t1 = time.perf_counter()
@@ -484,14 +486,14 @@ def bench_main(args):
         t3 = time.perf_counter()
         opt.step()
         t4 = time.perf_counter()
-        if step >= args.warmup:
+        if step >= warmup:
             fwd_ms.append(t_fwd * 1e3)
             bwd_ms.append(t_bwd * 1e3)
             opt_ms.append((t4 - t3) * 1e3)
             step_ms.append((t4 - start) * 1e3)
     med = lambda xs: float(np.median(xs))
-    print(json.dumps({
-        "optimizer": "muon+adamw" if args.muon else "adamw",
+    return {
+        "optimizer": "muon+adamw" if muon else "adamw",
         "threads": torch.get_num_threads(),
         "tokens_per_step": total_tokens,
         "step_ms": med(step_ms),
@@ -500,7 +502,12 @@ def bench_main(args):
         "optimizer_ms": med(opt_ms),
         "tokens_per_s": total_tokens / (med(step_ms) * 1e-3),
         "torch": torch.__version__,
-    }))
+    }
+
+
+def bench_main(args):
+    print(json.dumps(bench_step(args.threads, args.steps, args.warmup, args.muon,
+                                args.micro_batch, args.slots)), flush=True)
 
 
 def main(argv):
