@@ -2,14 +2,14 @@
 //
 //   ./build/bench/train_step [--steps=10] [--warmup=3] [--threads=0] [--torch=true]
 //
-// The step is the single-process trainer's: for each of the 4 slots (micro
-// batch 2, T 256: 2048 tokens per step) a ForwardBackward into a zeroed slot
-// gradient, summed left to right; then global-norm clipping, Muon on the
-// hidden matrices and AdamW on embedding, head and norms (the default job),
-// and the router-bias update. Tokens are random. Every figure is the median
-// over --steps measured steps after --warmup unmeasured ones.
-//   forward   MoeModel::Forward of every slot, timed in a separate pass
-//   backward  ForwardBackward time minus the forward time
+// The step is muonps::Trainer::Step on the default job (4 slots of micro
+// batch 2, T 256: 2048 tokens per step, from the fortunes corpus): slot
+// gradients (concurrently, one slot per thread), summed left to right; then
+// global-norm clipping, Muon on the hidden matrices and AdamW on embedding,
+// head and norms, and the router-bias update. Every figure is the median over
+// --steps measured steps after --warmup unmeasured ones.
+//   forward   the slots' forward+backward wall time, split in proportion to
+//   backward  the forward and backward times each slot measured
 //   optimizer clipping + Muon/AdamW + bias update
 //   step      ForwardBackward of every slot + gradient sums + optimizer
 // Then bench/torch_train_step.py runs the same model (float32, same shapes and
@@ -23,7 +23,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -35,10 +34,7 @@
 #include "common/model_layout.h"
 #include "common/parallel.h"
 #include "nlohmann/json.hpp"
-#include "services/optimizer/adamw.h"
-#include "services/optimizer/grad_norm.h"
-#include "services/optimizer/muon.h"
-#include "workers/model/moe_model.h"
+#include "trainer/trainer.h"
 
 ABSL_FLAG(int, steps, 10, "Measured steps");
 ABSL_FLAG(int, warmup, 3, "Unmeasured warm-up steps");
@@ -51,12 +47,6 @@ namespace {
 
 constexpr double kGoalRatio = 2.0;
 
-using Clock = std::chrono::steady_clock;
-
-double Seconds(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
-
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t mid = v.size() / 2;
@@ -67,126 +57,41 @@ struct StepTimes {
   std::vector<double> forward, backward, optimizer, step;  // seconds
 };
 
-// The training state of the default job, stepped on random tokens.
+// The single-process trainer on the default job, stepped without evaluation.
 class TrainStepBench {
  public:
-  explicit TrainStepBench(const v1::JobSpec& job)
-      : job_(job), model_(job.model()), T_(job.model().max_position_embeddings()) {
-    const ModelLayout& layout = model_.layout();
-    const int64_t total = layout.total_floats();
-    params_.resize(total);
-    InitParameters(layout, job.seed(), job.model().initializer_range(), params_.data());
-    momentum_.assign(total, 0.0f);
-    exp_avg_.assign(total, 0.0f);
-    exp_avg_sq_.assign(total, 0.0f);
-    grads_.assign(total, 0.0f);
-    slot_grads_.assign(total, 0.0f);
-    const int slots = job.batch().slots(), B = job.batch().micro_batch();
-    std::mt19937 gen(job.seed());
-    std::uniform_int_distribution<int32_t> token(0, job.model().vocab_size() - 1);
-    inputs_.resize(slots);
-    targets_.resize(slots);
-    for (int s = 0; s < slots; ++s) {
-      for (int i = 0; i < B * T_; ++i) {
-        inputs_[s].push_back(token(gen));
-        targets_[s].push_back(token(gen));
-      }
+  explicit TrainStepBench(v1::JobSpec job) : job_(std::move(job)) {
+    job_.mutable_schedule()->set_total_steps(1000000);  // never reaches the final evaluation
+    job_.mutable_data()->set_eval_every(0);
+    job_.mutable_checkpoint()->set_dir("");
+    absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(job_, {});
+    if (!trainer.ok()) {
+      std::fprintf(stderr, "train_step: %s\n", std::string(trainer.status().message()).c_str());
+      std::exit(1);
     }
+    trainer_ = std::move(*trainer);
   }
 
   int64_t tokens_per_step() const {
-    return static_cast<int64_t>(job_.batch().slots()) * job_.batch().micro_batch() * T_;
+    return static_cast<int64_t>(job_.batch().slots()) * job_.batch().micro_batch() *
+           job_.model().max_position_embeddings();
   }
 
   void Step(StepTimes* times) {
-    const int slots = job_.batch().slots(), B = job_.batch().micro_batch();
-    const float loss_scale = 1.0f / static_cast<float>(tokens_per_step());
-    const float aux_scale = job_.model().balancing() == "aux_loss"
-                                ? static_cast<float>(job_.model().aux_loss_alpha()) / slots
-                                : 0.0f;
-    // Forward only, for the forward/backward split.
-    const auto f0 = Clock::now();
-    for (int s = 0; s < slots; ++s) {
-      model_.Forward(params_.data(), inputs_[s].data(), targets_[s].data(), B);
+    absl::StatusOr<StepReport> r = trainer_->Step();
+    if (!r.ok()) {
+      std::fprintf(stderr, "train_step: %s\n", std::string(r.status().message()).c_str());
+      std::exit(1);
     }
-    const double forward = Seconds(f0, Clock::now());
-
-    const auto t0 = Clock::now();
-    std::fill(grads_.begin(), grads_.end(), 0.0f);
-    std::vector<std::vector<int64_t>> loads;
-    for (int s = 0; s < slots; ++s) {
-      std::fill(slot_grads_.begin(), slot_grads_.end(), 0.0f);
-      const SlotStats stats =
-          model_.ForwardBackward(params_.data(), inputs_[s].data(), targets_[s].data(), B,
-                                 loss_scale, aux_scale, slot_grads_.data());
-      for (size_t i = 0; i < grads_.size(); ++i) grads_[i] += slot_grads_[i];
-      if (loads.empty()) loads = stats.expert_load;
-      for (size_t l = 0; l < loads.size(); ++l) {
-        for (size_t e = 0; e < loads[l].size(); ++e) loads[l][e] += stats.expert_load[l][e];
-      }
-    }
-    const auto t1 = Clock::now();
-    ApplyOptimizer(loads);
-    const auto t2 = Clock::now();
-    ++step_;
-
-    const double fwd_bwd = Seconds(t0, t1);
-    times->forward.push_back(forward);
-    times->backward.push_back(fwd_bwd - forward);
-    times->optimizer.push_back(Seconds(t1, t2));
-    times->step.push_back(Seconds(t0, t2));
+    times->forward.push_back(r->forward_seconds);
+    times->backward.push_back(r->backward_seconds);
+    times->optimizer.push_back(r->optimizer_seconds);
+    times->step.push_back(r->step_seconds);
   }
 
  private:
-  // As the trainer: clip, Muon / AdamW per tensor, router-bias update.
-  void ApplyOptimizer(const std::vector<std::vector<int64_t>>& loads) {
-    const ModelLayout& layout = model_.layout();
-    const v1::OptimizerConfig& oc = job_.optimizer();
-    double sq = 0.0;
-    for (const TensorInfo& t : layout.tensors()) {
-      if (t.trainable()) sq += SumOfSquares(grads_.data() + t.offset, t.numel);
-    }
-    const double norm = std::sqrt(sq);
-    if (oc.max_grad_norm() > 0.0 && oc.max_grad_norm() / (norm + 1e-6) < 1.0) {
-      const float coef = static_cast<float>(oc.max_grad_norm() / (norm + 1e-6));
-      for (const TensorInfo& t : layout.tensors()) {
-        if (t.trainable()) Scale(grads_.data() + t.offset, t.numel, coef);
-      }
-    }
-    MuonHyper muon{oc.lr(),       oc.weight_decay(), oc.momentum(),
-                   oc.nesterov(), oc.ns_steps(),     *ParseMuonScaleRule(oc.scale_rule())};
-    AdamWHyper adam{oc.lr(), oc.adam_beta1(), oc.adam_beta2(), oc.adam_eps(), oc.weight_decay()};
-    for (const TensorInfo& t : layout.tensors()) {
-      if (!t.trainable()) continue;
-      float* w = params_.data() + t.offset;
-      const float* g = grads_.data() + t.offset;
-      if (UsesMuon(t, oc.name())) {
-        MuonStep(w, momentum_.data() + t.offset, g, t.rows(), t.cols(), muon);
-      } else {
-        AdamWStep(w, exp_avg_.data() + t.offset, exp_avg_sq_.data() + t.offset, g, t.numel,
-                  step_ + 1, adam);
-      }
-    }
-    if (job_.model().balancing() != "aux_free_bias") return;
-    const float rate = static_cast<float>(job_.model().bias_update_rate());
-    for (size_t l = 0; l < model_.bias_tensors().size() && l < loads.size(); ++l) {
-      float* b = params_.data() + layout.tensors()[model_.bias_tensors()[l]].offset;
-      int64_t total = 0;
-      for (int64_t x : loads[l]) total += x;
-      const double mean = static_cast<double>(total) / static_cast<double>(loads[l].size());
-      for (size_t e = 0; e < loads[l].size(); ++e) {
-        const double diff = mean - static_cast<double>(loads[l][e]);
-        b[e] += rate * static_cast<float>((diff > 0) - (diff < 0));
-      }
-    }
-  }
-
   v1::JobSpec job_;
-  MoeModel model_;
-  int T_;
-  int64_t step_ = 0;
-  std::vector<float> params_, momentum_, exp_avg_, exp_avg_sq_, grads_, slot_grads_;
-  std::vector<std::vector<int32_t>> inputs_, targets_;  // per slot, (B, T)
+  std::unique_ptr<Trainer> trainer_;
 };
 
 // Runs the PyTorch bench and returns its JSON lines, or an empty list.

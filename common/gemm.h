@@ -13,8 +13,8 @@
 namespace muonps {
 
 struct GemmTiles {
-  int rows = 64;   // tile height (rows of C)
-  int cols = 128;  // tile width (columns of C)
+  int rows = 128;  // tile height (rows of C)
+  int cols = 256;  // tile width (columns of C)
 };
 
 // C (M, N) = alpha * op(A) · op(B) + beta * C, all row-major, where op(A) is

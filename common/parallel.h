@@ -20,7 +20,17 @@ void ParallelFor(int64_t n, Fn&& fn) {
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
-// Sets the number of threads used by ParallelFor and by BLAS (>= 1).
+// Calls fn(i) for i in [0, n), handing iterations to threads as they become
+// free: for uneven work whose results do not depend on which thread runs it.
+template <typename Fn>
+void ParallelForDynamic(int64_t n, Fn&& fn) {
+  if (n <= 0) return;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
+// Sets the number of threads used by ParallelFor and by BLAS (>= 1). Nested
+// regions run on one thread: a loop inside a ParallelFor iteration is serial.
 void SetNumThreads(int threads);
 // The current number of threads.
 int NumThreads();

@@ -26,6 +26,9 @@ PACKAGES=(
   googletest libgtest-dev libgmock-dev
   # the default training corpus (plain-text fortune files)
   fortunes fortunes-min
+  # the independent PyTorch reference model (tests) and baseline (bench/train_step),
+  # run with /usr/bin/python3
+  python3 python3-numpy python3-torch
 )
 
 export DEBIAN_FRONTEND=noninteractive

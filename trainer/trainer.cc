@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "common/parallel.h"
 #include "common/status_macros.h"
 #include "services/optimizer/adamw.h"
 #include "services/optimizer/grad_norm.h"
@@ -49,10 +50,16 @@ absl::Status Trainer::Init() {
   state_.exp_avg.assign(total, 0.0f);
   state_.exp_avg_sq.assign(total, 0.0f);
   grads_.assign(total, 0.0f);
-  slot_grads_.assign(total, 0.0f);
   const int rows = job_.batch().micro_batch();
-  inputs_.assign(static_cast<size_t>(rows) * T, 0);
-  targets_.assign(static_cast<size_t>(rows) * T, 0);
+  const int lanes = std::max(1, std::min(NumThreads(), job_.batch().slots()));
+  lanes_.resize(lanes);
+  for (int i = 0; i < lanes; ++i) {
+    Lane& lane = lanes_[i];
+    lane.model = i == 0 ? nullptr : std::make_unique<MoeModel>(mc);
+    lane.grads.assign(total, 0.0f);
+    lane.inputs.assign(static_cast<size_t>(rows) * T, 0);
+    lane.targets.assign(static_cast<size_t>(rows) * T, 0);
+  }
 
   if (options_.resume.empty()) {
     InitParameters(layout, job_.seed(), mc.initializer_range(), state_.params.data());
@@ -95,24 +102,43 @@ absl::StatusOr<StepReport> Trainer::Step() {
   report.lr = ScheduledLr(job_.optimizer().lr(), step_index, job_.schedule().total_steps(),
                           job_.schedule().warmup_steps(), job_.schedule().min_lr_ratio());
 
-  // 1. Slot gradients, summed left to right.
+  // 1. Slot gradients, computed in waves of one slot per lane, summed left to right.
   std::fill(grads_.begin(), grads_.end(), 0.0f);
-  double loss_sum = 0.0, aux_sum = 0.0;
+  double loss_sum = 0.0, aux_sum = 0.0, fwd_time = 0.0, bwd_time = 0.0;
   std::vector<std::vector<int64_t>> loads;
-  for (int s = 0; s < slots; ++s) {
-    sampler_->Fill(step_index, s, inputs_.data(), targets_.data());
-    std::fill(slot_grads_.begin(), slot_grads_.end(), 0.0f);
-    SlotStats stats = model_->ForwardBackward(state_.params.data(), inputs_.data(),
-                                              targets_.data(), rows, loss_scale, aux_scale,
-                                              slot_grads_.data());
-    for (size_t i = 0; i < grads_.size(); ++i) grads_[i] += slot_grads_[i];
-    loss_sum += stats.loss_sum;
-    aux_sum += stats.aux_sum;
-    if (loads.empty()) {
-      loads = stats.expert_load;
+  const int lanes = static_cast<int>(lanes_.size());
+  for (int base = 0; base < slots; base += lanes) {
+    const int wave = std::min(lanes, slots - base);
+    auto run_slot = [&](int64_t i) {
+      Lane& lane = lanes_[i];
+      MoeModel* model = i == 0 ? model_.get() : lane.model.get();
+      sampler_->Fill(step_index, base + static_cast<int>(i), lane.inputs.data(),
+                     lane.targets.data());
+      std::fill(lane.grads.begin(), lane.grads.end(), 0.0f);
+      lane.stats = model->ForwardBackward(state_.params.data(), lane.inputs.data(),
+                                          lane.targets.data(), rows, loss_scale, aux_scale,
+                                          lane.grads.data());
+    };
+    if (wave == 1) {
+      run_slot(0);  // one slot: let the ops use every thread instead
     } else {
-      for (size_t l = 0; l < loads.size(); ++l) {
-        for (size_t e = 0; e < loads[l].size(); ++e) loads[l][e] += stats.expert_load[l][e];
+      ParallelFor(wave, run_slot);
+    }
+    for (int i = 0; i < wave; ++i) {
+      float* g = grads_.data();
+      const float* sg = lanes_[i].grads.data();
+      ParallelFor(static_cast<int64_t>(grads_.size()), [&](int64_t k) { g[k] += sg[k]; });
+      const SlotStats& stats = lanes_[i].stats;
+      loss_sum += stats.loss_sum;
+      aux_sum += stats.aux_sum;
+      fwd_time += stats.forward_seconds;
+      bwd_time += stats.backward_seconds;
+      if (loads.empty()) {
+        loads = stats.expert_load;
+      } else {
+        for (size_t l = 0; l < loads.size(); ++l) {
+          for (size_t e = 0; e < loads[l].size(); ++e) loads[l][e] += stats.expert_load[l][e];
+        }
       }
     }
   }
@@ -152,6 +178,10 @@ absl::StatusOr<StepReport> Trainer::Step() {
     state_.trainer.set_last_val_loss(*report.val_loss);
   }
   report.forward_backward_seconds = Seconds(t0, t1);
+  if (fwd_time + bwd_time > 0) {
+    report.forward_seconds = report.forward_backward_seconds * fwd_time / (fwd_time + bwd_time);
+    report.backward_seconds = report.forward_backward_seconds - report.forward_seconds;
+  }
   report.optimizer_seconds = Seconds(t1, t2);
   report.step_seconds = Seconds(t0, Clock::now());
   return report;
@@ -187,8 +217,26 @@ double Trainer::ApplyOptimizer(double lr, int64_t step_index) {
   adam.beta2 = oc.adam_beta2();
   adam.eps = oc.adam_eps();
   adam.weight_decay = oc.weight_decay();
-  for (const TensorInfo& t : layout.tensors()) {
+  // Each tensor's update is independent of the others and of the thread that
+  // runs it. Many small matrices (the experts) go one per thread, largest
+  // first; a model dominated by a few big matrices updates them one at a time
+  // with every thread inside Newton-Schulz instead.
+  std::vector<std::pair<double, int>> work;  // (cost, tensor index)
+  double total_cost = 0.0, max_cost = 0.0;
+  for (size_t i = 0; i < layout.tensors().size(); ++i) {
+    const TensorInfo& t = layout.tensors()[i];
     if (!t.trainable()) continue;
+    const double cost = UsesMuon(t, oc.name())
+                            ? static_cast<double>(t.rows()) * t.cols() * std::min(t.rows(), t.cols())
+                            : static_cast<double>(t.numel);
+    work.emplace_back(cost, static_cast<int>(i));
+    total_cost += cost;
+    max_cost = std::max(max_cost, cost);
+  }
+  std::stable_sort(work.begin(), work.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  auto update = [&](int64_t k) {
+    const TensorInfo& t = layout.tensors()[work[k].second];
     float* w = state_.params.data() + t.offset;
     const float* g = grads_.data() + t.offset;
     if (UsesMuon(t, oc.name())) {
@@ -197,6 +245,11 @@ double Trainer::ApplyOptimizer(double lr, int64_t step_index) {
       AdamWStep(w, state_.exp_avg.data() + t.offset, state_.exp_avg_sq.data() + t.offset, g,
                 t.numel, step_index + 1, adam);
     }
+  };
+  if (max_cost * NumThreads() > total_cost) {
+    for (int64_t k = 0; k < static_cast<int64_t>(work.size()); ++k) update(k);
+  } else {
+    ParallelForDynamic(static_cast<int64_t>(work.size()), update);
   }
   return norm;
 }
@@ -222,14 +275,29 @@ void Trainer::UpdateRouterBias(const std::vector<std::vector<int64_t>>& loads) {
 double Trainer::EvaluateValidation() {
   const int T = model_->seq_len();
   const int rows = job_.batch().micro_batch();
+  const int64_t batches = (val_windows_ + rows - 1) / rows;
+  std::vector<SlotStats> stats(static_cast<size_t>(batches));
+  const int lanes = static_cast<int>(lanes_.size());
+  for (int64_t base = 0; base < batches; base += lanes) {
+    const int wave = static_cast<int>(std::min<int64_t>(lanes, batches - base));
+    auto run = [&](int64_t i) {
+      const int64_t w = (base + i) * rows;
+      const int B = static_cast<int>(std::min<int64_t>(rows, val_windows_ - w));
+      MoeModel* model = i == 0 ? model_.get() : lanes_[i].model.get();
+      stats[base + i] = model->Forward(state_.params.data(), val_inputs_.data() + w * T,
+                                       val_targets_.data() + w * T, B);
+    };
+    if (wave == 1) {
+      run(0);
+    } else {
+      ParallelFor(wave, run);
+    }
+  }
   double loss_sum = 0.0;
   int64_t tokens = 0;
-  for (int64_t w = 0; w < val_windows_; w += rows) {
-    const int B = static_cast<int>(std::min<int64_t>(rows, val_windows_ - w));
-    SlotStats stats = model_->Forward(state_.params.data(), val_inputs_.data() + w * T,
-                                      val_targets_.data() + w * T, B);
-    loss_sum += stats.loss_sum;
-    tokens += stats.tokens;
+  for (const SlotStats& s : stats) {
+    loss_sum += s.loss_sum;
+    tokens += s.tokens;
   }
   return tokens > 0 ? loss_sum / static_cast<double>(tokens) : std::nan("");
 }

@@ -40,6 +40,10 @@ struct StepReport {
   int64_t tokens = 0;          // tokens in this step
   double step_seconds = 0.0;
   double forward_backward_seconds = 0.0;
+  // forward_backward_seconds split in proportion to the slots' measured
+  // forward and backward times (slots may run concurrently).
+  double forward_seconds = 0.0;
+  double backward_seconds = 0.0;
   double optimizer_seconds = 0.0;
   double max_load_ratio = 0.0;  // max over MoE layers of (max expert load / mean load)
 };
@@ -89,7 +93,17 @@ class Trainer {
   double ApplyOptimizer(double lr, int64_t step_index);
   void UpdateRouterBias(const std::vector<std::vector<int64_t>>& loads);
 
+  // One lane per thread: slots of a step run concurrently, one per lane, each
+  // single-threaded inside; their gradients are then summed in slot order.
+  struct Lane {
+    std::unique_ptr<MoeModel> model;
+    std::vector<float> grads;
+    std::vector<int32_t> inputs, targets;
+    SlotStats stats;
+  };
+
   v1::JobSpec job_;
+  std::vector<Lane> lanes_;
   TrainOptions options_;
   std::unique_ptr<MoeModel> model_;
   TokenCorpus corpus_;
@@ -97,8 +111,7 @@ class Trainer {
   std::vector<int32_t> val_inputs_, val_targets_;
   int64_t val_windows_ = 0;
   TrainingState state_;
-  std::vector<float> grads_, slot_grads_;
-  std::vector<int32_t> inputs_, targets_;
+  std::vector<float> grads_;
   std::string last_checkpoint_;
 };
 

@@ -1,6 +1,7 @@
 #include "workers/model/moe_model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -162,9 +163,14 @@ SlotStats MoeModel::Forward(const float* params, const int32_t* inputs, const in
 SlotStats MoeModel::ForwardBackward(const float* params, const int32_t* inputs,
                                     const int32_t* targets, int B, float loss_scale,
                                     float aux_scale, float* grads) {
+  using Clock = std::chrono::steady_clock;
   Resize(B);
+  const auto t0 = Clock::now();
   SlotStats stats = RunForward(params, inputs, targets);
+  const auto t1 = Clock::now();
   RunBackward(params, inputs, targets, loss_scale, aux_scale, grads);
+  stats.forward_seconds = std::chrono::duration<double>(t1 - t0).count();
+  stats.backward_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   return stats;
 }
 

@@ -25,6 +25,8 @@ struct SlotStats {
   double aux_sum = 0.0;   // sum over MoE layers of the aux balance loss (0 unless aux_loss)
   // Per MoE layer (in layer order), tokens routed to each expert (E entries).
   std::vector<std::vector<int64_t>> expert_load;
+  double forward_seconds = 0.0;   // wall time of the forward pass
+  double backward_seconds = 0.0;  // wall time of the backward pass (0 for Forward)
 };
 
 class MoeModel {
