@@ -71,7 +71,8 @@ int Train(const std::vector<std::string>& args) {
   absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(*job, options);
   if (!trainer.ok()) return Fail(trainer.status());
   progress.Start(*job, (*trainer)->corpus().description, (*trainer)->model().layout(),
-                 (*trainer)->step(), NumThreads(), BlasCoreName());
+                 (*trainer)->step(), (*trainer)->state().trainer.last_val_loss(), NumThreads(),
+                 BlasCoreName());
   absl::StatusOr<TrainSummary> summary = (*trainer)->Run();
   if (!summary.ok()) {
     progress.Abort();

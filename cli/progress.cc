@@ -37,9 +37,10 @@ void ProgressDisplay::Emit(const std::string& line) {
 }
 
 void ProgressDisplay::Start(const v1::JobSpec& job, const std::string& corpus,
-                            const ModelLayout& layout, int64_t start_step, int threads,
-                            const std::string& blas_core) {
+                            const ModelLayout& layout, int64_t start_step,
+                            double last_val_loss, int threads, const std::string& blas_core) {
   start_step_ = start_step;
+  if (std::isfinite(last_val_loss)) last_val_ = last_val_loss;
   const int64_t total = job.schedule().total_steps();
   print_every_ = std::max<int64_t>(1, total / 40);
   int64_t params = 0, muon = 0;

@@ -22,7 +22,8 @@ class ProgressDisplay {
   const absl::Status& status() const { return status_; }
 
   void Start(const v1::JobSpec& job, const std::string& corpus, const ModelLayout& layout,
-             int64_t start_step, int threads, const std::string& blas_core);
+             int64_t start_step, double last_val_loss, int threads,
+             const std::string& blas_core);
   void Step(const StepReport& report);
   void Finish(const TrainSummary& summary);
   // Ends an updating line before an error message is printed.
