@@ -1,8 +1,5 @@
 // Tests for workers/data: loading text and llm.c shards, the train/val split,
 // and the sequential and random window samplers.
-#include <stdlib.h>
-#include <unistd.h>
-
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +10,7 @@
 #include "common/philox.h"
 #include "gtest/gtest.h"
 #include "muonps/v1/job.pb.h"
+#include "tests/test_util.h"
 #include "workers/data/batch_sampler.h"
 #include "workers/data/token_source.h"
 
@@ -23,19 +21,8 @@ namespace fs = std::filesystem;
 
 constexpr char kFortunes[] = "/usr/share/games/fortunes";
 
-class DataTest : public testing::Test {
+class DataTest : public testing_util::TempDirTest {
  protected:
-  void SetUp() override {
-    std::string pattern = testing::TempDir() + "/data_test.XXXXXX";
-    ASSERT_NE(mkdtemp(pattern.data()), nullptr);
-    dir_ = pattern;
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-  std::string Path(const std::string& name) const { return dir_ + "/" + name; }
-
   std::string Write(const std::string& name, const std::string& bytes) {
     const std::string path = Path(name);
     fs::create_directories(fs::path(path).parent_path());
@@ -62,8 +49,6 @@ class DataTest : public testing::Test {
     }
     return Write(name, bytes);
   }
-
-  std::string dir_;
 };
 
 v1::DataConfig Config(const std::string& path, const std::string& format = "auto",

@@ -42,10 +42,15 @@
 #include "common/model_layout.h"
 #include "common/parallel.h"
 #include "common/philox.h"
+#include "tests/model_test_util.h"
 #include "workers/model/moe_model.h"
 
 namespace muonps {
 namespace {
+
+using testing_util::RandomParams;
+using testing_util::RandomTokens;
+using testing_util::TinyModelConfig;
 
 constexpr double kStep = 3e-3;
 constexpr double kAtol = 5e-5;
@@ -65,57 +70,6 @@ struct GradCase {
 };
 
 void PrintTo(const GradCase& c, std::ostream* os) { *os << c.name; }
-
-v1::ModelConfig TinyConfig(const std::string& scoring, const std::string& balancing,
-                           bool norm_topk_prob = true, double routed_scaling_factor = 1.0) {
-  v1::ModelConfig m = DefaultJobSpec().model();
-  m.set_vocab_size(24);
-  m.set_hidden_size(16);
-  m.set_num_hidden_layers(3);
-  m.set_num_attention_heads(2);
-  m.set_max_position_embeddings(6);
-  m.set_first_k_dense_replace(1);
-  m.set_intermediate_size(16);
-  m.set_n_routed_experts(4);
-  m.set_num_experts_per_tok(2);
-  m.set_n_shared_experts(1);
-  m.set_moe_intermediate_size(8);
-  m.set_scoring_func(scoring);
-  m.set_balancing(balancing);
-  m.set_norm_topk_prob(norm_topk_prob);
-  m.set_routed_scaling_factor(routed_scaling_factor);
-  m.set_initializer_range(0.3);
-  return m;
-}
-
-// Random parameters with non-trivial norm gains and router biases.
-std::vector<float> RandomParams(const ModelLayout& layout, uint64_t seed) {
-  std::vector<float> params(layout.total_floats());
-  InitParameters(layout, seed, 0.3, params.data());
-  for (const TensorInfo& t : layout.tensors()) {
-    float* p = params.data() + t.offset;
-    if (t.role == TensorRole::kNorm) {
-      std::vector<float> noise(t.numel);
-      FillNormal(noise.data(), t.numel, seed, t.name + "#gain", 0.2);
-      for (int64_t i = 0; i < t.numel; ++i) p[i] += noise[i];
-    } else if (t.role == TensorRole::kBuffer) {
-      FillNormal(p, t.numel, seed, t.name + "#bias", 0.15);
-    }
-  }
-  return params;
-}
-
-void RandomTokens(std::vector<int32_t>* inputs, std::vector<int32_t>* targets, int n, int vocab,
-                  uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::uniform_int_distribution<int32_t> dist(0, vocab - 1);
-  inputs->resize(n);
-  targets->resize(n);
-  for (int i = 0; i < n; ++i) {
-    (*inputs)[i] = dist(gen);
-    (*targets)[i] = dist(gen);
-  }
-}
 
 // A random unit direction biased towards the gradient: normalize(u + g/||g||)
 // with u uniform on the unit sphere. A purely random direction in a tensor of
@@ -157,7 +111,7 @@ bool WithinTolerance(double analytic, double numeric) {
 // Runs every probe of one configuration.
 std::vector<Probe> ProbeModel(const GradCase& c) {
   const v1::ModelConfig config =
-      TinyConfig(c.scoring, c.balancing, c.norm_topk_prob, c.routed_scaling_factor);
+      TinyModelConfig(c.scoring, c.balancing, c.norm_topk_prob, c.routed_scaling_factor);
   MoeModel model(config);
   const ModelLayout& layout = model.layout();
   const int N = kBatch * model.seq_len();
@@ -306,7 +260,7 @@ TEST(ModelGradientThreadsTest, DefaultModelIndependentOfThreadCount) {
 }
 
 TEST(ModelGradientThreadsTest, TinyModelIndependentOfThreadCount) {
-  ExpectSameForOneAndTwoThreads(TinyConfig("softmax", "aux_loss", false, 1.0), 3);
+  ExpectSameForOneAndTwoThreads(TinyModelConfig("softmax", "aux_loss", false, 1.0), 3);
 }
 
 // The bias buffer steers the choice but is not trained by gradients: its
@@ -314,7 +268,7 @@ TEST(ModelGradientThreadsTest, TinyModelIndependentOfThreadCount) {
 // change the loss. Forward and ForwardBackward report the same loss.
 TEST(ModelGradientBufferTest, BiasGetsNoGradient) {
   for (const char* balancing : {"aux_free_bias", "aux_loss"}) {
-    const v1::ModelConfig config = TinyConfig("sigmoid", balancing);
+    const v1::ModelConfig config = TinyModelConfig("sigmoid", balancing);
     MoeModel model(config);
     const ModelLayout& layout = model.layout();
     const int N = kBatch * model.seq_len();

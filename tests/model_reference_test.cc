@@ -28,19 +28,20 @@
 #include <cstdlib>
 #include <map>
 #include <ostream>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "common/job_spec.h"
 #include "common/model_layout.h"
-#include "common/philox.h"
 #include "common/safetensors.h"
+#include "tests/model_test_util.h"
 #include "workers/model/moe_model.h"
 
 namespace muonps {
 namespace {
+
+using testing_util::RandomParams;
+using testing_util::RandomTokens;
 
 constexpr char kPython[] = "/usr/bin/python3";
 constexpr double kLossRtol = 1e-5;
@@ -71,53 +72,15 @@ struct RefCase {
 };
 
 v1::ModelConfig TinyConfig(const RefCase& c) {
-  v1::ModelConfig m = DefaultJobSpec().model();
-  m.set_vocab_size(32);
-  m.set_hidden_size(16);
-  m.set_num_hidden_layers(3);
-  m.set_num_attention_heads(2);
-  m.set_max_position_embeddings(8);
-  m.set_first_k_dense_replace(c.first_k_dense_replace);
-  m.set_intermediate_size(24);
-  m.set_n_routed_experts(4);
-  m.set_num_experts_per_tok(c.num_experts_per_tok);
-  m.set_n_shared_experts(c.n_shared_experts);
-  m.set_moe_intermediate_size(8);
-  m.set_scoring_func(c.scoring);
-  m.set_balancing(c.balancing);
-  m.set_norm_topk_prob(c.norm_topk_prob);
-  m.set_routed_scaling_factor(c.routed_scaling_factor);
-  m.set_initializer_range(0.3);
-  return m;
-}
-
-// Random parameters with non-trivial norms and router biases.
-std::vector<float> RandomParams(const ModelLayout& layout, uint64_t seed) {
-  std::vector<float> params(layout.total_floats());
-  InitParameters(layout, seed, 0.3, params.data());
-  for (const TensorInfo& t : layout.tensors()) {
-    float* p = params.data() + t.offset;
-    if (t.role == TensorRole::kNorm) {
-      std::vector<float> noise(t.numel);
-      FillNormal(noise.data(), t.numel, seed, t.name + "#gain", 0.2);
-      for (int64_t i = 0; i < t.numel; ++i) p[i] += noise[i];
-    } else if (t.role == TensorRole::kBuffer) {
-      FillNormal(p, t.numel, seed, t.name + "#bias", 0.15);
-    }
-  }
-  return params;
-}
-
-void RandomTokens(std::vector<int32_t>* inputs, std::vector<int32_t>* targets, int n, int vocab,
-                  uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::uniform_int_distribution<int32_t> dist(0, vocab - 1);
-  inputs->resize(n);
-  targets->resize(n);
-  for (int i = 0; i < n; ++i) {
-    (*inputs)[i] = dist(gen);
-    (*targets)[i] = dist(gen);
-  }
+  testing_util::TinyModelShape shape;
+  shape.vocab_size = 32;
+  shape.max_position_embeddings = 8;
+  shape.intermediate_size = 24;
+  shape.first_k_dense_replace = c.first_k_dense_replace;
+  shape.num_experts_per_tok = c.num_experts_per_tok;
+  shape.n_shared_experts = c.n_shared_experts;
+  return testing_util::TinyModelConfig(c.scoring, c.balancing, c.norm_topk_prob,
+                                       c.routed_scaling_factor, shape);
 }
 
 double Norm(const float* x, int64_t n) {

@@ -3,8 +3,6 @@
 // kind of malformed file.
 #include "common/safetensors.h"
 
-#include <stdlib.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -16,33 +14,21 @@
 #include "common/atomic_file.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/test_util.h"
 
 namespace muonps {
 namespace {
 
 namespace fs = std::filesystem;
 
-class SafetensorsTest : public testing::Test {
+class SafetensorsTest : public testing_util::TempDirTest {
  protected:
-  void SetUp() override {
-    std::string pattern = testing::TempDir() + "/safetensors_test.XXXXXX";
-    ASSERT_NE(mkdtemp(pattern.data()), nullptr);
-    dir_ = pattern;
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-  std::string Path(const std::string& name) const { return dir_ + "/" + name; }
-
   // Writes `bytes` to `name` in the test directory and returns the path.
   std::string WriteRaw(const std::string& name, const std::string& bytes) {
     const std::string path = Path(name);
     EXPECT_TRUE(WriteFileAtomically(path, bytes).ok());
     return path;
   }
-
-  std::string dir_;
 };
 
 // A safetensors file built without the writer: u64 little-endian header
@@ -307,7 +293,7 @@ TEST_F(SafetensorsTest, AtomicWriteReplacesAndLeavesNoTempFile) {
   EXPECT_EQ(file->names(), std::vector<std::string>{"b"});
 
   std::vector<std::string> entries;
-  for (const auto& entry : fs::directory_iterator(dir_)) {
+  for (const auto& entry : fs::directory_iterator(dir())) {
     entries.push_back(entry.path().filename().string());
   }
   std::sort(entries.begin(), entries.end());
