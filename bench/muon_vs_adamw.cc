@@ -11,6 +11,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "common/atomic_file.h"
 #include "common/blas_runtime.h"
 #include "common/job_spec.h"
 #include "common/parallel.h"
@@ -18,17 +19,25 @@
 
 ABSL_FLAG(int, steps, 300, "Optimizer steps for each run");
 ABSL_FLAG(int, eval_every, 10, "Validation interval (steps)");
-ABSL_FLAG(double, muon_lr, 0.0, "Muon peak lr (0 = the job's)");
-ABSL_FLAG(double, adamw_lr, 0.0, "AdamW peak lr (0 = the job's)");
+ABSL_FLAG(double, muon_lr, 0.0, "Muon peak lr (0 = the job's, else the Muon default)");
+ABSL_FLAG(double, adamw_lr, 0.0, "AdamW peak lr (0 = the job's, else the AdamW default)");
 ABSL_FLAG(int, threads, 0, "Threads (0 = all cores)");
 
 namespace muonps {
 namespace {
 
 // step -> validation loss
-std::map<int64_t, double> Curve(v1::JobSpec job, const std::string& optimizer, double lr) {
+// `job_has_lr`: the job file chose the lr; otherwise each optimizer gets its own default.
+std::map<int64_t, double> Curve(v1::JobSpec job, bool job_has_lr, const std::string& optimizer,
+                                double lr) {
   job.mutable_optimizer()->set_name(optimizer);
-  if (lr > 0) job.mutable_optimizer()->set_lr(lr);
+  if (lr > 0) {
+    job.mutable_optimizer()->set_lr(lr);
+  } else if (!job_has_lr) {
+    job.mutable_optimizer()->clear_lr();
+    FillJobDefaults(&job);
+  }
+  std::fprintf(stderr, "%s: peak lr %g\n", optimizer.c_str(), job.optimizer().lr());
   std::map<int64_t, double> curve;
   TrainOptions options;
   options.on_step = [&](const StepReport& r) {
@@ -60,6 +69,12 @@ int main(int argc, char** argv) {
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   absl::StatusOr<muonps::v1::JobSpec> job =
       args.size() > 1 ? muonps::LoadJobSpecFile(args[1]) : muonps::DefaultJobSpec();
+  bool job_has_lr = false;
+  if (args.size() > 1 && job.ok()) {
+    // Whether the file itself set optimizer.lr (defaults are filled in by now).
+    absl::StatusOr<std::string> text = muonps::ReadFileToString(args[1]);
+    job_has_lr = text.ok() && text->find("\"lr\"") != std::string::npos;
+  }
   if (!job.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(job.status().message()).c_str());
     return 1;
@@ -77,8 +92,8 @@ int main(int argc, char** argv) {
               job->batch().slots() * job->batch().micro_batch() *
                   job->model().max_position_embeddings(),
               job->data().path().c_str(), muonps::BlasCoreName().c_str());
-  const auto muon = muonps::Curve(*job, "muon", absl::GetFlag(FLAGS_muon_lr));
-  const auto adamw = muonps::Curve(*job, "adamw", absl::GetFlag(FLAGS_adamw_lr));
+  const auto muon = muonps::Curve(*job, job_has_lr, "muon", absl::GetFlag(FLAGS_muon_lr));
+  const auto adamw = muonps::Curve(*job, job_has_lr, "adamw", absl::GetFlag(FLAGS_adamw_lr));
 
   std::printf("%6s %10s %10s\n", "step", "muon_val", "adamw_val");
   for (const auto& [step, loss] : muon) {

@@ -83,7 +83,7 @@ void FillJobDefaults(v1::JobSpec* job) {
 
   v1::OptimizerConfig* o = job->mutable_optimizer();
   if (!o->has_name()) o->set_name("muon");
-  if (!o->has_lr()) o->set_lr(o->name() == "adamw" ? 3e-3 : 3e-3);
+  if (!o->has_lr()) o->set_lr(o->name() == "adamw" ? 3e-3 : 2e-2);
   if (!o->has_weight_decay()) o->set_weight_decay(0.1);
   if (!o->has_momentum()) o->set_momentum(0.95);
   if (!o->has_nesterov()) o->set_nesterov(true);

@@ -3,7 +3,9 @@
 # archive only. Used by the README, .ci/run and deploy/docker/Dockerfile.cpu,
 # so the three cannot drift apart.
 #
-#   scripts/install_deps.sh          build + run + test dependencies
+#   scripts/install_deps.sh            build, run and test dependencies
+#   scripts/install_deps.sh --runtime  only what building and running need
+#                                      (the container images)
 #
 # Must run as root (or through sudo). Idempotent.
 set -euo pipefail
@@ -14,6 +16,11 @@ else
   SUDO=
 fi
 
+RUNTIME_ONLY=0
+if [[ "${1:-}" == "--runtime" ]]; then
+  RUNTIME_ONLY=1
+fi
+
 PACKAGES=(
   # toolchain
   build-essential cmake ninja-build pkg-config git ca-certificates
@@ -22,15 +29,31 @@ PACKAGES=(
   libabsl-dev nlohmann-json3-dev
   # linear algebra: OpenBLAS built on OpenMP, so BLAS and our own kernels share one thread pool
   libopenblas-openmp-dev libopenblas0-openmp
-  # tests and benchmarks
-  googletest libgtest-dev libgmock-dev
   # the default training corpus (plain-text fortune files)
   fortunes fortunes-min
-  # the independent PyTorch reference model (tests) and baseline (bench/train_step),
-  # run with /usr/bin/python3
+)
+TEST_PACKAGES=(
+  googletest libgtest-dev libgmock-dev
+  # the independent PyTorch reference model (tests) and baseline
+  # (bench/train_step), run with /usr/bin/python3
   python3 python3-numpy python3-torch
 )
+if [[ $RUNTIME_ONLY -eq 0 ]]; then
+  PACKAGES+=("${TEST_PACKAGES[@]}")
+  # Node.js for the proto linter; keep an existing installation.
+  if ! command -v npm > /dev/null; then
+    PACKAGES+=(nodejs npm)
+  fi
+fi
 
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}"
+
+# buf (proto lint, STANDARD rules), pinned, from the npm registry.
+if [[ $RUNTIME_ONLY -eq 0 ]]; then
+  BUF_PREFIX=/opt/muonps-tools
+  if [[ ! -x "$BUF_PREFIX/node_modules/.bin/buf" ]]; then
+    $SUDO npm install --silent --no-audit --no-fund --prefix "$BUF_PREFIX" @bufbuild/buf@1.75.0
+  fi
+fi

@@ -30,6 +30,8 @@ TEST_P(LearningTest, DefaultModelLearnsTheDefaultCorpus) {
   }
   v1::JobSpec job = DefaultJobSpec();
   job.mutable_optimizer()->set_name(GetParam());
+  job.mutable_optimizer()->clear_lr();  // the chosen optimizer's default lr
+  FillJobDefaults(&job);
   job.mutable_schedule()->set_total_steps(kSteps);
   job.mutable_schedule()->set_warmup_steps(10);
   job.mutable_data()->set_eval_every(0);
@@ -47,7 +49,7 @@ TEST_P(LearningTest, DefaultModelLearnsTheDefaultCorpus) {
   EXPECT_LT(*summary->final_val_loss, kThreshold);
 }
 
-INSTANTIATE_TEST_SUITE_P(Optimizers, LearningTest, ::testing::Values("muon"));
+INSTANTIATE_TEST_SUITE_P(Optimizers, LearningTest, ::testing::Values("muon", "adamw"));
 
 }  // namespace
 }  // namespace muonps
