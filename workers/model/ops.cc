@@ -178,89 +178,23 @@ void rope_backward(float* dinp, const float* dout, const float* cos, const float
 // ---- causal multi-head attention -----------------------------------------------
 //
 // One ParallelFor iteration per (b, h) pair; it reads and writes only that
-// head's columns. The per-head products (Q K^T, A V and their transposes) go
-// through RowBlockProduct, a register-tiled loop that keeps the summation
-// order of every element fixed. Causality is used by limiting, per block of
-// rows, the columns (Q K^T, dO V^T) or the summation range (A V, dP K, dP^T Q,
-// A^T dO); entries above the diagonal inside a block are zero in A and dP.
+// head's columns. The per-head products are BLAS calls made inside the
+// parallel region, so each runs single-threaded with a shape fixed by
+// (T, D): the rounding does not depend on the thread count. Causality is used
+// at the granularity of kAttnBlock rows (queries) or columns (keys): a block
+// only touches the keys (queries) it can see, and entries above the diagonal
+// inside a block are exact zeros in A and dP.
 
 namespace {
 
-constexpr int kTileRows = 4;
-constexpr int kTileCols = 8;
+constexpr int kAttnBlock = 64;
 
-// Four floats in one SSE register (GCC/Clang vector extension); arithmetic on
-// it is lane-wise, so every lane keeps the scalar summation order.
-typedef float Float4 __attribute__((vector_size(16)));
-
-inline Float4 Load4(const float* p) {
-  Float4 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// For rows i in [i0, i0 + mb) and columns j in [0, n):
-//   c(i, j) = [c(i, j) +] alpha * sum_{l = l0}^{l1 - 1} a(i, l) b(l, j)
-// with a(i, l) = a[i * a_rs + l * a_cs], b(l, j) = b[l * ldb + j] and
-// c(i, j) = c[i * ldc + j]; c(i, j) is kept when accumulate. Every sum runs
-// over l in increasing order from zero, whatever the tiling.
-void RowBlockProduct(float* c, int64_t ldc, const float* a, int64_t a_rs, int64_t a_cs,
-                     const float* b, int64_t ldb, int i0, int mb, int n, int l0, int l1,
-                     float alpha, bool accumulate) {
-  auto store = [&](int i, int j, float acc) {
-    float* dst = c + i * ldc + j;
-    *dst = accumulate ? *dst + alpha * acc : alpha * acc;
-  };
-  int j0 = 0;
-  if (mb == kTileRows) {
-    // 4 x 8 tile held in eight registers.
-    for (; j0 + kTileCols <= n; j0 += kTileCols) {
-      Float4 acc[kTileRows][2] = {};
-      for (int l = l0; l < l1; ++l) {
-        const float* bl = b + l * ldb + j0;
-        const Float4 b0 = Load4(bl);
-        const Float4 b1 = Load4(bl + 4);
-        for (int r = 0; r < kTileRows; ++r) {
-          const float ar = a[(i0 + r) * a_rs + l * a_cs];
-          const Float4 av = {ar, ar, ar, ar};
-          acc[r][0] += av * b0;
-          acc[r][1] += av * b1;
-        }
-      }
-      for (int r = 0; r < kTileRows; ++r) {
-        for (int x = 0; x < 4; ++x) {
-          store(i0 + r, j0 + x, acc[r][0][x]);
-          store(i0 + r, j0 + 4 + x, acc[r][1][x]);
-        }
-      }
-    }
-  }
-  // Short row blocks and the last columns, one row at a time.
-  for (int r = 0; r < mb; ++r) {
-    const int i = i0 + r;
-    int j = j0;
-    for (; j + kTileCols <= n; j += kTileCols) {
-      float acc[kTileCols] = {};
-      for (int l = l0; l < l1; ++l) {
-        const float ar = a[i * a_rs + l * a_cs];
-        const float* bl = b + l * ldb + j;
-        for (int x = 0; x < kTileCols; ++x) acc[x] += ar * bl[x];
-      }
-      for (int x = 0; x < kTileCols; ++x) store(i, j + x, acc[x]);
-    }
-    for (; j < n; ++j) {
-      float acc = 0.0f;
-      for (int l = l0; l < l1; ++l) acc += a[i * a_rs + l * a_cs] * b[l * ldb + j];
-      store(i, j, acc);
-    }
-  }
-}
-
-// Copies the (T, D) head slice with row stride C into dst (D, T).
-void TransposeHead(float* dst, const float* src, int64_t C, int T, int D) {
-  for (int j = 0; j < T; ++j) {
-    for (int d = 0; d < D; ++d) dst[static_cast<int64_t>(d) * T + j] = src[j * C + d];
-  }
+void Gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (M <= 0 || N <= 0 || K <= 0) return;
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M,
+              N, K, alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta, c,
+              static_cast<int>(ldc));
 }
 
 }  // namespace
@@ -272,34 +206,25 @@ void attention_forward(float* out, float* att, const float* q, const float* k, c
   ParallelFor(static_cast<int64_t>(B) * H, [&](int64_t bh) {
     const int64_t base = (bh / H) * T * C + (bh % H) * D;  // (b, t = 0, head h)
     float* a = att + bh * T * T;                           // (T, T)
-    std::vector<float> kt(static_cast<size_t>(D) * T);     // (D, T)
-    TransposeHead(kt.data(), k + base, C, T, D);
-    // Scores q_t . k_j for j < end of the row block.
-    for (int i0 = 0; i0 < T; i0 += kTileRows) {
-      const int mb = std::min(kTileRows, T - i0);
-      RowBlockProduct(a, T, q + base, C, 1, kt.data(), T, i0, mb, i0 + mb, 0, D, 1.0f, false);
-    }
-    for (int t = 0; t < T; ++t) {
-      float* row = a + static_cast<int64_t>(t) * T;
-      const int n = t + 1;
-      float mx = -INFINITY;
-      for (int j = 0; j < n; ++j) {
-        row[j] *= scale;
-        mx = std::max(mx, row[j]);
+    for (int i0 = 0; i0 < T; i0 += kAttnBlock) {
+      const int mb = std::min(kAttnBlock, T - i0), n = i0 + mb;
+      // Scores scale * q_t . k_j for the keys the block can see.
+      Gemm(false, true, mb, n, D, scale, q + base + i0 * C, C, k + base, C, 0.0f, a + i0 * T, T);
+      for (int t = i0; t < n; ++t) {
+        float* row = a + static_cast<int64_t>(t) * T;
+        float mx = -INFINITY;
+        for (int j = 0; j <= t; ++j) mx = std::max(mx, row[j]);
+        float sum = 0.0f;
+        for (int j = 0; j <= t; ++j) {
+          row[j] = std::exp(row[j] - mx);
+          sum += row[j];
+        }
+        const float inv = 1.0f / sum;
+        for (int j = 0; j <= t; ++j) row[j] *= inv;
+        for (int j = t + 1; j < T; ++j) row[j] = 0.0f;
       }
-      float sum = 0.0f;
-      for (int j = 0; j < n; ++j) {
-        row[j] = std::exp(row[j] - mx);
-        sum += row[j];
-      }
-      const float inv = 1.0f / sum;
-      for (int j = 0; j < n; ++j) row[j] *= inv;
-      for (int j = n; j < T; ++j) row[j] = 0.0f;
-    }
-    // out = A V.
-    for (int i0 = 0; i0 < T; i0 += kTileRows) {
-      const int mb = std::min(kTileRows, T - i0);
-      RowBlockProduct(out + base, C, a, T, 1, v + base, C, i0, mb, D, 0, i0 + mb, 1.0f, false);
+      // out = A V over the visible keys.
+      Gemm(false, false, mb, D, n, 1.0f, a + i0 * T, T, v + base, C, 0.0f, out + base + i0 * C, C);
     }
   });
 }
@@ -313,42 +238,43 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   ParallelFor(static_cast<int64_t>(B) * H, [&](int64_t bh) {
     const int64_t base = (bh / H) * T * C + (bh % H) * D;
     const float* a = att + bh * T * T;  // (T, T)
+    // Key blocks j0: only queries t >= j0 see them.
     if (dv != nullptr) {
-      // dv = A^T dout; row j sums over queries t >= j.
-      for (int i0 = 0; i0 < T; i0 += kTileRows) {
-        const int mb = std::min(kTileRows, T - i0);
-        RowBlockProduct(dv + base, C, a, 1, T, dout + base, C, i0, mb, D, i0, T, 1.0f, true);
+      for (int j0 = 0; j0 < T; j0 += kAttnBlock) {
+        const int mb = std::min(kAttnBlock, T - j0);
+        // dv[j] += sum_t A[t, j] dout[t]
+        Gemm(true, false, mb, D, T - j0, 1.0f, a + j0 * T + j0, T, dout + base + j0 * C, C, 1.0f,
+             dv + base + j0 * C, C);
       }
     }
     if (dq == nullptr && dk == nullptr) return;
-    std::vector<float> vt(static_cast<size_t>(D) * T);        // (D, T)
-    std::vector<float> dp(static_cast<size_t>(T) * T, 0.0f);  // (T, T)
-    TransposeHead(vt.data(), v + base, C, T, D);
-    // datt = dout V^T, then dp = a * (datt - <a, datt>) on and below the diagonal.
-    for (int i0 = 0; i0 < T; i0 += kTileRows) {
-      const int mb = std::min(kTileRows, T - i0);
-      RowBlockProduct(dp.data(), T, dout + base, C, 1, vt.data(), T, i0, mb, i0 + mb, 0, D, 1.0f,
-                      false);
-    }
-    for (int t = 0; t < T; ++t) {
-      const float* at = a + static_cast<int64_t>(t) * T;
-      float* row = dp.data() + static_cast<int64_t>(t) * T;
-      const int n = t + 1;
-      float s = 0.0f;
-      for (int j = 0; j < n; ++j) s += at[j] * row[j];
-      for (int j = 0; j < n; ++j) row[j] = at[j] * (row[j] - s);
-      for (int j = n; j < T; ++j) row[j] = 0.0f;
-    }
-    for (int i0 = 0; i0 < T; i0 += kTileRows) {
-      const int mb = std::min(kTileRows, T - i0);
-      // dq = scale dp K (keys up to the block end); dk = scale dp^T Q (queries from the block
-      // start).
-      if (dq != nullptr) {
-        RowBlockProduct(dq + base, C, dp.data(), T, 1, k + base, C, i0, mb, D, 0, i0 + mb, scale,
-                        true);
+    thread_local std::vector<float> dp_buffer;
+    dp_buffer.resize(static_cast<size_t>(T) * T);
+    float* dp = dp_buffer.data();  // (T, T)
+    for (int i0 = 0; i0 < T; i0 += kAttnBlock) {
+      const int mb = std::min(kAttnBlock, T - i0), n = i0 + mb;
+      // datt = dout V^T, then dp = a * (datt - <a, datt>) on and below the diagonal.
+      Gemm(false, true, mb, n, D, 1.0f, dout + base + i0 * C, C, v + base, C, 0.0f, dp + i0 * T, T);
+      for (int t = i0; t < n; ++t) {
+        const float* at = a + static_cast<int64_t>(t) * T;
+        float* row = dp + static_cast<int64_t>(t) * T;
+        float s = 0.0f;
+        for (int j = 0; j <= t; ++j) s += at[j] * row[j];
+        for (int j = 0; j <= t; ++j) row[j] = at[j] * (row[j] - s);
+        for (int j = t + 1; j < T; ++j) row[j] = 0.0f;
       }
-      if (dk != nullptr) {
-        RowBlockProduct(dk + base, C, dp.data(), 1, T, q + base, C, i0, mb, D, i0, T, scale, true);
+      // dq = scale dp K over the visible keys.
+      if (dq != nullptr) {
+        Gemm(false, false, mb, D, n, scale, dp + i0 * T, T, k + base, C, 1.0f, dq + base + i0 * C,
+             C);
+      }
+    }
+    if (dk != nullptr) {
+      for (int j0 = 0; j0 < T; j0 += kAttnBlock) {
+        const int mb = std::min(kAttnBlock, T - j0);
+        // dk[j] += scale sum_{t >= j0} dp[t, j] q[t]
+        Gemm(true, false, mb, D, T - j0, scale, dp + j0 * T + j0, T, q + base + j0 * C, C, 1.0f,
+             dk + base + j0 * C, C);
       }
     }
   });
