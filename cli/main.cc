@@ -4,9 +4,13 @@
 //   muonps validate JOB.json                                check a job file
 //   muonps defaults                                         print the default job
 //   muonps version
+#include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
+
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -41,6 +45,15 @@ constexpr char kUsage[] =
     "  muonps defaults            Print the default job as JSON.\n"
     "  muonps version\n";
 
+std::atomic<bool> g_stop{false};
+
+// First Ctrl-C / SIGTERM: stop after the current step and checkpoint. Second:
+// the default action (exit now).
+void OnStopSignal(int signal_number) {
+  g_stop.store(true);
+  std::signal(signal_number, SIG_DFL);
+}
+
 int Fail(const absl::Status& status) {
   std::fprintf(stderr, "muonps: error: %s\n", std::string(status.message()).c_str());
   return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
@@ -67,6 +80,9 @@ int Train(const std::vector<std::string>& args) {
   options.resume = absl::GetFlag(FLAGS_resume);
   options.until_step = absl::GetFlag(FLAGS_until);
   options.on_step = [&](const StepReport& r) { progress.Step(r); };
+  options.stop_requested = [] { return g_stop.load(); };
+  std::signal(SIGINT, OnStopSignal);
+  std::signal(SIGTERM, OnStopSignal);
 
   absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(*job, options);
   if (!trainer.ok()) return Fail(trainer.status());
@@ -79,6 +95,13 @@ int Train(const std::vector<std::string>& args) {
     return Fail(summary.status());
   }
   progress.Finish(*summary);
+  if (summary->interrupted) {
+    std::fprintf(stderr, "muonps: interrupted at step %lld%s\n",
+                 static_cast<long long>(summary->final_step),
+                 summary->last_checkpoint.empty() ? " (no checkpoint dir in the job)"
+                                                  : "; resume with --resume");
+    return 130;
+  }
   return 0;
 }
 

@@ -167,6 +167,65 @@ TEST(TrainerErrors, CorruptCheckpointIsRefusedNamingTheTensor) {
   EXPECT_THAT(std::string(trainer.status().message()), HasSubstr("model.safetensors"));
 }
 
+TEST(TrainerErrors, NonFiniteValuesStopWithAClearErrorAndLeaveTheStateIntact) {
+  const std::string dir = TempDir("nan");
+  v1::JobSpec job = TinyJob(WriteCorpus(dir), "muon");
+  job.mutable_checkpoint()->set_dir(dir + "/ckpt");
+  TrainOptions first;
+  first.until_step = 1;
+  RunJob(job, first);
+
+  // Poison one weight of the checkpoint.
+  const std::string model = dir + "/ckpt/step-00000001/model.safetensors";
+  absl::StatusOr<SafetensorsFile> file = SafetensorsFile::Open(model);
+  ASSERT_TRUE(file.ok()) << file.status();
+  std::vector<std::vector<float>> data;
+  std::vector<TensorRef> refs;
+  for (const std::string& name : file->names()) {
+    absl::StatusOr<std::vector<int64_t>> shape = file->shape(name);
+    ASSERT_TRUE(shape.ok());
+    int64_t n = 1;
+    for (int64_t d : *shape) n *= d;
+    data.emplace_back(n);
+    ASSERT_TRUE(file->ReadInto(name, *shape, data.back().data()).ok());
+    if (name == "lm_head.weight") data.back()[5] = std::nanf("");
+    refs.push_back({name, *shape, nullptr});
+  }
+  for (size_t i = 0; i < refs.size(); ++i) refs[i].data = data[i].data();
+  ASSERT_TRUE(WriteSafetensors(model, refs, file->metadata()).ok());
+
+  TrainOptions resume;
+  resume.resume = dir + "/ckpt";
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(job, resume);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  const std::vector<float> before = (*trainer)->state().params;
+  absl::StatusOr<StepReport> step = (*trainer)->Step();
+  ASSERT_FALSE(step.ok());
+  EXPECT_THAT(std::string(step.status().message()), HasSubstr("not finite"));
+  EXPECT_EQ((*trainer)->step(), 1);
+  // Bit-identical, NaN included.
+  EXPECT_EQ(std::memcmp(before.data(), (*trainer)->state().params.data(),
+                        before.size() * sizeof(float)),
+            0);
+}
+
+TEST(TrainerRun, StopRequestEndsAfterAStepWithACheckpoint) {
+  const std::string dir = TempDir("stop");
+  v1::JobSpec job = TinyJob(WriteCorpus(dir), "adamw");
+  job.mutable_checkpoint()->set_dir(dir + "/ckpt");
+  int steps = 0;
+  TrainOptions options;
+  options.on_step = [&](const StepReport&) { ++steps; };
+  options.stop_requested = [&] { return steps >= 2; };
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(job, options);
+  ASSERT_TRUE(trainer.ok());
+  absl::StatusOr<TrainSummary> summary = (*trainer)->Run();
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_TRUE(summary->interrupted);
+  EXPECT_EQ(summary->final_step, 2);
+  EXPECT_TRUE(fs::exists(dir + "/ckpt/step-00000002/trainer_state.json"));
+}
+
 // Runs the muonps binary; returns its exit status and stderr.
 std::pair<int, std::string> RunCli(const std::string& args) {
   const std::string err = TempDir("cli") + "/stderr.txt";

@@ -151,7 +151,7 @@ absl::StatusOr<StepReport> Trainer::Step() {
   const auto t1 = Clock::now();
 
   // 2-4. Clip, update, rebalance.
-  report.grad_norm = ApplyOptimizer(report.lr, step_index);
+  MUONPS_ASSIGN_OR_RETURN(report.grad_norm, ApplyOptimizer(report.lr, step_index));
   UpdateRouterBias(loads);
   for (const auto& layer : loads) {
     int64_t total = 0, peak = 0;
@@ -187,7 +187,7 @@ absl::StatusOr<StepReport> Trainer::Step() {
   return report;
 }
 
-double Trainer::ApplyOptimizer(double lr, int64_t step_index) {
+absl::StatusOr<double> Trainer::ApplyOptimizer(double lr, int64_t step_index) {
   const ModelLayout& layout = model_->layout();
   const v1::OptimizerConfig& oc = job_.optimizer();
   // Global gradient norm over trainable tensors, summed in layout order.
@@ -196,6 +196,19 @@ double Trainer::ApplyOptimizer(double lr, int64_t step_index) {
     if (t.trainable()) sq += SumOfSquares(grads_.data() + t.offset, t.numel);
   }
   const double norm = std::sqrt(sq);
+  if (!std::isfinite(norm)) {
+    // Refuse the update: parameters and optimizer state stay as they were.
+    std::string where = "?";
+    for (const TensorInfo& t : layout.tensors()) {
+      if (t.trainable() && !std::isfinite(SumOfSquares(grads_.data() + t.offset, t.numel))) {
+        where = t.name;
+        break;
+      }
+    }
+    return absl::InternalError(absl::StrCat("gradient is not finite at step ", step_index + 1,
+                                            " (first in ", where,
+                                            "); the state is left at step ", step_index));
+  }
   if (oc.max_grad_norm() > 0.0) {
     const double coef = oc.max_grad_norm() / (norm + 1e-6);
     if (coef < 1.0) {
@@ -335,6 +348,10 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
   int64_t tokens = 0;
   const int every = job_.checkpoint().every_steps();
   while (state_.trainer.step() < until) {
+    if (options_.stop_requested && options_.stop_requested()) {
+      summary.interrupted = true;
+      break;
+    }
     MUONPS_ASSIGN_OR_RETURN(StepReport report, Step());
     tokens += report.tokens;
     ++summary.steps_run;

@@ -53,6 +53,9 @@ struct TrainOptions {
   int64_t until_step = 0;  // stop once this many steps are done (0 = the job's total)
   // Called after every step (progress display, logs, tests).
   std::function<void(const StepReport&)> on_step;
+  // Polled between steps; when it returns true, Run stops after the current
+  // step and writes a checkpoint (when the job has a checkpoint dir).
+  std::function<bool()> stop_requested;
 };
 
 struct TrainSummary {
@@ -63,6 +66,7 @@ struct TrainSummary {
   double tokens_per_second = 0.0;
   double seconds = 0.0;
   std::string last_checkpoint;  // empty when none written
+  bool interrupted = false;     // stopped early by TrainOptions::stop_requested
 };
 
 class Trainer {
@@ -90,7 +94,8 @@ class Trainer {
   Trainer(const v1::JobSpec& job, const TrainOptions& options);
   absl::Status Init();
   // Clips and applies the update; returns the gradient norm before clipping.
-  double ApplyOptimizer(double lr, int64_t step_index);
+  // A non-finite gradient is refused before anything changes.
+  absl::StatusOr<double> ApplyOptimizer(double lr, int64_t step_index);
   void UpdateRouterBias(const std::vector<std::vector<int64_t>>& loads);
 
   // One lane per thread: slots of a step run concurrently, one per lane, each
