@@ -1,0 +1,110 @@
+#include "services/transfer/tensor_stream.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace muonps {
+namespace {
+
+int64_t NumElements(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+}  // namespace
+
+bool SplitTensor(const std::string& name, const std::vector<int64_t>& shape, const float* data,
+                 int64_t max_chunk_bytes,
+                 const std::function<bool(const v1::TensorChunk&)>& emit) {
+  const int64_t total = NumElements(shape) * static_cast<int64_t>(sizeof(float));
+  const int64_t step =
+      std::max<int64_t>(sizeof(float), max_chunk_bytes / sizeof(float) * sizeof(float));
+  v1::TensorChunk chunk;
+  chunk.set_name(name);
+  chunk.set_dtype("F32");
+  int64_t offset = 0;
+  do {
+    const int64_t bytes = std::min(step, total - offset);
+    if (offset == 0) {
+      for (int64_t d : shape) chunk.add_shape(d);
+    } else {
+      chunk.clear_shape();
+    }
+    chunk.set_offset(offset);
+    chunk.set_data(reinterpret_cast<const char*>(data) + offset, static_cast<size_t>(bytes));
+    if (!emit(chunk)) return false;
+    offset += bytes;
+  } while (offset < total);
+  return true;
+}
+
+TensorAssembler::TensorAssembler(std::string name, std::vector<int64_t> expected_shape, float* out,
+                                 bool require_finite)
+    : name_(std::move(name)),
+      shape_(std::move(expected_shape)),
+      out_(out),
+      require_finite_(require_finite),
+      total_bytes_(NumElements(shape_) * static_cast<int64_t>(sizeof(float))) {}
+
+absl::Status TensorAssembler::Add(const v1::TensorChunk& chunk) {
+  auto refuse = [&](absl::string_view what) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor ", name_, ": ", what));
+  };
+  if (chunk.name() != name_) {
+    return refuse(absl::StrCat("name: chunk is for \"", chunk.name(), "\""));
+  }
+  if (chunk.dtype() != "F32") {
+    return refuse(absl::StrCat("dtype: only F32 is accepted, got \"", chunk.dtype(), "\""));
+  }
+  if (chunk.offset() == 0 || chunk.shape_size() > 0) {
+    const std::vector<int64_t> shape(chunk.shape().begin(), chunk.shape().end());
+    if (shape != shape_) {
+      return refuse(absl::StrCat("shape: expected ", ShapeString(shape_), ", got ",
+                                 ShapeString(shape)));
+    }
+  }
+  if (chunk.offset() != received_) {
+    return refuse(absl::StrCat("offset: expected ", received_, " (chunks in order), got ",
+                               chunk.offset()));
+  }
+  const int64_t bytes = static_cast<int64_t>(chunk.data().size());
+  if (bytes % static_cast<int64_t>(sizeof(float)) != 0) {
+    return refuse(absl::StrCat("data: ", bytes, " bytes is not a whole number of F32 values"));
+  }
+  if (bytes > total_bytes_ - received_) {
+    return refuse(absl::StrCat("data: ", bytes, " bytes at offset ", received_,
+                               " run past the tensor's ", total_bytes_, " bytes"));
+  }
+  const int64_t count = bytes / static_cast<int64_t>(sizeof(float));
+  const int64_t first = received_ / static_cast<int64_t>(sizeof(float));
+  if (require_finite_) {
+    const char* src = chunk.data().data();
+    for (int64_t i = 0; i < count; ++i) {
+      float x;
+      std::memcpy(&x, src + i * sizeof(float), sizeof(float));
+      if (!std::isfinite(x)) {
+        return refuse(absl::StrCat("data: non-finite value ", x, " at element ", first + i));
+      }
+    }
+  }
+  std::memcpy(out_ + first, chunk.data().data(), static_cast<size_t>(bytes));
+  received_ += bytes;
+  return absl::OkStatus();
+}
+
+absl::Status TensorAssembler::Finish() const {
+  if (complete()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("tensor ", name_, ": stream ended after ",
+                                                 received_, " of ", total_bytes_, " bytes"));
+}
+
+}  // namespace muonps
