@@ -12,6 +12,7 @@
 #include "services/optimizer/grad_norm.h"
 #include "services/optimizer/lr_schedule.h"
 #include "services/optimizer/muon.h"
+#include "services/optimizer/tensor_update.h"
 #include "trainer/checkpoint.h"
 
 namespace muonps {
@@ -217,71 +218,27 @@ absl::StatusOr<double> Trainer::ApplyOptimizer(double lr, int64_t step_index) {
       }
     }
   }
-  MuonHyper muon;
-  muon.lr = lr;
-  muon.weight_decay = oc.weight_decay();
-  muon.momentum = oc.momentum();
-  muon.nesterov = oc.nesterov();
-  muon.ns_steps = oc.ns_steps();
-  muon.scale_rule = *ParseMuonScaleRule(oc.scale_rule());
-  AdamWHyper adam;
-  adam.lr = lr;
-  adam.beta1 = oc.adam_beta1();
-  adam.beta2 = oc.adam_beta2();
-  adam.eps = oc.adam_eps();
-  adam.weight_decay = oc.weight_decay();
-  // Each tensor's update is independent of the others and of the thread that
-  // runs it. Many small matrices (the experts) go one per thread, largest
-  // first; a model dominated by a few big matrices updates them one at a time
-  // with every thread inside Newton-Schulz instead.
-  std::vector<std::pair<double, int>> work;  // (cost, tensor index)
-  double total_cost = 0.0, max_cost = 0.0;
-  for (size_t i = 0; i < layout.tensors().size(); ++i) {
-    const TensorInfo& t = layout.tensors()[i];
-    if (!t.trainable()) continue;
-    const double cost = UsesMuon(t, oc.name())
-                            ? static_cast<double>(t.rows()) * t.cols() * std::min(t.rows(), t.cols())
-                            : static_cast<double>(t.numel);
-    work.emplace_back(cost, static_cast<int>(i));
-    total_cost += cost;
-    max_cost = std::max(max_cost, cost);
+  const OptimizerStep step = MakeOptimizerStep(oc, lr, step_index);
+  std::vector<const TensorInfo*> tensors;
+  for (const TensorInfo& t : layout.tensors()) {
+    if (t.trainable()) tensors.push_back(&t);
   }
-  std::stable_sort(work.begin(), work.end(),
-                   [](const auto& a, const auto& b) { return a.first > b.first; });
-  auto update = [&](int64_t k) {
-    const TensorInfo& t = layout.tensors()[work[k].second];
-    float* w = state_.params.data() + t.offset;
-    const float* g = grads_.data() + t.offset;
-    if (UsesMuon(t, oc.name())) {
-      MuonStep(w, state_.momentum.data() + t.offset, g, t.rows(), t.cols(), muon);
-    } else {
-      AdamWStep(w, state_.exp_avg.data() + t.offset, state_.exp_avg_sq.data() + t.offset, g,
-                t.numel, step_index + 1, adam);
-    }
-  };
-  if (max_cost * NumThreads() > total_cost) {
-    for (int64_t k = 0; k < static_cast<int64_t>(work.size()); ++k) update(k);
-  } else {
-    ParallelForDynamic(static_cast<int64_t>(work.size()), update);
-  }
+  RunTensorUpdates(tensors, oc.name(), [&](size_t k) {
+    const TensorInfo& t = *tensors[k];
+    UpdateTensor(t, step, state_.params.data() + t.offset, state_.momentum.data() + t.offset,
+                 state_.exp_avg.data() + t.offset, state_.exp_avg_sq.data() + t.offset,
+                 grads_.data() + t.offset);
+  });
   return norm;
 }
 
 void Trainer::UpdateRouterBias(const std::vector<std::vector<int64_t>>& loads) {
   if (job_.model().balancing() != "aux_free_bias") return;
-  const float rate = static_cast<float>(job_.model().bias_update_rate());
   const std::vector<int>& bias = model_->bias_tensors();
   for (size_t l = 0; l < bias.size() && l < loads.size(); ++l) {
     const TensorInfo& t = model_->layout().tensors()[bias[l]];
-    float* b = state_.params.data() + t.offset;
-    int64_t total = 0;
-    for (int64_t x : loads[l]) total += x;
-    const double mean = static_cast<double>(total) / static_cast<double>(loads[l].size());
-    for (size_t e = 0; e < loads[l].size(); ++e) {
-      const double diff = mean - static_cast<double>(loads[l][e]);
-      const float sign = diff > 0 ? 1.0f : (diff < 0 ? -1.0f : 0.0f);
-      b[e] += rate * sign;
-    }
+    muonps::UpdateRouterBias(state_.params.data() + t.offset, loads[l],
+                             job_.model().bias_update_rate());
   }
 }
 
