@@ -1,0 +1,223 @@
+// ShardState: the same job split over shards, with slot gradients computed
+// separately and pushed tensor by tensor, ends bit-identical to the
+// single-process trainer; bad pushes are refused without a state change.
+#include "services/shard/shard_state.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "common/job_spec.h"
+#include "services/optimizer/lr_schedule.h"
+#include "tests/test_util.h"
+#include "trainer/trainer.h"
+#include "workers/data/batch_sampler.h"
+#include "workers/data/token_source.h"
+#include "workers/model/moe_model.h"
+
+namespace muonps {
+namespace {
+
+using ::testing::HasSubstr;
+
+class ShardStateTest : public testing_util::TempDirTest {
+ protected:
+  v1::JobSpec Job(const std::string& optimizer, const std::string& balancing) {
+    {
+      std::ofstream out(Path("corpus.txt"));
+      for (int i = 0; i < 400; ++i) out << "Shard " << i << " holds " << (i * 31 % 97) << " rows.\n";
+    }
+    absl::StatusOr<v1::JobSpec> job = ParseJobSpecJson(absl::StrCat(R"({
+      "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "max_position_embeddings": 32, "intermediate_size": 64, "n_routed_experts": 4,
+                "moe_intermediate_size": 16, "balancing": ")", balancing, R"("},
+      "optimizer": {"name": ")", optimizer, R"(", "lr": 0.01, "max_grad_norm": 0.5},
+      "schedule": {"total_steps": 4, "warmup_steps": 1},
+      "data": {"path": ")", Path("corpus.txt"), R"(", "sampling": "random"},
+      "batch": {"slots": 3, "micro_batch": 2}, "seed": 11})"));
+    EXPECT_TRUE(job.ok()) << job.status();
+    return *job;
+  }
+};
+
+// Drives `shards` through the job the way workers and a coordinator would.
+void RunDistributed(const v1::JobSpec& job, std::vector<std::unique_ptr<ShardState>>& shards,
+                    int steps) {
+  MoeModel model(job.model());
+  const ModelLayout& layout = model.layout();
+  const int T = job.model().max_position_embeddings(), slots = job.batch().slots(),
+            rows = job.batch().micro_batch();
+  absl::StatusOr<TokenCorpus> corpus = LoadTokenCorpus(job.data(), job.model().vocab_size(), T);
+  ASSERT_TRUE(corpus.ok());
+  BatchSampler sampler(&corpus->train, T, slots, rows, job.data().sampling() == "random",
+                       job.seed());
+  auto owner = [&](const std::string& name) -> ShardState* {
+    for (auto& s : shards) {
+      if (s->Owns(name)) return s.get();
+    }
+    return nullptr;
+  };
+  const double global_tokens = static_cast<double>(slots) * rows * T;
+  for (int step = 0; step < steps; ++step) {
+    // Pull.
+    std::vector<float> params(layout.total_floats(), 0.0f);
+    for (const TensorInfo& t : layout.tensors()) {
+      absl::StatusOr<std::vector<float>> v = owner(t.name)->Parameter(t.name);
+      ASSERT_TRUE(v.ok());
+      std::copy(v->begin(), v->end(), params.begin() + t.offset);
+    }
+    // Slots, pushed in reverse order: arrival order must not matter.
+    std::vector<std::vector<int64_t>> loads;
+    for (int s = slots - 1; s >= 0; --s) {
+      std::vector<int32_t> in(rows * T), tg(rows * T);
+      sampler.Fill(step, s, in.data(), tg.data());
+      std::vector<float> grads(layout.total_floats(), 0.0f);
+      const float aux_scale = job.model().balancing() == "aux_loss"
+                                  ? static_cast<float>(job.model().aux_loss_alpha() / slots)
+                                  : 0.0f;
+      SlotStats stats = model.ForwardBackward(params.data(), in.data(), tg.data(), rows,
+                                              static_cast<float>(1.0 / global_tokens), aux_scale,
+                                              grads.data());
+      if (loads.empty()) loads.assign(stats.expert_load.size(), {});
+      for (size_t l = 0; l < loads.size(); ++l) {
+        loads[l].resize(stats.expert_load[l].size());
+        for (size_t e = 0; e < loads[l].size(); ++e) loads[l][e] += stats.expert_load[l][e];
+      }
+      for (const TensorInfo& t : layout.tensors()) {
+        if (!t.trainable()) continue;
+        absl::StatusOr<bool> counted =
+            owner(t.name)->AddSlotGradient(step, s, t.name, grads.data() + t.offset, t.numel);
+        ASSERT_TRUE(counted.ok()) << counted.status();
+        EXPECT_TRUE(*counted);
+      }
+    }
+    // Global norm in layout order, then the update everywhere.
+    std::map<std::string, double> squares;
+    for (auto& shard : shards) {
+      ASSERT_TRUE(shard->GradientsComplete());
+      absl::StatusOr<std::vector<std::pair<std::string, double>>> sq = shard->GradientSquares();
+      ASSERT_TRUE(sq.ok());
+      for (const auto& [name, value] : *sq) squares[name] = value;
+    }
+    double sum = 0.0;
+    for (const TensorInfo& t : layout.tensors()) {
+      if (t.trainable()) sum += squares.at(t.name);
+    }
+    const double max_norm = job.optimizer().max_grad_norm();
+    const double coef = max_norm > 0 ? max_norm / (std::sqrt(sum) + 1e-6) : 1.0;
+    const double lr = ScheduledLr(job.optimizer().lr(), step, job.schedule().total_steps(),
+                                  job.schedule().warmup_steps(), job.schedule().min_lr_ratio());
+    for (auto& shard : shards) ASSERT_TRUE(shard->ApplyStep(step, lr, coef, loads).ok());
+  }
+}
+
+struct Split {
+  std::string optimizer, balancing;
+  int shards;
+};
+
+void PrintTo(const Split& s, std::ostream* os) {
+  *os << s.optimizer << "/" << s.balancing << "/" << s.shards << " shards";
+}
+
+class ShardEquivalenceTest : public ShardStateTest,
+                             public ::testing::WithParamInterface<Split> {};
+
+TEST_P(ShardEquivalenceTest, MatchesTheTrainerBitForBit) {
+  const Split split = GetParam();
+  const v1::JobSpec job = Job(split.optimizer, split.balancing);
+  TrainOptions options;
+  options.until_step = 3;
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(job, options);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  ASSERT_TRUE((*trainer)->Run().ok());
+
+  const ModelLayout layout(job.model());
+  std::vector<std::vector<std::string>> owned(split.shards);
+  for (size_t i = 0; i < layout.tensors().size(); ++i) {
+    owned[i % split.shards].push_back(layout.tensors()[i].name);
+  }
+  std::vector<std::unique_ptr<ShardState>> shards;
+  for (const auto& names : owned) {
+    absl::StatusOr<std::unique_ptr<ShardState>> shard = ShardState::Create(job, names);
+    ASSERT_TRUE(shard.ok()) << shard.status();
+    shards.push_back(std::move(*shard));
+  }
+  RunDistributed(job, shards, 3);
+  for (const TensorInfo& t : layout.tensors()) {
+    for (auto& shard : shards) {
+      if (!shard->Owns(t.name)) continue;
+      EXPECT_EQ(shard->version(), 3);
+      absl::StatusOr<std::vector<float>> v = shard->Parameter(t.name);
+      ASSERT_TRUE(v.ok());
+      EXPECT_EQ(std::memcmp(v->data(), (*trainer)->state().params.data() + t.offset,
+                            t.numel * sizeof(float)),
+                0)
+          << t.name;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, ShardEquivalenceTest,
+                         ::testing::Values(Split{"muon", "aux_free_bias", 1},
+                                           Split{"muon", "aux_free_bias", 3},
+                                           Split{"adamw", "aux_loss", 2}),
+                         [](const ::testing::TestParamInfo<Split>& info) {
+                           return absl::StrCat(info.param.optimizer, "_", info.param.balancing,
+                                               "_", info.param.shards, "shards");
+                         });
+
+TEST_F(ShardStateTest, BadPushesAreRefusedAndChangeNothing) {
+  const v1::JobSpec job = Job("muon", "aux_free_bias");
+  const std::string w = "model.layers.0.self_attn.q_proj.weight";
+  absl::StatusOr<std::unique_ptr<ShardState>> created =
+      ShardState::Create(job, {w, "model.layers.1.mlp.gate.e_score_correction_bias"});
+  ASSERT_TRUE(created.ok());
+  ShardState& shard = **created;
+  std::vector<float> g(32 * 32, 0.25f);
+
+  auto code = [](const absl::StatusOr<bool>& r) { return r.status().code(); };
+  EXPECT_EQ(code(shard.AddSlotGradient(0, 0, "lm_head.weight", g.data(), 256 * 32)),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(code(shard.AddSlotGradient(1, 0, w, g.data(), g.size())),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(code(shard.AddSlotGradient(0, 3, w, g.data(), g.size())),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(shard.AddSlotGradient(0, 0, w, g.data(), g.size() - 1)),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(shard.AddSlotGradient(0, 0, "model.layers.1.mlp.gate.e_score_correction_bias",
+                                       g.data(), 4)),
+            absl::StatusCode::kFailedPrecondition);
+  g[17] = std::nanf("");
+  absl::StatusOr<bool> nan = shard.AddSlotGradient(0, 0, w, g.data(), g.size());
+  EXPECT_EQ(code(nan), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(nan.status().message()), HasSubstr("element 17"));
+  g[17] = 0.25f;
+  EXPECT_FALSE(shard.GradientsComplete());  // nothing was counted
+
+  // Idempotent pushes: the repeat is acknowledged, not counted.
+  ASSERT_TRUE(*shard.AddSlotGradient(0, 0, w, g.data(), g.size()));
+  std::vector<float> other(g.size(), 9.0f);
+  absl::StatusOr<bool> repeat = shard.AddSlotGradient(0, 0, w, other.data(), other.size());
+  ASSERT_TRUE(repeat.ok());
+  EXPECT_FALSE(*repeat);
+  EXPECT_EQ(shard.GradientSquares().status().code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(*shard.AddSlotGradient(0, 1, w, g.data(), g.size()));
+  ASSERT_TRUE(*shard.AddSlotGradient(0, 2, w, g.data(), g.size()));
+  absl::StatusOr<std::vector<std::pair<std::string, double>>> sq = shard.GradientSquares();
+  ASSERT_TRUE(sq.ok());
+  ASSERT_EQ(sq->size(), 1u);
+  EXPECT_DOUBLE_EQ((*sq)[0].second, 0.75 * 0.75 * 32 * 32);  // three slots of 0.25, not 9
+  EXPECT_EQ(shard.ApplyStep(1, 0.01, 1.0, {}).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(shard.ApplyStep(0, 0.01, 1.0, {{1, 2, 3, 4}}).ok());
+  EXPECT_EQ(shard.version(), 1);
+}
+
+}  // namespace
+}  // namespace muonps
