@@ -141,13 +141,19 @@ TEST(TrainerErrors, CorpusShorterThanOneWindowIsAClearError) {
   EXPECT_THAT(std::string(trainer.status().message()), HasSubstr("short"));
 }
 
-TEST(TrainerErrors, CorruptCheckpointIsRefusedNamingTheTensor) {
-  const std::string dir = TempDir("corrupt");
+// Trains the tiny Muon job for one step with checkpoints in dir/ckpt.
+v1::JobSpec TrainOneStepWithCheckpoint(const std::string& dir) {
   v1::JobSpec job = TinyJob(WriteCorpus(dir), "muon");
   job.mutable_checkpoint()->set_dir(dir + "/ckpt");
   TrainOptions first;
   first.until_step = 1;
   RunJob(job, first);
+  return job;
+}
+
+TEST(TrainerErrors, CorruptCheckpointIsRefusedNamingTheTensor) {
+  const std::string dir = TempDir("corrupt");
+  const v1::JobSpec job = TrainOneStepWithCheckpoint(dir);
   const std::string model = dir + "/ckpt/step-00000001/model.safetensors";
   ASSERT_TRUE(fs::exists(model));
 
@@ -169,11 +175,7 @@ TEST(TrainerErrors, CorruptCheckpointIsRefusedNamingTheTensor) {
 
 TEST(TrainerErrors, NonFiniteValuesStopWithAClearErrorAndLeaveTheStateIntact) {
   const std::string dir = TempDir("nan");
-  v1::JobSpec job = TinyJob(WriteCorpus(dir), "muon");
-  job.mutable_checkpoint()->set_dir(dir + "/ckpt");
-  TrainOptions first;
-  first.until_step = 1;
-  RunJob(job, first);
+  const v1::JobSpec job = TrainOneStepWithCheckpoint(dir);
 
   // Poison one weight of the checkpoint.
   const std::string model = dir + "/ckpt/step-00000001/model.safetensors";
