@@ -43,8 +43,10 @@ absl::Status Trainer::Init() {
                                             job_.data().sampling() == "random", job_.seed());
   val_windows_ = ValidationWindows(corpus_.val, T, job_.data().eval_windows(), &val_inputs_,
                                    &val_targets_);
-  model_ = std::make_unique<MoeModel>(mc);
-  const ModelLayout& layout = model_->layout();
+  const int lanes = std::max(1, std::min(NumThreads(), job_.batch().slots()));
+  lanes_.resize(lanes);
+  for (Lane& lane : lanes_) lane.model = std::make_unique<MoeModel>(mc);
+  const ModelLayout& layout = model().layout();
   const size_t total = static_cast<size_t>(layout.total_floats());
   state_.params.assign(total, 0.0f);
   state_.momentum.assign(total, 0.0f);
@@ -52,11 +54,7 @@ absl::Status Trainer::Init() {
   state_.exp_avg_sq.assign(total, 0.0f);
   grads_.assign(total, 0.0f);
   const int rows = job_.batch().micro_batch();
-  const int lanes = std::max(1, std::min(NumThreads(), job_.batch().slots()));
-  lanes_.resize(lanes);
-  for (int i = 0; i < lanes; ++i) {
-    Lane& lane = lanes_[i];
-    lane.model = i == 0 ? nullptr : std::make_unique<MoeModel>(mc);
+  for (Lane& lane : lanes_) {
     lane.grads.assign(total, 0.0f);
     lane.inputs.assign(static_cast<size_t>(rows) * T, 0);
     lane.targets.assign(static_cast<size_t>(rows) * T, 0);
@@ -90,7 +88,7 @@ absl::StatusOr<StepReport> Trainer::Step() {
   const auto t0 = Clock::now();
   const int64_t step_index = state_.trainer.step();  // 0-based index of this step
   const int slots = job_.batch().slots(), rows = job_.batch().micro_batch();
-  const int T = model_->seq_len();
+  const int T = model().seq_len();
   const int64_t global_tokens = static_cast<int64_t>(slots) * rows * T;
   const bool aux_loss = job_.model().balancing() == "aux_loss";
   const float loss_scale = static_cast<float>(1.0 / static_cast<double>(global_tokens));
@@ -112,11 +110,10 @@ absl::StatusOr<StepReport> Trainer::Step() {
     const int wave = std::min(lanes, slots - base);
     auto run_slot = [&](int64_t i) {
       Lane& lane = lanes_[i];
-      MoeModel* model = i == 0 ? model_.get() : lane.model.get();
       sampler_->Fill(step_index, base + static_cast<int>(i), lane.inputs.data(),
                      lane.targets.data());
       std::fill(lane.grads.begin(), lane.grads.end(), 0.0f);
-      lane.stats = model->ForwardBackward(state_.params.data(), lane.inputs.data(),
+      lane.stats = lane.model->ForwardBackward(state_.params.data(), lane.inputs.data(),
                                           lane.targets.data(), rows, loss_scale, aux_scale,
                                           lane.grads.data());
     };
@@ -189,7 +186,7 @@ absl::StatusOr<StepReport> Trainer::Step() {
 }
 
 absl::StatusOr<double> Trainer::ApplyOptimizer(double lr, int64_t step_index) {
-  const ModelLayout& layout = model_->layout();
+  const ModelLayout& layout = model().layout();
   const v1::OptimizerConfig& oc = job_.optimizer();
   // Global gradient norm over trainable tensors, summed in layout order.
   double sq = 0.0;
@@ -234,16 +231,16 @@ absl::StatusOr<double> Trainer::ApplyOptimizer(double lr, int64_t step_index) {
 
 void Trainer::UpdateRouterBias(const std::vector<std::vector<int64_t>>& loads) {
   if (job_.model().balancing() != "aux_free_bias") return;
-  const std::vector<int>& bias = model_->bias_tensors();
+  const std::vector<int>& bias = model().bias_tensors();
   for (size_t l = 0; l < bias.size() && l < loads.size(); ++l) {
-    const TensorInfo& t = model_->layout().tensors()[bias[l]];
+    const TensorInfo& t = model().layout().tensors()[bias[l]];
     muonps::UpdateRouterBias(state_.params.data() + t.offset, loads[l],
                              job_.model().bias_update_rate());
   }
 }
 
 double Trainer::EvaluateValidation() {
-  const int T = model_->seq_len();
+  const int T = model().seq_len();
   const int rows = job_.batch().micro_batch();
   const int64_t batches = (val_windows_ + rows - 1) / rows;
   std::vector<SlotStats> stats(static_cast<size_t>(batches));
@@ -253,8 +250,7 @@ double Trainer::EvaluateValidation() {
     auto run = [&](int64_t i) {
       const int64_t w = (base + i) * rows;
       const int B = static_cast<int>(std::min<int64_t>(rows, val_windows_ - w));
-      MoeModel* model = i == 0 ? model_.get() : lanes_[i].model.get();
-      stats[base + i] = model->Forward(state_.params.data(), val_inputs_.data() + w * T,
+      stats[base + i] = lanes_[i].model->Forward(state_.params.data(), val_inputs_.data() + w * T,
                                        val_targets_.data() + w * T, B);
     };
     if (wave == 1) {
@@ -279,7 +275,7 @@ absl::Status Trainer::SaveCheckpoint() {
   std::filesystem::create_directories(root, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", root, ": ", ec.message()));
   const std::string dir = absl::StrCat(root, "/", CheckpointName(state_.trainer.step()));
-  MUONPS_RETURN_IF_ERROR(WriteCheckpoint(dir, model_->layout(), state_));
+  MUONPS_RETURN_IF_ERROR(WriteCheckpoint(dir, model().layout(), state_));
   last_checkpoint_ = dir;
   const int keep = job_.checkpoint().keep_last();
   if (keep > 0) {

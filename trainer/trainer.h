@@ -86,7 +86,7 @@ class Trainer {
   absl::Status SaveCheckpoint();
 
   const TrainingState& state() const { return state_; }
-  const MoeModel& model() const { return *model_; }
+  const MoeModel& model() const { return *lanes_[0].model; }
   const TokenCorpus& corpus() const { return corpus_; }
   int64_t step() const { return state_.trainer.step(); }
 
@@ -110,7 +110,6 @@ class Trainer {
   v1::JobSpec job_;
   std::vector<Lane> lanes_;
   TrainOptions options_;
-  std::unique_ptr<MoeModel> model_;
   TokenCorpus corpus_;
   std::unique_ptr<BatchSampler> sampler_;
   std::vector<int32_t> val_inputs_, val_targets_;
