@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "common/parallel.h"
@@ -33,13 +34,52 @@ absl::StatusOr<std::unique_ptr<ShardState>> ShardState::Create(
         t.exp_avg.assign(info->numel, 0.0f);
         t.exp_avg_sq.assign(info->numel, 0.0f);
       }
-      t.slot_grads.resize(job.batch().slots());
+      t.covered_by.assign(job.batch().slots(), -1);
     }
   }
   for (const TensorInfo& info : shard->layout_.tensors()) {
     if (shard->tensors_.count(info.name) != 0) shard->order_.push_back(info.name);
   }
   return shard;
+}
+
+absl::Status ShardState::Restore(const std::string& name, std::vector<float> value,
+                                std::vector<float> momentum, std::vector<float> exp_avg,
+                                std::vector<float> exp_avg_sq) {
+  absl::MutexLock lock(&mu_);
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) {
+    return absl::NotFoundError(absl::StrCat("tensor ", name, " is not on this shard"));
+  }
+  Tensor& t = it->second;
+  auto check = [&](const std::vector<float>& v, const std::vector<float>& now,
+                   absl::string_view what) -> absl::Status {
+    if (v.size() != now.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor ", name, ": ", v.size(), " ", what,
+                                                     " values, expected ", now.size()));
+    }
+    return absl::OkStatus();
+  };
+  for (const auto& [v, now, what] :
+       {std::tuple(&value, &t.value, "parameter"), std::tuple(&momentum, &t.momentum, "momentum"),
+        std::tuple(&exp_avg, &t.exp_avg, "exp_avg"),
+        std::tuple(&exp_avg_sq, &t.exp_avg_sq, "exp_avg_sq")}) {
+    if (absl::Status st = check(*v, *now, what); !st.ok()) return st;
+  }
+  if (!t.received.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("tensor ", name, ": cannot restore after gradients arrived"));
+  }
+  t.value = std::move(value);
+  t.momentum = std::move(momentum);
+  t.exp_avg = std::move(exp_avg);
+  t.exp_avg_sq = std::move(exp_avg_sq);
+  return absl::OkStatus();
+}
+
+void ShardState::set_version(int64_t version) {
+  absl::MutexLock lock(&mu_);
+  version_ = version;
 }
 
 int64_t ShardState::version() const {
@@ -52,6 +92,16 @@ bool ShardState::Owns(const std::string& name) const {
   return tensors_.count(name) != 0;
 }
 
+std::vector<const TensorInfo*> ShardState::Trainable() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<const TensorInfo*> out;
+  for (const std::string& name : order_) {
+    const TensorInfo* info = tensors_.at(name).info;
+    if (info->trainable()) out.push_back(info);
+  }
+  return out;
+}
+
 absl::StatusOr<std::vector<float>> ShardState::Parameter(const std::string& name) const {
   absl::MutexLock lock(&mu_);
   auto it = tensors_.find(name);
@@ -59,37 +109,101 @@ absl::StatusOr<std::vector<float>> ShardState::Parameter(const std::string& name
   return it->second.value;
 }
 
-absl::StatusOr<bool> ShardState::AddSlotGradient(int64_t step, int slot, const std::string& name,
-                                                 const float* grad, int64_t numel) {
+absl::StatusOr<int64_t> ShardState::Parameters(
+    const std::vector<std::string>& names,
+    std::vector<std::pair<const TensorInfo*, std::vector<float>>>* out) const {
   absl::MutexLock lock(&mu_);
-  auto it = tensors_.find(name);
-  if (it == tensors_.end()) {
-    return absl::NotFoundError(absl::StrCat("tensor ", name, " is not on this shard"));
-  }
-  Tensor& t = it->second;
-  if (!t.info->trainable()) {
-    return absl::FailedPreconditionError(absl::StrCat("tensor ", name, " is a buffer: no gradient"));
-  }
-  if (step != version_) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("tensor ", name, ": gradient for step ", step, ", shard is at step ", version_));
-  }
-  if (slot < 0 || slot >= static_cast<int>(t.slot_grads.size())) {
-    return absl::InvalidArgumentError(absl::StrCat("slot ", slot, " out of range [0, ",
-                                                   t.slot_grads.size(), ")"));
-  }
-  if (numel != t.info->numel) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor ", name, ": ", numel,
-                                                   " gradient values, expected ", t.info->numel));
-  }
-  for (int64_t i = 0; i < numel; ++i) {
-    if (!std::isfinite(grad[i])) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tensor ", name, ": non-finite gradient value at element ", i));
+  const std::vector<std::string>& wanted = names.empty() ? order_ : names;
+  for (const std::string& name : wanted) {
+    if (tensors_.count(name) == 0) {
+      return absl::NotFoundError(absl::StrCat("tensor ", name, " is not on this shard"));
     }
   }
-  if (!t.slot_grads[slot].empty()) return false;  // already counted
-  t.slot_grads[slot].assign(grad, grad + numel);
+  out->clear();
+  for (const std::string& name : wanted) {
+    const Tensor& t = tensors_.at(name);
+    out->emplace_back(t.info, t.value);
+  }
+  return version_;
+}
+
+void ShardState::Visit(
+    const std::function<void(const TensorInfo&, const std::vector<float>&,
+                             const std::vector<float>&, const std::vector<float>&,
+                             const std::vector<float>&)>& visit) const {
+  absl::MutexLock lock(&mu_);
+  for (const std::string& name : order_) {
+    const Tensor& t = tensors_.at(name);
+    visit(*t.info, t.value, t.momentum, t.exp_avg, t.exp_avg_sq);
+  }
+}
+
+absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int slot_count,
+                                              const std::vector<Gradient>& grads) {
+  const int slots = job_.batch().slots();
+  if (slot_count < 1 || first_slot < 0 || first_slot + slot_count > slots) {
+    return absl::InvalidArgumentError(absl::StrCat("slot range [", first_slot, ", ",
+                                                   first_slot + slot_count, ") out of [0, ",
+                                                   slots, ")"));
+  }
+  if (slot_count > 1 && first_slot != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "slot_count: a gradient summed over several slots must start at slot 0, got slot ",
+        first_slot, " with slot_count ", slot_count));
+  }
+  absl::MutexLock lock(&mu_);
+  // Check everything first: a refused push changes nothing.
+  std::vector<Tensor*> targets;
+  int repeats = 0;
+  for (const Gradient& g : grads) {
+    auto it = tensors_.find(g.name);
+    if (it == tensors_.end()) {
+      return absl::NotFoundError(absl::StrCat("tensor ", g.name, " is not on this shard"));
+    }
+    Tensor& t = it->second;
+    if (!t.info->trainable()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("tensor ", g.name, " is a buffer: no gradient"));
+    }
+    if (std::find(targets.begin(), targets.end(), &t) != targets.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor ", g.name, " appears twice"));
+    }
+    if (step != version_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "tensor ", g.name, ": gradient for step ", step, ", shard is at step ", version_));
+    }
+    if (g.numel != t.info->numel) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor ", g.name, ": ", g.numel, " gradient values, expected ", t.info->numel));
+    }
+    for (int64_t i = 0; i < g.numel; ++i) {
+      if (!std::isfinite(g.data[i])) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tensor ", g.name, ": non-finite gradient value at element ", i));
+      }
+    }
+    auto same = t.received.find(first_slot);
+    if (same != t.received.end() && same->second.first == slot_count) {
+      ++repeats;
+    } else {
+      for (int s = first_slot; s < first_slot + slot_count; ++s) {
+        if (t.covered_by[s] >= 0) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "tensor ", g.name, ": slots [", first_slot, ", ", first_slot + slot_count,
+              ") overlap slot ", s, ", already counted in a different range"));
+        }
+      }
+    }
+    targets.push_back(&t);
+  }
+  if (repeats == static_cast<int>(grads.size())) return false;  // already counted
+  for (size_t k = 0; k < grads.size(); ++k) {
+    Tensor& t = *targets[k];
+    if (t.received.count(first_slot) != 0) continue;
+    t.received[first_slot] = {slot_count,
+                              std::vector<float>(grads[k].data, grads[k].data + grads[k].numel)};
+    for (int s = first_slot; s < first_slot + slot_count; ++s) t.covered_by[s] = first_slot;
+  }
   summed_ = false;
   return true;
 }
@@ -97,8 +211,8 @@ absl::StatusOr<bool> ShardState::AddSlotGradient(int64_t step, int slot, const s
 bool ShardState::GradientsComplete() const {
   absl::MutexLock lock(&mu_);
   for (const auto& [name, t] : tensors_) {
-    for (const auto& g : t.slot_grads) {
-      if (g.empty()) return false;
+    for (int owner : t.covered_by) {
+      if (owner < 0) return false;
     }
   }
   return true;
@@ -107,20 +221,21 @@ bool ShardState::GradientsComplete() const {
 absl::Status ShardState::SumSlotsLocked() {
   if (summed_) return absl::OkStatus();
   for (auto& [name, t] : tensors_) {
-    for (const auto& g : t.slot_grads) {
-      if (g.empty()) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("step ", version_, ": slot gradients of ", name, " are still missing"));
+    for (size_t s = 0; s < t.covered_by.size(); ++s) {
+      if (t.covered_by[s] < 0) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "step ", version_, ": the gradient of slot ", s, " of ", name, " is still missing"));
       }
     }
   }
   for (auto& [name, t] : tensors_) {
-    if (t.slot_grads.empty()) continue;
-    // ((0 + g0) + g1) + ...: the trainer's order.
+    if (!t.info->trainable()) continue;
+    // ((0 + g0) + g1) + ...: the trainer's order; a prefix sum received from
+    // a worker is exactly the first terms of it.
     t.grad.assign(t.info->numel, 0.0f);
     float* sum = t.grad.data();
-    for (const auto& g : t.slot_grads) {
-      const float* x = g.data();
+    for (const auto& [first, entry] : t.received) {
+      const float* x = entry.second.data();
       ParallelFor(t.info->numel, [&](int64_t i) { sum[i] += x[i]; });
     }
   }
@@ -178,7 +293,8 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
     }
   }
   for (auto& [name, t] : tensors_) {
-    for (auto& g : t.slot_grads) g.clear();
+    t.received.clear();
+    std::fill(t.covered_by.begin(), t.covered_by.end(), -1);
   }
   summed_ = false;
   ++version_;

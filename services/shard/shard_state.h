@@ -9,6 +9,7 @@
 #define MUONPS_SERVICES_SHARD_SHARD_STATE_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -31,20 +32,60 @@ class ShardState {
   static absl::StatusOr<std::unique_ptr<ShardState>> Create(const v1::JobSpec& job,
                                                              const std::vector<std::string>& owned);
 
+  // Replaces an owned tensor's values and optimizer state (from a
+  // checkpoint); a state vector must be empty or hold numel values, as the
+  // optimizer keeps it. Only before the first gradient arrives.
+  absl::Status Restore(const std::string& name, std::vector<float> value,
+                       std::vector<float> momentum, std::vector<float> exp_avg,
+                       std::vector<float> exp_avg_sq);
+  void set_version(int64_t version);
+
   // Completed optimizer steps; gradients are accepted for step == version().
   int64_t version() const;
   bool Owns(const std::string& name) const;
+  // Owned tensors in layout order.
+  const std::vector<std::string>& owned() const { return order_; }
+  // Owned trainable tensors (those that take gradients), in layout order.
+  std::vector<const TensorInfo*> Trainable() const;
+  const ModelLayout& layout() const { return layout_; }
   // A copy of an owned tensor's current values; NOT_FOUND otherwise.
   absl::StatusOr<std::vector<float>> Parameter(const std::string& name) const;
+  // Copies of the named tensors' values (all owned when `names` is empty),
+  // in the order given, all of one version; returns that version.
+  absl::StatusOr<int64_t> Parameters(const std::vector<std::string>& names,
+                                     std::vector<std::pair<const TensorInfo*, std::vector<float>>>* out) const;
+  // Calls `visit` on every owned tensor in layout order with its values and
+  // optimizer state (empty vectors where the optimizer keeps none).
+  void Visit(const std::function<void(const TensorInfo&, const std::vector<float>& value,
+                                      const std::vector<float>& momentum,
+                                      const std::vector<float>& exp_avg,
+                                      const std::vector<float>& exp_avg_sq)>& visit) const;
 
-  // Records one slot's gradient of one tensor for `step`. Returns true when
-  // counted, false when this (step, slot, tensor) was already counted (the
-  // repeat is ignored). Refusals leave the state untouched:
+  // One gradient of one tensor for `step`: of slot `first_slot` alone
+  // (slot_count 1), or the left-to-right float32 sum of slots
+  // 0..slot_count-1 (only from slot 0: that sum is exactly the prefix the
+  // shard would form).
+  struct Gradient {
+    std::string name;
+    const float* data = nullptr;
+    int64_t numel = 0;
+  };
+  // Records the gradients of slot range [first_slot, first_slot+slot_count)
+  // for `step`, all or nothing. Returns true when counted, false when this
+  // exact range was already counted for every tensor (the repeat is
+  // ignored). Refusals leave the state untouched:
   //   NOT_FOUND           a tensor this shard does not own
-  //   FAILED_PRECONDITION a step other than version(), or a buffer tensor
-  //   INVALID_ARGUMENT    slot out of range, wrong element count, NaN / Inf
+  //   FAILED_PRECONDITION a step other than version(), a buffer tensor, or a
+  //                       range overlapping a different one already counted
+  //   INVALID_ARGUMENT    slot range out of bounds or multi-slot not from 0,
+  //                       wrong element count, NaN / Inf, a tensor twice
+  absl::StatusOr<bool> AddGradients(int64_t step, int first_slot, int slot_count,
+                                    const std::vector<Gradient>& grads);
+  // One tensor, one slot (AddGradients with a single entry).
   absl::StatusOr<bool> AddSlotGradient(int64_t step, int slot, const std::string& name,
-                                       const float* grad, int64_t numel);
+                                       const float* grad, int64_t numel) {
+    return AddGradients(step, slot, 1, {Gradient{name, grad, numel}});
+  }
   // Whether every slot of every owned trainable tensor is in.
   bool GradientsComplete() const;
 
@@ -64,7 +105,10 @@ class ShardState {
   struct Tensor {
     const TensorInfo* info;
     std::vector<float> value, momentum, exp_avg, exp_avg_sq;
-    std::vector<std::vector<float>> slot_grads;  // (slots, numel), empty until received
+    // Received gradients by first slot: a single slot, or the prefix sum of
+    // slots [0, count) at key 0. `covered_by[s]` = key covering slot s, -1 none.
+    std::map<int, std::pair<int, std::vector<float>>> received;
+    std::vector<int> covered_by;
     std::vector<float> grad;                     // summed, once complete
   };
   ShardState(const v1::JobSpec& job);
