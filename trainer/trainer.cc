@@ -277,18 +277,7 @@ absl::Status Trainer::SaveCheckpoint() {
   const std::string dir = absl::StrCat(root, "/", CheckpointName(state_.trainer.step()));
   MUONPS_RETURN_IF_ERROR(WriteCheckpoint(dir, model().layout(), state_));
   last_checkpoint_ = dir;
-  const int keep = job_.checkpoint().keep_last();
-  if (keep > 0) {
-    std::vector<std::string> all;
-    for (const auto& e : std::filesystem::directory_iterator(root, ec)) {
-      const std::string name = e.path().filename().string();
-      if (e.is_directory() && name.rfind("step-", 0) == 0 && name.find('.') == std::string::npos) {
-        all.push_back(e.path().string());
-      }
-    }
-    std::sort(all.begin(), all.end());
-    for (size_t i = 0; i + keep < all.size(); ++i) std::filesystem::remove_all(all[i], ec);
-  }
+  PruneCheckpoints(root, job_.checkpoint().keep_last());
   return absl::OkStatus();
 }
 
