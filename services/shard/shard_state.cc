@@ -127,7 +127,7 @@ absl::StatusOr<int64_t> ShardState::Parameters(
   return version_;
 }
 
-void ShardState::Visit(
+int64_t ShardState::Visit(
     const std::function<void(const TensorInfo&, const std::vector<float>&,
                              const std::vector<float>&, const std::vector<float>&,
                              const std::vector<float>&)>& visit) const {
@@ -136,6 +136,7 @@ void ShardState::Visit(
     const Tensor& t = tensors_.at(name);
     visit(*t.info, t.value, t.momentum, t.exp_avg, t.exp_avg_sq);
   }
+  return version_;
 }
 
 absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int slot_count,

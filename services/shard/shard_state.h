@@ -48,6 +48,7 @@ class ShardState {
   // Owned trainable tensors (those that take gradients), in layout order.
   std::vector<const TensorInfo*> Trainable() const;
   const ModelLayout& layout() const { return layout_; }
+  const v1::JobSpec& job() const { return job_; }
   // A copy of an owned tensor's current values; NOT_FOUND otherwise.
   absl::StatusOr<std::vector<float>> Parameter(const std::string& name) const;
   // Copies of the named tensors' values (all owned when `names` is empty),
@@ -55,8 +56,9 @@ class ShardState {
   absl::StatusOr<int64_t> Parameters(const std::vector<std::string>& names,
                                      std::vector<std::pair<const TensorInfo*, std::vector<float>>>* out) const;
   // Calls `visit` on every owned tensor in layout order with its values and
-  // optimizer state (empty vectors where the optimizer keeps none).
-  void Visit(const std::function<void(const TensorInfo&, const std::vector<float>& value,
+  // optimizer state (empty vectors where the optimizer keeps none); returns
+  // the version they belong to.
+  int64_t Visit(const std::function<void(const TensorInfo&, const std::vector<float>& value,
                                       const std::vector<float>& momentum,
                                       const std::vector<float>& exp_avg,
                                       const std::vector<float>& exp_avg_sq)>& visit) const;

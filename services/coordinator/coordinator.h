@@ -1,0 +1,154 @@
+// The coordinator: the user-facing JobService and the ClusterService that
+// shards and workers call (proto/muonps/v1/coordinator.proto).
+//
+// Jobs queue first-in first-out; one runner thread runs them one at a time:
+//   1. place the job's tensors on the registered shards (placement.h) and
+//      load them there (fresh, or from a checkpoint);
+//   2. per step: split the slots into contiguous tasks, one per live worker;
+//      workers pull parameters, push slot gradients to the shards and report
+//      slot statistics; a task whose worker's lease expires goes to another
+//      worker;
+//   3. once every slot is reported: the global gradient norm from the shards'
+//      per-tensor sums of squares (added in layout order), the clipping
+//      coefficient, the learning rate and the expert loads summed over slots
+//      go to every shard's ApplyStep;
+//   4. validation every eval_every steps (and at the end) as evaluation tasks;
+//      checkpoints in the HF sharded layout.
+// Every quantity is formed in the same order as in `muonps train`, so the
+// result is bit-identical to it for any number of shards and workers.
+#ifndef MUONPS_SERVICES_COORDINATOR_COORDINATOR_H_
+#define MUONPS_SERVICES_COORDINATOR_COORDINATOR_H_
+
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "muonps/v1/coordinator.grpc.pb.h"
+#include "muonps/v1/shard.grpc.pb.h"
+
+namespace muonps {
+
+struct CoordinatorOptions {
+  // Members heartbeat this often and lose their lease after lease_seconds.
+  double heartbeat_seconds = 0.5;
+  double lease_seconds = 3.0;
+  // A queued job starts once this many shards are registered.
+  int min_shards = 1;
+  // Deadline of the coordinator's calls to shards.
+  double shard_rpc_seconds = 300.0;
+  // Called with one line of log text (job start with its placement, ends).
+  std::function<void(const std::string&)> log;
+};
+
+class Coordinator {
+ public:
+  explicit Coordinator(const CoordinatorOptions& options);
+  ~Coordinator();
+
+  // The two services to register on a server.
+  grpc::Service* job_service();
+  grpc::Service* cluster_service();
+
+  // Stops the runner (a running job is cancelled) and wakes every waiting call.
+  void Shutdown();
+
+ private:
+  class JobServiceImpl;
+  class ClusterServiceImpl;
+  friend class JobServiceImpl;
+  friend class ClusterServiceImpl;
+
+  struct Member {
+    std::string id, address;
+    bool shard = false;
+    int threads = 0;
+    absl::Time last_seen;
+    int64_t order = 0;  // registration order
+    std::string job_id;
+  };
+  struct TaskRecord {
+    v1::Task task;
+    std::string worker;  // assigned worker; empty = anyone may take it
+    bool delivered = false;
+    bool done = false;
+  };
+  struct JobRecord {
+    v1::Job job;
+    bool cancel_requested = false;
+    std::deque<v1::WatchJobResponse> events;  // the latest kMaxEvents
+    int64_t events_total = 0;                 // events ever appended
+  };
+  // The step in progress of the running job.
+  struct StepRun {
+    std::string job_id;
+    int64_t version = 0;
+    bool eval = false;
+    std::vector<std::optional<v1::SlotStats>> slots;
+    std::map<int64_t, v1::EvalBatch> eval_batches;
+    std::vector<bool> eval_parts_done;
+    int64_t eval_total_batches = -1;
+    std::vector<TaskRecord> tasks;
+    std::string failure;  // set by FailTask
+  };
+
+  // JobService.
+  grpc::Status SubmitJob(const v1::SubmitJobRequest& request, v1::SubmitJobResponse* response);
+  grpc::Status GetJob(const v1::GetJobRequest& request, v1::GetJobResponse* response);
+  grpc::Status ListJobs(v1::ListJobsResponse* response);
+  grpc::Status CancelJob(const v1::CancelJobRequest& request, v1::CancelJobResponse* response);
+  grpc::Status WatchJob(grpc::ServerContext* context, const v1::WatchJobRequest& request,
+                        grpc::ServerWriter<v1::WatchJobResponse>* writer);
+  grpc::Status GetCluster(v1::GetClusterResponse* response);
+  // ClusterService.
+  grpc::Status Register(bool shard, const std::string& address, int threads,
+                        std::string* member_id);
+  grpc::Status Heartbeat(const v1::HeartbeatRequest& request, v1::HeartbeatResponse* response);
+  grpc::Status GetTask(grpc::ServerContext* context, const v1::GetTaskRequest& request,
+                       v1::GetTaskResponse* response);
+  grpc::Status ReportSlots(const v1::ReportSlotsRequest& request, v1::ReportSlotsResponse* response);
+  grpc::Status ReportEval(const v1::ReportEvalRequest& request);
+  grpc::Status FailTask(const v1::FailTaskRequest& request);
+
+  void RunnerLoop();
+  void ReaperLoop();
+  // Runs one job to its end; returns the final state and message.
+  void RunJob(const std::string& job_id);
+  void ExpireMembersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<const Member*> LiveLocked(bool shards) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EmitLocked(JobRecord& record, v1::JobEventKind kind) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SetStateLocked(JobRecord& record, v1::JobState state, const std::string& error)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Log(const std::string& line);
+
+  const CoordinatorOptions options_;
+  std::unique_ptr<JobServiceImpl> job_service_;
+  std::unique_ptr<ClusterServiceImpl> cluster_service_;
+
+  mutable absl::Mutex mu_;
+  bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  std::map<std::string, Member> members_ ABSL_GUARDED_BY(mu_);
+  int64_t next_shard_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t next_worker_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t next_order_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t next_job_ ABSL_GUARDED_BY(mu_) = 1;
+  int64_t next_task_ ABSL_GUARDED_BY(mu_) = 1;
+  std::map<std::string, JobRecord> jobs_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> job_order_ ABSL_GUARDED_BY(mu_);  // submission order
+  std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::string> ended_recently_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<StepRun> step_ ABSL_GUARDED_BY(mu_);  // the running job's step
+  std::thread runner_, reaper_;
+};
+
+}  // namespace muonps
+
+#endif  // MUONPS_SERVICES_COORDINATOR_COORDINATOR_H_

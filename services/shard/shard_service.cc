@@ -1,0 +1,360 @@
+#include "services/shard/shard_service.h"
+
+#include <chrono>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "common/job_spec.h"
+#include "services/server/rpc_util.h"
+#include "services/transfer/tensor_stream.h"
+#include "trainer/checkpoint.h"
+
+namespace muonps {
+namespace {
+
+grpc::Status Refuse(absl::StatusCode code, const std::string& message) {
+  return ToGrpcStatus(absl::Status(code, message));
+}
+
+}  // namespace
+
+void ShardServiceImpl::Shutdown() {
+  absl::MutexLock lock(&mu_);
+  shutdown_ = true;
+}
+
+std::string ShardServiceImpl::job_id() const {
+  absl::MutexLock lock(&mu_);
+  return job_id_;
+}
+
+int64_t ShardServiceImpl::version() const {
+  absl::MutexLock lock(&mu_);
+  return version_;
+}
+
+absl::StatusOr<std::shared_ptr<ShardState>> ShardServiceImpl::Find(const std::string& job_id) const {
+  absl::MutexLock lock(&mu_);
+  if (state_ == nullptr || job_id != job_id_) {
+    return absl::NotFoundError(absl::StrCat("job_id: this shard does not hold job \"", job_id,
+                                            "\"", job_id_.empty() ? "" : absl::StrCat(" (it holds ", job_id_, ")")));
+  }
+  return state_;
+}
+
+grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext*, const v1::LoadJobRequest* request,
+                                       v1::LoadJobResponse* response) {
+  if (request->job_id().empty()) {
+    return Refuse(absl::StatusCode::kInvalidArgument, "job_id: must not be empty");
+  }
+  const std::vector<std::string> tensors(request->tensors().begin(), request->tensors().end());
+  {
+    absl::MutexLock lock(&mu_);
+    if (state_ != nullptr) {
+      if (job_id_ == request->job_id() && tensors_ == tensors) {
+        response->set_version(version_);
+        return grpc::Status::OK;  // a repeated load
+      }
+      return Refuse(absl::StatusCode::kFailedPrecondition,
+                    absl::StrCat("this shard holds job ", job_id_, "; drop it first"));
+    }
+  }
+  v1::JobSpec spec = request->spec();
+  FillJobDefaults(&spec);
+  if (absl::Status st = ValidateJobSpec(spec); !st.ok()) return ToGrpcStatus(st);
+  absl::StatusOr<std::unique_ptr<ShardState>> created = ShardState::Create(spec, tensors);
+  if (!created.ok()) return ToGrpcStatus(created.status());
+  std::shared_ptr<ShardState> state = std::move(*created);
+  if (!request->resume_from().empty()) {
+    absl::StatusOr<std::string> dir = ResolveCheckpointDir(request->resume_from());
+    if (!dir.ok()) return ToGrpcStatus(dir.status());
+    absl::StatusOr<v1::TrainerState> trainer = ReadTrainerState(*dir);
+    if (!trainer.ok()) return ToGrpcStatus(trainer.status());
+    absl::StatusOr<std::map<std::string, TensorState>> values = ReadCheckpointTensors(
+        *dir, state->layout(), spec.model(), spec.optimizer().name(), tensors);
+    if (!values.ok()) return ToGrpcStatus(values.status());
+    for (auto& [name, v] : *values) {
+      absl::Status st = state->Restore(name, std::move(v.value), std::move(v.momentum),
+                                       std::move(v.exp_avg), std::move(v.exp_avg_sq));
+      if (!st.ok()) return ToGrpcStatus(st);
+    }
+    state->set_version(trainer->step());
+  }
+  absl::MutexLock lock(&mu_);
+  if (state_ != nullptr) {
+    return Refuse(absl::StatusCode::kFailedPrecondition,
+                  absl::StrCat("this shard holds job ", job_id_, "; drop it first"));
+  }
+  job_id_ = request->job_id();
+  tensors_ = tensors;
+  version_ = state->version();
+  state_ = std::move(state);
+  response->set_version(version_);
+  return grpc::Status::OK;
+}
+
+grpc::Status ShardServiceImpl::DropJob(grpc::ServerContext*, const v1::DropJobRequest* request,
+                                       v1::DropJobResponse*) {
+  absl::MutexLock lock(&mu_);
+  if (job_id_ == request->job_id()) {
+    job_id_.clear();
+    tensors_.clear();
+    state_.reset();
+    version_ = 0;
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status ShardServiceImpl::PullParameters(
+    grpc::ServerContext* context, const v1::PullParametersRequest* request,
+    grpc::ServerWriter<v1::PullParametersResponse>* writer) {
+  const int64_t chunk_bytes =
+      request->max_chunk_bytes() == 0 ? kDefaultChunkBytes : request->max_chunk_bytes();
+  if (chunk_bytes < 4 || chunk_bytes > kMaxChunkBytes) {
+    return Refuse(absl::StatusCode::kInvalidArgument,
+                  absl::StrCat("max_chunk_bytes: must be in [4, ", kMaxChunkBytes, "], got ",
+                               request->max_chunk_bytes()));
+  }
+  if (request->version() < 0) {
+    return Refuse(absl::StatusCode::kInvalidArgument, "version: must be >= 0");
+  }
+  const double wait = std::min(600.0, std::max(0.0, request->wait_seconds()));
+  std::shared_ptr<ShardState> state;
+  {
+    absl::MutexLock lock(&mu_);
+    const absl::Time deadline = absl::Now() + absl::Seconds(wait);
+    auto ready = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+      return shutdown_ || state_ == nullptr || job_id_ != request->job_id() ||
+             version_ >= request->version() || context->IsCancelled();
+    };
+    while (!ready() && absl::Now() < deadline) {
+      mu_.AwaitWithDeadline(absl::Condition(&ready), std::min(deadline, absl::Now() + absl::Milliseconds(200)));
+    }
+    if (shutdown_) return Refuse(absl::StatusCode::kUnavailable, "shard is shutting down");
+    if (state_ == nullptr || job_id_ != request->job_id()) {
+      return Refuse(absl::StatusCode::kNotFound,
+                    absl::StrCat("job_id: this shard does not hold job \"", request->job_id(), "\""));
+    }
+    if (version_ < request->version()) {
+      return Refuse(absl::StatusCode::kDeadlineExceeded,
+                    absl::StrCat("version ", request->version(), " not reached within ", wait,
+                                 " s; the shard is at version ", version_));
+    }
+    state = state_;
+  }
+  std::vector<std::pair<const TensorInfo*, std::vector<float>>> values;
+  const std::vector<std::string> names(request->tensors().begin(), request->tensors().end());
+  absl::StatusOr<int64_t> version = state->Parameters(names, &values);
+  if (!version.ok()) return ToGrpcStatus(version.status());
+  if (*version != request->version()) {
+    return Refuse(absl::StatusCode::kFailedPrecondition,
+                  absl::StrCat("version: ", request->version(),
+                               " is gone; the shard is at version ", *version));
+  }
+  v1::PullParametersResponse message;
+  message.set_version(*version);
+  for (const auto& [info, data] : values) {
+    const bool sent = SplitTensor(info->name, info->shape, data.data(), chunk_bytes,
+                                  [&](const v1::TensorChunk& chunk) {
+                                    *message.mutable_chunk() = chunk;
+                                    return writer->Write(message);
+                                  });
+    if (!sent) return Refuse(absl::StatusCode::kCancelled, "the client closed the stream");
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status ShardServiceImpl::PushGradients(grpc::ServerContext*,
+                                             grpc::ServerReader<v1::PushGradientsRequest>* reader,
+                                             v1::PushGradientsResponse* response) {
+  v1::PushGradientsRequest message;
+  bool first = true;
+  std::string job_id;
+  int64_t step = 0;
+  int slot = 0, slot_count = 1;
+  std::shared_ptr<ShardState> state;
+  std::map<std::string, std::vector<float>> buffers;
+  std::unique_ptr<TensorAssembler> current;
+  std::string current_name;
+  int64_t bytes = 0;
+  absl::Status failed;  // the first refusal; the rest of the stream is drained
+  while (reader->Read(&message)) {
+    if (!failed.ok()) continue;
+    if (first) {
+      first = false;
+      job_id = message.job_id();
+      step = message.step();
+      slot = message.slot();
+      slot_count = message.slot_count() == 0 ? 1 : message.slot_count();
+      absl::StatusOr<std::shared_ptr<ShardState>> found = Find(job_id);
+      if (!found.ok()) {
+        failed = found.status();
+        continue;
+      }
+      state = *found;
+    } else if ((!message.job_id().empty() && message.job_id() != job_id) ||
+               (message.step() != 0 && message.step() != step) ||
+               (message.slot() != 0 && message.slot() != slot) ||
+               (message.slot_count() != 0 && message.slot_count() != slot_count)) {
+      failed = absl::InvalidArgumentError(
+          "job_id/step/slot/slot_count: later messages of a push must repeat the first's values or leave them unset");
+      continue;
+    }
+    const v1::TensorChunk& chunk = message.chunk();
+    if (static_cast<int64_t>(chunk.data().size()) > kMaxChunkBytes) {
+      failed = absl::ResourceExhaustedError(absl::StrCat("tensor ", chunk.name(), ": chunk of ",
+                                                         chunk.data().size(), " bytes, over the ",
+                                                         kMaxChunkBytes, "-byte limit"));
+      continue;
+    }
+    if (current == nullptr || chunk.name() != current_name) {
+      if (current != nullptr) {
+        if (absl::Status st = current->Finish(); !st.ok()) {
+          failed = st;
+          continue;
+        }
+      }
+      const TensorInfo* info = state->layout().Find(chunk.name());
+      if (info == nullptr || !state->Owns(chunk.name())) {
+        failed = absl::NotFoundError(absl::StrCat("tensor ", chunk.name(), " is not on this shard"));
+        continue;
+      }
+      if (buffers.count(chunk.name()) != 0) {
+        failed = absl::InvalidArgumentError(
+            absl::StrCat("tensor ", chunk.name(), " appears twice in one push"));
+        continue;
+      }
+      std::vector<float>& buffer = buffers[chunk.name()];
+      buffer.resize(info->numel);
+      current_name = chunk.name();
+      // Finiteness is checked once, by ShardState, before anything is kept.
+      current = std::make_unique<TensorAssembler>(current_name, info->shape, buffer.data(),
+                                                  /*require_finite=*/false);
+    }
+    if (absl::Status st = current->Add(chunk); !st.ok()) {
+      failed = st;
+      continue;
+    }
+    bytes += static_cast<int64_t>(chunk.data().size());
+  }
+  if (first) return Refuse(absl::StatusCode::kInvalidArgument, "empty push: no messages");
+  if (failed.ok() && current != nullptr) failed = current->Finish();
+  if (!failed.ok()) return ToGrpcStatus(failed);
+  std::vector<ShardState::Gradient> grads;
+  for (const TensorInfo* info : state->Trainable()) {
+    auto it = buffers.find(info->name);
+    if (it == buffers.end()) {
+      return Refuse(absl::StatusCode::kInvalidArgument,
+                    absl::StrCat("tensor ", info->name,
+                                 ": missing from the push (a push carries every trainable "
+                                 "tensor the shard owns)"));
+    }
+    grads.push_back({info->name, it->second.data(), info->numel});
+  }
+  if (grads.size() != buffers.size()) {
+    return Refuse(absl::StatusCode::kFailedPrecondition, "a buffer tensor takes no gradient");
+  }
+  absl::StatusOr<bool> counted = state->AddGradients(step, slot, slot_count, grads);
+  if (!counted.ok()) return ToGrpcStatus(counted.status());
+  response->set_counted(*counted);
+  response->set_tensors(static_cast<int32_t>(grads.size()));
+  response->set_bytes(bytes);
+  return grpc::Status::OK;
+}
+
+grpc::Status ShardServiceImpl::GetGradientSquares(grpc::ServerContext*,
+                                                  const v1::GetGradientSquaresRequest* request,
+                                                  v1::GetGradientSquaresResponse* response) {
+  absl::StatusOr<std::shared_ptr<ShardState>> state = Find(request->job_id());
+  if (!state.ok()) return ToGrpcStatus(state.status());
+  if ((*state)->version() != request->step()) {
+    return Refuse(absl::StatusCode::kFailedPrecondition,
+                  absl::StrCat("step: ", request->step(), ", the shard is at step ",
+                               (*state)->version()));
+  }
+  absl::StatusOr<std::vector<std::pair<std::string, double>>> squares =
+      (*state)->GradientSquares();
+  if (!squares.ok()) return ToGrpcStatus(squares.status());
+  for (const auto& [name, sq] : *squares) {
+    v1::TensorSquares* t = response->add_tensors();
+    t->set_name(name);
+    t->set_sum_of_squares(sq);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status ShardServiceImpl::ApplyStep(grpc::ServerContext*, const v1::ApplyStepRequest* request,
+                                         v1::ApplyStepResponse* response) {
+  absl::StatusOr<std::shared_ptr<ShardState>> state = Find(request->job_id());
+  if (!state.ok()) return ToGrpcStatus(state.status());
+  if (!(request->lr() >= 0.0) || !std::isfinite(request->lr())) {
+    return Refuse(absl::StatusCode::kInvalidArgument, "lr: must be finite and >= 0");
+  }
+  if (!(request->clip_coef() > 0.0) || !std::isfinite(request->clip_coef())) {
+    return Refuse(absl::StatusCode::kInvalidArgument, "clip_coef: must be finite and > 0");
+  }
+  const int64_t now = (*state)->version();
+  if (request->step() == now - 1) {
+    response->set_version(now);  // a repeat of the step just applied
+    return grpc::Status::OK;
+  }
+  std::vector<std::vector<int64_t>> loads;
+  for (const v1::ExpertLoad& layer : request->expert_load()) {
+    loads.emplace_back(layer.tokens().begin(), layer.tokens().end());
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::Status st = (*state)->ApplyStep(request->step(), request->lr(), request->clip_coef(), loads);
+  if (!st.ok()) return ToGrpcStatus(st);
+  response->set_seconds(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  absl::MutexLock lock(&mu_);
+  if (state_ == *state) version_ = state_->version();
+  response->set_version(version_);
+  return grpc::Status::OK;
+}
+
+grpc::Status ShardServiceImpl::SaveCheckpoint(grpc::ServerContext*,
+                                              const v1::SaveCheckpointRequest* request,
+                                              v1::SaveCheckpointResponse* response) {
+  absl::StatusOr<std::shared_ptr<ShardState>> state = Find(request->job_id());
+  if (!state.ok()) return ToGrpcStatus(state.status());
+  if (request->shard_count() < 1 || request->shard_index() < 0 ||
+      request->shard_index() >= request->shard_count()) {
+    return Refuse(absl::StatusCode::kInvalidArgument,
+                  absl::StrCat("shard_index: ", request->shard_index(), " not in [0, ",
+                               request->shard_count(), ")"));
+  }
+  if (request->dir().empty()) return Refuse(absl::StatusCode::kInvalidArgument, "dir: empty");
+  // Copies under the state's lock, written without it.
+  std::vector<TensorState> copies;
+  std::vector<const TensorInfo*> infos;
+  const int64_t version = (*state)->Visit([&](const TensorInfo& info, const std::vector<float>& value,
+                      const std::vector<float>& momentum, const std::vector<float>& exp_avg,
+                      const std::vector<float>& exp_avg_sq) {
+    infos.push_back(&info);
+    copies.push_back(TensorState{value, momentum, exp_avg, exp_avg_sq});
+  });
+  if (version != request->version()) {
+    return Refuse(absl::StatusCode::kFailedPrecondition,
+                  absl::StrCat("version: checkpoint asked at version ", request->version(),
+                               ", the shard is at ", version));
+  }
+  std::vector<std::pair<const TensorInfo*, const TensorState*>> tensors;
+  int64_t bytes = 0;
+  for (size_t i = 0; i < infos.size(); ++i) {
+    tensors.emplace_back(infos[i], &copies[i]);
+    const TensorState& c = copies[i];
+    bytes += static_cast<int64_t>(
+        (c.value.size() + c.momentum.size() + c.exp_avg.size() + c.exp_avg_sq.size()) *
+        sizeof(float));
+  }
+  absl::Status st = WriteCheckpointShard(request->dir(), request->shard_index(),
+                                         request->shard_count(), (*state)->layout(),
+                                         (*state)->job().optimizer().name(), tensors);
+  if (!st.ok()) return ToGrpcStatus(st);
+  response->set_bytes(bytes);
+  return grpc::Status::OK;
+}
+
+}  // namespace muonps

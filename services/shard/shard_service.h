@@ -1,0 +1,62 @@
+// The optimizer shard's gRPC service (proto/muonps/v1/shard.proto) over a
+// ShardState: it holds one job at a time, streams parameters at the version a
+// worker asks for (waiting for it), takes whole gradient pushes, and runs the
+// coordinator's global steps. Every refusal is a precise status and leaves the
+// state as it was.
+#ifndef MUONPS_SERVICES_SHARD_SHARD_SERVICE_H_
+#define MUONPS_SERVICES_SHARD_SHARD_SERVICE_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "muonps/v1/shard.grpc.pb.h"
+#include "services/shard/shard_state.h"
+
+namespace muonps {
+
+class ShardServiceImpl final : public v1::ShardService::Service {
+ public:
+  ShardServiceImpl() = default;
+  // Wakes waiting pulls so the server can shut down.
+  void Shutdown();
+
+  grpc::Status LoadJob(grpc::ServerContext* context, const v1::LoadJobRequest* request,
+                       v1::LoadJobResponse* response) override;
+  grpc::Status DropJob(grpc::ServerContext* context, const v1::DropJobRequest* request,
+                       v1::DropJobResponse* response) override;
+  grpc::Status PullParameters(grpc::ServerContext* context,
+                              const v1::PullParametersRequest* request,
+                              grpc::ServerWriter<v1::PullParametersResponse>* writer) override;
+  grpc::Status PushGradients(grpc::ServerContext* context,
+                             grpc::ServerReader<v1::PushGradientsRequest>* reader,
+                             v1::PushGradientsResponse* response) override;
+  grpc::Status GetGradientSquares(grpc::ServerContext* context,
+                                  const v1::GetGradientSquaresRequest* request,
+                                  v1::GetGradientSquaresResponse* response) override;
+  grpc::Status ApplyStep(grpc::ServerContext* context, const v1::ApplyStepRequest* request,
+                         v1::ApplyStepResponse* response) override;
+  grpc::Status SaveCheckpoint(grpc::ServerContext* context,
+                              const v1::SaveCheckpointRequest* request,
+                              v1::SaveCheckpointResponse* response) override;
+
+  // The held job's id ("" when none) and version, for tests and metrics.
+  std::string job_id() const;
+  int64_t version() const;
+
+ private:
+  // The state of `job_id`, or NOT_FOUND.
+  absl::StatusOr<std::shared_ptr<ShardState>> Find(const std::string& job_id) const;
+
+  mutable absl::Mutex mu_;
+  std::string job_id_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> tensors_ ABSL_GUARDED_BY(mu_);  // as loaded
+  std::shared_ptr<ShardState> state_ ABSL_GUARDED_BY(mu_);
+  int64_t version_ ABSL_GUARDED_BY(mu_) = 0;  // mirrors state_->version() for waits
+  bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace muonps
+
+#endif  // MUONPS_SERVICES_SHARD_SHARD_SERVICE_H_
