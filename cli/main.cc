@@ -1,14 +1,10 @@
-// muonps: one binary, a command per role.
-//
-//   muonps train [JOB.json] [--resume DIR] [--until STEP]   train in one process
-//   muonps validate JOB.json                                check a job file
-//   muonps defaults                                         print the default job
-//   muonps version
+// muonps: one binary, a command per role (see kUsage).
 #include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
 
+#include <cctype>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
@@ -21,6 +17,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
+#include "cli/cluster_cli.h"
 #include "cli/progress.h"
 #include "common/blas_runtime.h"
 #include "common/job_spec.h"
@@ -41,6 +38,17 @@ constexpr char kUsage[] =
     "  muonps train [JOB.json] [--resume DIR] [--until STEP] [--threads N] [--log_jsonl PATH]\n"
     "      Train in one process; without JOB.json, the default job (default model on the\n"
     "      fortunes corpus).\n"
+    "  muonps local [--shards N] [--workers M] [JOB.json] [--resume DIR]\n"
+    "      The same training as a cluster of processes on loopback: a coordinator, N optimizer\n"
+    "      shards and M workers; submits the job, watches it to the end, stops everything.\n"
+    "  muonps coordinator [--listen HOST:PORT] [--min_shards N]   Run the coordinator.\n"
+    "  muonps shard [--coordinator HOST:PORT] [--listen HOST:PORT] [--advertise HOST:PORT]\n"
+    "  muonps worker [--coordinator HOST:PORT] [--threads N]\n"
+    "  muonps submit JOB.json [--resume DIR]   Queue a job; prints its id.\n"
+    "  muonps watch ID     Live progress until the job ends (exit 0 succeeded, 1 failed, 4 cancelled).\n"
+    "  muonps list | status ID | cancel ID\n"
+    "      Client commands take --coordinator HOST:PORT (default $MUONPS_COORDINATOR, then\n"
+    "      127.0.0.1:7070) and --json. Service flags also come from MUONPS_<FLAG> variables.\n"
     "  muonps validate JOB.json   Check a job file; print it with every default filled in.\n"
     "  muonps defaults            Print the default job as JSON.\n"
     "  muonps version\n";
@@ -122,7 +130,19 @@ int Validate(const std::vector<std::string>& args) {
 int main(int argc, char** argv) {
   muonps::PrepareComputeRuntime(argc, argv);
   absl::SetProgramUsageMessage(muonps::kUsage);
-  std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  // Service settings may come from MUONPS_<FLAG> variables; flags on the
+  // command line come later and win.
+  std::vector<std::string> from_env;
+  for (const std::string& name : muonps::EnvironmentFlags()) {
+    std::string var = "MUONPS_" + name;
+    for (char& c : var) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    if (const char* value = std::getenv(var.c_str())) from_env.push_back("--" + name + "=" + value);
+  }
+  std::vector<char*> full_argv = {argv[0]};
+  for (std::string& flag : from_env) full_argv.push_back(flag.data());
+  for (int i = 1; i < argc; ++i) full_argv.push_back(argv[i]);
+  std::vector<char*> positional =
+      absl::ParseCommandLine(static_cast<int>(full_argv.size()), full_argv.data());
   std::vector<std::string> args(positional.begin() + 1, positional.end());
   if (args.empty()) {
     std::fputs(muonps::kUsage, stderr);
@@ -136,6 +156,7 @@ int main(int argc, char** argv) {
     std::cout << muonps::ToJson(muonps::DefaultJobSpec());
     return 0;
   }
+  if (const int status = muonps::RunClusterCommand(command, args); status >= 0) return status;
   if (command == "version") {
     std::printf("muonps 0.1.0 (BLAS core %s)\n", muonps::BlasCoreName().c_str());
     return 0;

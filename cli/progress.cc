@@ -75,6 +75,11 @@ void ProgressDisplay::Start(const v1::JobSpec& job, const std::string& corpus,
   Emit(j.dump());
 }
 
+void ProgressDisplay::Begin(int64_t start_step, int64_t total_steps) {
+  start_step_ = start_step;
+  print_every_ = std::max<int64_t>(1, total_steps / 40);
+}
+
 void ProgressDisplay::Step(const StepReport& r) {
   tokens_ += static_cast<double>(r.tokens);
   seconds_ += r.step_seconds;

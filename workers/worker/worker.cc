@@ -1,0 +1,345 @@
+#include "workers/worker/worker.h"
+
+#include <signal.h>
+
+#include <algorithm>
+#include <chrono>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/parallel.h"
+#include "common/status_macros.h"
+#include "services/server/rpc_util.h"
+#include "services/transfer/tensor_stream.h"
+
+namespace muonps {
+namespace {
+
+// Errors a worker cannot fix by retrying: the job itself is wrong (its data
+// cannot be read, its gradients are refused as invalid).
+bool Permanent(const absl::Status& status) {
+  return status.code() == absl::StatusCode::kInvalidArgument;
+}
+
+}  // namespace
+
+Worker::Worker(const WorkerOptions& options) : options_(options) {}
+Worker::~Worker() = default;
+
+void Worker::Log(const std::string& line) {
+  if (options_.log) options_.log(line);
+}
+
+v1::ShardService::Stub* Worker::Stub(const std::string& address) {
+  auto& stub = job_->stubs[address];
+  if (stub == nullptr) stub = v1::ShardService::NewStub(MakeChannel(address));
+  return stub.get();
+}
+
+absl::Status Worker::Prepare(const v1::Task& task) {
+  if (job_ != nullptr && job_->job_id == task.job_id()) return absl::OkStatus();
+  job_.reset();
+  auto job = std::make_unique<JobContext>();
+  job->job_id = task.job_id();
+  job->spec = task.spec();
+  const v1::ModelConfig& mc = job->spec.model();
+  const int T = mc.max_position_embeddings();
+  absl::StatusOr<TokenCorpus> corpus = LoadTokenCorpus(job->spec.data(), mc.vocab_size(), T);
+  if (!corpus.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("data: ", corpus.status().message()));
+  }
+  job->corpus = std::move(*corpus);
+  job->sampler = std::make_unique<BatchSampler>(
+      &job->corpus.train, T, job->spec.batch().slots(), job->spec.batch().micro_batch(),
+      job->spec.data().sampling() == "random", job->spec.seed());
+  job->val_windows = ValidationWindows(job->corpus.val, T, job->spec.data().eval_windows(),
+                                       &job->val_inputs, &job->val_targets);
+  const int lanes = std::max(1, std::min(options_.threads, job->spec.batch().slots()));
+  const size_t rows = static_cast<size_t>(job->spec.batch().micro_batch());
+  for (int i = 0; i < lanes; ++i) {
+    job->lanes.push_back(std::make_unique<MoeModel>(mc));
+    job->lane_grads.emplace_back(job->lanes[0]->layout().total_floats(), 0.0f);
+    job->lane_inputs.emplace_back(rows * T, 0);
+    job->lane_targets.emplace_back(rows * T, 0);
+  }
+  job->params.assign(job->lanes[0]->layout().total_floats(), 0.0f);
+  job_ = std::move(job);
+  return absl::OkStatus();
+}
+
+absl::Status Worker::Pull(const v1::Task& task) {
+  if (job_->params_version == task.version()) return absl::OkStatus();
+  job_->params_version = -1;
+  const ModelLayout& layout = job_->lanes[0]->layout();
+  const int n = task.shards_size();
+  std::vector<absl::Status> status(static_cast<size_t>(n));
+  std::vector<v1::ShardService::Stub*> stubs;
+  for (const v1::ShardRoute& route : task.shards()) stubs.push_back(Stub(route.address()));
+  auto pull_one = [&](int i) -> absl::Status {
+    const v1::ShardRoute& route = task.shards(i);
+    const std::string what = absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PullParameters");
+    grpc::ClientContext context;
+    context.set_deadline(DeadlineIn(660.0));
+    v1::PullParametersRequest request;
+    request.set_job_id(task.job_id());
+    request.set_version(task.version());
+    request.set_wait_seconds(600.0);
+    request.set_max_chunk_bytes(options_.chunk_bytes);
+    std::unique_ptr<grpc::ClientReader<v1::PullParametersResponse>> reader =
+        stubs[i]->PullParameters(&context, request);
+    v1::PullParametersResponse message;
+    std::unique_ptr<TensorAssembler> current;
+    std::string name;
+    int received = 0;
+    absl::Status st;
+    while (reader->Read(&message)) {
+      if (!st.ok()) continue;
+      const v1::TensorChunk& chunk = message.chunk();
+      if (current == nullptr || chunk.name() != name) {
+        if (current != nullptr && !(st = current->Finish()).ok()) continue;
+        const TensorInfo* info = layout.Find(chunk.name());
+        if (info == nullptr) {
+          st = absl::InvalidArgumentError(absl::StrCat(what, ": unknown tensor ", chunk.name()));
+          continue;
+        }
+        name = chunk.name();
+        current = std::make_unique<TensorAssembler>(name, info->shape,
+                                                    job_->params.data() + info->offset,
+                                                    /*require_finite=*/true);
+        ++received;
+      }
+      st = current->Add(chunk);
+    }
+    absl::Status end = FromGrpcStatus(reader->Finish(), what);
+    if (!end.ok()) return end;
+    if (!st.ok()) return st;
+    if (current != nullptr) MUONPS_RETURN_IF_ERROR(current->Finish());
+    if (received != route.tensors_size()) {
+      return absl::DataLossError(absl::StrCat(what, ": received ", received, " tensors, expected ",
+                                              route.tensors_size()));
+    }
+    return absl::OkStatus();
+  };
+  std::vector<std::thread> threads;
+  for (int i = 0; i < n; ++i) threads.emplace_back([&, i] { status[i] = pull_one(i); });
+  for (std::thread& t : threads) t.join();
+  for (const absl::Status& st : status) MUONPS_RETURN_IF_ERROR(st);
+  job_->params_version = task.version();
+  return absl::OkStatus();
+}
+
+absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count, const float* grads) {
+  const ModelLayout& layout = job_->lanes[0]->layout();
+  const int n = task.shards_size();
+  std::vector<absl::Status> status(static_cast<size_t>(n));
+  auto push_one = [&](int i) -> absl::Status {
+    const v1::ShardRoute& route = task.shards(i);
+    const std::string what = absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PushGradients");
+    grpc::ClientContext context;
+    context.set_deadline(DeadlineIn(300.0));
+    v1::PushGradientsResponse response;
+    std::unique_ptr<grpc::ClientWriter<v1::PushGradientsRequest>> writer =
+        Stub(route.address())->PushGradients(&context, &response);
+    v1::PushGradientsRequest message;
+    message.set_job_id(task.job_id());
+    message.set_step(task.version());
+    message.set_slot(first_slot);
+    message.set_slot_count(slot_count);
+    bool open = true;
+    for (const std::string& name : route.tensors()) {
+      const TensorInfo* info = layout.Find(name);
+      if (info == nullptr || !info->trainable()) continue;
+      open = SplitTensor(name, info->shape, grads + info->offset, options_.chunk_bytes,
+                         [&](const v1::TensorChunk& chunk) {
+                           *message.mutable_chunk() = chunk;
+                           const bool ok = writer->Write(message);
+                           message.clear_job_id();
+                           message.clear_step();
+                           message.clear_slot();
+                           message.clear_slot_count();
+                           return ok;
+                         });
+      if (!open) break;
+    }
+    writer->WritesDone();
+    return FromGrpcStatus(writer->Finish(), what);
+  };
+  std::vector<std::thread> threads;
+  for (int i = 0; i < n; ++i) threads.emplace_back([&, i] { status[i] = push_one(i); });
+  for (std::thread& t : threads) t.join();
+  for (const absl::Status& st : status) MUONPS_RETURN_IF_ERROR(st);
+  ++pushes_;
+  if (options_.crash_after_pushes > 0 && pushes_ >= options_.crash_after_pushes) {
+    Log(absl::StrCat("crash_after_pushes: killing this worker after ", pushes_, " pushes"));
+    raise(SIGKILL);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Worker::RunTrain(const v1::Task& task) {
+  JobContext& job = *job_;
+  const v1::JobSpec& spec = job.spec;
+  const int slots = spec.batch().slots(), rows = spec.batch().micro_batch();
+  const int T = job.lanes[0]->seq_len();
+  const int64_t global_tokens = static_cast<int64_t>(slots) * rows * T;
+  const float loss_scale = static_cast<float>(1.0 / static_cast<double>(global_tokens));
+  const float aux_scale = spec.model().balancing() == "aux_loss"
+                              ? static_cast<float>(spec.model().aux_loss_alpha() / slots)
+                              : 0.0f;
+  const std::vector<int> mine(task.slots().begin(), task.slots().end());
+  for (size_t i = 0; i < mine.size(); ++i) {
+    if (mine[i] < 0 || mine[i] >= slots || (i > 0 && mine[i] != mine[i - 1] + 1)) {
+      return absl::InvalidArgumentError("task slots must be ascending, consecutive and in range");
+    }
+  }
+  // Slots from 0 are summed here and pushed once; others are pushed one by one.
+  const bool prefix = !mine.empty() && mine[0] == 0 && mine.size() > 1;
+  std::vector<float> sum;
+  if (prefix) sum.assign(job.params.size(), 0.0f);
+  v1::ReportSlotsRequest report;
+  const int lanes = static_cast<int>(job.lanes.size());
+  const int count = static_cast<int>(mine.size());
+  for (int base = 0; base < count; base += lanes) {
+    const int wave = std::min(lanes, count - base);
+    std::vector<SlotStats> stats(static_cast<size_t>(wave));
+    auto run_slot = [&](int64_t i) {
+      const int slot = mine[base + i];
+      job.sampler->Fill(task.version(), slot, job.lane_inputs[i].data(), job.lane_targets[i].data());
+      std::fill(job.lane_grads[i].begin(), job.lane_grads[i].end(), 0.0f);
+      stats[i] = job.lanes[i]->ForwardBackward(job.params.data(), job.lane_inputs[i].data(),
+                                               job.lane_targets[i].data(), rows, loss_scale,
+                                               aux_scale, job.lane_grads[i].data());
+    };
+    if (wave == 1) {
+      run_slot(0);
+    } else {
+      ParallelFor(wave, run_slot);
+    }
+    for (int i = 0; i < wave; ++i) {
+      const int slot = mine[base + i];
+      if (prefix) {
+        float* g = sum.data();
+        const float* sg = job.lane_grads[i].data();
+        ParallelFor(static_cast<int64_t>(sum.size()), [&](int64_t k) { g[k] += sg[k]; });
+      } else {
+        MUONPS_RETURN_IF_ERROR(Push(task, slot, 1, job.lane_grads[i].data()));
+      }
+      v1::SlotStats* out = report.add_slots();
+      out->set_slot(slot);
+      out->set_loss_sum(stats[i].loss_sum);
+      out->set_tokens(stats[i].tokens);
+      out->set_aux_sum(stats[i].aux_sum);
+      for (const std::vector<int64_t>& layer : stats[i].expert_load) {
+        v1::ExpertLoad* load = out->add_expert_load();
+        for (int64_t x : layer) load->add_tokens(x);
+      }
+      out->set_forward_seconds(stats[i].forward_seconds);
+      out->set_backward_seconds(stats[i].backward_seconds);
+    }
+  }
+  if (prefix) MUONPS_RETURN_IF_ERROR(Push(task, 0, count, sum.data()));
+  report.set_worker_id(membership_->member_id());
+  report.set_task_id(task.task_id());
+  report.set_job_id(task.job_id());
+  report.set_step(task.version());
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineIn(30.0));
+  v1::ReportSlotsResponse response;
+  return FromGrpcStatus(membership_->stub()->ReportSlots(&context, report, &response),
+                        "coordinator: ReportSlots");
+}
+
+absl::Status Worker::RunEval(const v1::Task& task) {
+  JobContext& job = *job_;
+  const int rows = job.spec.batch().micro_batch();
+  const int T = job.lanes[0]->seq_len();
+  const int64_t batches = (job.val_windows + rows - 1) / rows;
+  const int parts = std::max(1, task.eval_parts());
+  const int64_t first = task.eval_part() * batches / parts;
+  const int64_t last = (task.eval_part() + 1) * batches / parts;
+  v1::ReportEvalRequest report;
+  const int lanes = static_cast<int>(job.lanes.size());
+  for (int64_t base = first; base < last; base += lanes) {
+    const int wave = static_cast<int>(std::min<int64_t>(lanes, last - base));
+    std::vector<SlotStats> stats(static_cast<size_t>(wave));
+    auto run = [&](int64_t i) {
+      const int64_t w = (base + i) * rows;
+      const int B = static_cast<int>(std::min<int64_t>(rows, job.val_windows - w));
+      stats[i] = job.lanes[i]->Forward(job.params.data(), job.val_inputs.data() + w * T,
+                                       job.val_targets.data() + w * T, B);
+    };
+    if (wave == 1) {
+      run(0);
+    } else {
+      ParallelFor(wave, run);
+    }
+    for (int i = 0; i < wave; ++i) {
+      v1::EvalBatch* b = report.add_batches();
+      b->set_batch(base + i);
+      b->set_loss_sum(stats[i].loss_sum);
+      b->set_tokens(stats[i].tokens);
+    }
+  }
+  report.set_worker_id(membership_->member_id());
+  report.set_task_id(task.task_id());
+  report.set_job_id(task.job_id());
+  report.set_version(task.version());
+  report.set_eval_part(task.eval_part());
+  report.set_total_batches(batches);
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineIn(30.0));
+  v1::ReportEvalResponse response;
+  return FromGrpcStatus(membership_->stub()->ReportEval(&context, report, &response),
+                        "coordinator: ReportEval");
+}
+
+absl::Status Worker::Run(const std::atomic<bool>& stop) {
+  membership_ = std::make_unique<Membership>(Membership::Kind::kWorker, options_.coordinator,
+                                             options_.address, options_.threads);
+  MUONPS_RETURN_IF_ERROR(membership_->Start(options_.register_timeout_seconds));
+  Log(absl::StrCat("registered as ", membership_->member_id(), " with ", options_.coordinator));
+  if (options_.on_registered) options_.on_registered();
+  while (!stop.load()) {
+    grpc::ClientContext context;
+    context.set_deadline(DeadlineIn(options_.task_wait_seconds + 10.0));
+    v1::GetTaskRequest request;
+    request.set_worker_id(membership_->member_id());
+    request.set_wait_seconds(options_.task_wait_seconds);
+    v1::GetTaskResponse response;
+    const grpc::Status status = membership_->stub()->GetTask(&context, request, &response);
+    if (status.error_code() == grpc::StatusCode::NOT_FOUND) {
+      (void)membership_->Reregister();
+      continue;
+    }
+    if (!status.ok()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      continue;
+    }
+    if (!response.has_task()) continue;
+    const v1::Task& task = response.task();
+    absl::Status st = Prepare(task);
+    if (st.ok()) st = Pull(task);
+    if (st.ok()) st = task.kind() == v1::TASK_KIND_EVAL ? RunEval(task) : RunTrain(task);
+    if (st.ok()) continue;
+    Log(absl::StrCat(task.task_id(), " (", task.job_id(), " version ", task.version(),
+                     "): ", st.ToString()));
+    if (Permanent(st)) {
+      grpc::ClientContext fail_context;
+      fail_context.set_deadline(DeadlineIn(10.0));
+      v1::FailTaskRequest fail;
+      fail.set_worker_id(membership_->member_id());
+      fail.set_task_id(task.task_id());
+      fail.set_job_id(task.job_id());
+      fail.set_error(std::string(st.message()));
+      v1::FailTaskResponse ignored;
+      (void)membership_->stub()->FailTask(&fail_context, fail, &ignored);
+      job_.reset();
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  }
+  membership_->Stop();
+  return absl::OkStatus();
+}
+
+}  // namespace muonps

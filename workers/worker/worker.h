@@ -1,0 +1,94 @@
+// The stateless worker: it registers with the coordinator, asks for tasks,
+// pulls the parameters of the task's version from every shard, computes the
+// task (slot gradients, or validation losses), pushes each slot's gradient to
+// the shards that own the tensors, reports the slot statistics, and loops.
+// It keeps nothing that cannot be recomputed: killing it loses at most the
+// task in progress, which the coordinator hands to another worker.
+//
+// Its arithmetic is the trainer's: the same model code, the same windows for
+// (step, slot, row), the same loss and aux scales. A task whose slots start at
+// slot 0 pushes their left-to-right sum ((g0 + g1) + ...) once, which is
+// exactly the prefix of the sum the shard forms.
+#ifndef MUONPS_WORKERS_WORKER_WORKER_H_
+#define MUONPS_WORKERS_WORKER_WORKER_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "muonps/v1/coordinator.grpc.pb.h"
+#include "muonps/v1/shard.grpc.pb.h"
+#include "services/server/membership.h"
+#include "workers/data/batch_sampler.h"
+#include "workers/data/token_source.h"
+#include "workers/model/moe_model.h"
+
+namespace muonps {
+
+struct WorkerOptions {
+  std::string coordinator = "127.0.0.1:7070";
+  // Address of the worker's own health service (reported at registration).
+  std::string address;
+  // Compute threads (slots run concurrently, one per thread).
+  int threads = 1;
+  // Longest wait of one GetTask call.
+  double task_wait_seconds = 2.0;
+  // Tensor chunk size on the wire.
+  int64_t chunk_bytes = 1 << 20;
+  // Fault injection for tests: SIGKILL itself right after this many
+  // successful gradient pushes (0 = never), i.e. in the middle of a step.
+  int64_t crash_after_pushes = 0;
+  // How long to keep trying to reach the coordinator at start.
+  double register_timeout_seconds = 60.0;
+  std::function<void(const std::string&)> log;
+  // Called once registered (e.g. to report the health service SERVING).
+  std::function<void()> on_registered;
+};
+
+class Worker {
+ public:
+  explicit Worker(const WorkerOptions& options);
+  ~Worker();
+
+  // Registers and serves tasks until `stop` becomes true. Returns an error
+  // only when the coordinator could not be reached at start.
+  absl::Status Run(const std::atomic<bool>& stop);
+
+ private:
+  // What the worker caches for the job it is working on; rebuilt for a new job.
+  struct JobContext {
+    std::string job_id;
+    v1::JobSpec spec;
+    TokenCorpus corpus;
+    std::unique_ptr<BatchSampler> sampler;
+    std::vector<int32_t> val_inputs, val_targets;
+    int64_t val_windows = 0;
+    std::vector<std::unique_ptr<MoeModel>> lanes;
+    std::vector<std::vector<float>> lane_grads;
+    std::vector<std::vector<int32_t>> lane_inputs, lane_targets;
+    std::vector<float> params;
+    int64_t params_version = -1;
+    std::map<std::string, std::unique_ptr<v1::ShardService::Stub>> stubs;  // by address
+  };
+
+  absl::Status Prepare(const v1::Task& task);
+  absl::Status Pull(const v1::Task& task);
+  absl::Status RunTrain(const v1::Task& task);
+  absl::Status RunEval(const v1::Task& task);
+  absl::Status Push(const v1::Task& task, int first_slot, int slot_count, const float* grads);
+  v1::ShardService::Stub* Stub(const std::string& address);
+  void Log(const std::string& line);
+
+  const WorkerOptions options_;
+  std::unique_ptr<Membership> membership_;
+  std::unique_ptr<JobContext> job_;
+  int64_t pushes_ = 0;
+};
+
+}  // namespace muonps
+
+#endif  // MUONPS_WORKERS_WORKER_WORKER_H_
