@@ -650,27 +650,35 @@ int LocalCommand(const std::vector<std::string>& args) {
       cluster.Stop();
       std::_Exit(130);
     }
-    if (signals == 1 && !cancelled) {
-      cancelled = true;
-      std::fprintf(stderr, "\nmuonps local: cancelling %s (Ctrl-C again to stop at once)\n", id->c_str());
+    auto cancel = [&] {
       auto cancel_stub = JobStub();
       v1::CancelJobRequest request;
       request.set_job_id(*id);
       v1::CancelJobResponse response;
       (void)Call([&](grpc::ClientContext* c) { return cancel_stub->CancelJob(c, request, &response); },
                  "CancelJob");
+    };
+    if (signals == 1 && !cancelled) {
+      cancelled = true;
+      std::fprintf(stderr, "\nmuonps local: cancelling %s (Ctrl-C again to stop at once)\n", id->c_str());
+      cancel();
     }
+    // A service of this cluster died (nothing restarts it here): stop the
+    // job with a checkpoint instead of waiting for it forever.
     if (!lost.load()) {
       absl::Status alive = cluster.CheckAlive();
       if (!alive.ok()) {
         lost.store(true);
-        std::fprintf(stderr, "\nmuonps local: %s\n", std::string(alive.message()).c_str());
+        std::fprintf(stderr, "\nmuonps local: %s\nmuonps local: cancelling %s\n",
+                     std::string(alive.message()).c_str(), id->c_str());
+        cancel();
       }
     }
   });
   cluster.Stop();
   if (!job.ok()) return Fail(job.status());
   if (cancelled) return 130;
+  if (lost.load()) return 1;
   return ExitStatusOf(job->state());
 }
 

@@ -607,6 +607,7 @@ void Coordinator::RunJob(const std::string& job_id) {
     *request.mutable_spec() = spec;
     *request.mutable_tensors() = placement.shards[i].tensors();
     request.set_resume_from(resume);
+    request.set_replace(true);
     v1::LoadJobResponse response;
     absl::Status st = FromGrpcStatus(stubs[i]->LoadJob(&context, request, &response),
                                      shard_call(i, "LoadJob"));

@@ -4,6 +4,7 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/util/message_differencer.h"
 #include "absl/time/time.h"
 #include "common/job_spec.h"
 #include "services/server/rpc_util.h"
@@ -49,19 +50,22 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext*, const v1::LoadJobRe
     return Refuse(absl::StatusCode::kInvalidArgument, "job_id: must not be empty");
   }
   const std::vector<std::string> tensors(request->tensors().begin(), request->tensors().end());
+  v1::JobSpec spec = request->spec();
+  FillJobDefaults(&spec);
   {
     absl::MutexLock lock(&mu_);
     if (state_ != nullptr) {
-      if (job_id_ == request->job_id() && tensors_ == tensors) {
+      if (job_id_ == request->job_id() && tensors_ == tensors &&
+          google::protobuf::util::MessageDifferencer::Equals(state_->job(), spec)) {
         response->set_version(version_);
         return grpc::Status::OK;  // a repeated load
       }
-      return Refuse(absl::StatusCode::kFailedPrecondition,
-                    absl::StrCat("this shard holds job ", job_id_, "; drop it first"));
+      if (!request->replace()) {
+        return Refuse(absl::StatusCode::kFailedPrecondition,
+                      absl::StrCat("this shard holds job ", job_id_, "; drop it first"));
+      }
     }
   }
-  v1::JobSpec spec = request->spec();
-  FillJobDefaults(&spec);
   if (absl::Status st = ValidateJobSpec(spec); !st.ok()) return ToGrpcStatus(st);
   absl::StatusOr<std::unique_ptr<ShardState>> created = ShardState::Create(spec, tensors);
   if (!created.ok()) return ToGrpcStatus(created.status());
@@ -82,7 +86,7 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext*, const v1::LoadJobRe
     state->set_version(trainer->step());
   }
   absl::MutexLock lock(&mu_);
-  if (state_ != nullptr) {
+  if (state_ != nullptr && !request->replace()) {
     return Refuse(absl::StatusCode::kFailedPrecondition,
                   absl::StrCat("this shard holds job ", job_id_, "; drop it first"));
   }
@@ -253,7 +257,13 @@ grpc::Status ShardServiceImpl::PushGradients(grpc::ServerContext*,
     grads.push_back({info->name, it->second.data(), info->numel});
   }
   if (grads.size() != buffers.size()) {
-    return Refuse(absl::StatusCode::kFailedPrecondition, "a buffer tensor takes no gradient");
+    for (const auto& [name, buffer] : buffers) {
+      const TensorInfo* info = state->layout().Find(name);
+      if (!info->trainable()) {
+        return Refuse(absl::StatusCode::kFailedPrecondition,
+                      absl::StrCat("tensor ", name, " is a buffer: it takes no gradient"));
+      }
+    }
   }
   absl::StatusOr<bool> counted = state->AddGradients(step, slot, slot_count, grads);
   if (!counted.ok()) return ToGrpcStatus(counted.status());
@@ -295,7 +305,7 @@ grpc::Status ShardServiceImpl::ApplyStep(grpc::ServerContext*, const v1::ApplySt
     return Refuse(absl::StatusCode::kInvalidArgument, "clip_coef: must be finite and > 0");
   }
   const int64_t now = (*state)->version();
-  if (request->step() == now - 1) {
+  if (now > 0 && request->step() == now - 1) {
     response->set_version(now);  // a repeat of the step just applied
     return grpc::Status::OK;
   }
