@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <sstream>
 #include <thread>
 
@@ -21,6 +22,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "cli/progress.h"
 #include "common/job_spec.h"
 #include "common/parallel.h"
@@ -30,6 +32,7 @@
 #include "services/coordinator/placement.h"
 #include "services/server/grpc_server.h"
 #include "services/server/membership.h"
+#include "services/server/metrics.h"
 #include "services/server/rpc_util.h"
 #include "services/shard/shard_service.h"
 #include "workers/worker/worker.h"
@@ -52,6 +55,16 @@ ABSL_FLAG(int, workers, 1, "local: workers to start");
 ABSL_FLAG(std::string, log_dir, "", "local: directory for the services' logs (default: a new /tmp/muonps-local-*)");
 ABSL_FLAG(int64_t, crash_after_pushes, 0,
           "worker (fault injection for tests): SIGKILL itself after this many gradient pushes");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "host:port of the Prometheus /metrics endpoint (port 0 = a free port; empty = none). "
+          "Env MUONPS_METRICS_LISTEN");
+ABSL_FLAG(std::string, metrics_port_file, "", "Write the metrics endpoint's port to this file once serving");
+ABSL_FLAG(double, peak_tflops, 0.0,
+          "worker: peak TFLOP/s of its compute, for the model FLOPs utilisation metric (0 = unknown). "
+          "Env MUONPS_PEAK_TFLOPS");
+ABSL_FLAG(bool, metrics, false,
+          "local: give every service a /metrics endpoint on a free port and write their addresses to "
+          "LOG_DIR/prometheus_targets.json (Prometheus file_sd format)");
 ABSL_DECLARE_FLAG(std::string, resume);
 ABSL_DECLARE_FLAG(int, threads);
 
@@ -114,6 +127,35 @@ absl::Status WritePortFile(int port) {
   return absl::OkStatus();
 }
 
+// The process's metrics registry and, when --metrics_listen is set, its
+// endpoint (the port goes to --metrics_port_file).
+struct ProcessMetrics {
+  std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
+  std::unique_ptr<MetricsEndpoint> endpoint;
+};
+
+absl::StatusOr<std::unique_ptr<ProcessMetrics>> StartMetrics() {
+  auto metrics = std::make_unique<ProcessMetrics>();
+  const std::string address = absl::GetFlag(FLAGS_metrics_listen);
+  if (address.empty()) return metrics;
+  absl::StatusOr<std::unique_ptr<MetricsEndpoint>> endpoint =
+      MetricsEndpoint::Start(address, metrics->registry);
+  if (!endpoint.ok()) return endpoint.status();
+  metrics->endpoint = std::move(*endpoint);
+  const std::string file = absl::GetFlag(FLAGS_metrics_port_file);
+  if (!file.empty()) {
+    std::ofstream out(file + ".tmp");
+    out << metrics->endpoint->port() << "\n";
+    out.close();
+    std::error_code ec;
+    std::filesystem::rename(file + ".tmp", file, ec);
+    if (ec) return absl::InternalError(absl::StrCat("cannot write ", file));
+  }
+  LogLine(absl::StrCat("metrics on http://", address.substr(0, address.rfind(':')), ":",
+                       metrics->endpoint->port(), "/metrics"));
+  return metrics;
+}
+
 void WaitForSignal() {
   while (g_signals.load() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
 }
@@ -163,9 +205,13 @@ int ServeCoordinator() {
         "--lease_seconds must be larger than --heartbeat_seconds, which must be > 0"));
   }
   InstallSignalHandlers();
+  absl::StatusOr<std::unique_ptr<ProcessMetrics>> metrics = StartMetrics();
+  if (!metrics.ok()) return Fail(metrics.status());
+  options.metrics = (*metrics)->registry;
   Coordinator coordinator(options);
   GrpcServerOptions server_options;
   server_options.address = ListenAddress("127.0.0.1:7070");
+  server_options.metrics = (*metrics)->registry;
   absl::StatusOr<std::unique_ptr<GrpcServer>> server = GrpcServer::Start(
       server_options, {coordinator.job_service(), coordinator.cluster_service()});
   if (!server.ok()) return Fail(server.status());
@@ -184,9 +230,12 @@ int ServeCoordinator() {
 int ServeShard() {
   ApplyThreadsFlag();
   InstallSignalHandlers();
-  ShardServiceImpl service;
+  absl::StatusOr<std::unique_ptr<ProcessMetrics>> metrics = StartMetrics();
+  if (!metrics.ok()) return Fail(metrics.status());
+  ShardServiceImpl service((*metrics)->registry);
   GrpcServerOptions server_options;
   server_options.address = ListenAddress("127.0.0.1:0");
+  server_options.metrics = (*metrics)->registry;
   absl::StatusOr<std::unique_ptr<GrpcServer>> server = GrpcServer::Start(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
   const std::string advertise =
@@ -215,8 +264,11 @@ int ServeShard() {
 int ServeWorker() {
   ApplyThreadsFlag();
   InstallSignalHandlers();
+  absl::StatusOr<std::unique_ptr<ProcessMetrics>> metrics = StartMetrics();
+  if (!metrics.ok()) return Fail(metrics.status());
   GrpcServerOptions server_options;
   server_options.address = ListenAddress("127.0.0.1:0");
+  server_options.metrics = (*metrics)->registry;
   absl::StatusOr<std::unique_ptr<GrpcServer>> server = GrpcServer::Start(server_options, {});
   if (!server.ok()) return Fail(server.status());
   if (absl::Status st = WritePortFile((*server)->port()); !st.ok()) return Fail(st);
@@ -227,6 +279,8 @@ int ServeWorker() {
   options.crash_after_pushes = absl::GetFlag(FLAGS_crash_after_pushes);
   options.log = [](const std::string& line) { LogLine("muonps worker: " + line); };
   options.register_timeout_seconds = 3600.0;
+  options.metrics = (*metrics)->registry;
+  options.peak_flops = absl::GetFlag(FLAGS_peak_tflops) * 1e12;
   options.on_registered = [&] { (*server)->SetServing(true); };
   std::atomic<bool> stop{false};
   std::thread watcher([&] {
@@ -595,9 +649,26 @@ int LocalCommand(const std::vector<std::string>& args) {
   LocalCluster cluster(log_dir);
   const std::string port_file = log_dir + "/coordinator.port";
   std::filesystem::remove(port_file);
-  if (absl::Status st = cluster.Spawn("coordinator", {"coordinator", "--listen=127.0.0.1:0",
-                                                      "--port_file=" + port_file,
-                                                      absl::StrCat("--min_shards=", shards)});
+  const bool with_metrics = absl::GetFlag(FLAGS_metrics);
+  std::vector<std::pair<std::string, std::string>> metric_files;  // (role, port file)
+  auto metrics_flags = [&](const std::string& name, const std::string& role) {
+    std::vector<std::string> flags;
+    if (!with_metrics) return flags;
+    const std::string file = absl::StrCat(log_dir, "/", name, ".metrics_port");
+    std::filesystem::remove(file);
+    metric_files.emplace_back(role, file);
+    flags.push_back("--metrics_listen=127.0.0.1:0");
+    flags.push_back("--metrics_port_file=" + file);
+    return flags;
+  };
+  auto with = [](std::vector<std::string> a, const std::vector<std::string>& b) {
+    a.insert(a.end(), b.begin(), b.end());
+    return a;
+  };
+  if (absl::Status st = cluster.Spawn(
+          "coordinator", with({"coordinator", "--listen=127.0.0.1:0", "--port_file=" + port_file,
+                               absl::StrCat("--min_shards=", shards)},
+                              metrics_flags("coordinator", "coordinator")));
       !st.ok()) {
     return Fail(st);
   }
@@ -606,16 +677,20 @@ int LocalCommand(const std::vector<std::string>& args) {
   const std::string coordinator = absl::StrCat("127.0.0.1:", *port);
   absl::SetFlag(&FLAGS_coordinator, coordinator);
   for (int i = 0; i < shards; ++i) {
-    absl::Status st = cluster.Spawn(absl::StrCat("shard-", i),
-                                    {"shard", "--listen=127.0.0.1:0", "--coordinator=" + coordinator,
-                                     absl::StrCat("--threads=", cores)});
+    const std::string name = absl::StrCat("shard-", i);
+    absl::Status st = cluster.Spawn(
+        name, with({"shard", "--listen=127.0.0.1:0", "--coordinator=" + coordinator,
+                    absl::StrCat("--threads=", cores)},
+                   metrics_flags(name, "shard")));
     if (!st.ok()) return Fail(st);
   }
   const int worker_threads = std::max(1, cores / workers);
   for (int i = 0; i < workers; ++i) {
-    absl::Status st = cluster.Spawn(absl::StrCat("worker-", i),
-                                    {"worker", "--listen=127.0.0.1:0", "--coordinator=" + coordinator,
-                                     absl::StrCat("--threads=", worker_threads)});
+    const std::string name = absl::StrCat("worker-", i);
+    absl::Status st = cluster.Spawn(
+        name, with({"worker", "--listen=127.0.0.1:0", "--coordinator=" + coordinator,
+                    absl::StrCat("--threads=", worker_threads)},
+                   metrics_flags(name, "worker")));
     if (!st.ok()) return Fail(st);
   }
   std::fprintf(stderr, "muonps local: coordinator on %s, %d shard(s), %d worker(s) x %d thread(s); logs in %s\n",
@@ -637,6 +712,26 @@ int LocalCommand(const std::vector<std::string>& args) {
           response.workers_size(), " worker(s) registered); see ", log_dir)));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  if (with_metrics) {
+    // Prometheus file_sd targets, one group per role.
+    std::map<std::string, std::vector<std::string>> targets;
+    for (const auto& [role, file] : metric_files) {
+      absl::StatusOr<int> metrics_port = cluster.WaitPort(file, role + " metrics", 30.0);
+      if (!metrics_port.ok()) return Fail(metrics_port.status());
+      targets[role].push_back(absl::StrCat("\"127.0.0.1:", *metrics_port, "\""));
+    }
+    std::string json = "[";
+    for (const auto& [role, list] : targets) {
+      if (json.size() > 1) json += ",";
+      json += absl::StrCat("{\"targets\":[", absl::StrJoin(list, ","), "],\"labels\":{\"role\":\"",
+                           role, "\"}}");
+    }
+    json += "]\n";
+    const std::string targets_file = log_dir + "/prometheus_targets.json";
+    std::ofstream(targets_file + ".tmp") << json;
+    std::filesystem::rename(targets_file + ".tmp", targets_file);
+    std::fprintf(stderr, "muonps local: metrics targets in %s\n", targets_file.c_str());
   }
   absl::StatusOr<std::string> id = Submit(*spec, absl::GetFlag(FLAGS_resume));
   if (!id.ok()) return Fail(id.status());
@@ -686,7 +781,8 @@ int LocalCommand(const std::vector<std::string>& args) {
 
 const std::vector<std::string>& EnvironmentFlags() {
   static const std::vector<std::string>* flags = new std::vector<std::string>{
-      "listen", "advertise", "coordinator", "min_shards", "lease_seconds", "heartbeat_seconds"};
+      "listen",        "advertise",         "coordinator",    "min_shards",
+      "lease_seconds", "heartbeat_seconds", "metrics_listen", "peak_tflops"};
   return *flags;
 }
 

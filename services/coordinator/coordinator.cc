@@ -10,6 +10,7 @@
 #include "common/model_layout.h"
 #include "services/coordinator/placement.h"
 #include "services/optimizer/lr_schedule.h"
+#include "services/server/metrics.h"
 #include "services/server/rpc_util.h"
 #include "trainer/checkpoint.h"
 
@@ -127,10 +128,76 @@ class Coordinator::ClusterServiceImpl final : public v1::ClusterService::Service
 
 // ---------------------------------------------------------------------------
 
+namespace {
+
+prometheus::Gauge& NewGauge(prometheus::Registry& r, const std::string& name, const std::string& help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
+}
+prometheus::Counter& NewCounter(prometheus::Registry& r, const std::string& name,
+                                const std::string& help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
+}
+
+}  // namespace
+
+Coordinator::Metrics::Metrics(prometheus::Registry& r)
+    : jobs(prometheus::BuildGauge()
+               .Name("muonps_coordinator_jobs")
+               .Help("Jobs known to the coordinator, by state")
+               .Register(r)),
+      step(NewGauge(r, "muonps_job_step", "Optimizer steps completed by the running (or last) job")),
+      total_steps(NewGauge(r, "muonps_job_total_steps", "schedule.total_steps of the running (or last) job")),
+      train_loss(NewGauge(r, "muonps_job_train_loss", "Mean training cross-entropy of the latest step (nats/token)")),
+      val_loss(NewGauge(r, "muonps_job_validation_loss", "Latest validation loss (nats/token)")),
+      tokens_per_second(NewGauge(r, "muonps_job_tokens_per_second", "Training tokens per second since the job started")),
+      grad_norm(NewGauge(r, "muonps_job_grad_norm", "Global gradient norm of the latest step, before clipping")),
+      learning_rate(NewGauge(r, "muonps_job_learning_rate", "Learning rate of the latest step")),
+      load_ratio(NewGauge(r, "muonps_job_expert_load_max_ratio",
+                          "Max over MoE layers of the most loaded expert's tokens over the mean, latest step")),
+      workers(NewGauge(r, "muonps_cluster_workers", "Workers with a live lease")),
+      shards(NewGauge(r, "muonps_cluster_shards", "Optimizer shards with a live lease")),
+      step_workers(NewGauge(r, "muonps_job_step_workers", "Workers that computed slots of the latest step")),
+      tokens(NewCounter(r, "muonps_job_tokens_total", "Training tokens consumed by completed steps")),
+      steps(NewCounter(r, "muonps_job_steps_total", "Optimizer steps completed")),
+      reassignments(NewCounter(r, "muonps_coordinator_task_reassignments_total",
+                               "Tasks taken from a worker (lease expired or abandoned) and offered again")),
+      step_seconds(prometheus::BuildHistogram()
+                       .Name("muonps_job_step_duration_seconds")
+                       .Help("Wall time of an optimizer step, including its evaluation")
+                       .Register(r)
+                       .Add({}, LatencyBuckets())),
+      global_seconds(prometheus::BuildHistogram()
+                         .Name("muonps_job_global_step_duration_seconds")
+                         .Help("Time from the last slot report to every shard having applied the update")
+                         .Register(r)
+                         .Add({}, LatencyBuckets())) {}
+
+void Coordinator::UpdateJobGaugesLocked() {
+  std::map<v1::JobState, int> counts;
+  for (const auto& [id, record] : jobs_) ++counts[record.job.state()];
+  for (v1::JobState state : {v1::JOB_STATE_QUEUED, v1::JOB_STATE_RUNNING, v1::JOB_STATE_SUCCEEDED,
+                             v1::JOB_STATE_FAILED, v1::JOB_STATE_CANCELLED}) {
+    std::string name = v1::JobState_Name(state).substr(std::string("JOB_STATE_").size());
+    for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    metrics_.jobs.Add({{"state", name}}).Set(counts[state]);
+  }
+  int workers = 0, shards = 0;
+  for (const auto& [id, m] : members_) (m.shard ? shards : workers)++;
+  metrics_.workers.Set(workers);
+  metrics_.shards.Set(shards);
+}
+
 Coordinator::Coordinator(const CoordinatorOptions& options)
     : options_(options),
+      registry_(options.metrics != nullptr ? options.metrics
+                                           : std::make_shared<prometheus::Registry>()),
+      metrics_(*registry_),
       job_service_(std::make_unique<JobServiceImpl>(this)),
       cluster_service_(std::make_unique<ClusterServiceImpl>(this)) {
+  {
+    absl::MutexLock lock(&mu_);
+    UpdateJobGaugesLocked();
+  }
   runner_ = std::thread([this] { RunnerLoop(); });
   reaper_ = std::thread([this] { ReaperLoop(); });
 }
@@ -172,6 +239,7 @@ void Coordinator::SetStateLocked(JobRecord& record, v1::JobState state, const st
     while (ended_recently_.size() > kEndedRemembered) ended_recently_.pop_front();
   }
   EmitLocked(record, v1::JOB_EVENT_KIND_STATE);
+  UpdateJobGaugesLocked();
 }
 
 // ---------------------------------------------------------------------------
@@ -323,6 +391,7 @@ grpc::Status Coordinator::Register(bool shard, const std::string& address, int t
   m.last_seen = absl::Now();
   m.order = next_order_++;
   *member_id = id;
+  UpdateJobGaugesLocked();
   return grpc::Status::OK;
 }
 
@@ -360,6 +429,7 @@ grpc::Status Coordinator::GetTask(grpc::ServerContext* context, const v1::GetTas
       if (t.worker == id && t.delivered && !t.done) {
         t.worker.clear();
         t.delivered = false;
+        metrics_.reassignments.Increment();
       }
     }
   }
@@ -500,10 +570,12 @@ void Coordinator::ExpireMembersLocked() {
           if (t.worker == it->first && !t.done) {
             t.worker.clear();
             t.delivered = false;
+            metrics_.reassignments.Increment();
           }
         }
       }
       it = members_.erase(it);
+      UpdateJobGaugesLocked();
     } else {
       ++it;
     }
@@ -779,6 +851,7 @@ void Coordinator::RunJob(const std::string& job_id) {
       step_->tasks.clear();
     }
     // 3. Global quantities, in the trainer's order.
+    const absl::Time reported = absl::Now();
     double loss_sum = 0.0;
     std::vector<std::vector<int64_t>> loads;
     for (const v1::SlotStats& s : stats) {
@@ -854,6 +927,7 @@ void Coordinator::RunJob(const std::string& job_id) {
     // A failed apply may have updated some shards: the job cannot go on.
     if (!st.ok()) return finish(v1::JOB_STATE_FAILED, std::string(st.message()));
     const int64_t done = step + 1;
+    const absl::Time applied = absl::Now();
 
     // 4. Validation.
     const int eval_every = spec.data().eval_every();
@@ -923,6 +997,19 @@ void Coordinator::RunJob(const std::string& job_id) {
       p->set_max_load_ratio(ratio);
       p->set_workers(workers_used);
       EmitLocked(record, v1::JOB_EVENT_KIND_STEP);
+      metrics_.step.Set(static_cast<double>(done));
+      metrics_.total_steps.Set(static_cast<double>(total));
+      metrics_.train_loss.Set(loss);
+      if (last_val.has_value()) metrics_.val_loss.Set(*last_val);
+      metrics_.tokens_per_second.Set(p->tokens_per_second());
+      metrics_.grad_norm.Set(norm);
+      metrics_.learning_rate.Set(lr);
+      metrics_.load_ratio.Set(ratio);
+      metrics_.step_workers.Set(workers_used);
+      metrics_.tokens.Increment(static_cast<double>(global_tokens));
+      metrics_.steps.Increment();
+      metrics_.step_seconds.Observe(p->step_seconds());
+      metrics_.global_seconds.Observe(absl::ToDoubleSeconds(applied - reported));
     }
     const int every = spec.checkpoint().every_steps();
     if (every > 0 && done % every == 0 && done < total) {

@@ -32,6 +32,10 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
 #include "muonps/v1/coordinator.grpc.pb.h"
 #include "muonps/v1/shard.grpc.pb.h"
 
@@ -47,6 +51,8 @@ struct CoordinatorOptions {
   double shard_rpc_seconds = 300.0;
   // Called with one line of log text (job start with its placement, ends).
   std::function<void(const std::string&)> log;
+  // Where the coordinator's metrics go (a private registry when null).
+  std::shared_ptr<prometheus::Registry> metrics;
 };
 
 class Coordinator {
@@ -129,7 +135,20 @@ class Coordinator {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Log(const std::string& line);
 
+  // Metrics (Prometheus naming; no job or task ids in labels).
+  struct Metrics {
+    explicit Metrics(prometheus::Registry& registry);
+    prometheus::Family<prometheus::Gauge>& jobs;  // {state}
+    prometheus::Gauge &step, &total_steps, &train_loss, &val_loss, &tokens_per_second, &grad_norm,
+        &learning_rate, &load_ratio, &workers, &shards, &step_workers;
+    prometheus::Counter &tokens, &steps, &reassignments;
+    prometheus::Histogram &step_seconds, &global_seconds;
+  };
+  void UpdateJobGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   const CoordinatorOptions options_;
+  std::shared_ptr<prometheus::Registry> registry_;
+  Metrics metrics_;
   std::unique_ptr<JobServiceImpl> job_service_;
   std::unique_ptr<ClusterServiceImpl> cluster_service_;
 

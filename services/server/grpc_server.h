@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "prometheus/registry.h"
 
 namespace muonps {
 
@@ -24,6 +25,8 @@ struct GrpcServerOptions {
   std::string address = "127.0.0.1:0";
   // Largest message accepted, in bytes. Tensors travel in chunks well below it.
   int max_receive_message_bytes = 16 << 20;
+  // When set, every call is counted in it (services/server/metrics.h).
+  std::shared_ptr<prometheus::Registry> metrics;
 };
 
 class GrpcServer {

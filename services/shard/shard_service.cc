@@ -7,6 +7,7 @@
 #include "google/protobuf/util/message_differencer.h"
 #include "absl/time/time.h"
 #include "common/job_spec.h"
+#include "services/server/metrics.h"
 #include "services/server/rpc_util.h"
 #include "services/transfer/tensor_stream.h"
 #include "trainer/checkpoint.h"
@@ -18,7 +19,59 @@ grpc::Status Refuse(absl::StatusCode code, const std::string& message) {
   return ToGrpcStatus(absl::Status(code, message));
 }
 
+prometheus::Gauge& NewGauge(prometheus::Registry& r, const std::string& name, const std::string& help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
+}
+prometheus::Counter& NewCounter(prometheus::Registry& r, const std::string& name,
+                                const std::string& help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
+}
+prometheus::Histogram& NewHistogram(prometheus::Registry& r, const std::string& name,
+                                    const std::string& help, const prometheus::Labels& labels = {}) {
+  return prometheus::BuildHistogram().Name(name).Help(help).Register(r).Add(labels, LatencyBuckets());
+}
+
 }  // namespace
+
+ShardServiceImpl::Metrics::Metrics(prometheus::Registry& r)
+    : tensors(NewGauge(r, "muonps_shard_tensors", "Tensors this shard holds")),
+      parameter_bytes(NewGauge(r, "muonps_shard_parameter_bytes", "Bytes of parameters held")),
+      state_bytes(NewGauge(r, "muonps_shard_optimizer_state_bytes",
+                           "Bytes of optimizer state held (Muon momentum, AdamW moments)")),
+      version(NewGauge(r, "muonps_shard_parameter_version", "Optimizer steps applied to the held job")),
+      muon_rms(prometheus::BuildGauge()
+                   .Name("muonps_shard_update_rms")
+                   .Help("RMS of the latest step's parameter change, by optimizer")
+                   .Register(r)
+                   .Add({{"optimizer", "muon"}})),
+      adamw_rms(prometheus::BuildGauge()
+                    .Name("muonps_shard_update_rms")
+                    .Help("RMS of the latest step's parameter change, by optimizer")
+                    .Register(r)
+                    .Add({{"optimizer", "adamw"}})),
+      pushed_bytes(NewCounter(r, "muonps_shard_pushed_bytes_total", "Gradient bytes received by pushes")),
+      pulled_bytes(NewCounter(r, "muonps_shard_pulled_bytes_total", "Parameter bytes sent by pulls")),
+      steps(NewCounter(r, "muonps_shard_steps_total", "Optimizer steps applied")),
+      push_seconds(NewHistogram(r, "muonps_shard_push_duration_seconds",
+                                "Duration of a gradient push stream, first message to answer")),
+      pull_seconds(NewHistogram(r, "muonps_shard_pull_duration_seconds",
+                                "Duration of a parameter pull stream once its version is there")),
+      apply_seconds(NewHistogram(r, "muonps_shard_apply_duration_seconds",
+                                 "Wall time of applying one optimizer step on this shard")),
+      muon_seconds(prometheus::BuildHistogram()
+                       .Name("muonps_shard_tensor_update_duration_seconds")
+                       .Help("Time of one tensor's update (Newton-Schulz for Muon), by optimizer")
+                       .Register(r)
+                       .Add({{"optimizer", "muon"}}, LatencyBuckets())),
+      adamw_seconds(prometheus::BuildHistogram()
+                        .Name("muonps_shard_tensor_update_duration_seconds")
+                        .Help("Time of one tensor's update (Newton-Schulz for Muon), by optimizer")
+                        .Register(r)
+                        .Add({{"optimizer", "adamw"}}, LatencyBuckets())) {}
+
+ShardServiceImpl::ShardServiceImpl(std::shared_ptr<prometheus::Registry> metrics)
+    : registry_(metrics != nullptr ? std::move(metrics) : std::make_shared<prometheus::Registry>()),
+      metrics_(*registry_) {}
 
 void ShardServiceImpl::Shutdown() {
   absl::MutexLock lock(&mu_);
@@ -93,6 +146,18 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext*, const v1::LoadJobRe
   job_id_ = request->job_id();
   tensors_ = tensors;
   version_ = state->version();
+  int64_t params = 0, optimizer_state = 0;
+  state->Visit([&](const TensorInfo&, const std::vector<float>& value,
+                   const std::vector<float>& momentum, const std::vector<float>& exp_avg,
+                   const std::vector<float>& exp_avg_sq) {
+    params += static_cast<int64_t>(value.size() * sizeof(float));
+    optimizer_state += static_cast<int64_t>(
+        (momentum.size() + exp_avg.size() + exp_avg_sq.size()) * sizeof(float));
+  });
+  metrics_.tensors.Set(static_cast<double>(tensors.size()));
+  metrics_.parameter_bytes.Set(static_cast<double>(params));
+  metrics_.state_bytes.Set(static_cast<double>(optimizer_state));
+  metrics_.version.Set(static_cast<double>(version_));
   state_ = std::move(state);
   response->set_version(version_);
   return grpc::Status::OK;
@@ -106,6 +171,10 @@ grpc::Status ShardServiceImpl::DropJob(grpc::ServerContext*, const v1::DropJobRe
     tensors_.clear();
     state_.reset();
     version_ = 0;
+    metrics_.tensors.Set(0);
+    metrics_.parameter_bytes.Set(0);
+    metrics_.state_bytes.Set(0);
+    metrics_.version.Set(0);
   }
   return grpc::Status::OK;
 }
@@ -156,16 +225,22 @@ grpc::Status ShardServiceImpl::PullParameters(
                   absl::StrCat("version: ", request->version(),
                                " is gone; the shard is at version ", *version));
   }
+  const auto pull_start = std::chrono::steady_clock::now();
+  int64_t pulled = 0;
   v1::PullParametersResponse message;
   message.set_version(*version);
   for (const auto& [info, data] : values) {
     const bool sent = SplitTensor(info->name, info->shape, data.data(), chunk_bytes,
                                   [&](const v1::TensorChunk& chunk) {
                                     *message.mutable_chunk() = chunk;
+                                    pulled += static_cast<int64_t>(chunk.data().size());
                                     return writer->Write(message);
                                   });
     if (!sent) return Refuse(absl::StatusCode::kCancelled, "the client closed the stream");
   }
+  metrics_.pulled_bytes.Increment(static_cast<double>(pulled));
+  metrics_.pull_seconds.Observe(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - pull_start).count());
   return grpc::Status::OK;
 }
 
@@ -183,10 +258,12 @@ grpc::Status ShardServiceImpl::PushGradients(grpc::ServerContext*,
   std::string current_name;
   int64_t bytes = 0;
   absl::Status failed;  // the first refusal; the rest of the stream is drained
+  std::chrono::steady_clock::time_point push_start;
   while (reader->Read(&message)) {
     if (!failed.ok()) continue;
     if (first) {
       first = false;
+      push_start = std::chrono::steady_clock::now();
       job_id = message.job_id();
       step = message.step();
       slot = message.slot();
@@ -270,6 +347,9 @@ grpc::Status ShardServiceImpl::PushGradients(grpc::ServerContext*,
   response->set_counted(*counted);
   response->set_tensors(static_cast<int32_t>(grads.size()));
   response->set_bytes(bytes);
+  metrics_.pushed_bytes.Increment(static_cast<double>(bytes));
+  metrics_.push_seconds.Observe(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - push_start).count());
   return grpc::Status::OK;
 }
 
@@ -314,12 +394,20 @@ grpc::Status ShardServiceImpl::ApplyStep(grpc::ServerContext*, const v1::ApplySt
     loads.emplace_back(layer.tokens().begin(), layer.tokens().end());
   }
   const auto t0 = std::chrono::steady_clock::now();
-  absl::Status st = (*state)->ApplyStep(request->step(), request->lr(), request->clip_coef(), loads);
+  ShardState::ApplyStats stats;
+  absl::Status st =
+      (*state)->ApplyStep(request->step(), request->lr(), request->clip_coef(), loads, &stats);
   if (!st.ok()) return ToGrpcStatus(st);
-  response->set_seconds(
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  response->set_seconds(seconds);
+  metrics_.apply_seconds.Observe(seconds);
+  metrics_.steps.Increment();
+  for (const auto& [muon, s] : stats.tensor_seconds) (muon ? metrics_.muon_seconds : metrics_.adamw_seconds).Observe(s);
+  if (stats.muon_numel > 0) metrics_.muon_rms.Set(std::sqrt(stats.muon_update_sq / stats.muon_numel));
+  if (stats.adamw_numel > 0) metrics_.adamw_rms.Set(std::sqrt(stats.adamw_update_sq / stats.adamw_numel));
   absl::MutexLock lock(&mu_);
   if (state_ == *state) version_ = state_->version();
+  metrics_.version.Set(static_cast<double>(version_));
   response->set_version(version_);
   return grpc::Status::OK;
 }

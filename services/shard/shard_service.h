@@ -11,6 +11,10 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
 #include "muonps/v1/shard.grpc.pb.h"
 #include "services/shard/shard_state.h"
 
@@ -18,7 +22,8 @@ namespace muonps {
 
 class ShardServiceImpl final : public v1::ShardService::Service {
  public:
-  ShardServiceImpl() = default;
+  // Metrics go to `metrics` (a private registry when null).
+  explicit ShardServiceImpl(std::shared_ptr<prometheus::Registry> metrics = nullptr);
   // Wakes waiting pulls so the server can shut down.
   void Shutdown();
 
@@ -48,6 +53,16 @@ class ShardServiceImpl final : public v1::ShardService::Service {
  private:
   // The state of `job_id`, or NOT_FOUND.
   absl::StatusOr<std::shared_ptr<ShardState>> Find(const std::string& job_id) const;
+
+  struct Metrics {
+    explicit Metrics(prometheus::Registry& registry);
+    prometheus::Gauge &tensors, &parameter_bytes, &state_bytes, &version, &muon_rms, &adamw_rms;
+    prometheus::Counter &pushed_bytes, &pulled_bytes, &steps;
+    prometheus::Histogram &push_seconds, &pull_seconds, &apply_seconds, &muon_seconds,
+        &adamw_seconds;
+  };
+  std::shared_ptr<prometheus::Registry> registry_;
+  Metrics metrics_;
 
   mutable absl::Mutex mu_;
   std::string job_id_ ABSL_GUARDED_BY(mu_);

@@ -1,6 +1,7 @@
 #include "services/shard/shard_state.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <tuple>
 
@@ -257,7 +258,8 @@ absl::StatusOr<std::vector<std::pair<std::string, double>>> ShardState::Gradient
 }
 
 absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
-                                   const std::vector<std::vector<int64_t>>& loads) {
+                                   const std::vector<std::vector<int64_t>>& loads,
+                                   ApplyStats* stats) {
   absl::MutexLock lock(&mu_);
   if (step != version_) {
     return absl::FailedPreconditionError(
@@ -277,11 +279,33 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
     for (Tensor* t : trainable) Scale(t->grad.data(), t->info->numel, static_cast<float>(clip_coef));
   }
   const OptimizerStep update = MakeOptimizerStep(oc, lr, step);
+  std::vector<double> seconds(trainable.size(), 0.0), update_sq(trainable.size(), 0.0);
   RunTensorUpdates(infos, oc.name(), [&](size_t k) {
     Tensor& t = *trainable[k];
+    const auto start = std::chrono::steady_clock::now();
+    std::vector<float> before;
+    if (stats != nullptr) before = t.value;
     UpdateTensor(*t.info, update, t.value.data(), t.momentum.data(), t.exp_avg.data(),
                  t.exp_avg_sq.data(), t.grad.data());
+    seconds[k] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (stats != nullptr) {
+      double sq = 0.0;
+      for (size_t i = 0; i < before.size(); ++i) {
+        const double d = static_cast<double>(t.value[i]) - before[i];
+        sq += d * d;
+      }
+      update_sq[k] = sq;
+    }
   });
+  if (stats != nullptr) {
+    for (size_t k = 0; k < trainable.size(); ++k) {
+      const bool muon = UsesMuon(*trainable[k]->info, oc.name());
+      (muon ? stats->muon_seconds : stats->adamw_seconds) += seconds[k];
+      (muon ? stats->muon_update_sq : stats->adamw_update_sq) += update_sq[k];
+      (muon ? stats->muon_numel : stats->adamw_numel) += trainable[k]->info->numel;
+      stats->tensor_seconds.emplace_back(muon, seconds[k]);
+    }
+  }
   if (job_.model().balancing() == "aux_free_bias") {
     for (const std::string& name : order_) {
       Tensor& t = tensors_.at(name);

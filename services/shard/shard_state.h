@@ -100,8 +100,16 @@ class ShardState {
   // is below 1, the update at learning rate lr, then the aux-free bias rule on
   // owned bias tensors from `loads` (per MoE layer in layer order, summed over
   // all slots). Advances the version and clears the slot gradients.
+  // When `stats` is given, it receives what the update did.
+  struct ApplyStats {
+    double muon_seconds = 0.0, adamw_seconds = 0.0;  // summed over tensors (thread time)
+    double muon_update_sq = 0.0, adamw_update_sq = 0.0;  // sum of (new - old)^2
+    int64_t muon_numel = 0, adamw_numel = 0;
+    std::vector<std::pair<bool, double>> tensor_seconds;  // (uses Muon, seconds) per tensor
+  };
   absl::Status ApplyStep(int64_t step, double lr, double clip_coef,
-                         const std::vector<std::vector<int64_t>>& loads);
+                         const std::vector<std::vector<int64_t>>& loads,
+                         ApplyStats* stats = nullptr);
 
  private:
   struct Tensor {

@@ -23,7 +23,70 @@ bool Permanent(const absl::Status& status) {
 
 }  // namespace
 
-Worker::Worker(const WorkerOptions& options) : options_(options) {}
+double ModelFlopsPerToken(const v1::ModelConfig& m) {
+  const double C = m.hidden_size(), T = m.max_position_embeddings();
+  const double L = m.num_hidden_layers(), dense = std::min<double>(m.first_k_dense_replace(), L);
+  const double moe = L - dense;
+  const double attention = 4.0 * C * C;
+  const double dense_mlp = 3.0 * C * m.intermediate_size();
+  const double experts = (m.num_experts_per_tok() + m.n_shared_experts()) * 3.0 * C *
+                             m.moe_intermediate_size() +
+                         C * m.n_routed_experts();
+  const double matmul_params =
+      L * attention + dense * dense_mlp + moe * experts + C * m.vocab_size();
+  return 6.0 * matmul_params + 12.0 * L * T * C;
+}
+
+Worker::Metrics::Metrics(prometheus::Registry& r)
+    : seconds(prometheus::BuildCounter()
+                  .Name("muonps_worker_seconds_total")
+                  .Help("Wall time by phase: pull, forward, backward, push, report, idle (waiting for a task)")
+                  .Register(r)),
+      last_seconds(prometheus::BuildGauge()
+                       .Name("muonps_worker_last_task_seconds")
+                       .Help("Wall time by phase of the latest training task")
+                       .Register(r)),
+      tasks(prometheus::BuildCounter()
+                .Name("muonps_worker_tasks_total")
+                .Help("Tasks completed, by kind (train, eval)")
+                .Register(r)),
+      expert_tokens(prometheus::BuildGauge()
+                        .Name("muonps_worker_expert_routed_tokens")
+                        .Help("Tokens routed to each expert in the latest training task, by MoE layer and expert")
+                        .Register(r)),
+      tokens(prometheus::BuildCounter()
+                 .Name("muonps_worker_tokens_total")
+                 .Help("Training tokens processed (forward and backward)")
+                 .Register(r)
+                 .Add({})),
+      flops_per_second(prometheus::BuildGauge()
+                           .Name("muonps_worker_model_flops_per_second")
+                           .Help("Model FLOPs (6N + attention) per second of the latest training task's compute")
+                           .Register(r)
+                           .Add({})) {}
+
+Worker::Worker(const WorkerOptions& options)
+    : options_(options),
+      registry_(options.metrics != nullptr ? options.metrics : std::make_shared<prometheus::Registry>()),
+      metrics_(*registry_) {
+  for (const char* phase : {"pull", "forward", "backward", "push", "report", "idle"}) {
+    metrics_.seconds.Add({{"phase", phase}});
+    metrics_.last_seconds.Add({{"phase", phase}});
+  }
+  for (const char* kind : {"train", "eval"}) metrics_.tasks.Add({{"kind", kind}});
+  if (options_.peak_flops > 0) {
+    metrics_.mfu = &prometheus::BuildGauge()
+                        .Name("muonps_worker_model_flops_utilization_ratio")
+                        .Help("Model FLOP/s of the latest training task over the configured peak (--peak_tflops)")
+                        .Register(*registry_)
+                        .Add({});
+  }
+}
+
+void Worker::RecordPhase(const std::string& phase, double seconds) {
+  metrics_.seconds.Add({{"phase", phase}}).Increment(seconds);
+  task_seconds_[phase] += seconds;
+}
 Worker::~Worker() = default;
 
 void Worker::Log(const std::string& line) {
@@ -67,8 +130,15 @@ absl::Status Worker::Prepare(const v1::Task& task) {
   return absl::OkStatus();
 }
 
+namespace {
+double Since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+}  // namespace
+
 absl::Status Worker::Pull(const v1::Task& task) {
   if (job_->params_version == task.version()) return absl::OkStatus();
+  const auto pull_start = std::chrono::steady_clock::now();
   job_->params_version = -1;
   const ModelLayout& layout = job_->lanes[0]->layout();
   const int n = task.shards_size();
@@ -125,10 +195,12 @@ absl::Status Worker::Pull(const v1::Task& task) {
   for (std::thread& t : threads) t.join();
   for (const absl::Status& st : status) MUONPS_RETURN_IF_ERROR(st);
   job_->params_version = task.version();
+  RecordPhase("pull", Since(pull_start));
   return absl::OkStatus();
 }
 
 absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count, const float* grads) {
+  const auto push_start = std::chrono::steady_clock::now();
   const ModelLayout& layout = job_->lanes[0]->layout();
   const int n = task.shards_size();
   std::vector<absl::Status> status(static_cast<size_t>(n));
@@ -168,6 +240,7 @@ absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count, 
   for (int i = 0; i < n; ++i) threads.emplace_back([&, i] { status[i] = push_one(i); });
   for (std::thread& t : threads) t.join();
   for (const absl::Status& st : status) MUONPS_RETURN_IF_ERROR(st);
+  RecordPhase("push", Since(push_start));
   ++pushes_;
   if (options_.crash_after_pushes > 0 && pushes_ >= options_.crash_after_pushes) {
     Log(absl::StrCat("crash_after_pushes: killing this worker after ", pushes_, " pushes"));
@@ -210,13 +283,26 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
                                                job.lane_targets[i].data(), rows, loss_scale,
                                                aux_scale, job.lane_grads[i].data());
     };
+    const auto compute_start = std::chrono::steady_clock::now();
     if (wave == 1) {
       run_slot(0);
     } else {
       ParallelFor(wave, run_slot);
     }
+    // Wall time split between forward and backward as the slots measured it.
+    const double wall = Since(compute_start);
+    double fwd = 0.0, bwd = 0.0;
+    for (const SlotStats& st : stats) {
+      fwd += st.forward_seconds;
+      bwd += st.backward_seconds;
+    }
+    if (fwd + bwd > 0) {
+      RecordPhase("forward", wall * fwd / (fwd + bwd));
+      RecordPhase("backward", wall * bwd / (fwd + bwd));
+    }
     for (int i = 0; i < wave; ++i) {
       const int slot = mine[base + i];
+      metrics_.tokens.Increment(static_cast<double>(stats[i].tokens));
       if (prefix) {
         float* g = sum.data();
         const float* sg = job.lane_grads[i].data();
@@ -238,6 +324,30 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
     }
   }
   if (prefix) MUONPS_RETURN_IF_ERROR(Push(task, 0, count, sum.data()));
+  // Routed load of this task, by layer and expert (the model bounds both).
+  std::vector<std::vector<int64_t>> load;
+  for (const v1::SlotStats& st : report.slots()) {
+    load.resize(static_cast<size_t>(st.expert_load_size()));
+    for (int l = 0; l < st.expert_load_size(); ++l) {
+      load[l].resize(static_cast<size_t>(st.expert_load(l).tokens_size()), 0);
+      for (int e = 0; e < st.expert_load(l).tokens_size(); ++e) load[l][e] += st.expert_load(l).tokens(e);
+    }
+  }
+  const int first_moe = spec.model().first_k_dense_replace();
+  for (size_t l = 0; l < load.size(); ++l) {
+    for (size_t e = 0; e < load[l].size(); ++e) {
+      metrics_.expert_tokens
+          .Add({{"layer", std::to_string(first_moe + static_cast<int>(l))}, {"expert", std::to_string(e)}})
+          .Set(static_cast<double>(load[l][e]));
+    }
+  }
+  const double compute = task_seconds_["forward"] + task_seconds_["backward"];
+  if (compute > 0) {
+    const double flops = ModelFlopsPerToken(spec.model()) * count * rows * T / compute;
+    metrics_.flops_per_second.Set(flops);
+    if (metrics_.mfu != nullptr) metrics_.mfu->Set(flops / options_.peak_flops);
+  }
+  const auto report_start = std::chrono::steady_clock::now();
   report.set_worker_id(membership_->member_id());
   report.set_task_id(task.task_id());
   report.set_job_id(task.job_id());
@@ -245,8 +355,14 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(30.0));
   v1::ReportSlotsResponse response;
-  return FromGrpcStatus(membership_->stub()->ReportSlots(&context, report, &response),
-                        "coordinator: ReportSlots");
+  absl::Status reported = FromGrpcStatus(
+      membership_->stub()->ReportSlots(&context, report, &response), "coordinator: ReportSlots");
+  RecordPhase("report", Since(report_start));
+  for (const auto& [phase, seconds] : task_seconds_) {
+    metrics_.last_seconds.Add({{"phase", phase}}).Set(seconds);
+  }
+  if (reported.ok()) metrics_.tasks.Add({{"kind", "train"}}).Increment();
+  return reported;
 }
 
 absl::Status Worker::RunEval(const v1::Task& task) {
@@ -289,8 +405,10 @@ absl::Status Worker::RunEval(const v1::Task& task) {
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(30.0));
   v1::ReportEvalResponse response;
-  return FromGrpcStatus(membership_->stub()->ReportEval(&context, report, &response),
-                        "coordinator: ReportEval");
+  absl::Status reported = FromGrpcStatus(
+      membership_->stub()->ReportEval(&context, report, &response), "coordinator: ReportEval");
+  if (reported.ok()) metrics_.tasks.Add({{"kind", "eval"}}).Increment();
+  return reported;
 }
 
 absl::Status Worker::Run(const std::atomic<bool>& stop) {
@@ -306,7 +424,9 @@ absl::Status Worker::Run(const std::atomic<bool>& stop) {
     request.set_worker_id(membership_->member_id());
     request.set_wait_seconds(options_.task_wait_seconds);
     v1::GetTaskResponse response;
+    const auto wait_start = std::chrono::steady_clock::now();
     const grpc::Status status = membership_->stub()->GetTask(&context, request, &response);
+    metrics_.seconds.Add({{"phase", "idle"}}).Increment(Since(wait_start));
     if (status.error_code() == grpc::StatusCode::NOT_FOUND) {
       (void)membership_->Reregister();
       continue;
@@ -317,6 +437,7 @@ absl::Status Worker::Run(const std::atomic<bool>& stop) {
     }
     if (!response.has_task()) continue;
     const v1::Task& task = response.task();
+    task_seconds_.clear();
     absl::Status st = Prepare(task);
     if (st.ok()) st = Pull(task);
     if (st.ok()) st = task.kind() == v1::TASK_KIND_EVAL ? RunEval(task) : RunTrain(task);

@@ -15,11 +15,15 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/registry.h"
 #include "muonps/v1/coordinator.grpc.pb.h"
 #include "muonps/v1/shard.grpc.pb.h"
 #include "services/server/membership.h"
@@ -47,7 +51,18 @@ struct WorkerOptions {
   std::function<void(const std::string&)> log;
   // Called once registered (e.g. to report the health service SERVING).
   std::function<void()> on_registered;
+  // Where the worker's metrics go (a private registry when null).
+  std::shared_ptr<prometheus::Registry> metrics;
+  // Peak FLOP/s of this worker's compute, for model FLOPs utilisation
+  // (0 = unknown: the utilisation metric is not exported).
+  double peak_flops = 0.0;
 };
+
+// Model FLOPs of one token's forward and backward: 6 x the parameters a token
+// meets in matrix products (attention, the dense or the shared and top-k
+// routed experts, the router, the LM head) + 12 x layers x T x C for
+// attention scores and values.
+double ModelFlopsPerToken(const v1::ModelConfig& model);
 
 class Worker {
  public:
@@ -83,7 +98,22 @@ class Worker {
   v1::ShardService::Stub* Stub(const std::string& address);
   void Log(const std::string& line);
 
+  struct Metrics {
+    explicit Metrics(prometheus::Registry& registry);
+    prometheus::Family<prometheus::Counter>& seconds;    // {phase}
+    prometheus::Family<prometheus::Gauge>& last_seconds;  // {phase}
+    prometheus::Family<prometheus::Counter>& tasks;      // {kind}
+    prometheus::Family<prometheus::Gauge>& expert_tokens;  // {layer, expert}
+    prometheus::Counter& tokens;
+    prometheus::Gauge& flops_per_second;
+    prometheus::Gauge* mfu = nullptr;  // only with a known peak
+  };
+  void RecordPhase(const std::string& phase, double seconds);
+
   const WorkerOptions options_;
+  std::shared_ptr<prometheus::Registry> registry_;
+  Metrics metrics_;
+  std::map<std::string, double> task_seconds_;  // phases of the task in progress
   std::unique_ptr<Membership> membership_;
   std::unique_ptr<JobContext> job_;
   int64_t pushes_ = 0;
