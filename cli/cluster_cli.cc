@@ -28,6 +28,7 @@
 #include "common/parallel.h"
 #include "google/protobuf/util/json_util.h"
 #include "muonps/v1/coordinator.grpc.pb.h"
+#include "muonps/v1/shard.grpc.pb.h"
 #include "services/coordinator/coordinator.h"
 #include "services/coordinator/placement.h"
 #include "services/server/grpc_server.h"
@@ -212,6 +213,8 @@ int ServeCoordinator() {
   GrpcServerOptions server_options;
   server_options.address = ListenAddress("127.0.0.1:7070");
   server_options.metrics = (*metrics)->registry;
+  server_options.health_names = {v1::JobService::service_full_name(),
+                                 v1::ClusterService::service_full_name()};
   absl::StatusOr<std::unique_ptr<GrpcServer>> server = GrpcServer::Start(
       server_options, {coordinator.job_service(), coordinator.cluster_service()});
   if (!server.ok()) return Fail(server.status());
@@ -236,6 +239,7 @@ int ServeShard() {
   GrpcServerOptions server_options;
   server_options.address = ListenAddress("127.0.0.1:0");
   server_options.metrics = (*metrics)->registry;
+  server_options.health_names = {v1::ShardService::service_full_name()};
   absl::StatusOr<std::unique_ptr<GrpcServer>> server = GrpcServer::Start(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
   const std::string advertise =

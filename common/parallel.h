@@ -12,11 +12,21 @@
 
 namespace muonps {
 
+// Threads for a new parallel region: the count set by SetNumThreads, on
+// every thread of the process (OpenMP's own setting is per thread, so gRPC
+// handler threads would otherwise use all cores).
+int RegionThreads();
+
 // Calls fn(i) for i in [0, n), statically partitioned over the threads.
+// Inside another parallel region it runs serially.
 template <typename Fn>
 void ParallelFor(int64_t n, Fn&& fn) {
   if (n <= 0) return;
-#pragma omp parallel for schedule(static)
+  if (omp_in_parallel()) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(RegionThreads())
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
@@ -25,7 +35,11 @@ void ParallelFor(int64_t n, Fn&& fn) {
 template <typename Fn>
 void ParallelForDynamic(int64_t n, Fn&& fn) {
   if (n <= 0) return;
-#pragma omp parallel for schedule(dynamic, 1)
+  if (omp_in_parallel()) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(RegionThreads())
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 

@@ -27,6 +27,8 @@ PACKAGES=(
   # RPC, serialization, utilities
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev nlohmann-json3-dev
+  # metrics: the /metrics endpoint of every service
+  prometheus-cpp-dev
   # linear algebra: OpenBLAS built on OpenMP, so BLAS and our own kernels share one thread pool
   libopenblas-openmp-dev libopenblas0-openmp
   # the default training corpus (plain-text fortune files)
@@ -34,9 +36,15 @@ PACKAGES=(
 )
 TEST_PACKAGES=(
   googletest libgtest-dev libgmock-dev
+  # a real Prometheus server and promtool (metrics and dashboard tests)
+  prometheus
   # the independent PyTorch reference model (tests) and baseline
   # (bench/train_step), run with /usr/bin/python3
   python3 python3-numpy python3-torch
+  # the Python gRPC client test (tests/python). Its stubs come from protoc
+  # and grpc_python_plugin (above), not python3-grpc-tools: that package's
+  # bundled protoc (3.5.1 in Debian 12) rejects proto3 `optional`
+  python3-grpcio
 )
 if [[ $RUNTIME_ONLY -eq 0 ]]; then
   PACKAGES+=("${TEST_PACKAGES[@]}")

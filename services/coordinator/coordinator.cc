@@ -723,14 +723,14 @@ void Coordinator::RunJob(const std::string& job_id) {
   std::optional<double> last_val;
   int64_t val_step = 0;
 
-  // Waits until `done` holds, the job is cancelled, a task failed, a shard
-  // lost its lease, or the coordinator shuts down. Returns the reason to
-  // stop, or OK.
-  auto wait_for = [&](const std::function<bool()>& done) -> absl::Status {
+  // Waits until `done` holds, the job is cancelled (when `cancellable`), a
+  // task failed, a shard lost its lease, or the coordinator shuts down.
+  // Returns the reason to stop, or OK.
+  auto wait_for = [&](const std::function<bool()>& done, bool cancellable = true) -> absl::Status {
     absl::MutexLock lock(&mu_);
     while (true) {
       if (shutdown_) return absl::UnavailableError("coordinator shut down");
-      if (jobs_.at(job_id).cancel_requested) return absl::CancelledError("cancelled");
+      if (cancellable && jobs_.at(job_id).cancel_requested) return absl::CancelledError("cancelled");
       if (!step_->failure.empty()) return absl::InternalError(step_->failure);
       for (const Member& s : shard_members) {
         if (members_.count(s.id) == 0) {
@@ -740,7 +740,8 @@ void Coordinator::RunJob(const std::string& job_id) {
       }
       if (done()) return absl::OkStatus();
       auto changed = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
-        return shutdown_ || done() || !step_->failure.empty() || jobs_.at(job_id).cancel_requested;
+        return shutdown_ || done() || !step_->failure.empty() ||
+               (cancellable && jobs_.at(job_id).cancel_requested);
       };
       mu_.AwaitWithTimeout(absl::Condition(&changed), absl::Milliseconds(200));
     }
@@ -904,10 +905,12 @@ void Coordinator::RunJob(const std::string& job_id) {
     const double coef = max_norm > 0.0 ? max_norm / (norm + 1e-6) : 1.0;
     const double lr = ScheduledLr(spec.optimizer().lr(), step, total,
                                   spec.schedule().warmup_steps(), spec.schedule().min_lr_ratio());
+    bool cancel_now = false;
     {
       absl::MutexLock lock(&mu_);
-      if (jobs_.at(job_id).cancel_requested) return stop(absl::CancelledError("cancelled"), step);
+      cancel_now = jobs_.at(job_id).cancel_requested;
     }
+    if (cancel_now) return stop(absl::CancelledError("cancelled"), step);
     st = ForEachShard(n, [&](int i) {
       grpc::ClientContext context;
       context_for(&context);
@@ -936,12 +939,18 @@ void Coordinator::RunJob(const std::string& job_id) {
         absl::MutexLock lock(&mu_);
         plan(done, true, 1 << 20);
       }
-      st = wait_for([&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
-        for (bool d : step_->eval_parts_done) {
-          if (!d) return false;
-        }
-        return true;
-      });
+      // A cancel waits for this evaluation (it is part of step `done`, as in
+      // `muonps train`) and stops the job before the next step, so that the
+      // job's progress names the step its checkpoint holds and the
+      // checkpoint carries this validation loss, like `train --until done`.
+      st = wait_for(
+          [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+            for (bool d : step_->eval_parts_done) {
+              if (!d) return false;
+            }
+            return true;
+          },
+          /*cancellable=*/false);
       if (!st.ok()) return stop(st, done);
       double val_sum = 0.0;
       int64_t val_tokens = 0;

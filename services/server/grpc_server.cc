@@ -75,6 +75,7 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(
     for (const std::string& name : service_names) health->SetServingStatus(name, false);
   }
   server->port_ = port;
+  server->health_names_ = options.health_names;
   const std::string host = options.address.substr(0, options.address.rfind(':'));
   server->address_ = absl::StrCat(host == "0.0.0.0" ? "127.0.0.1" : host, ":", port);
   server->SetServing(false);
@@ -86,7 +87,9 @@ GrpcServer::~GrpcServer() { Shutdown(0.0); }
 void GrpcServer::SetServing(bool serving) {
   if (server_ == nullptr) return;
   grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
-  if (health != nullptr) health->SetServingStatus(serving);
+  if (health == nullptr) return;
+  health->SetServingStatus(serving);
+  for (const std::string& name : health_names_) health->SetServingStatus(name, serving);
 }
 
 void GrpcServer::Shutdown(double grace_seconds) {
