@@ -213,8 +213,6 @@ int ServeCoordinator() {
   GrpcServerOptions server_options;
   server_options.address = ListenAddress("127.0.0.1:7070");
   server_options.metrics = (*metrics)->registry;
-  server_options.health_names = {v1::JobService::service_full_name(),
-                                 v1::ClusterService::service_full_name()};
   absl::StatusOr<std::unique_ptr<GrpcServer>> server = GrpcServer::Start(
       server_options, {coordinator.job_service(), coordinator.cluster_service()});
   if (!server.ok()) return Fail(server.status());
@@ -239,7 +237,6 @@ int ServeShard() {
   GrpcServerOptions server_options;
   server_options.address = ListenAddress("127.0.0.1:0");
   server_options.metrics = (*metrics)->registry;
-  server_options.health_names = {v1::ShardService::service_full_name()};
   absl::StatusOr<std::unique_ptr<GrpcServer>> server = GrpcServer::Start(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
   const std::string advertise =

@@ -219,5 +219,73 @@ TEST_F(ShardStateTest, BadPushesAreRefusedAndChangeNothing) {
   EXPECT_EQ(shard.version(), 1);
 }
 
+TEST_F(ShardStateTest, SlotRangesAreCountedOnceAndNeverOverlap) {
+  const v1::JobSpec job = Job("muon", "aux_free_bias");  // 3 slots
+  const std::string w = "model.layers.0.self_attn.q_proj.weight";
+  const int64_t n = 32 * 32;
+  std::vector<std::vector<float>> g(3, std::vector<float>(n));
+  for (int s = 0; s < 3; ++s) {
+    for (int64_t i = 0; i < n; ++i) g[s][i] = static_cast<float>(std::sin(0.1 * i + s) / (1 + s));
+  }
+  std::vector<float> g01(n);
+  for (int64_t i = 0; i < n; ++i) g01[i] = g[0][i] + g[1][i];  // the worker's float32 prefix
+  auto make = [&]() {
+    absl::StatusOr<std::unique_ptr<ShardState>> created = ShardState::Create(job, {w});
+    EXPECT_TRUE(created.ok());
+    return std::move(*created);
+  };
+  auto add = [&](ShardState& shard, int first, int count, const std::vector<float>& grad) {
+    return shard.AddGradients(0, first, count, {{w, grad.data(), n}});
+  };
+  auto code = [](const absl::StatusOr<bool>& r) { return r.status().code(); };
+
+  std::unique_ptr<ShardState> prefix = make();
+  // Ranges that are not ranges of this job's slots.
+  EXPECT_EQ(code(add(*prefix, 0, 0, g[0])), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(add(*prefix, -1, 1, g[0])), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(add(*prefix, 2, 2, g[0])), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(add(*prefix, 0, 4, g[0])), absl::StatusCode::kInvalidArgument);
+  absl::StatusOr<bool> not_from_zero = add(*prefix, 1, 2, g[0]);
+  EXPECT_EQ(code(not_from_zero), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(not_from_zero.status().message()), HasSubstr("slot_count"));
+  absl::StatusOr<bool> twice =
+      prefix->AddGradients(0, 0, 1, {{w, g[0].data(), n}, {w, g[0].data(), n}});
+  EXPECT_EQ(code(twice), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(twice.status().message()), HasSubstr("twice"));
+
+  // [0, 2) as one prefix sum; its repeat (other values) is ignored; ranges
+  // overlapping it differently are refused.
+  ASSERT_TRUE(*add(*prefix, 0, 2, g01));
+  absl::StatusOr<bool> repeat = add(*prefix, 0, 2, g[2]);
+  ASSERT_TRUE(repeat.ok());
+  EXPECT_FALSE(*repeat);
+  for (const auto& [first, count] : {std::pair(0, 1), std::pair(1, 1), std::pair(0, 3)}) {
+    absl::StatusOr<bool> overlap = add(*prefix, first, count, g[0]);
+    EXPECT_EQ(code(overlap), absl::StatusCode::kFailedPrecondition) << first << "+" << count;
+    EXPECT_THAT(std::string(overlap.status().message()), HasSubstr("overlap"));
+  }
+  EXPECT_FALSE(prefix->GradientsComplete());
+  ASSERT_TRUE(*add(*prefix, 2, 1, g[2]));
+  EXPECT_TRUE(prefix->GradientsComplete());
+
+  // A single slot first, then a prefix covering it: refused as well.
+  std::unique_ptr<ShardState> single = make();
+  ASSERT_TRUE(*add(*single, 1, 1, g[1]));
+  EXPECT_EQ(code(add(*single, 0, 2, g01)), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(*add(*single, 2, 1, g[2]));
+  ASSERT_TRUE(*add(*single, 0, 1, g[0]));
+
+  // ((g0 + g1) + g2) either way: the same squares and the same update, bit for bit.
+  absl::StatusOr<std::vector<std::pair<std::string, double>>> a = prefix->GradientSquares();
+  absl::StatusOr<std::vector<std::pair<std::string, double>>> b = single->GradientSquares();
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(*a, *b);
+  ASSERT_TRUE(prefix->ApplyStep(0, 0.01, 0.5, {}).ok());
+  ASSERT_TRUE(single->ApplyStep(0, 0.01, 0.5, {}).ok());
+  absl::StatusOr<std::vector<float>> pa = prefix->Parameter(w), pb = single->Parameter(w);
+  ASSERT_TRUE(pa.ok() && pb.ok());
+  EXPECT_EQ(std::memcmp(pa->data(), pb->data(), n * sizeof(float)), 0);
+}
+
 }  // namespace
 }  // namespace muonps

@@ -816,6 +816,15 @@ void Coordinator::RunJob(const std::string& job_id) {
   };
   // Ends the job after a stop: a checkpoint when steps were run.
   auto stop = [&](const absl::Status& why, int64_t version) {
+    {
+      // Stopped during an evaluation: the update of `version` is applied.
+      absl::MutexLock lock(&mu_);
+      v1::JobProgress* p = jobs_.at(job_id).job.mutable_progress();
+      if (version > p->step()) {
+        p->set_step(version);
+        p->set_tokens_seen(version * global_tokens);
+      }
+    }
     if (why.code() == absl::StatusCode::kCancelled) {
       absl::Status st = version > start_step ? checkpoint(version) : absl::OkStatus();
       return finish(v1::JOB_STATE_CANCELLED,

@@ -71,11 +71,8 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.address));
   }
   // Health knows a service once it has a status; SetServing then covers it.
-  if (grpc::HealthCheckServiceInterface* health = server->server_->GetHealthCheckService()) {
-    for (const std::string& name : service_names) health->SetServingStatus(name, false);
-  }
+  server->health_names_ = service_names;
   server->port_ = port;
-  server->health_names_ = options.health_names;
   const std::string host = options.address.substr(0, options.address.rfind(':'));
   server->address_ = absl::StrCat(host == "0.0.0.0" ? "127.0.0.1" : host, ":", port);
   server->SetServing(false);

@@ -25,9 +25,6 @@ struct GrpcServerOptions {
   std::string address = "127.0.0.1:0";
   // Largest message accepted, in bytes. Tensors travel in chunks well below it.
   int max_receive_message_bytes = 16 << 20;
-  // Service names (e.g. "muonps.v1.JobService") that grpc.health.v1 answers
-  // for besides the whole server ("").
-  std::vector<std::string> health_names;
   // When set, every call is counted in it (services/server/metrics.h).
   std::shared_ptr<prometheus::Registry> metrics;
 };
@@ -56,7 +53,7 @@ class GrpcServer {
   GrpcServer() = default;
 
   std::unique_ptr<grpc::Server> server_;
-  std::vector<std::string> health_names_;
+  std::vector<std::string> health_names_;  // every registered service
   std::string address_;
   int port_ = 0;
 };
