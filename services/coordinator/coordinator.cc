@@ -624,6 +624,10 @@ void Coordinator::RunJob(const std::string& job_id) {
     spec = record.job.spec();
     resume = record.job.resume_from();
     for (const Member* m : LiveLocked(true)) shard_members.push_back(*m);
+    if (static_cast<int>(shard_members.size()) < std::max(1, options_.min_shards)) {
+      queue_.push_front(job_id);  // a shard left meanwhile: wait for it again
+      return;
+    }
   }
   const ModelLayout layout(spec.model());
   const int n = static_cast<int>(shard_members.size());
