@@ -42,7 +42,7 @@ ABSL_FLAG(std::string, listen, "",
           "host:port to serve on (coordinator default 127.0.0.1:7070, shard and worker "
           "127.0.0.1:0 = a free port; 0.0.0.0:PORT in a cluster). Env MUONPS_LISTEN");
 ABSL_FLAG(std::string, advertise, "",
-          "host:port other members use to reach this shard (default: the bound address). "
+          "host:port other members use to reach this shard or worker (default: the bound address). "
           "Env MUONPS_ADVERTISE");
 ABSL_FLAG(std::string, coordinator, "",
           "Coordinator host:port (default 127.0.0.1:7070). Env MUONPS_COORDINATOR");
@@ -275,7 +275,8 @@ int ServeWorker() {
   if (absl::Status st = WritePortFile((*server)->port()); !st.ok()) return Fail(st);
   WorkerOptions options;
   options.coordinator = CoordinatorAddress();
-  options.address = (*server)->address();
+  options.address =
+      absl::GetFlag(FLAGS_advertise).empty() ? (*server)->address() : absl::GetFlag(FLAGS_advertise);
   options.threads = NumThreads();
   options.crash_after_pushes = absl::GetFlag(FLAGS_crash_after_pushes);
   options.log = [](const std::string& line) { LogLine("muonps worker: " + line); };

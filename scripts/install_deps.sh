@@ -64,4 +64,9 @@ if [[ $RUNTIME_ONLY -eq 0 ]]; then
   if [[ ! -x "$BUF_PREFIX/node_modules/.bin/buf" ]]; then
     $SUDO npm install --silent --no-audit --no-fund --prefix "$BUF_PREFIX" @bufbuild/buf@1.75.0
   fi
+  # The Kubernetes manifest test (tests/k8s): API schemas and a YAML parser, pinned.
+  if [[ ! -f "$BUF_PREFIX/node_modules/@kubernetes-models/prometheus-operator/package.json" ]]; then
+    $SUDO npm install --silent --no-audit --no-fund --prefix "$BUF_PREFIX" \
+      kubernetes-models@5.1.0 @kubernetes-models/prometheus-operator@6.0.0 yaml@2.9.1
+  fi
 fi
