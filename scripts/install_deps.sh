@@ -36,8 +36,9 @@ PACKAGES=(
 )
 TEST_PACKAGES=(
   googletest libgtest-dev libgmock-dev
-  # a real Prometheus server and promtool (metrics and dashboard tests)
-  prometheus
+  # a real Prometheus server and promtool (metrics and dashboard tests), and
+  # a YAML parser for the provisioning files
+  prometheus python3-yaml
   # the independent PyTorch reference model (tests) and baseline
   # (bench/train_step), run with /usr/bin/python3
   python3 python3-numpy python3-torch

@@ -129,6 +129,12 @@ prometheus::Histogram::BucketBoundaries LatencyBuckets() {
   return b;
 }
 
+prometheus::Histogram::BucketBoundaries FineLatencyBuckets() {
+  prometheus::Histogram::BucketBoundaries b;
+  for (double x = 1e-5; x < 50.0; x *= 2.0) b.push_back(x);
+  return b;
+}
+
 absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
     const std::string& address, std::shared_ptr<prometheus::Registry> registry) {
   std::unique_ptr<MetricsEndpoint> endpoint(new MetricsEndpoint());

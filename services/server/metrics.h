@@ -35,8 +35,10 @@ class MetricsEndpoint {
   int port_ = 0;
 };
 
-// Latency buckets for request and update durations, 0.5 ms to ~65 s.
+// Latency buckets for request and step durations, 0.5 ms to ~65 s.
 prometheus::Histogram::BucketBoundaries LatencyBuckets();
+// Buckets for short computations (one tensor's update), 10 us to ~40 s.
+prometheus::Histogram::BucketBoundaries FineLatencyBuckets();
 
 // The interceptor factory that records, per method:
 //   muonps_grpc_server_handled_total{grpc_service, grpc_method, grpc_code}

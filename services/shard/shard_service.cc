@@ -62,12 +62,12 @@ ShardServiceImpl::Metrics::Metrics(prometheus::Registry& r)
                        .Name("muonps_shard_tensor_update_duration_seconds")
                        .Help("Time of one tensor's update (Newton-Schulz for Muon), by optimizer")
                        .Register(r)
-                       .Add({{"optimizer", "muon"}}, LatencyBuckets())),
+                       .Add({{"optimizer", "muon"}}, FineLatencyBuckets())),
       adamw_seconds(prometheus::BuildHistogram()
                         .Name("muonps_shard_tensor_update_duration_seconds")
                         .Help("Time of one tensor's update (Newton-Schulz for Muon), by optimizer")
                         .Register(r)
-                        .Add({{"optimizer", "adamw"}}, LatencyBuckets())) {}
+                        .Add({{"optimizer", "adamw"}}, FineLatencyBuckets())) {}
 
 ShardServiceImpl::ShardServiceImpl(std::shared_ptr<prometheus::Registry> metrics)
     : registry_(metrics != nullptr ? std::move(metrics) : std::make_shared<prometheus::Registry>()),
