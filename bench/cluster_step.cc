@@ -1,0 +1,250 @@
+// Step time of the same job in one process (`muonps train`) and as a cluster
+// of processes on loopback (`muonps local`), measured in the same run.
+//
+//   ./build/bench/cluster_step [--steps=30] [--warmup=5] [--reps=3] [--threads=0]
+//                              [--binary=PATH]
+//
+// The job is the default one (`muonps defaults`: 4 slots x 2 x 256 tokens)
+// with --steps steps, random sampling, no periodic evaluation and no
+// checkpoints. It runs as subprocesses of the real binary:
+//   train  muonps train JOB --log_jsonl F      (step_s of every step record)
+//   1+1    muonps local --shards 1 --workers 1 JOB --json
+//   2+2    muonps local --shards 2 --workers 2 JOB --json
+// (the cluster's figure is job.progress.step_seconds of each STEP event: the
+// coordinator's wall time from handing out the step's tasks to the shards'
+// ApplyStep returning). A run's figure is the median step time over steps
+// warmup+1 .. steps-1: the first steps warm caches, connections and thread
+// pools, and the last step always evaluates. The runs alternate train, 1+1,
+// 2+2 for --reps rounds so that machine noise hits all alike; every figure is
+// the median over rounds. ratio = cluster ms/step / train ms/step; the goal
+// for 1 shard + 1 worker is <= 1.15 (distribution costs at most 15%).
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "common/blas_runtime.h"
+#include "common/job_spec.h"
+#include "nlohmann/json.hpp"
+
+ABSL_FLAG(int, steps, 30, "Steps of each run (the job's schedule.total_steps)");
+ABSL_FLAG(int, warmup, 5, "Leading steps of each run left out of its median");
+ABSL_FLAG(int, reps, 3, "Rounds of (train, 1+1, 2+2); medians over rounds are reported");
+ABSL_FLAG(int, threads, 0, "--threads for every run (0 = the binary's default, all cores)");
+ABSL_FLAG(std::string, binary, MUONPS_BINARY, "The muonps binary to run");
+ABSL_FLAG(bool, keep, false, "Keep the work directory (job, logs) after a successful run");
+
+namespace muonps {
+namespace {
+
+constexpr double kGoalRatio = 1.15;
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t mid = v.size() / 2;
+  return v.size() % 2 == 1 ? v[mid] : 0.5 * (v[mid - 1] + v[mid]);
+}
+
+[[noreturn]] void Die(const std::string& what) {
+  std::fprintf(stderr, "cluster_step: %s\n", what.c_str());
+  std::exit(1);
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+std::string Tail(const std::string& text, size_t bytes) {
+  return text.size() <= bytes ? text : text.substr(text.size() - bytes);
+}
+
+// Runs argv[0] with `args`, stdout and stderr into files; returns the exit status.
+int RunProcess(const std::vector<std::string>& argv, const std::string& out,
+               const std::string& err) {
+  const pid_t pid = fork();
+  if (pid < 0) Die("fork failed");
+  if (pid == 0) {
+    const int out_fd = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int err_fd = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (out_fd < 0 || err_fd < 0) _exit(126);
+    dup2(out_fd, 1);
+    dup2(err_fd, 2);
+    close(out_fd);
+    close(err_fd);
+    std::vector<std::string> copy = argv;
+    std::vector<char*> args;
+    for (std::string& a : copy) args.push_back(a.data());
+    args.push_back(nullptr);
+    execv(args[0], args.data());
+    _exit(127);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+// One way of running the job: in one process (shards == 0) or as a cluster.
+struct Setup {
+  std::string name;
+  int shards = 0, workers = 0;
+};
+
+// (step, seconds) of every step a run reported.
+using StepTimes = std::vector<std::pair<int64_t, double>>;
+
+StepTimes ParseTrainLog(const std::string& text) {
+  StepTimes out;
+  std::istringstream lines(text);
+  std::string line;
+  while (std::getline(lines, line)) {
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() || j.value("event", "") != "step") continue;
+    out.emplace_back(j.value("step", int64_t{0}), j.value("step_s", 0.0));
+  }
+  return out;
+}
+
+// WatchJobResponse JSON lines (proto field names; int64 as strings).
+StepTimes ParseWatchJson(const std::string& text) {
+  StepTimes out;
+  std::istringstream lines(text);
+  std::string line;
+  while (std::getline(lines, line)) {
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() || j.value("kind", "") != "JOB_EVENT_KIND_STEP") continue;
+    const nlohmann::json& p = j["job"]["progress"];
+    const nlohmann::json& step = p["step"];
+    const int64_t s =
+        step.is_string() ? std::atoll(step.get<std::string>().c_str()) : step.get<int64_t>();
+    out.emplace_back(s, p.value("step_seconds", 0.0));
+  }
+  return out;
+}
+
+// Runs the job once as `setup`; returns the median step time (seconds) over
+// steps warmup+1 .. steps-1.
+double RunOnce(const Setup& setup, const std::string& binary, const std::string& job_path,
+               const std::string& dir, int round, int steps, int warmup, int threads) {
+  const std::string tag = absl::StrCat(dir, "/", setup.name, "-", round);
+  const std::string out = tag + ".out", err = tag + ".err";
+  std::vector<std::string> argv = {binary};
+  std::string jsonl;
+  if (setup.shards == 0) {
+    jsonl = tag + ".jsonl";
+    argv.insert(argv.end(), {"train", job_path, "--quiet", "--log_jsonl=" + jsonl});
+  } else {
+    argv.insert(argv.end(), {"local", absl::StrCat("--shards=", setup.shards),
+                             absl::StrCat("--workers=", setup.workers), job_path, "--json",
+                             "--log_dir=" + tag + "-logs"});
+  }
+  if (threads > 0) argv.push_back(absl::StrCat("--threads=", threads));
+  const int rc = RunProcess(argv, out, err);
+  if (rc != 0) {
+    Die(absl::StrCat(setup.name, " exited with status ", rc, "; ", err, " ends:\n",
+                     Tail(ReadFile(err), 2000)));
+  }
+  const StepTimes times =
+      setup.shards == 0 ? ParseTrainLog(ReadFile(jsonl)) : ParseWatchJson(ReadFile(out));
+  std::vector<double> kept;
+  for (const auto& [step, seconds] : times) {
+    if (step > warmup && step < steps) kept.push_back(seconds);
+  }
+  if (kept.empty()) {
+    Die(absl::StrCat(setup.name, ": no step times after warm-up in ", out, " (", times.size(),
+                     " steps reported)"));
+  }
+  return Median(kept);
+}
+
+int Run() {
+  const int steps = std::max(3, absl::GetFlag(FLAGS_steps));
+  const int warmup = std::clamp(absl::GetFlag(FLAGS_warmup), 0, steps - 2);
+  const int reps = std::max(1, absl::GetFlag(FLAGS_reps));
+  const int threads = absl::GetFlag(FLAGS_threads);
+  const std::string binary = absl::GetFlag(FLAGS_binary);
+  if (access(binary.c_str(), X_OK) != 0) Die(absl::StrCat(binary, " is not an executable"));
+
+  char pattern[] = "/tmp/muonps-cluster-step-XXXXXX";
+  if (mkdtemp(pattern) == nullptr) Die("cannot create a work directory");
+  const std::string dir = pattern;
+  v1::JobSpec job = DefaultJobSpec();
+  job.set_name("cluster-step");
+  job.mutable_schedule()->set_total_steps(steps);
+  job.mutable_schedule()->set_warmup_steps(std::min(job.schedule().warmup_steps(), steps));
+  job.mutable_data()->set_sampling("random");
+  job.mutable_data()->set_eval_every(0);
+  job.mutable_checkpoint()->set_dir("");
+  if (absl::Status st = ValidateJobSpec(job); !st.ok()) Die(std::string(st.message()));
+  const std::string job_path = dir + "/job.json";
+  std::ofstream(job_path) << ToJson(job);
+
+  const v1::ModelConfig& m = job.model();
+  std::printf(
+      "cluster_step: default model (V=%d C=%d L=%d E=%d K=%d), %d slots x %d x %d tokens, %s, "
+      "%d steps, random sampling, no evaluation but the last step's\n"
+      "  figure: median step time over steps %d..%d of each run, median over %d rounds "
+      "(train, 1+1, 2+2 alternating); threads %s; BLAS %s\n"
+      "  binary %s; work directory %s\n",
+      m.vocab_size(), m.hidden_size(), m.num_hidden_layers(), m.n_routed_experts(),
+      m.num_experts_per_tok(), job.batch().slots(), job.batch().micro_batch(),
+      m.max_position_embeddings(), job.optimizer().name().c_str(), steps, warmup + 1, steps - 1,
+      reps, threads > 0 ? std::to_string(threads).c_str() : "all cores", BlasCoreName().c_str(),
+      binary.c_str(), dir.c_str());
+  std::fflush(stdout);
+
+  const std::vector<Setup> setups = {{"train", 0, 0}, {"1+1", 1, 1}, {"2+2", 2, 2}};
+  std::vector<std::vector<double>> seconds(setups.size());  // [setup][round]
+  for (int round = 0; round < reps; ++round) {
+    std::printf("round %d:", round + 1);
+    for (size_t k = 0; k < setups.size(); ++k) {
+      seconds[k].push_back(
+          RunOnce(setups[k], binary, job_path, dir, round, steps, warmup, threads));
+      std::printf("  %s %.1f ms", setups[k].name.c_str(), seconds[k].back() * 1e3);
+      std::fflush(stdout);
+    }
+    std::printf("\n");
+  }
+
+  const double train_s = Median(seconds[0]);
+  std::printf("%-34s %8.1f ms/step\n", "train (1 process)", train_s * 1e3);
+  for (size_t k = 1; k < setups.size(); ++k) {
+    std::vector<double> ratios;
+    for (int r = 0; r < reps; ++r) ratios.push_back(seconds[k][r] / seconds[0][r]);
+    const auto [lo, hi] = std::minmax_element(ratios.begin(), ratios.end());
+    const double s = Median(seconds[k]);
+    const double ratio = s / train_s;
+    const std::string label =
+        absl::StrCat("local ", setups[k].shards, " shard(s) + ", setups[k].workers, " worker(s)");
+    std::printf("%-34s %8.1f ms/step  ratio to train %.2f (per round %.2f .. %.2f)", label.c_str(),
+                s * 1e3, ratio, *lo, *hi);
+    if (setups[k].shards == 1 && setups[k].workers == 1) {
+      std::printf("  goal <= %.2f: %s", kGoalRatio, ratio <= kGoalRatio ? "met" : "NOT MET");
+    }
+    std::printf("\n");
+  }
+  if (!absl::GetFlag(FLAGS_keep)) std::filesystem::remove_all(dir);
+  return 0;
+}
+
+}  // namespace
+}  // namespace muonps
+
+int main(int argc, char** argv) {
+  muonps::PrepareComputeRuntime(argc, argv);
+  absl::ParseCommandLine(argc, argv);
+  return muonps::Run();
+}
