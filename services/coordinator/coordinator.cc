@@ -734,7 +734,9 @@ void Coordinator::RunJob(const std::string& job_id) {
     absl::MutexLock lock(&mu_);
     while (true) {
       if (shutdown_) return absl::UnavailableError("coordinator shut down");
-      if (cancellable && jobs_.at(job_id).cancel_requested) return absl::CancelledError("cancelled");
+      if (cancellable && jobs_.at(job_id).cancel_requested) {
+        return absl::CancelledError("cancelled");
+      }
       if (!step_->failure.empty()) return absl::InternalError(step_->failure);
       for (const Member& s : shard_members) {
         if (members_.count(s.id) == 0) {
