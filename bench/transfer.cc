@@ -59,6 +59,7 @@
 #include "services/server/grpc_server.h"
 #include "services/server/rpc_util.h"
 #include "services/shard/shard_service.h"
+#include "services/transfer/shard_client.h"
 #include "services/transfer/tensor_stream.h"
 #include "workers/worker/worker.h"
 
@@ -262,86 +263,23 @@ struct Route {
   std::vector<std::string> tensors;  // owned, layout order
 };
 
-absl::Status PushGradients(v1::ShardService::Stub* stub, const ModelLayout& layout,
-                           const Route& route, int64_t step, int first_slot, int slot_count,
-                           int64_t chunk_bytes, const float* grads) {
-  grpc::ClientContext context;
-  context.set_deadline(DeadlineIn(300.0));
+// The worker's own client code (services/transfer/shard_client.h).
+absl::Status Push(v1::ShardService::Stub* stub, const ModelLayout& layout, const Route& route,
+                  int64_t step, int64_t chunk_bytes, const float* grads) {
+  PushTarget target;
+  target.job_id = route.job_id;
+  target.step = step;
   v1::PushGradientsResponse response;
-  std::unique_ptr<grpc::ClientWriter<v1::PushGradientsRequest>> writer =
-      stub->PushGradients(&context, &response);
-  v1::PushGradientsRequest message;
-  message.set_job_id(route.job_id);
-  message.set_step(step);
-  message.set_slot(first_slot);
-  message.set_slot_count(slot_count);
-  bool open = true;
-  for (const std::string& name : route.tensors) {
-    const TensorInfo* info = layout.Find(name);
-    if (info == nullptr || !info->trainable()) continue;
-    open = SplitTensor(name, info->shape, grads + info->offset, chunk_bytes,
-                       [&](const v1::TensorChunk& chunk) {
-                         *message.mutable_chunk() = chunk;
-                         const bool ok = writer->Write(message);
-                         message.clear_job_id();
-                         message.clear_step();
-                         message.clear_slot();
-                         message.clear_slot_count();
-                         return ok;
-                       });
-    if (!open) break;
-  }
-  writer->WritesDone();
-  absl::Status st = FromGrpcStatus(writer->Finish(), "PushGradients");
+  absl::Status st = PushGradients(stub, layout, route.tensors, target, grads, chunk_bytes,
+                                  "PushGradients", &response);
   if (st.ok() && !response.counted()) return absl::InternalError("push acknowledged as a repeat");
   return st;
 }
 
-absl::Status PullParameters(v1::ShardService::Stub* stub, const ModelLayout& layout,
-                            const Route& route, int64_t version, int64_t chunk_bytes,
-                            float* params) {
-  grpc::ClientContext context;
-  context.set_deadline(DeadlineIn(660.0));
-  v1::PullParametersRequest request;
-  request.set_job_id(route.job_id);
-  request.set_version(version);
-  request.set_wait_seconds(600.0);
-  request.set_max_chunk_bytes(chunk_bytes);
-  std::unique_ptr<grpc::ClientReader<v1::PullParametersResponse>> reader =
-      stub->PullParameters(&context, request);
-  v1::PullParametersResponse message;
-  std::unique_ptr<TensorAssembler> current;
-  std::string name;
-  int received = 0;
-  absl::Status st;
-  while (reader->Read(&message)) {
-    if (!st.ok()) continue;
-    const v1::TensorChunk& chunk = message.chunk();
-    if (current == nullptr || chunk.name() != name) {
-      if (current != nullptr && !(st = current->Finish()).ok()) continue;
-      const TensorInfo* info = layout.Find(chunk.name());
-      if (info == nullptr) {
-        st = absl::InvalidArgumentError(absl::StrCat("unknown tensor ", chunk.name()));
-        continue;
-      }
-      name = chunk.name();
-      current = std::make_unique<TensorAssembler>(name, info->shape, params + info->offset,
-                                                  /*require_finite=*/true);
-      ++received;
-    }
-    st = current->Add(chunk);
-  }
-  absl::Status end = FromGrpcStatus(reader->Finish(), "PullParameters");
-  if (!end.ok()) return end;
-  if (!st.ok()) return st;
-  if (current != nullptr) {
-    if (absl::Status fin = current->Finish(); !fin.ok()) return fin;
-  }
-  if (received != static_cast<int>(route.tensors.size())) {
-    return absl::DataLossError(
-        absl::StrCat("received ", received, " tensors, expected ", route.tensors.size()));
-  }
-  return absl::OkStatus();
+absl::Status Pull(v1::ShardService::Stub* stub, const ModelLayout& layout, const Route& route,
+                  int64_t version, int64_t chunk_bytes, float* params) {
+  return PullParameters(stub, layout, route.job_id, version, static_cast<int>(route.tensors.size()),
+                        600.0, chunk_bytes, params, "PullParameters");
 }
 
 // The coordinator's part of a step, untimed: norms, then the update.
@@ -460,12 +398,12 @@ int Run(int reps) {
   for (int round = 0; round <= reps; ++round) {
     const double tcp_s = tcp.Send(reinterpret_cast<const char*>(grads.data()));
     const double push_s = TimedOnThread([&] {
-      return PushGradients(stub.get(), layout, route, step, 0, 1, chunk_bytes, grads.data());
+      return Push(stub.get(), layout, route, step, chunk_bytes, grads.data());
     });
     if (absl::Status st = AdvanceStep(stub.get(), step); !st.ok()) Die(std::string(st.message()));
     ++step;
     const double pull_s = TimedOnThread([&] {
-      return PullParameters(stub.get(), layout, route, step, chunk_bytes, params.data());
+      return Pull(stub.get(), layout, route, step, chunk_bytes, params.data());
     });
     if (round == 0) continue;  // warm-up: connections, first-touch of the shard's buffers
     figures.tcp.push_back(tcp_s);

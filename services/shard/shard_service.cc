@@ -216,7 +216,7 @@ grpc::Status ShardServiceImpl::PullParameters(
     }
     state = state_;
   }
-  std::vector<std::pair<const TensorInfo*, std::vector<float>>> values;
+  std::vector<std::pair<const TensorInfo*, ShardState::Snapshot>> values;
   const std::vector<std::string> names(request->tensors().begin(), request->tensors().end());
   absl::StatusOr<int64_t> version = state->Parameters(names, &values);
   if (!version.ok()) return ToGrpcStatus(version.status());
@@ -230,12 +230,11 @@ grpc::Status ShardServiceImpl::PullParameters(
   v1::PullParametersResponse message;
   message.set_version(*version);
   for (const auto& [info, data] : values) {
-    const bool sent = SplitTensor(info->name, info->shape, data.data(), chunk_bytes,
-                                  [&](const v1::TensorChunk& chunk) {
-                                    *message.mutable_chunk() = chunk;
-                                    pulled += static_cast<int64_t>(chunk.data().size());
-                                    return writer->Write(message);
-                                  });
+    const bool sent = SplitTensorInto(info->name, info->shape, data->data(), chunk_bytes,
+                                      message.mutable_chunk(), [&] {
+                                        pulled += static_cast<int64_t>(message.chunk().data().size());
+                                        return writer->Write(message);
+                                      });
     if (!sent) return Refuse(absl::StatusCode::kCancelled, "the client closed the stream");
   }
   metrics_.pulled_bytes.Increment(static_cast<double>(pulled));
@@ -331,7 +330,7 @@ grpc::Status ShardServiceImpl::PushGradients(grpc::ServerContext*,
                                  ": missing from the push (a push carries every trainable "
                                  "tensor the shard owns)"));
     }
-    grads.push_back({info->name, it->second.data(), info->numel});
+    grads.push_back({info->name, it->second.data(), info->numel, &it->second});
   }
   if (grads.size() != buffers.size()) {
     for (const auto& [name, buffer] : buffers) {

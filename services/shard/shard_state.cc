@@ -9,6 +9,7 @@
 #include "common/parallel.h"
 #include "services/optimizer/grad_norm.h"
 #include "services/optimizer/tensor_update.h"
+#include "services/transfer/tensor_stream.h"
 
 namespace muonps {
 
@@ -26,8 +27,8 @@ absl::StatusOr<std::unique_ptr<ShardState>> ShardState::Create(
     }
     Tensor& t = shard->tensors_[name];
     t.info = info;
-    t.value.resize(info->numel);
-    InitTensor(*info, job.seed(), job.model().initializer_range(), t.value.data());
+    t.value = std::make_shared<std::vector<float>>(info->numel);
+    InitTensor(*info, job.seed(), job.model().initializer_range(), t.value->data());
     if (info->trainable()) {
       if (UsesMuon(*info, job.optimizer().name())) {
         t.momentum.assign(info->numel, 0.0f);
@@ -62,7 +63,7 @@ absl::Status ShardState::Restore(const std::string& name, std::vector<float> val
     return absl::OkStatus();
   };
   for (const auto& [v, now, what] :
-       {std::tuple(&value, &t.value, "parameter"), std::tuple(&momentum, &t.momentum, "momentum"),
+       {std::tuple(&value, t.value.get(), "parameter"), std::tuple(&momentum, &t.momentum, "momentum"),
         std::tuple(&exp_avg, &t.exp_avg, "exp_avg"),
         std::tuple(&exp_avg_sq, &t.exp_avg_sq, "exp_avg_sq")}) {
     if (absl::Status st = check(*v, *now, what); !st.ok()) return st;
@@ -71,7 +72,7 @@ absl::Status ShardState::Restore(const std::string& name, std::vector<float> val
     return absl::FailedPreconditionError(
         absl::StrCat("tensor ", name, ": cannot restore after gradients arrived"));
   }
-  t.value = std::move(value);
+  t.value = std::make_shared<std::vector<float>>(std::move(value));
   t.momentum = std::move(momentum);
   t.exp_avg = std::move(exp_avg);
   t.exp_avg_sq = std::move(exp_avg_sq);
@@ -107,12 +108,12 @@ absl::StatusOr<std::vector<float>> ShardState::Parameter(const std::string& name
   absl::MutexLock lock(&mu_);
   auto it = tensors_.find(name);
   if (it == tensors_.end()) return absl::NotFoundError(absl::StrCat("tensor ", name, " is not on this shard"));
-  return it->second.value;
+  return *it->second.value;
 }
 
 absl::StatusOr<int64_t> ShardState::Parameters(
     const std::vector<std::string>& names,
-    std::vector<std::pair<const TensorInfo*, std::vector<float>>>* out) const {
+    std::vector<std::pair<const TensorInfo*, Snapshot>>* out) const {
   absl::MutexLock lock(&mu_);
   const std::vector<std::string>& wanted = names.empty() ? order_ : names;
   for (const std::string& name : wanted) {
@@ -135,7 +136,7 @@ int64_t ShardState::Visit(
   absl::MutexLock lock(&mu_);
   for (const std::string& name : order_) {
     const Tensor& t = tensors_.at(name);
-    visit(*t.info, t.value, t.momentum, t.exp_avg, t.exp_avg_sq);
+    visit(*t.info, *t.value, t.momentum, t.exp_avg, t.exp_avg_sq);
   }
   return version_;
 }
@@ -178,11 +179,10 @@ absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int 
       return absl::InvalidArgumentError(absl::StrCat(
           "tensor ", g.name, ": ", g.numel, " gradient values, expected ", t.info->numel));
     }
-    for (int64_t i = 0; i < g.numel; ++i) {
-      if (!std::isfinite(g.data[i])) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("tensor ", g.name, ": non-finite gradient value at element ", i));
-      }
+    const int64_t bad = FirstNonFinite(reinterpret_cast<const char*>(g.data), g.numel);
+    if (bad >= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor ", g.name, ": non-finite gradient value at element ", bad));
     }
     auto same = t.received.find(first_slot);
     if (same != t.received.end() && same->second.first == slot_count) {
@@ -202,8 +202,14 @@ absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int 
   for (size_t k = 0; k < grads.size(); ++k) {
     Tensor& t = *targets[k];
     if (t.received.count(first_slot) != 0) continue;
-    t.received[first_slot] = {slot_count,
-                              std::vector<float>(grads[k].data, grads[k].data + grads[k].numel)};
+    std::vector<float> kept;
+    if (grads[k].movable != nullptr && grads[k].movable->data() == grads[k].data &&
+        static_cast<int64_t>(grads[k].movable->size()) == grads[k].numel) {
+      kept = std::move(*grads[k].movable);
+    } else {
+      kept.assign(grads[k].data, grads[k].data + grads[k].numel);
+    }
+    t.received[first_slot] = {slot_count, std::move(kept)};
     for (int s = first_slot; s < first_slot + slot_count; ++s) t.covered_by[s] = first_slot;
   }
   summed_ = false;
@@ -283,15 +289,17 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
   RunTensorUpdates(infos, oc.name(), [&](size_t k) {
     Tensor& t = *trainable[k];
     const auto start = std::chrono::steady_clock::now();
+    // A pull may still be streaming this version: update a copy then.
+    if (t.value.use_count() > 1) t.value = std::make_shared<std::vector<float>>(*t.value);
     std::vector<float> before;
-    if (stats != nullptr) before = t.value;
-    UpdateTensor(*t.info, update, t.value.data(), t.momentum.data(), t.exp_avg.data(),
+    if (stats != nullptr) before = *t.value;
+    UpdateTensor(*t.info, update, t.value->data(), t.momentum.data(), t.exp_avg.data(),
                  t.exp_avg_sq.data(), t.grad.data());
     seconds[k] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (stats != nullptr) {
       double sq = 0.0;
       for (size_t i = 0; i < before.size(); ++i) {
-        const double d = static_cast<double>(t.value[i]) - before[i];
+        const double d = static_cast<double>((*t.value)[i]) - before[i];
         sq += d * d;
       }
       update_sq[k] = sq;
@@ -313,7 +321,8 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
       const size_t moe_layer =
           static_cast<size_t>(t.info->layer - job_.model().first_k_dense_replace());
       if (moe_layer < loads.size()) {
-        UpdateRouterBias(t.value.data(), loads[moe_layer], job_.model().bias_update_rate());
+        if (t.value.use_count() > 1) t.value = std::make_shared<std::vector<float>>(*t.value);
+        UpdateRouterBias(t.value->data(), loads[moe_layer], job_.model().bias_update_rate());
       }
     }
   }

@@ -51,10 +51,14 @@ class ShardState {
   const v1::JobSpec& job() const { return job_; }
   // A copy of an owned tensor's current values; NOT_FOUND otherwise.
   absl::StatusOr<std::vector<float>> Parameter(const std::string& name) const;
-  // Copies of the named tensors' values (all owned when `names` is empty),
-  // in the order given, all of one version; returns that version.
+  // The named tensors' values (all owned when `names` is empty), in the
+  // order given, all of one version; returns that version. The values are
+  // shared, not copied: an update while they are held writes new buffers
+  // (copy on write), so a pull streams a consistent version without holding
+  // the shard's lock.
+  using Snapshot = std::shared_ptr<const std::vector<float>>;
   absl::StatusOr<int64_t> Parameters(const std::vector<std::string>& names,
-                                     std::vector<std::pair<const TensorInfo*, std::vector<float>>>* out) const;
+                                     std::vector<std::pair<const TensorInfo*, Snapshot>>* out) const;
   // Calls `visit` on every owned tensor in layout order with its values and
   // optimizer state (empty vectors where the optimizer keeps none); returns
   // the version they belong to.
@@ -71,6 +75,8 @@ class ShardState {
     std::string name;
     const float* data = nullptr;
     int64_t numel = 0;
+    // When set (holding `data`), the shard keeps this buffer instead of a copy.
+    std::vector<float>* movable = nullptr;
   };
   // Records the gradients of slot range [first_slot, first_slot+slot_count)
   // for `step`, all or nothing. Returns true when counted, false when this
@@ -114,7 +120,8 @@ class ShardState {
  private:
   struct Tensor {
     const TensorInfo* info;
-    std::vector<float> value, momentum, exp_avg, exp_avg_sq;
+    std::shared_ptr<std::vector<float>> value;  // shared with pulls in flight
+    std::vector<float> momentum, exp_avg, exp_avg_sq;
     // Received gradients by first slot: a single slot, or the prefix sum of
     // slots [0, count) at key 0. `covered_by[s]` = key covering slot s, -1 none.
     std::map<int, std::pair<int, std::vector<float>>> received;

@@ -22,29 +22,57 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 
 }  // namespace
 
-bool SplitTensor(const std::string& name, const std::vector<int64_t>& shape, const float* data,
-                 int64_t max_chunk_bytes,
-                 const std::function<bool(const v1::TensorChunk&)>& emit) {
+bool SplitTensorInto(const std::string& name, const std::vector<int64_t>& shape, const float* data,
+                     int64_t max_chunk_bytes, v1::TensorChunk* chunk,
+                     const std::function<bool()>& emit) {
   const int64_t total = NumElements(shape) * static_cast<int64_t>(sizeof(float));
   const int64_t step =
       std::max<int64_t>(sizeof(float), max_chunk_bytes / sizeof(float) * sizeof(float));
-  v1::TensorChunk chunk;
-  chunk.set_name(name);
-  chunk.set_dtype("F32");
+  chunk->set_name(name);
+  chunk->set_dtype("F32");
   int64_t offset = 0;
   do {
     const int64_t bytes = std::min(step, total - offset);
+    chunk->clear_shape();
     if (offset == 0) {
-      for (int64_t d : shape) chunk.add_shape(d);
-    } else {
-      chunk.clear_shape();
+      for (int64_t d : shape) chunk->add_shape(d);
     }
-    chunk.set_offset(offset);
-    chunk.set_data(reinterpret_cast<const char*>(data) + offset, static_cast<size_t>(bytes));
-    if (!emit(chunk)) return false;
+    chunk->set_offset(offset);
+    chunk->mutable_data()->assign(reinterpret_cast<const char*>(data) + offset,
+                                  static_cast<size_t>(bytes));
+    if (!emit()) return false;
     offset += bytes;
   } while (offset < total);
   return true;
+}
+
+bool SplitTensor(const std::string& name, const std::vector<int64_t>& shape, const float* data,
+                 int64_t max_chunk_bytes,
+                 const std::function<bool(const v1::TensorChunk&)>& emit) {
+  v1::TensorChunk chunk;
+  return SplitTensorInto(name, shape, data, max_chunk_bytes, &chunk, [&] { return emit(chunk); });
+}
+
+int64_t FirstNonFinite(const char* bytes, int64_t count) {
+  constexpr uint32_t kExponent = 0x7f800000u;  // all ones: Inf or NaN
+  constexpr int64_t kBlock = 1024;
+  for (int64_t base = 0; base < count; base += kBlock) {
+    const int64_t end = std::min(count, base + kBlock);
+    uint32_t bad = 0;
+    for (int64_t i = base; i < end; ++i) {
+      uint32_t w;
+      std::memcpy(&w, bytes + i * sizeof(float), sizeof(w));
+      bad |= static_cast<uint32_t>((w & kExponent) == kExponent);
+    }
+    if (bad != 0) {
+      for (int64_t i = base; i < end; ++i) {
+        uint32_t w;
+        std::memcpy(&w, bytes + i * sizeof(float), sizeof(w));
+        if ((w & kExponent) == kExponent) return i;
+      }
+    }
+  }
+  return -1;
 }
 
 TensorAssembler::TensorAssembler(std::string name, std::vector<int64_t> expected_shape, float* out,
@@ -88,12 +116,11 @@ absl::Status TensorAssembler::Add(const v1::TensorChunk& chunk) {
   const int64_t first = received_ / static_cast<int64_t>(sizeof(float));
   if (require_finite_) {
     const char* src = chunk.data().data();
-    for (int64_t i = 0; i < count; ++i) {
+    const int64_t bad = FirstNonFinite(src, count);
+    if (bad >= 0) {
       float x;
-      std::memcpy(&x, src + i * sizeof(float), sizeof(float));
-      if (!std::isfinite(x)) {
-        return refuse(absl::StrCat("data: non-finite value ", x, " at element ", first + i));
-      }
+      std::memcpy(&x, src + bad * sizeof(float), sizeof(float));
+      return refuse(absl::StrCat("data: non-finite value ", x, " at element ", first + bad));
     }
   }
   std::memcpy(out_ + first, chunk.data().data(), static_cast<size_t>(bytes));

@@ -10,7 +10,7 @@
 #include "common/parallel.h"
 #include "common/status_macros.h"
 #include "services/server/rpc_util.h"
-#include "services/transfer/tensor_stream.h"
+#include "services/transfer/shard_client.h"
 
 namespace muonps {
 namespace {
@@ -147,48 +147,10 @@ absl::Status Worker::Pull(const v1::Task& task) {
   for (const v1::ShardRoute& route : task.shards()) stubs.push_back(Stub(route.address()));
   auto pull_one = [&](int i) -> absl::Status {
     const v1::ShardRoute& route = task.shards(i);
-    const std::string what = absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PullParameters");
-    grpc::ClientContext context;
-    context.set_deadline(DeadlineIn(660.0));
-    v1::PullParametersRequest request;
-    request.set_job_id(task.job_id());
-    request.set_version(task.version());
-    request.set_wait_seconds(600.0);
-    request.set_max_chunk_bytes(options_.chunk_bytes);
-    std::unique_ptr<grpc::ClientReader<v1::PullParametersResponse>> reader =
-        stubs[i]->PullParameters(&context, request);
-    v1::PullParametersResponse message;
-    std::unique_ptr<TensorAssembler> current;
-    std::string name;
-    int received = 0;
-    absl::Status st;
-    while (reader->Read(&message)) {
-      if (!st.ok()) continue;
-      const v1::TensorChunk& chunk = message.chunk();
-      if (current == nullptr || chunk.name() != name) {
-        if (current != nullptr && !(st = current->Finish()).ok()) continue;
-        const TensorInfo* info = layout.Find(chunk.name());
-        if (info == nullptr) {
-          st = absl::InvalidArgumentError(absl::StrCat(what, ": unknown tensor ", chunk.name()));
-          continue;
-        }
-        name = chunk.name();
-        current = std::make_unique<TensorAssembler>(name, info->shape,
-                                                    job_->params.data() + info->offset,
-                                                    /*require_finite=*/true);
-        ++received;
-      }
-      st = current->Add(chunk);
-    }
-    absl::Status end = FromGrpcStatus(reader->Finish(), what);
-    if (!end.ok()) return end;
-    if (!st.ok()) return st;
-    if (current != nullptr) MUONPS_RETURN_IF_ERROR(current->Finish());
-    if (received != route.tensors_size()) {
-      return absl::DataLossError(absl::StrCat(what, ": received ", received, " tensors, expected ",
-                                              route.tensors_size()));
-    }
-    return absl::OkStatus();
+    return PullParameters(
+        stubs[i], layout, task.job_id(), task.version(), route.tensors_size(), 600.0,
+        options_.chunk_bytes, job_->params.data(),
+        absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PullParameters"));
   };
   std::vector<std::thread> threads;
   for (int i = 0; i < n; ++i) threads.emplace_back([&, i] { status[i] = pull_one(i); });
@@ -204,37 +166,19 @@ absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count, 
   const ModelLayout& layout = job_->lanes[0]->layout();
   const int n = task.shards_size();
   std::vector<absl::Status> status(static_cast<size_t>(n));
+  PushTarget target;
+  target.job_id = task.job_id();
+  target.step = task.version();
+  target.first_slot = first_slot;
+  target.slot_count = slot_count;
+  std::vector<v1::ShardService::Stub*> stubs;
+  for (const v1::ShardRoute& route : task.shards()) stubs.push_back(Stub(route.address()));
   auto push_one = [&](int i) -> absl::Status {
     const v1::ShardRoute& route = task.shards(i);
-    const std::string what = absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PushGradients");
-    grpc::ClientContext context;
-    context.set_deadline(DeadlineIn(300.0));
-    v1::PushGradientsResponse response;
-    std::unique_ptr<grpc::ClientWriter<v1::PushGradientsRequest>> writer =
-        Stub(route.address())->PushGradients(&context, &response);
-    v1::PushGradientsRequest message;
-    message.set_job_id(task.job_id());
-    message.set_step(task.version());
-    message.set_slot(first_slot);
-    message.set_slot_count(slot_count);
-    bool open = true;
-    for (const std::string& name : route.tensors()) {
-      const TensorInfo* info = layout.Find(name);
-      if (info == nullptr || !info->trainable()) continue;
-      open = SplitTensor(name, info->shape, grads + info->offset, options_.chunk_bytes,
-                         [&](const v1::TensorChunk& chunk) {
-                           *message.mutable_chunk() = chunk;
-                           const bool ok = writer->Write(message);
-                           message.clear_job_id();
-                           message.clear_step();
-                           message.clear_slot();
-                           message.clear_slot_count();
-                           return ok;
-                         });
-      if (!open) break;
-    }
-    writer->WritesDone();
-    return FromGrpcStatus(writer->Finish(), what);
+    const std::vector<std::string> tensors(route.tensors().begin(), route.tensors().end());
+    return PushGradients(
+        stubs[i], layout, tensors, target, grads, options_.chunk_bytes,
+        absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PushGradients"));
   };
   std::vector<std::thread> threads;
   for (int i = 0; i < n; ++i) threads.emplace_back([&, i] { status[i] = push_one(i); });
