@@ -16,6 +16,14 @@ absl::Status FromGrpcStatus(const grpc::Status& status, const std::string& what)
                                    : absl::StrCat(what, ": ", status.error_message()));
 }
 
+void TuneTransport(grpc::ChannelArguments* args) {
+  // Tensor streams move tens of MiB: a large HTTP/2 window and reads in
+  // large pieces keep the sender from stalling on flow control.
+  args->SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 16 << 20);
+  args->SetInt(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, 1 << 20);
+  args->SetInt(GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE, 8 << 20);
+}
+
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(16 << 20);
@@ -23,6 +31,7 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address) {
   // Every channel its own connection: a worker's pushes to a shard do not
   // queue behind another component's calls in the same process.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  TuneTransport(&args);
   return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
 }
 

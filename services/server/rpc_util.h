@@ -21,6 +21,9 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 // `what` prefixes the message, e.g. "shard 127.0.0.1:7001: PullParameters".
 absl::Status FromGrpcStatus(const grpc::Status& status, const std::string& what = "");
 
+// Transport settings for large tensor streams, used by channels and servers.
+void TuneTransport(grpc::ChannelArguments* args);
+
 // An insecure channel to host:port that accepts messages up to 16 MiB.
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address);
 

@@ -306,7 +306,7 @@ grpc::Status ShardServiceImpl::PushGradients(grpc::ServerContext*,
         continue;
       }
       std::vector<float>& buffer = buffers[chunk.name()];
-      buffer.resize(info->numel);
+      buffer = state->TakeBuffer(info->numel);
       current_name = chunk.name();
       // Finiteness is checked once, by ShardState, before anything is kept.
       current = std::make_unique<TensorAssembler>(current_name, info->shape, buffer.data(),

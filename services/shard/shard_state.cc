@@ -216,6 +216,19 @@ absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int 
   return true;
 }
 
+std::vector<float> ShardState::TakeBuffer(int64_t numel) {
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = spare_.find(numel);
+    if (it != spare_.end() && !it->second.empty()) {
+      std::vector<float> buffer = std::move(it->second.back());
+      it->second.pop_back();
+      return buffer;
+    }
+  }
+  return std::vector<float>(static_cast<size_t>(numel));
+}
+
 bool ShardState::GradientsComplete() const {
   absl::MutexLock lock(&mu_);
   for (const auto& [name, t] : tensors_) {
@@ -327,6 +340,9 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
     }
   }
   for (auto& [name, t] : tensors_) {
+    for (auto& [first, entry] : t.received) {
+      spare_[static_cast<int64_t>(entry.second.size())].push_back(std::move(entry.second));
+    }
     t.received.clear();
     std::fill(t.covered_by.begin(), t.covered_by.end(), -1);
   }

@@ -94,6 +94,11 @@ class ShardState {
                                        const float* grad, int64_t numel) {
     return AddGradients(step, slot, 1, {Gradient{name, grad, numel}});
   }
+  // A buffer of `numel` floats for an incoming gradient (its contents are
+  // unspecified): one kept from an earlier step when there is one, so the
+  // steady state allocates, zero-fills and page-faults nothing.
+  std::vector<float> TakeBuffer(int64_t numel);
+
   // Whether every slot of every owned trainable tensor is in.
   bool GradientsComplete() const;
 
@@ -137,6 +142,8 @@ class ShardState {
   std::map<std::string, Tensor> tensors_ ABSL_GUARDED_BY(mu_);
   std::vector<std::string> order_;  // owned names in layout order
   int64_t version_ ABSL_GUARDED_BY(mu_) = 0;
+  // Gradient buffers of applied steps, by size, for TakeBuffer.
+  std::map<int64_t, std::vector<std::vector<float>>> spare_ ABSL_GUARDED_BY(mu_);
   bool summed_ ABSL_GUARDED_BY(mu_) = false;
 };
 
