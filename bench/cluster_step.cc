@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
@@ -50,16 +51,8 @@ namespace {
 
 constexpr double kGoalRatio = 1.15;
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t mid = v.size() / 2;
-  return v.size() % 2 == 1 ? v[mid] : 0.5 * (v[mid - 1] + v[mid]);
-}
 
-[[noreturn]] void Die(const std::string& what) {
-  std::fprintf(stderr, "cluster_step: %s\n", what.c_str());
-  std::exit(1);
-}
+[[noreturn]] void Die(const std::string& what) { muonps::Die("cluster_step", what); }
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path);

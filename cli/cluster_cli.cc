@@ -84,11 +84,6 @@ void InstallSignalHandlers() {
   sigaction(SIGTERM, &action, nullptr);
 }
 
-int Fail(const absl::Status& status) {
-  std::fprintf(stderr, "muonps: error: %s\n", std::string(status.message()).c_str());
-  return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-}
-
 void LogLine(const std::string& line) {
   std::fprintf(stderr, "%s\n", line.c_str());
   std::fflush(stderr);
@@ -102,15 +97,6 @@ std::string CoordinatorAddress() {
 std::string ListenAddress(const std::string& fallback) {
   const std::string flag = absl::GetFlag(FLAGS_listen);
   return flag.empty() ? fallback : flag;
-}
-
-void ApplyThreadsFlag() {
-  int threads = absl::GetFlag(FLAGS_threads);
-  if (threads <= 0) {
-    if (const char* env = std::getenv("MUONPS_THREADS")) threads = std::atoi(env);
-  }
-  if (threads <= 0) threads = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
-  SetNumThreads(threads);
 }
 
 absl::Status WritePortFile(int port) {
@@ -786,6 +772,20 @@ const std::vector<std::string>& EnvironmentFlags() {
       "listen",        "advertise",         "coordinator",    "min_shards",
       "lease_seconds", "heartbeat_seconds", "metrics_listen", "peak_tflops"};
   return *flags;
+}
+
+int Fail(const absl::Status& status) {
+  std::fprintf(stderr, "muonps: error: %s\n", std::string(status.message()).c_str());
+  return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+}
+
+void ApplyThreadsFlag() {
+  int threads = absl::GetFlag(FLAGS_threads);
+  if (threads <= 0) {
+    if (const char* env = std::getenv("MUONPS_THREADS")) threads = std::atoi(env);
+  }
+  if (threads <= 0) threads = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+  SetNumThreads(threads);
 }
 
 int RunClusterCommand(const std::string& command, const std::vector<std::string>& args) {

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
+
 namespace muonps {
 
 // Runs `command` (one of the above) with its positional arguments; returns
@@ -16,6 +18,13 @@ int RunClusterCommand(const std::string& command, const std::vector<std::string>
 
 // Flags that may also come from the environment, as MUONPS_<NAME upper-cased>.
 const std::vector<std::string>& EnvironmentFlags();
+
+// Prints "muonps: error: MESSAGE" and returns the exit status: 2 for invalid
+// input, 1 otherwise.
+int Fail(const absl::Status& status);
+
+// Sets the compute threads from --threads, else MUONPS_THREADS, else all cores.
+void ApplyThreadsFlag();
 
 }  // namespace muonps
 

@@ -62,24 +62,10 @@ void OnStopSignal(int signal_number) {
   std::signal(signal_number, SIG_DFL);
 }
 
-int Fail(const absl::Status& status) {
-  std::fprintf(stderr, "muonps: error: %s\n", std::string(status.message()).c_str());
-  return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-}
-
-void ApplyThreads() {
-  int threads = absl::GetFlag(FLAGS_threads);
-  if (threads <= 0) {
-    if (const char* env = std::getenv("MUONPS_THREADS")) threads = std::atoi(env);
-  }
-  if (threads <= 0) threads = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
-  SetNumThreads(threads);
-}
-
 int Train(const std::vector<std::string>& args) {
   absl::StatusOr<v1::JobSpec> job = args.empty() ? DefaultJobSpec() : LoadJobSpecFile(args[0]);
   if (!job.ok()) return Fail(job.status());
-  ApplyThreads();
+  ApplyThreadsFlag();
 
   ProgressDisplay progress(absl::GetFlag(FLAGS_quiet) ? nullptr : stderr,
                            absl::GetFlag(FLAGS_log_jsonl));

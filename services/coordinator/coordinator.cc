@@ -27,9 +27,6 @@ bool Ended(v1::JobState state) {
          state == v1::JOB_STATE_CANCELLED;
 }
 
-grpc::Status Refuse(absl::StatusCode code, const std::string& message) {
-  return ToGrpcStatus(absl::Status(code, message));
-}
 
 // Runs fn(i) for i in [0, n) on n threads; the first error by index wins.
 absl::Status ForEachShard(int n, const std::function<absl::Status(int)>& fn) {
@@ -128,18 +125,6 @@ class Coordinator::ClusterServiceImpl final : public v1::ClusterService::Service
 
 // ---------------------------------------------------------------------------
 
-namespace {
-
-prometheus::Gauge& NewGauge(prometheus::Registry& r, const std::string& name, const std::string& help) {
-  return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
-}
-prometheus::Counter& NewCounter(prometheus::Registry& r, const std::string& name,
-                                const std::string& help) {
-  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
-}
-
-}  // namespace
-
 Coordinator::Metrics::Metrics(prometheus::Registry& r)
     : jobs(prometheus::BuildGauge()
                .Name("muonps_coordinator_jobs")
@@ -161,16 +146,10 @@ Coordinator::Metrics::Metrics(prometheus::Registry& r)
       steps(NewCounter(r, "muonps_job_steps_total", "Optimizer steps completed")),
       reassignments(NewCounter(r, "muonps_coordinator_task_reassignments_total",
                                "Tasks taken from a worker (lease expired or abandoned) and offered again")),
-      step_seconds(prometheus::BuildHistogram()
-                       .Name("muonps_job_step_duration_seconds")
-                       .Help("Wall time of an optimizer step, including its evaluation")
-                       .Register(r)
-                       .Add({}, LatencyBuckets())),
-      global_seconds(prometheus::BuildHistogram()
-                         .Name("muonps_job_global_step_duration_seconds")
-                         .Help("Time from the last slot report to every shard having applied the update")
-                         .Register(r)
-                         .Add({}, LatencyBuckets())) {}
+      step_seconds(NewHistogram(r, "muonps_job_step_duration_seconds",
+                                "Wall time of an optimizer step, including its evaluation")),
+      global_seconds(NewHistogram(r, "muonps_job_global_step_duration_seconds",
+                                  "Time from the last slot report to every shard having applied the update")) {}
 
 void Coordinator::UpdateJobGaugesLocked() {
   std::map<v1::JobState, int> counts;

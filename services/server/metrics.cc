@@ -129,6 +129,20 @@ prometheus::Histogram::BucketBoundaries LatencyBuckets() {
   return b;
 }
 
+prometheus::Gauge& NewGauge(prometheus::Registry& r, const std::string& name, const std::string& help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
+}
+
+prometheus::Counter& NewCounter(prometheus::Registry& r, const std::string& name,
+                                const std::string& help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
+}
+
+prometheus::Histogram& NewHistogram(prometheus::Registry& r, const std::string& name,
+                                    const std::string& help, const prometheus::Labels& labels) {
+  return prometheus::BuildHistogram().Name(name).Help(help).Register(r).Add(labels, LatencyBuckets());
+}
+
 prometheus::Histogram::BucketBoundaries FineLatencyBuckets() {
   prometheus::Histogram::BucketBoundaries b;
   for (double x = 1e-5; x < 50.0; x *= 2.0) b.push_back(x);

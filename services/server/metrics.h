@@ -35,6 +35,15 @@ class MetricsEndpoint {
   int port_ = 0;
 };
 
+// One unlabelled series of a new family in `registry`.
+prometheus::Gauge& NewGauge(prometheus::Registry& registry, const std::string& name,
+                            const std::string& help);
+prometheus::Counter& NewCounter(prometheus::Registry& registry, const std::string& name,
+                                const std::string& help);
+// A histogram series with LatencyBuckets().
+prometheus::Histogram& NewHistogram(prometheus::Registry& registry, const std::string& name,
+                                    const std::string& help, const prometheus::Labels& labels = {});
+
 // Latency buckets for request and step durations, 0.5 ms to ~65 s.
 prometheus::Histogram::BucketBoundaries LatencyBuckets();
 // Buckets for short computations (one tensor's update), 10 us to ~40 s.

@@ -9,6 +9,10 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
+grpc::Status Refuse(absl::StatusCode code, const std::string& message) {
+  return ToGrpcStatus(absl::Status(code, message));
+}
+
 absl::Status FromGrpcStatus(const grpc::Status& status, const std::string& what) {
   if (status.ok()) return absl::OkStatus();
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()),

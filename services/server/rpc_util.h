@@ -18,6 +18,8 @@ namespace muonps {
 inline constexpr int64_t kMaxChunkBytes = 4 << 20;
 
 grpc::Status ToGrpcStatus(const absl::Status& status);
+// A refusal with `code` and `message` (naming the field or object at fault).
+grpc::Status Refuse(absl::StatusCode code, const std::string& message);
 // `what` prefixes the message, e.g. "shard 127.0.0.1:7001: PullParameters".
 absl::Status FromGrpcStatus(const grpc::Status& status, const std::string& what = "");
 

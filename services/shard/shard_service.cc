@@ -15,21 +15,7 @@
 namespace muonps {
 namespace {
 
-grpc::Status Refuse(absl::StatusCode code, const std::string& message) {
-  return ToGrpcStatus(absl::Status(code, message));
-}
 
-prometheus::Gauge& NewGauge(prometheus::Registry& r, const std::string& name, const std::string& help) {
-  return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
-}
-prometheus::Counter& NewCounter(prometheus::Registry& r, const std::string& name,
-                                const std::string& help) {
-  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
-}
-prometheus::Histogram& NewHistogram(prometheus::Registry& r, const std::string& name,
-                                    const std::string& help, const prometheus::Labels& labels = {}) {
-  return prometheus::BuildHistogram().Name(name).Help(help).Register(r).Add(labels, LatencyBuckets());
-}
 
 }  // namespace
 
