@@ -27,6 +27,7 @@
 #include "nlohmann/json.hpp"
 #include "tests/model_test_util.h"
 #include "tests/test_util.h"
+#include "tests/trainer_test_util.h"
 #include "trainer/checkpoint.h"
 #include "trainer/trainer.h"
 
@@ -493,42 +494,9 @@ INSTANTIATE_TEST_SUITE_P(Muon, ShardedCheckpointRefusalTest, ::testing::Values("
 
 // --- Resuming `muonps train` from a sharded checkpoint ---------------------
 
-// A small text corpus of numbered sentences (as tests/trainer_test.cc).
-std::string WriteCorpus(const std::string& dir) {
-  const std::string path = dir + "/corpus.txt";
-  std::ofstream out(path);
-  for (int i = 0; i < 600; ++i) {
-    out << "Line " << i << ": the quick brown fox " << (i % 7 == 0 ? "jumps" : "naps") << " over "
-        << (i * 37 % 101) << " lazy dogs.\n";
-  }
-  return path;
-}
-
-v1::JobSpec TinyJob(const std::string& corpus, const std::string& optimizer) {
-  absl::StatusOr<v1::JobSpec> job = ParseJobSpecJson(
-      absl::StrCat(R"({
-    "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "max_position_embeddings": 32, "intermediate_size": 64,
-              "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
-    "optimizer": {"name": ")",
-                   optimizer, R"(", "lr": 0.01},
-    "schedule": {"total_steps": 6, "warmup_steps": 2},
-    "data": {"path": ")",
-                   corpus, R"(", "eval_every": 3, "eval_windows": 4, "sampling": "random"},
-    "batch": {"slots": 3, "micro_batch": 2},
-    "seed": 7})"));
-  EXPECT_TRUE(job.ok()) << job.status();
-  return *job;
-}
-
-TrainingState RunJob(const v1::JobSpec& job, const TrainOptions& options) {
-  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(job, options);
-  EXPECT_TRUE(trainer.ok()) << trainer.status();
-  if (!trainer.ok()) return {};
-  absl::StatusOr<TrainSummary> summary = (*trainer)->Run();
-  EXPECT_TRUE(summary.ok()) << summary.status();
-  return (*trainer)->state();
-}
+using testing_util::RunJob;
+using testing_util::TinyJob;
+using testing_util::WriteCorpus;
 
 class ShardedResumeTest : public testing_util::TempDirTest,
                           public ::testing::WithParamInterface<std::string> {};
