@@ -329,8 +329,9 @@ StepReport ToStepReport(const v1::Job& job) {
   return r;
 }
 
-// Streams the job's events until it ends; `on_start` runs once the stream is
-// open. Returns the final job.
+// Streams the job's events until it ends, printing them (JSON lines with
+// `json`); `poll`, when given, runs every 100 ms meanwhile on another thread.
+// Returns the final job.
 absl::StatusOr<v1::Job> Watch(const std::string& job_id, bool json,
                               const std::function<void()>& poll = nullptr) {
   auto stub = JobStub();
