@@ -23,6 +23,9 @@ const std::vector<std::string>& EnvironmentFlags();
 // input, 1 otherwise.
 int Fail(const absl::Status& status);
 
+// `muonps local` (cli/local_cluster.cc).
+int LocalCommand(const std::vector<std::string>& args);
+
 // Sets the compute threads from --threads, else MUONPS_THREADS, else all cores.
 void ApplyThreadsFlag();
 
