@@ -257,21 +257,21 @@ struct Route {
 };
 
 // The worker's own client code (services/transfer/shard_client.h).
-absl::Status Push(v1::ShardService::Stub* stub, const ModelLayout& layout, const Route& route,
+absl::Status Push(grpc::ChannelInterface* channel, const ModelLayout& layout, const Route& route,
                   int64_t step, int64_t chunk_bytes, const float* grads) {
   PushTarget target;
   target.job_id = route.job_id;
   target.step = step;
   v1::PushGradientsResponse response;
-  absl::Status st = PushGradients(stub, layout, route.tensors, target, grads, chunk_bytes,
+  absl::Status st = PushGradients(channel, layout, route.tensors, target, grads, chunk_bytes,
                                   "PushGradients", &response);
   if (st.ok() && !response.counted()) return absl::InternalError("push acknowledged as a repeat");
   return st;
 }
 
-absl::Status Pull(v1::ShardService::Stub* stub, const ModelLayout& layout, const Route& route,
+absl::Status Pull(grpc::ChannelInterface* channel, const ModelLayout& layout, const Route& route,
                   int64_t version, int64_t chunk_bytes, float* params) {
-  return PullParameters(stub, layout, route.job_id, version, static_cast<int>(route.tensors.size()),
+  return PullParameters(channel, layout, route.job_id, version, static_cast<int>(route.tensors.size()),
                         600.0, chunk_bytes, params, "PullParameters");
 }
 
@@ -372,8 +372,8 @@ int Run(int reps) {
       shard.address().c_str(), BlasCoreName().c_str());
   std::fflush(stdout);
 
-  std::unique_ptr<v1::ShardService::Stub> stub =
-      v1::ShardService::NewStub(MakeChannel(shard.address()));
+  const std::shared_ptr<grpc::Channel> channel = MakeChannel(shard.address());
+  std::unique_ptr<v1::ShardService::Stub> stub = v1::ShardService::NewStub(channel);
   {
     grpc::ClientContext context;
     context.set_deadline(DeadlineIn(120.0));
@@ -391,12 +391,12 @@ int Run(int reps) {
   for (int round = 0; round <= reps; ++round) {
     const double tcp_s = tcp.Send(reinterpret_cast<const char*>(grads.data()));
     const double push_s = TimedOnThread([&] {
-      return Push(stub.get(), layout, route, step, chunk_bytes, grads.data());
+      return Push(channel.get(), layout, route, step, chunk_bytes, grads.data());
     });
     if (absl::Status st = AdvanceStep(stub.get(), step); !st.ok()) Die(std::string(st.message()));
     ++step;
     const double pull_s = TimedOnThread([&] {
-      return Pull(stub.get(), layout, route, step, chunk_bytes, params.data());
+      return Pull(channel.get(), layout, route, step, chunk_bytes, params.data());
     });
     if (round == 0) continue;  // warm-up: connections, first-touch of the shard's buffers
     figures.tcp.push_back(tcp_s);

@@ -1,15 +1,84 @@
 #include "services/transfer/shard_client.h"
 
+#include <grpcpp/impl/rpc_method.h>
+#include <grpcpp/support/byte_buffer.h>
+#include <grpcpp/support/proto_buffer_reader.h>
+#include <grpcpp/support/sync_stream.h>
+
+#include <algorithm>
+#include <limits>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "google/protobuf/wire_format_lite.h"
 #include "services/server/rpc_util.h"
 #include "services/transfer/tensor_stream.h"
 
 namespace muonps {
+namespace {
 
-absl::Status PushGradients(v1::ShardService::Stub* stub, const ModelLayout& layout,
+using google::protobuf::io::CodedInputStream;
+using google::protobuf::io::CodedOutputStream;
+using google::protobuf::internal::WireFormatLite;
+
+constexpr char kPushMethod[] = "/muonps.v1.ShardService/PushGradients";
+constexpr char kPullMethod[] = "/muonps.v1.ShardService/PullParameters";
+
+// Field numbers of shard.proto and tensor.proto.
+enum : int {
+  kPushJobId = 1, kPushStep = 2, kPushSlot = 3, kPushSlotCount = 4, kPushChunk = 5,
+  kPullVersion = 1, kPullChunk = 2,
+  kChunkName = 1, kChunkShape = 2, kChunkDtype = 3, kChunkOffset = 4, kChunkData = 5,
+};
+
+// Encodes the fields of a TensorChunk other than `data`.
+std::string EncodeChunkHeader(const std::string& name, const std::vector<int64_t>* shape,
+                              int64_t offset) {
+  std::string out;
+  google::protobuf::io::StringOutputStream stream(&out);
+  CodedOutputStream coded(&stream);
+  WireFormatLite::WriteString(kChunkName, name, &coded);
+  if (shape != nullptr) {
+    size_t size = 0;
+    for (int64_t d : *shape) size += CodedOutputStream::VarintSize64(static_cast<uint64_t>(d));
+    WireFormatLite::WriteTag(kChunkShape, WireFormatLite::WIRETYPE_LENGTH_DELIMITED, &coded);
+    coded.WriteVarint32(static_cast<uint32_t>(size));
+    for (int64_t d : *shape) coded.WriteVarint64(static_cast<uint64_t>(d));
+  }
+  WireFormatLite::WriteString(kChunkDtype, "F32", &coded);
+  if (offset != 0) WireFormatLite::WriteInt64(kChunkOffset, offset, &coded);
+  coded.Trim();
+  return out;
+}
+
+// One PushGradientsRequest: `top` (the request's own fields, encoded), then
+// the chunk whose payload is `bytes` at `data`, referenced, not copied.
+grpc::ByteBuffer PushMessage(const std::string& top, const std::string& chunk_header,
+                             const char* data, int64_t bytes) {
+  std::string head = top;
+  {
+    google::protobuf::io::StringOutputStream stream(&head);
+    CodedOutputStream coded(&stream);
+    const size_t data_field = 1 + CodedOutputStream::VarintSize64(static_cast<uint64_t>(bytes)) +
+                              static_cast<size_t>(bytes);
+    WireFormatLite::WriteTag(kPushChunk, WireFormatLite::WIRETYPE_LENGTH_DELIMITED, &coded);
+    coded.WriteVarint64(chunk_header.size() + data_field);
+    coded.WriteRaw(chunk_header.data(), static_cast<int>(chunk_header.size()));
+    WireFormatLite::WriteTag(kChunkData, WireFormatLite::WIRETYPE_LENGTH_DELIMITED, &coded);
+    coded.WriteVarint64(static_cast<uint64_t>(bytes));
+    coded.Trim();
+  }
+  grpc::Slice slices[2] = {grpc::Slice(head),
+                           grpc::Slice(data, static_cast<size_t>(bytes), grpc::Slice::STATIC_SLICE)};
+  return grpc::ByteBuffer(slices, bytes > 0 ? 2 : 1);
+}
+
+}  // namespace
+
+absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& layout,
                            const std::vector<std::string>& tensors, const PushTarget& target,
                            const float* grads, int64_t chunk_bytes, const std::string& what,
                            v1::PushGradientsResponse* response) {
@@ -17,34 +86,137 @@ absl::Status PushGradients(v1::ShardService::Stub* stub, const ModelLayout& layo
   context.set_deadline(DeadlineIn(300.0));
   v1::PushGradientsResponse local;
   if (response == nullptr) response = &local;
-  std::unique_ptr<grpc::ClientWriter<v1::PushGradientsRequest>> writer =
-      stub->PushGradients(&context, response);
-  // One message reused for every chunk: its buffers are allocated once.
-  v1::PushGradientsRequest message;
-  message.set_job_id(target.job_id);
-  message.set_step(target.step);
-  message.set_slot(target.first_slot);
-  message.set_slot_count(target.slot_count);
+  const grpc::internal::RpcMethod method(kPushMethod, grpc::internal::RpcMethod::CLIENT_STREAMING);
+  std::unique_ptr<grpc::ClientWriter<grpc::ByteBuffer>> writer(
+      grpc::internal::ClientWriterFactory<grpc::ByteBuffer>::Create(channel, method, &context,
+                                                                    response));
+  // The request's own fields travel in the first message only.
+  std::string top;
+  {
+    google::protobuf::io::StringOutputStream stream(&top);
+    CodedOutputStream coded(&stream);
+    WireFormatLite::WriteString(kPushJobId, target.job_id, &coded);
+    if (target.step != 0) WireFormatLite::WriteInt64(kPushStep, target.step, &coded);
+    if (target.first_slot != 0) WireFormatLite::WriteInt32(kPushSlot, target.first_slot, &coded);
+    if (target.slot_count != 0) WireFormatLite::WriteInt32(kPushSlotCount, target.slot_count, &coded);
+    coded.Trim();
+  }
+  const int64_t step = std::max<int64_t>(sizeof(float), chunk_bytes / sizeof(float) * sizeof(float));
+  bool open = true;
   for (const std::string& name : tensors) {
     const TensorInfo* info = layout.Find(name);
     if (info == nullptr || !info->trainable()) continue;
-    const bool open = SplitTensorInto(name, info->shape, grads + info->offset, chunk_bytes,
-                                      message.mutable_chunk(), [&] {
-                                        const bool ok = writer->Write(message);
-                                        // The header travels in the first message only.
-                                        message.clear_job_id();
-                                        message.clear_step();
-                                        message.clear_slot();
-                                        message.clear_slot_count();
-                                        return ok;
-                                      });
+    const char* data = reinterpret_cast<const char*>(grads + info->offset);
+    const int64_t total = info->numel * static_cast<int64_t>(sizeof(float));
+    int64_t offset = 0;
+    do {
+      const int64_t bytes = std::min(step, total - offset);
+      const std::string header =
+          EncodeChunkHeader(name, offset == 0 ? &info->shape : nullptr, offset);
+      open = writer->Write(PushMessage(top, header, data + offset, bytes));
+      top.clear();
+      offset += bytes;
+    } while (open && offset < total);
     if (!open) break;
   }
   writer->WritesDone();
   return FromGrpcStatus(writer->Finish(), what);
 }
 
-absl::Status PullParameters(v1::ShardService::Stub* stub, const ModelLayout& layout,
+namespace {
+
+// Decodes one PullParametersResponse from `buffer`, copying the payload of
+// its chunk straight into place through `assemblers` (created on a tensor's
+// first chunk).
+absl::Status DecodePull(grpc::ByteBuffer* buffer, const ModelLayout& layout, float* params,
+                        std::unique_ptr<TensorAssembler>* current, int* received,
+                        const std::string& what) {
+  grpc::ProtoBufferReader stream(buffer);
+  CodedInputStream in(&stream);
+  in.SetTotalBytesLimit(std::numeric_limits<int>::max());
+  auto malformed = [&](absl::string_view why) {
+    return absl::DataLossError(absl::StrCat(what, ": malformed response (", why, ")"));
+  };
+  // Where `bytes` of the chunk described by `header` go (a new tensor starts
+  // a new assembler).
+  auto place = [&](const v1::TensorChunk& header, int64_t bytes) -> absl::StatusOr<char*> {
+    if (*current == nullptr || header.name() != (*current)->name()) {
+      if (*current != nullptr) MUONPS_RETURN_IF_ERROR((*current)->Finish());
+      const TensorInfo* info = layout.Find(header.name());
+      if (info == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": unknown tensor ", header.name()));
+      }
+      *current = std::make_unique<TensorAssembler>(header.name(), info->shape,
+                                                   params + info->offset, /*require_finite=*/true);
+      ++*received;
+    }
+    return (*current)->Reserve(header, bytes);
+  };
+  while (uint32_t tag = in.ReadTag()) {
+    const int field = WireFormatLite::GetTagFieldNumber(tag);
+    if (field != kPullChunk ||
+        WireFormatLite::GetTagWireType(tag) != WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+      if (!WireFormatLite::SkipField(&in, tag)) return malformed("field");
+      continue;
+    }
+    uint32_t length = 0;
+    if (!in.ReadVarint32(&length)) return malformed("chunk length");
+    const CodedInputStream::Limit limit = in.PushLimit(static_cast<int>(length));
+    v1::TensorChunk header;  // every field but data
+    bool have_data = false;
+    while (uint32_t t = in.ReadTag()) {
+      const int f = WireFormatLite::GetTagFieldNumber(t);
+      const auto type = WireFormatLite::GetTagWireType(t);
+      if (f == kChunkName && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+        if (!WireFormatLite::ReadString(&in, header.mutable_name())) return malformed("name");
+      } else if (f == kChunkDtype && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+        if (!WireFormatLite::ReadString(&in, header.mutable_dtype())) return malformed("dtype");
+      } else if (f == kChunkOffset && type == WireFormatLite::WIRETYPE_VARINT) {
+        uint64_t v = 0;
+        if (!in.ReadVarint64(&v)) return malformed("offset");
+        header.set_offset(static_cast<int64_t>(v));
+      } else if (f == kChunkShape && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+        uint32_t n = 0;
+        if (!in.ReadVarint32(&n)) return malformed("shape");
+        const CodedInputStream::Limit shape_limit = in.PushLimit(static_cast<int>(n));
+        while (in.BytesUntilLimit() > 0) {
+          uint64_t v = 0;
+          if (!in.ReadVarint64(&v)) return malformed("shape");
+          header.add_shape(static_cast<int64_t>(v));
+        }
+        in.PopLimit(shape_limit);
+      } else if (f == kChunkShape && type == WireFormatLite::WIRETYPE_VARINT) {
+        uint64_t v = 0;
+        if (!in.ReadVarint64(&v)) return malformed("shape");
+        header.add_shape(static_cast<int64_t>(v));
+      } else if (f == kChunkData && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED &&
+                 !have_data) {
+        // The shard writes data last, after the fields that say where it goes.
+        uint32_t bytes = 0;
+        if (!in.ReadVarint32(&bytes)) return malformed("data length");
+        absl::StatusOr<char*> dst = place(header, bytes);
+        if (!dst.ok()) return dst.status();
+        if (!in.ReadRaw(*dst, static_cast<int>(bytes))) return malformed("data");
+        MUONPS_RETURN_IF_ERROR((*current)->Commit(bytes));
+        have_data = true;
+      } else if (!WireFormatLite::SkipField(&in, t)) {
+        return malformed("chunk field");
+      }
+    }
+    if (!in.ConsumedEntireMessage() && in.BytesUntilLimit() != 0) return malformed("chunk");
+    in.PopLimit(limit);
+    if (!have_data) {  // an empty payload (proto3 leaves empty bytes out)
+      absl::StatusOr<char*> dst = place(header, 0);
+      if (!dst.ok()) return dst.status();
+      MUONPS_RETURN_IF_ERROR((*current)->Commit(0));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status PullParameters(grpc::ChannelInterface* channel, const ModelLayout& layout,
                             const std::string& job_id, int64_t version, int expected,
                             double wait_seconds, int64_t chunk_bytes, float* params,
                             const std::string& what) {
@@ -55,29 +227,17 @@ absl::Status PullParameters(v1::ShardService::Stub* stub, const ModelLayout& lay
   request.set_version(version);
   request.set_wait_seconds(wait_seconds);
   request.set_max_chunk_bytes(chunk_bytes);
-  std::unique_ptr<grpc::ClientReader<v1::PullParametersResponse>> reader =
-      stub->PullParameters(&context, request);
-  v1::PullParametersResponse message;
+  const grpc::internal::RpcMethod method(kPullMethod, grpc::internal::RpcMethod::SERVER_STREAMING);
+  std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
+      grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(channel, method, &context,
+                                                                    request));
+  grpc::ByteBuffer buffer;
   std::unique_ptr<TensorAssembler> current;
-  std::string name;
   int received = 0;
   absl::Status st;
-  while (reader->Read(&message)) {
+  while (reader->Read(&buffer)) {
     if (!st.ok()) continue;  // drain after a refusal
-    const v1::TensorChunk& chunk = message.chunk();
-    if (current == nullptr || chunk.name() != name) {
-      if (current != nullptr && !(st = current->Finish()).ok()) continue;
-      const TensorInfo* info = layout.Find(chunk.name());
-      if (info == nullptr) {
-        st = absl::InvalidArgumentError(absl::StrCat(what, ": unknown tensor ", chunk.name()));
-        continue;
-      }
-      name = chunk.name();
-      current = std::make_unique<TensorAssembler>(name, info->shape, params + info->offset,
-                                                  /*require_finite=*/true);
-      ++received;
-    }
-    st = current->Add(chunk);
+    st = DecodePull(&buffer, layout, params, &current, &received, what);
   }
   MUONPS_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish(), what));
   MUONPS_RETURN_IF_ERROR(st);

@@ -83,7 +83,7 @@ TensorAssembler::TensorAssembler(std::string name, std::vector<int64_t> expected
       require_finite_(require_finite),
       total_bytes_(NumElements(shape_) * static_cast<int64_t>(sizeof(float))) {}
 
-absl::Status TensorAssembler::Add(const v1::TensorChunk& chunk) {
+absl::StatusOr<char*> TensorAssembler::Reserve(const v1::TensorChunk& chunk, int64_t bytes) {
   auto refuse = [&](absl::string_view what) {
     return absl::InvalidArgumentError(absl::StrCat("tensor ", name_, ": ", what));
   };
@@ -104,7 +104,6 @@ absl::Status TensorAssembler::Add(const v1::TensorChunk& chunk) {
     return refuse(absl::StrCat("offset: expected ", received_, " (chunks in order), got ",
                                chunk.offset()));
   }
-  const int64_t bytes = static_cast<int64_t>(chunk.data().size());
   if (bytes % static_cast<int64_t>(sizeof(float)) != 0) {
     return refuse(absl::StrCat("data: ", bytes, " bytes is not a whole number of F32 values"));
   }
@@ -112,18 +111,42 @@ absl::Status TensorAssembler::Add(const v1::TensorChunk& chunk) {
     return refuse(absl::StrCat("data: ", bytes, " bytes at offset ", received_,
                                " run past the tensor's ", total_bytes_, " bytes"));
   }
-  const int64_t count = bytes / static_cast<int64_t>(sizeof(float));
-  const int64_t first = received_ / static_cast<int64_t>(sizeof(float));
+  return reinterpret_cast<char*>(out_) + received_;
+}
+
+absl::Status TensorAssembler::Commit(int64_t bytes) {
   if (require_finite_) {
-    const char* src = chunk.data().data();
-    const int64_t bad = FirstNonFinite(src, count);
+    const char* data = reinterpret_cast<const char*>(out_) + received_;
+    const int64_t count = bytes / static_cast<int64_t>(sizeof(float));
+    const int64_t bad = FirstNonFinite(data, count);
     if (bad >= 0) {
       float x;
-      std::memcpy(&x, src + bad * sizeof(float), sizeof(float));
-      return refuse(absl::StrCat("data: non-finite value ", x, " at element ", first + bad));
+      std::memcpy(&x, data + bad * sizeof(float), sizeof(float));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor ", name_, ": data: non-finite value ", x, " at element ",
+          received_ / static_cast<int64_t>(sizeof(float)) + bad));
     }
   }
-  std::memcpy(out_ + first, chunk.data().data(), static_cast<size_t>(bytes));
+  received_ += bytes;
+  return absl::OkStatus();
+}
+
+absl::Status TensorAssembler::Add(const v1::TensorChunk& chunk) {
+  const int64_t bytes = static_cast<int64_t>(chunk.data().size());
+  absl::StatusOr<char*> dst = Reserve(chunk, bytes);
+  if (!dst.ok()) return dst.status();
+  const int64_t first = received_ / static_cast<int64_t>(sizeof(float));
+  if (require_finite_) {
+    // Checked before copying: a refused chunk writes nothing.
+    const int64_t bad = FirstNonFinite(chunk.data().data(), bytes / static_cast<int64_t>(sizeof(float)));
+    if (bad >= 0) {
+      float x;
+      std::memcpy(&x, chunk.data().data() + bad * sizeof(float), sizeof(float));
+      return absl::InvalidArgumentError(absl::StrCat("tensor ", name_, ": data: non-finite value ",
+                                                     x, " at element ", first + bad));
+    }
+  }
+  std::memcpy(*dst, chunk.data().data(), static_cast<size_t>(bytes));
   received_ += bytes;
   return absl::OkStatus();
 }

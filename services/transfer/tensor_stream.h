@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "muonps/v1/tensor.pb.h"
 
 namespace muonps {
@@ -51,6 +52,15 @@ class TensorAssembler {
   // for a refused chunk.
   absl::Status Add(const v1::TensorChunk& chunk);
 
+  // The same in two halves, for a caller that copies the payload itself:
+  // Reserve checks a chunk's header (`header.data` is ignored) for `bytes`
+  // of payload and returns where they go; Commit then checks the copied
+  // values (finiteness) and counts them. After a refused Commit the region
+  // holds the refused values.
+  absl::StatusOr<char*> Reserve(const v1::TensorChunk& header, int64_t bytes);
+  absl::Status Commit(int64_t bytes);
+
+  const std::string& name() const { return name_; }
   // True once every byte has arrived.
   bool complete() const { return received_ == total_bytes_; }
   // INVALID_ARGUMENT unless complete (for a stream that ended early).

@@ -93,10 +93,10 @@ void Worker::Log(const std::string& line) {
   if (options_.log) options_.log(line);
 }
 
-v1::ShardService::Stub* Worker::Stub(const std::string& address) {
-  auto& stub = job_->stubs[address];
-  if (stub == nullptr) stub = v1::ShardService::NewStub(MakeChannel(address));
-  return stub.get();
+grpc::Channel* Worker::Channel(const std::string& address) {
+  std::shared_ptr<grpc::Channel>& channel = job_->channels[address];
+  if (channel == nullptr) channel = MakeChannel(address);
+  return channel.get();
 }
 
 absl::Status Worker::Prepare(const v1::Task& task) {
@@ -143,12 +143,12 @@ absl::Status Worker::Pull(const v1::Task& task) {
   const ModelLayout& layout = job_->lanes[0]->layout();
   const int n = task.shards_size();
   std::vector<absl::Status> status(static_cast<size_t>(n));
-  std::vector<v1::ShardService::Stub*> stubs;
-  for (const v1::ShardRoute& route : task.shards()) stubs.push_back(Stub(route.address()));
+  std::vector<grpc::Channel*> channels;
+  for (const v1::ShardRoute& route : task.shards()) channels.push_back(Channel(route.address()));
   auto pull_one = [&](int i) -> absl::Status {
     const v1::ShardRoute& route = task.shards(i);
     return PullParameters(
-        stubs[i], layout, task.job_id(), task.version(), route.tensors_size(), 600.0,
+        channels[i], layout, task.job_id(), task.version(), route.tensors_size(), 600.0,
         options_.chunk_bytes, job_->params.data(),
         absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PullParameters"));
   };
@@ -171,13 +171,13 @@ absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count, 
   target.step = task.version();
   target.first_slot = first_slot;
   target.slot_count = slot_count;
-  std::vector<v1::ShardService::Stub*> stubs;
-  for (const v1::ShardRoute& route : task.shards()) stubs.push_back(Stub(route.address()));
+  std::vector<grpc::Channel*> channels;
+  for (const v1::ShardRoute& route : task.shards()) channels.push_back(Channel(route.address()));
   auto push_one = [&](int i) -> absl::Status {
     const v1::ShardRoute& route = task.shards(i);
     const std::vector<std::string> tensors(route.tensors().begin(), route.tensors().end());
     return PushGradients(
-        stubs[i], layout, tensors, target, grads, options_.chunk_bytes,
+        channels[i], layout, tensors, target, grads, options_.chunk_bytes,
         absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PushGradients"));
   };
   std::vector<std::thread> threads;

@@ -87,7 +87,7 @@ class Worker {
     std::vector<std::vector<int32_t>> lane_inputs, lane_targets;
     std::vector<float> params;
     int64_t params_version = -1;
-    std::map<std::string, std::unique_ptr<v1::ShardService::Stub>> stubs;  // by address
+    std::map<std::string, std::shared_ptr<grpc::Channel>> channels;  // by shard address
   };
 
   absl::Status Prepare(const v1::Task& task);
@@ -95,7 +95,7 @@ class Worker {
   absl::Status RunTrain(const v1::Task& task);
   absl::Status RunEval(const v1::Task& task);
   absl::Status Push(const v1::Task& task, int first_slot, int slot_count, const float* grads);
-  v1::ShardService::Stub* Stub(const std::string& address);
+  grpc::Channel* Channel(const std::string& address);
   void Log(const std::string& line);
 
   struct Metrics {
