@@ -20,7 +20,10 @@
 
 namespace muonps {
 
-class ShardServiceImpl final : public v1::ShardService::Service {
+// PushGradients is served as a raw callback method (decoded from gRPC's
+// buffers in place); the other methods are synchronous.
+class ShardServiceImpl final
+    : public v1::ShardService::WithRawCallbackMethod_PushGradients<v1::ShardService::Service> {
  public:
   // Metrics go to `metrics` (a private registry when null).
   explicit ShardServiceImpl(std::shared_ptr<prometheus::Registry> metrics = nullptr);
@@ -34,9 +37,8 @@ class ShardServiceImpl final : public v1::ShardService::Service {
   grpc::Status PullParameters(grpc::ServerContext* context,
                               const v1::PullParametersRequest* request,
                               grpc::ServerWriter<v1::PullParametersResponse>* writer) override;
-  grpc::Status PushGradients(grpc::ServerContext* context,
-                             grpc::ServerReader<v1::PushGradientsRequest>* reader,
-                             v1::PushGradientsResponse* response) override;
+  grpc::ServerReadReactor<grpc::ByteBuffer>* PushGradients(grpc::CallbackServerContext* context,
+                                                         grpc::ByteBuffer* response) override;
   grpc::Status GetGradientSquares(grpc::ServerContext* context,
                                   const v1::GetGradientSquaresRequest* request,
                                   v1::GetGradientSquaresResponse* response) override;
@@ -54,6 +56,8 @@ class ShardServiceImpl final : public v1::ShardService::Service {
   // The state of `job_id`, or NOT_FOUND.
   absl::StatusOr<std::shared_ptr<ShardState>> Find(const std::string& job_id) const;
 
+  class PushSession;
+  class PushReactor;
   struct Metrics {
     explicit Metrics(prometheus::Registry& registry);
     prometheus::Gauge &tensors, &parameter_bytes, &state_bytes, &version, &muon_rms, &adamw_rms;

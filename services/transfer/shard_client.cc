@@ -16,6 +16,7 @@
 #include "google/protobuf/wire_format_lite.h"
 #include "services/server/rpc_util.h"
 #include "services/transfer/tensor_stream.h"
+#include "services/transfer/wire.h"
 
 namespace muonps {
 namespace {
@@ -30,7 +31,7 @@ constexpr char kPullMethod[] = "/muonps.v1.ShardService/PullParameters";
 // Field numbers of shard.proto and tensor.proto.
 enum : int {
   kPushJobId = 1, kPushStep = 2, kPushSlot = 3, kPushSlotCount = 4, kPushChunk = 5,
-  kPullVersion = 1, kPullChunk = 2,
+  kPullChunk = 2,
   kChunkName = 1, kChunkShape = 2, kChunkDtype = 3, kChunkOffset = 4, kChunkData = 5,
 };
 
@@ -161,55 +162,8 @@ absl::Status DecodePull(grpc::ByteBuffer* buffer, const ModelLayout& layout, flo
     }
     uint32_t length = 0;
     if (!in.ReadVarint32(&length)) return malformed("chunk length");
-    const CodedInputStream::Limit limit = in.PushLimit(static_cast<int>(length));
-    v1::TensorChunk header;  // every field but data
-    bool have_data = false;
-    while (uint32_t t = in.ReadTag()) {
-      const int f = WireFormatLite::GetTagFieldNumber(t);
-      const auto type = WireFormatLite::GetTagWireType(t);
-      if (f == kChunkName && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
-        if (!WireFormatLite::ReadString(&in, header.mutable_name())) return malformed("name");
-      } else if (f == kChunkDtype && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
-        if (!WireFormatLite::ReadString(&in, header.mutable_dtype())) return malformed("dtype");
-      } else if (f == kChunkOffset && type == WireFormatLite::WIRETYPE_VARINT) {
-        uint64_t v = 0;
-        if (!in.ReadVarint64(&v)) return malformed("offset");
-        header.set_offset(static_cast<int64_t>(v));
-      } else if (f == kChunkShape && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
-        uint32_t n = 0;
-        if (!in.ReadVarint32(&n)) return malformed("shape");
-        const CodedInputStream::Limit shape_limit = in.PushLimit(static_cast<int>(n));
-        while (in.BytesUntilLimit() > 0) {
-          uint64_t v = 0;
-          if (!in.ReadVarint64(&v)) return malformed("shape");
-          header.add_shape(static_cast<int64_t>(v));
-        }
-        in.PopLimit(shape_limit);
-      } else if (f == kChunkShape && type == WireFormatLite::WIRETYPE_VARINT) {
-        uint64_t v = 0;
-        if (!in.ReadVarint64(&v)) return malformed("shape");
-        header.add_shape(static_cast<int64_t>(v));
-      } else if (f == kChunkData && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED &&
-                 !have_data) {
-        // The shard writes data last, after the fields that say where it goes.
-        uint32_t bytes = 0;
-        if (!in.ReadVarint32(&bytes)) return malformed("data length");
-        absl::StatusOr<char*> dst = place(header, bytes);
-        if (!dst.ok()) return dst.status();
-        if (!in.ReadRaw(*dst, static_cast<int>(bytes))) return malformed("data");
-        MUONPS_RETURN_IF_ERROR((*current)->Commit(bytes));
-        have_data = true;
-      } else if (!WireFormatLite::SkipField(&in, t)) {
-        return malformed("chunk field");
-      }
-    }
-    if (!in.ConsumedEntireMessage() && in.BytesUntilLimit() != 0) return malformed("chunk");
-    in.PopLimit(limit);
-    if (!have_data) {  // an empty payload (proto3 leaves empty bytes out)
-      absl::StatusOr<char*> dst = place(header, 0);
-      if (!dst.ok()) return dst.status();
-      MUONPS_RETURN_IF_ERROR((*current)->Commit(0));
-    }
+    MUONPS_RETURN_IF_ERROR(ReadChunk(
+        &in, length, place, [&](int64_t bytes) { return (*current)->Commit(bytes); }, what));
   }
   return absl::OkStatus();
 }
