@@ -2,12 +2,14 @@
 
 #include <grpcpp/support/proto_buffer_reader.h>
 
+#include <atomic>
 #include <chrono>
 #include <limits>
 #include <map>
 
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "google/protobuf/wire_format_lite.h"
 #include "absl/time/time.h"
@@ -63,11 +65,16 @@ ShardServiceImpl::Metrics::Metrics(prometheus::Registry& r)
 
 ShardServiceImpl::ShardServiceImpl(std::shared_ptr<prometheus::Registry> metrics)
     : registry_(metrics != nullptr ? std::move(metrics) : std::make_shared<prometheus::Registry>()),
-      metrics_(*registry_) {}
+      metrics_(*registry_) {
+  pull_timer_ = std::thread([this] { PullTimerLoop(); });
+}
 
 void ShardServiceImpl::Shutdown() {
-  absl::MutexLock lock(&mu_);
-  shutdown_ = true;
+  {
+    absl::MutexLock lock(&mu_);
+    shutdown_ = true;
+  }
+  WakePulls();
 }
 
 std::string ShardServiceImpl::job_id() const {
@@ -130,12 +137,22 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext*, const v1::LoadJobRe
     }
     state->set_version(trainer->step());
   }
+  absl::Status installed = Install(request->job_id(), tensors, std::move(state), request->replace());
+  if (!installed.ok()) return ToGrpcStatus(installed);
+  response->set_version(version());
+  WakePulls();
+  return grpc::Status::OK;
+}
+
+absl::Status ShardServiceImpl::Install(const std::string& job_id,
+                                       const std::vector<std::string>& tensors,
+                                       std::shared_ptr<ShardState> state, bool replace) {
   absl::MutexLock lock(&mu_);
-  if (state_ != nullptr && !request->replace()) {
-    return Refuse(absl::StatusCode::kFailedPrecondition,
-                  absl::StrCat("this shard holds job ", job_id_, "; drop it first"));
+  if (state_ != nullptr && !replace) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("this shard holds job ", job_id_, "; drop it first"));
   }
-  job_id_ = request->job_id();
+  job_id_ = job_id;
   tensors_ = tensors;
   version_ = state->version();
   int64_t params = 0, optimizer_state = 0;
@@ -151,88 +168,216 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext*, const v1::LoadJobRe
   metrics_.state_bytes.Set(static_cast<double>(optimizer_state));
   metrics_.version.Set(static_cast<double>(version_));
   state_ = std::move(state);
-  response->set_version(version_);
-  return grpc::Status::OK;
+  return absl::OkStatus();
 }
 
 grpc::Status ShardServiceImpl::DropJob(grpc::ServerContext*, const v1::DropJobRequest* request,
                                        v1::DropJobResponse*) {
-  absl::MutexLock lock(&mu_);
-  if (job_id_ == request->job_id()) {
-    job_id_.clear();
-    tensors_.clear();
-    state_.reset();
-    version_ = 0;
-    metrics_.tensors.Set(0);
-    metrics_.parameter_bytes.Set(0);
-    metrics_.state_bytes.Set(0);
-    metrics_.version.Set(0);
+  {
+    absl::MutexLock lock(&mu_);
+    if (job_id_ == request->job_id()) {
+      job_id_.clear();
+      tensors_.clear();
+      state_.reset();
+      version_ = 0;
+      metrics_.tensors.Set(0);
+      metrics_.parameter_bytes.Set(0);
+      metrics_.state_bytes.Set(0);
+      metrics_.version.Set(0);
+    }
   }
+  WakePulls();
   return grpc::Status::OK;
 }
 
-grpc::Status ShardServiceImpl::PullParameters(
-    grpc::ServerContext* context, const v1::PullParametersRequest* request,
-    grpc::ServerWriter<v1::PullParametersResponse>* writer) {
-  const int64_t chunk_bytes =
-      request->max_chunk_bytes() == 0 ? kDefaultChunkBytes : request->max_chunk_bytes();
-  if (chunk_bytes < 4 || chunk_bytes > kMaxChunkBytes) {
-    return Refuse(absl::StatusCode::kInvalidArgument,
-                  absl::StrCat("max_chunk_bytes: must be in [4, ", kMaxChunkBytes, "], got ",
-                               request->max_chunk_bytes()));
+// PullParameters as a raw callback method: it waits for its version without
+// holding a thread (the service wakes waiting pulls when the version, the
+// job or the shutdown state changes, and every 50 ms for deadlines), then
+// streams the version's snapshot as messages whose payload slices point at
+// the snapshot itself.
+class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+ public:
+  PullReactor(ShardServiceImpl* service, grpc::CallbackServerContext* context,
+              const grpc::ByteBuffer* request)
+      : service_(service) {
+    grpc::ByteBuffer copy(*request);
+    grpc::ProtoBufferReader stream(&copy);
+    if (!request_.ParseFromZeroCopyStream(&stream)) {
+      error_ = absl::InvalidArgumentError("malformed PullParametersRequest");
+      return;
+    }
+    chunk_bytes_ = request_.max_chunk_bytes() == 0 ? kDefaultChunkBytes : request_.max_chunk_bytes();
+    if (chunk_bytes_ < 4 || chunk_bytes_ > kMaxChunkBytes) {
+      error_ = absl::InvalidArgumentError(absl::StrCat("max_chunk_bytes: must be in [4, ",
+                                                       kMaxChunkBytes, "], got ",
+                                                       request_.max_chunk_bytes()));
+    } else if (request_.version() < 0) {
+      error_ = absl::InvalidArgumentError("version: must be >= 0");
+    }
+    wait_seconds_ = std::min(600.0, std::max(0.0, request_.wait_seconds()));
+    deadline_ = absl::Now() + absl::Seconds(wait_seconds_);
+    (void)context;
   }
-  if (request->version() < 0) {
-    return Refuse(absl::StatusCode::kInvalidArgument, "version: must be >= 0");
+
+  // Starts the stream when its version is there, finishes it on an error or
+  // an expired wait, else keeps waiting. Safe to call at any time.
+  void Wake() {
+    absl::MutexLock lock(&mu_);
+    if (state_ != State::kWaiting) return;
+    if (!error_.ok()) return FinishLocked(ToGrpcStatus(error_));
+    std::shared_ptr<ShardState> shard;
+    {
+      absl::MutexLock service_lock(&service_->mu_);
+      if (service_->shutdown_) {
+        return FinishLocked(Refuse(absl::StatusCode::kUnavailable, "shard is shutting down"));
+      }
+      if (service_->state_ == nullptr || service_->job_id_ != request_.job_id()) {
+        return FinishLocked(Refuse(absl::StatusCode::kNotFound,
+                                   absl::StrCat("job_id: this shard does not hold job \"",
+                                                request_.job_id(), "\"")));
+      }
+      if (service_->version_ < request_.version()) {
+        if (absl::Now() < deadline_) return;  // keep waiting
+        return FinishLocked(Refuse(
+            absl::StatusCode::kDeadlineExceeded,
+            absl::StrCat("version ", request_.version(), " not reached within ", wait_seconds_,
+                         " s; the shard is at version ", service_->version_)));
+      }
+      shard = service_->state_;
+    }
+    const std::vector<std::string> names(request_.tensors().begin(), request_.tensors().end());
+    absl::StatusOr<int64_t> version = shard->Parameters(names, &values_);
+    if (!version.ok()) return FinishLocked(ToGrpcStatus(version.status()));
+    if (*version != request_.version()) {
+      return FinishLocked(Refuse(absl::StatusCode::kFailedPrecondition,
+                                 absl::StrCat("version: ", request_.version(),
+                                              " is gone; the shard is at version ", *version)));
+    }
+    // The version's own field, in front of every message's chunk.
+    {
+      google::protobuf::io::StringOutputStream stream(&prefix_);
+      google::protobuf::io::CodedOutputStream coded(&stream);
+      if (*version != 0) google::protobuf::internal::WireFormatLite::WriteInt64(1, *version, &coded);
+    }
+    state_ = State::kStreaming;
+    start_ = std::chrono::steady_clock::now();
+    WriteNextLocked();
   }
-  const double wait = std::min(600.0, std::max(0.0, request->wait_seconds()));
-  std::shared_ptr<ShardState> state;
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    if (state_ != State::kStreaming) return;
+    if (!ok) return FinishLocked(Refuse(absl::StatusCode::kCancelled, "the client closed the stream"));
+    WriteNextLocked();
+  }
+
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    if (state_ == State::kWaiting) FinishLocked(Refuse(absl::StatusCode::kCancelled, "cancelled"));
+  }
+
+  // The service deletes the reactor (under its pull lock) once this is set.
+  void OnDone() override { done_.store(true); }
+  bool done() const { return done_.load(); }
+
+ private:
+  enum class State { kWaiting, kStreaming, kFinished };
+
+  void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    while (tensor_ < values_.size()) {
+      const TensorInfo& info = *values_[tensor_].first;
+      const int64_t total = info.numel * static_cast<int64_t>(sizeof(float));
+      if (offset_ < total || (total == 0 && offset_ == 0 && !wrote_empty_)) {
+        const int64_t step = std::max<int64_t>(sizeof(float), chunk_bytes_ / sizeof(float) * sizeof(float));
+        const int64_t bytes = std::min(step, total - offset_);
+        const char* data = reinterpret_cast<const char*>(values_[tensor_].second->data());
+        out_ = ChunkMessage(prefix_, /*chunk_field=*/2,
+                            EncodeChunkHeader(info.name, offset_ == 0 ? &info.shape : nullptr, offset_),
+                            data + offset_, bytes);
+        offset_ += bytes;
+        pulled_ += bytes;
+        wrote_empty_ = total == 0;
+        StartWrite(&out_);
+        return;
+      }
+      ++tensor_;
+      offset_ = 0;
+      wrote_empty_ = false;
+    }
+    service_->metrics_.pulled_bytes.Increment(static_cast<double>(pulled_));
+    service_->metrics_.pull_seconds.Observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+    FinishLocked(grpc::Status::OK);
+  }
+
+  void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (state_ == State::kFinished) return;
+    state_ = State::kFinished;
+    Finish(status);
+  }
+
+  ShardServiceImpl* service_;
+  v1::PullParametersRequest request_;
+  absl::Status error_;
+  int64_t chunk_bytes_ = kDefaultChunkBytes;
+  double wait_seconds_ = 0.0;
+  absl::Time deadline_;
+  absl::Mutex mu_;
+  State state_ ABSL_GUARDED_BY(mu_) = State::kWaiting;
+  std::vector<std::pair<const TensorInfo*, ShardState::Snapshot>> values_ ABSL_GUARDED_BY(mu_);
+  std::string prefix_ ABSL_GUARDED_BY(mu_);
+  size_t tensor_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t offset_ ABSL_GUARDED_BY(mu_) = 0;
+  bool wrote_empty_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t pulled_ ABSL_GUARDED_BY(mu_) = 0;
+  grpc::ByteBuffer out_ ABSL_GUARDED_BY(mu_);
+  std::chrono::steady_clock::time_point start_;
+  std::atomic<bool> done_{false};
+};
+
+grpc::ServerWriteReactor<grpc::ByteBuffer>* ShardServiceImpl::PullParameters(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
+  auto* reactor = new PullReactor(this, context, request);
+  {
+    absl::MutexLock lock(&pulls_mu_);
+    pulls_.insert(reactor);
+  }
+  reactor->Wake();
+  return reactor;
+}
+
+void ShardServiceImpl::WakePulls() {
+  absl::MutexLock lock(&pulls_mu_);
+  for (auto it = pulls_.begin(); it != pulls_.end();) {
+    PullReactor* reactor = *it;
+    if (reactor->done()) {
+      it = pulls_.erase(it);
+      delete reactor;
+    } else {
+      reactor->Wake();
+      ++it;
+    }
+  }
+}
+
+ShardServiceImpl::~ShardServiceImpl() {
   {
     absl::MutexLock lock(&mu_);
-    const absl::Time deadline = absl::Now() + absl::Seconds(wait);
-    auto ready = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
-      return shutdown_ || state_ == nullptr || job_id_ != request->job_id() ||
-             version_ >= request->version() || context->IsCancelled();
-    };
-    while (!ready() && absl::Now() < deadline) {
-      mu_.AwaitWithDeadline(absl::Condition(&ready), std::min(deadline, absl::Now() + absl::Milliseconds(200)));
-    }
-    if (shutdown_) return Refuse(absl::StatusCode::kUnavailable, "shard is shutting down");
-    if (state_ == nullptr || job_id_ != request->job_id()) {
-      return Refuse(absl::StatusCode::kNotFound,
-                    absl::StrCat("job_id: this shard does not hold job \"", request->job_id(), "\""));
-    }
-    if (version_ < request->version()) {
-      return Refuse(absl::StatusCode::kDeadlineExceeded,
-                    absl::StrCat("version ", request->version(), " not reached within ", wait,
-                                 " s; the shard is at version ", version_));
-    }
-    state = state_;
+    timer_stop_ = true;
   }
-  std::vector<std::pair<const TensorInfo*, ShardState::Snapshot>> values;
-  const std::vector<std::string> names(request->tensors().begin(), request->tensors().end());
-  absl::StatusOr<int64_t> version = state->Parameters(names, &values);
-  if (!version.ok()) return ToGrpcStatus(version.status());
-  if (*version != request->version()) {
-    return Refuse(absl::StatusCode::kFailedPrecondition,
-                  absl::StrCat("version: ", request->version(),
-                               " is gone; the shard is at version ", *version));
+  pull_timer_.join();
+  absl::MutexLock lock(&pulls_mu_);
+  for (PullReactor* reactor : pulls_) delete reactor;  // the server has stopped: all are done
+}
+
+void ShardServiceImpl::PullTimerLoop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (mu_.AwaitWithTimeout(absl::Condition(&timer_stop_), absl::Milliseconds(50))) return;
+    }
+    WakePulls();
   }
-  const auto pull_start = std::chrono::steady_clock::now();
-  int64_t pulled = 0;
-  v1::PullParametersResponse message;
-  message.set_version(*version);
-  for (const auto& [info, data] : values) {
-    const bool sent = SplitTensorInto(info->name, info->shape, data->data(), chunk_bytes,
-                                      message.mutable_chunk(), [&] {
-                                        pulled += static_cast<int64_t>(message.chunk().data().size());
-                                        return writer->Write(message);
-                                      });
-    if (!sent) return Refuse(absl::StatusCode::kCancelled, "the client closed the stream");
-  }
-  metrics_.pulled_bytes.Increment(static_cast<double>(pulled));
-  metrics_.pull_seconds.Observe(
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - pull_start).count());
-  return grpc::Status::OK;
 }
 
 // One gradient push, message by message: the first message names the job,
@@ -303,10 +448,19 @@ class ShardServiceImpl::PushSession {
     }
     absl::StatusOr<char*> dst = current_->Reserve(header, bytes);
     if (!dst.ok()) return Fail(dst.status());
+    last_ = *dst;
+    last_offset_ = header.offset();
     return dst;
   }
 
   absl::Status Commit(int64_t bytes) {
+    // Checked now, while the chunk is in cache, not later over the whole push.
+    const int64_t bad = FirstNonFinite(last_, bytes / static_cast<int64_t>(sizeof(float)));
+    if (bad >= 0) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("tensor ", current_->name(), ": non-finite gradient value at element ",
+                       last_offset_ / static_cast<int64_t>(sizeof(float)) + bad)));
+    }
     if (absl::Status st = current_->Commit(bytes); !st.ok()) return Fail(st);
     bytes_ += bytes;
     return absl::OkStatus();
@@ -332,7 +486,8 @@ class ShardServiceImpl::PushSession {
                                    ": missing from the push (a push carries every trainable "
                                    "tensor the shard owns)"));
       }
-      grads.push_back({info->name, it->second.data(), info->numel, &it->second});
+      grads.push_back({info->name, it->second.data(), info->numel, &it->second,
+                       /*finite_checked=*/true});
     }
     if (grads.size() != buffers_.size()) {
       for (const auto& [name, buffer] : buffers_) {
@@ -362,6 +517,8 @@ class ShardServiceImpl::PushSession {
   std::shared_ptr<ShardState> state_;
   std::map<std::string, std::vector<float>> buffers_;
   std::unique_ptr<TensorAssembler> current_;
+  char* last_ = nullptr;  // the chunk being received
+  int64_t last_offset_ = 0;
   int64_t bytes_ = 0;
   absl::Status failed_;
   std::chrono::steady_clock::time_point start_;
@@ -507,10 +664,13 @@ grpc::Status ShardServiceImpl::ApplyStep(grpc::ServerContext*, const v1::ApplySt
   for (const auto& [muon, s] : stats.tensor_seconds) (muon ? metrics_.muon_seconds : metrics_.adamw_seconds).Observe(s);
   if (stats.muon_numel > 0) metrics_.muon_rms.Set(std::sqrt(stats.muon_update_sq / stats.muon_numel));
   if (stats.adamw_numel > 0) metrics_.adamw_rms.Set(std::sqrt(stats.adamw_update_sq / stats.adamw_numel));
-  absl::MutexLock lock(&mu_);
-  if (state_ == *state) version_ = state_->version();
-  metrics_.version.Set(static_cast<double>(version_));
-  response->set_version(version_);
+  {
+    absl::MutexLock lock(&mu_);
+    if (state_ == *state) version_ = state_->version();
+    metrics_.version.Set(static_cast<double>(version_));
+    response->set_version(version_);
+  }
+  WakePulls();
   return grpc::Status::OK;
 }
 

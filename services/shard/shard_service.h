@@ -7,6 +7,9 @@
 #define MUONPS_SERVICES_SHARD_SHARD_SERVICE_H_
 
 #include <memory>
+#include <set>
+#include <thread>
+#include <vector>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
@@ -20,13 +23,16 @@
 
 namespace muonps {
 
-// PushGradients is served as a raw callback method (decoded from gRPC's
-// buffers in place); the other methods are synchronous.
+// PullParameters and PushGradients are raw callback methods (no thread waits
+// for a version; payloads are sent from and decoded into place); the other
+// methods are synchronous.
 class ShardServiceImpl final
-    : public v1::ShardService::WithRawCallbackMethod_PushGradients<v1::ShardService::Service> {
+    : public v1::ShardService::WithRawCallbackMethod_PullParameters<
+          v1::ShardService::WithRawCallbackMethod_PushGradients<v1::ShardService::Service>> {
  public:
   // Metrics go to `metrics` (a private registry when null).
   explicit ShardServiceImpl(std::shared_ptr<prometheus::Registry> metrics = nullptr);
+  ~ShardServiceImpl() override;
   // Wakes waiting pulls so the server can shut down.
   void Shutdown();
 
@@ -34,9 +40,8 @@ class ShardServiceImpl final
                        v1::LoadJobResponse* response) override;
   grpc::Status DropJob(grpc::ServerContext* context, const v1::DropJobRequest* request,
                        v1::DropJobResponse* response) override;
-  grpc::Status PullParameters(grpc::ServerContext* context,
-                              const v1::PullParametersRequest* request,
-                              grpc::ServerWriter<v1::PullParametersResponse>* writer) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* PullParameters(grpc::CallbackServerContext* context,
+                                                           const grpc::ByteBuffer* request) override;
   grpc::ServerReadReactor<grpc::ByteBuffer>* PushGradients(grpc::CallbackServerContext* context,
                                                          grpc::ByteBuffer* response) override;
   grpc::Status GetGradientSquares(grpc::ServerContext* context,
@@ -58,6 +63,17 @@ class ShardServiceImpl final
 
   class PushSession;
   class PushReactor;
+  class PullReactor;
+  // Makes `state` the held job (replacing another one only with `replace`).
+  absl::Status Install(const std::string& job_id, const std::vector<std::string>& tensors,
+                       std::shared_ptr<ShardState> state, bool replace);
+  // Pulls in progress: woken when the version, the job or shutdown changes,
+  // and by a timer for their deadlines; finished ones are deleted there.
+  void WakePulls();
+  void PullTimerLoop();
+  absl::Mutex pulls_mu_;  // taken before a reactor's lock, which is taken before mu_
+  std::set<PullReactor*> pulls_ ABSL_GUARDED_BY(pulls_mu_);
+  std::thread pull_timer_;
   struct Metrics {
     explicit Metrics(prometheus::Registry& registry);
     prometheus::Gauge &tensors, &parameter_bytes, &state_bytes, &version, &muon_rms, &adamw_rms;
@@ -74,6 +90,7 @@ class ShardServiceImpl final
   std::shared_ptr<ShardState> state_ ABSL_GUARDED_BY(mu_);
   int64_t version_ ABSL_GUARDED_BY(mu_) = 0;  // mirrors state_->version() for waits
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  bool timer_stop_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace muonps

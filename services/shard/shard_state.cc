@@ -179,7 +179,8 @@ absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int 
       return absl::InvalidArgumentError(absl::StrCat(
           "tensor ", g.name, ": ", g.numel, " gradient values, expected ", t.info->numel));
     }
-    const int64_t bad = FirstNonFinite(reinterpret_cast<const char*>(g.data), g.numel);
+    const int64_t bad =
+        g.finite_checked ? -1 : FirstNonFinite(reinterpret_cast<const char*>(g.data), g.numel);
     if (bad >= 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("tensor ", g.name, ": non-finite gradient value at element ", bad));

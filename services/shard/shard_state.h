@@ -77,6 +77,9 @@ class ShardState {
     int64_t numel = 0;
     // When set (holding `data`), the shard keeps this buffer instead of a copy.
     std::vector<float>* movable = nullptr;
+    // The caller already refused NaN / Inf in `data` (e.g. chunk by chunk as
+    // it arrived, while in cache).
+    bool finite_checked = false;
   };
   // Records the gradients of slot range [first_slot, first_slot+slot_count)
   // for `step`, all or nothing. Returns true when counted, false when this

@@ -32,50 +32,7 @@ constexpr char kPullMethod[] = "/muonps.v1.ShardService/PullParameters";
 enum : int {
   kPushJobId = 1, kPushStep = 2, kPushSlot = 3, kPushSlotCount = 4, kPushChunk = 5,
   kPullChunk = 2,
-  kChunkName = 1, kChunkShape = 2, kChunkDtype = 3, kChunkOffset = 4, kChunkData = 5,
 };
-
-// Encodes the fields of a TensorChunk other than `data`.
-std::string EncodeChunkHeader(const std::string& name, const std::vector<int64_t>* shape,
-                              int64_t offset) {
-  std::string out;
-  google::protobuf::io::StringOutputStream stream(&out);
-  CodedOutputStream coded(&stream);
-  WireFormatLite::WriteString(kChunkName, name, &coded);
-  if (shape != nullptr) {
-    size_t size = 0;
-    for (int64_t d : *shape) size += CodedOutputStream::VarintSize64(static_cast<uint64_t>(d));
-    WireFormatLite::WriteTag(kChunkShape, WireFormatLite::WIRETYPE_LENGTH_DELIMITED, &coded);
-    coded.WriteVarint32(static_cast<uint32_t>(size));
-    for (int64_t d : *shape) coded.WriteVarint64(static_cast<uint64_t>(d));
-  }
-  WireFormatLite::WriteString(kChunkDtype, "F32", &coded);
-  if (offset != 0) WireFormatLite::WriteInt64(kChunkOffset, offset, &coded);
-  coded.Trim();
-  return out;
-}
-
-// One PushGradientsRequest: `top` (the request's own fields, encoded), then
-// the chunk whose payload is `bytes` at `data`, referenced, not copied.
-grpc::ByteBuffer PushMessage(const std::string& top, const std::string& chunk_header,
-                             const char* data, int64_t bytes) {
-  std::string head = top;
-  {
-    google::protobuf::io::StringOutputStream stream(&head);
-    CodedOutputStream coded(&stream);
-    const size_t data_field = 1 + CodedOutputStream::VarintSize64(static_cast<uint64_t>(bytes)) +
-                              static_cast<size_t>(bytes);
-    WireFormatLite::WriteTag(kPushChunk, WireFormatLite::WIRETYPE_LENGTH_DELIMITED, &coded);
-    coded.WriteVarint64(chunk_header.size() + data_field);
-    coded.WriteRaw(chunk_header.data(), static_cast<int>(chunk_header.size()));
-    WireFormatLite::WriteTag(kChunkData, WireFormatLite::WIRETYPE_LENGTH_DELIMITED, &coded);
-    coded.WriteVarint64(static_cast<uint64_t>(bytes));
-    coded.Trim();
-  }
-  grpc::Slice slices[2] = {grpc::Slice(head),
-                           grpc::Slice(data, static_cast<size_t>(bytes), grpc::Slice::STATIC_SLICE)};
-  return grpc::ByteBuffer(slices, bytes > 0 ? 2 : 1);
-}
 
 }  // namespace
 
@@ -114,7 +71,7 @@ absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& l
       const int64_t bytes = std::min(step, total - offset);
       const std::string header =
           EncodeChunkHeader(name, offset == 0 ? &info->shape : nullptr, offset);
-      open = writer->Write(PushMessage(top, header, data + offset, bytes));
+      open = writer->Write(ChunkMessage(top, kPushChunk, header, data + offset, bytes));
       top.clear();
       offset += bytes;
     } while (open && offset < total);

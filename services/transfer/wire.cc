@@ -1,11 +1,13 @@
 #include "services/transfer/wire.h"
 
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
 #include "google/protobuf/wire_format_lite.h"
 
 namespace muonps {
 
 using google::protobuf::io::CodedInputStream;
+using google::protobuf::io::CodedOutputStream;
 using google::protobuf::internal::WireFormatLite;
 
 absl::Status ReadChunk(CodedInputStream* in, uint32_t length, const PlaceChunk& place,
@@ -63,6 +65,47 @@ absl::Status ReadChunk(CodedInputStream* in, uint32_t length, const PlaceChunk& 
     return commit(0);
   }
   return absl::OkStatus();
+}
+
+std::string EncodeChunkHeader(const std::string& name, const std::vector<int64_t>* shape,
+                              int64_t offset) {
+  enum : int { kName = 1, kShape = 2, kDtype = 3, kOffset = 4 };
+  std::string out;
+  google::protobuf::io::StringOutputStream stream(&out);
+  CodedOutputStream coded(&stream);
+  WireFormatLite::WriteString(kName, name, &coded);
+  if (shape != nullptr) {
+    size_t size = 0;
+    for (int64_t d : *shape) size += CodedOutputStream::VarintSize64(static_cast<uint64_t>(d));
+    WireFormatLite::WriteTag(kShape, WireFormatLite::WIRETYPE_LENGTH_DELIMITED, &coded);
+    coded.WriteVarint32(static_cast<uint32_t>(size));
+    for (int64_t d : *shape) coded.WriteVarint64(static_cast<uint64_t>(d));
+  }
+  WireFormatLite::WriteString(kDtype, "F32", &coded);
+  if (offset != 0) WireFormatLite::WriteInt64(kOffset, offset, &coded);
+  coded.Trim();
+  return out;
+}
+
+grpc::ByteBuffer ChunkMessage(const std::string& prefix, int chunk_field,
+                              const std::string& chunk_header, const char* data, int64_t bytes) {
+  constexpr int kData = 5;
+  std::string head = prefix;
+  {
+    google::protobuf::io::StringOutputStream stream(&head);
+    CodedOutputStream coded(&stream);
+    const size_t data_field = 1 + CodedOutputStream::VarintSize64(static_cast<uint64_t>(bytes)) +
+                              static_cast<size_t>(bytes);
+    WireFormatLite::WriteTag(chunk_field, WireFormatLite::WIRETYPE_LENGTH_DELIMITED, &coded);
+    coded.WriteVarint64(chunk_header.size() + data_field);
+    coded.WriteRaw(chunk_header.data(), static_cast<int>(chunk_header.size()));
+    WireFormatLite::WriteTag(kData, WireFormatLite::WIRETYPE_LENGTH_DELIMITED, &coded);
+    coded.WriteVarint64(static_cast<uint64_t>(bytes));
+    coded.Trim();
+  }
+  grpc::Slice slices[2] = {grpc::Slice(head),
+                           grpc::Slice(data, static_cast<size_t>(bytes), grpc::Slice::STATIC_SLICE)};
+  return grpc::ByteBuffer(slices, bytes > 0 ? 2 : 1);
 }
 
 }  // namespace muonps

@@ -8,9 +8,11 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "grpcpp/support/byte_buffer.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "muonps/v1/tensor.pb.h"
 
@@ -29,6 +31,18 @@ using CommitChunk = std::function<absl::Status(int64_t bytes)>;
 absl::Status ReadChunk(google::protobuf::io::CodedInputStream* in, uint32_t length,
                        const PlaceChunk& place, const CommitChunk& commit,
                        const std::string& what);
+
+// The encoded fields of a TensorChunk other than `data` (shape only when
+// given: the first chunk of a tensor carries it).
+std::string EncodeChunkHeader(const std::string& name, const std::vector<int64_t>* shape,
+                              int64_t offset);
+
+// One message whose own fields are `prefix` (already encoded) followed by
+// field `chunk_field`: a TensorChunk of `chunk_header` and a payload of
+// `bytes` at `data`. The payload is referenced, not copied: it must stay
+// unchanged until the message has been sent.
+grpc::ByteBuffer ChunkMessage(const std::string& prefix, int chunk_field,
+                              const std::string& chunk_header, const char* data, int64_t bytes);
 
 }  // namespace muonps
 
