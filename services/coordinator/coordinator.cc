@@ -18,6 +18,10 @@ constexpr size_t kEndedRemembered = 32;
 
 double UnixNow() { return absl::ToDoubleSeconds(absl::Now() - absl::UnixEpoch()); }
 
+grpc::Status UnknownJob(const std::string& job_id) {
+  return Refuse(absl::StatusCode::kNotFound, absl::StrCat("job_id: no job \"", job_id, "\""));
+}
+
 bool Ended(v1::JobState state) {
   return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
          state == v1::JOB_STATE_CANCELLED;
@@ -237,7 +241,7 @@ grpc::Status Coordinator::GetJob(const v1::GetJobRequest& request, v1::GetJobRes
   absl::MutexLock lock(&mu_);
   auto it = jobs_.find(request.job_id());
   if (it == jobs_.end()) {
-    return Refuse(absl::StatusCode::kNotFound, absl::StrCat("job_id: no job \"", request.job_id(), "\""));
+    return UnknownJob(request.job_id());
   }
   *response->mutable_job() = it->second.job;
   return grpc::Status::OK;
@@ -259,7 +263,7 @@ grpc::Status Coordinator::CancelJob(const v1::CancelJobRequest& request,
   absl::MutexLock lock(&mu_);
   auto it = jobs_.find(request.job_id());
   if (it == jobs_.end()) {
-    return Refuse(absl::StatusCode::kNotFound, absl::StrCat("job_id: no job \"", request.job_id(), "\""));
+    return UnknownJob(request.job_id());
   }
   JobRecord& record = it->second;
   if (Ended(record.job.state())) {
@@ -285,8 +289,7 @@ grpc::Status Coordinator::WatchJob(grpc::ServerContext* context, const v1::Watch
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(request.job_id());
     if (it == jobs_.end()) {
-      return Refuse(absl::StatusCode::kNotFound,
-                    absl::StrCat("job_id: no job \"", request.job_id(), "\""));
+      return UnknownJob(request.job_id());
     }
     first.set_kind(v1::JOB_EVENT_KIND_SNAPSHOT);
     *first.mutable_job() = it->second.job;
@@ -436,7 +439,7 @@ grpc::Status Coordinator::ReportSlots(const v1::ReportSlotsRequest& request,
                                       v1::ReportSlotsResponse* response) {
   absl::MutexLock lock(&mu_);
   if (jobs_.count(request.job_id()) == 0) {
-    return Refuse(absl::StatusCode::kNotFound, absl::StrCat("job_id: no job \"", request.job_id(), "\""));
+    return UnknownJob(request.job_id());
   }
   if (step_ == nullptr || step_->job_id != request.job_id() || step_->eval ||
       step_->version != request.step()) {
@@ -475,7 +478,7 @@ grpc::Status Coordinator::ReportSlots(const v1::ReportSlotsRequest& request,
 grpc::Status Coordinator::ReportEval(const v1::ReportEvalRequest& request) {
   absl::MutexLock lock(&mu_);
   if (jobs_.count(request.job_id()) == 0) {
-    return Refuse(absl::StatusCode::kNotFound, absl::StrCat("job_id: no job \"", request.job_id(), "\""));
+    return UnknownJob(request.job_id());
   }
   if (step_ == nullptr || step_->job_id != request.job_id() || !step_->eval ||
       step_->version != request.version()) {

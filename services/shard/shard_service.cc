@@ -288,7 +288,7 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
       const TensorInfo& info = *values_[tensor_].first;
       const int64_t total = info.numel * static_cast<int64_t>(sizeof(float));
       if (offset_ < total || (total == 0 && offset_ == 0 && !wrote_empty_)) {
-        const int64_t step = std::max<int64_t>(sizeof(float), chunk_bytes_ / sizeof(float) * sizeof(float));
+        const int64_t step = ChunkPayloadBytes(chunk_bytes_);
         const int64_t bytes = std::min(step, total - offset_);
         const char* data = reinterpret_cast<const char*>(values_[tensor_].second->data());
         out_ = ChunkMessage(prefix_, /*chunk_field=*/2,

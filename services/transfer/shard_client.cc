@@ -59,7 +59,7 @@ absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& l
     if (target.slot_count != 0) WireFormatLite::WriteInt32(kPushSlotCount, target.slot_count, &coded);
     coded.Trim();
   }
-  const int64_t step = std::max<int64_t>(sizeof(float), chunk_bytes / sizeof(float) * sizeof(float));
+  const int64_t step = ChunkPayloadBytes(chunk_bytes);
   bool open = true;
   for (const std::string& name : tensors) {
     const TensorInfo* info = layout.Find(name);

@@ -20,37 +20,43 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
+// INVALID_ARGUMENT for the non-finite value at index `bad` of `data`, whose
+// first element is element `first` of tensor `name`.
+absl::Status NonFiniteError(const std::string& name, const char* data, int64_t bad, int64_t first) {
+  float x;
+  std::memcpy(&x, data + bad * sizeof(float), sizeof(float));
+  return absl::InvalidArgumentError(
+      absl::StrCat("tensor ", name, ": data: non-finite value ", x, " at element ", first + bad));
+}
+
 }  // namespace
 
-bool SplitTensorInto(const std::string& name, const std::vector<int64_t>& shape, const float* data,
-                     int64_t max_chunk_bytes, v1::TensorChunk* chunk,
-                     const std::function<bool()>& emit) {
-  const int64_t total = NumElements(shape) * static_cast<int64_t>(sizeof(float));
-  const int64_t step =
-      std::max<int64_t>(sizeof(float), max_chunk_bytes / sizeof(float) * sizeof(float));
-  chunk->set_name(name);
-  chunk->set_dtype("F32");
-  int64_t offset = 0;
-  do {
-    const int64_t bytes = std::min(step, total - offset);
-    chunk->clear_shape();
-    if (offset == 0) {
-      for (int64_t d : shape) chunk->add_shape(d);
-    }
-    chunk->set_offset(offset);
-    chunk->mutable_data()->assign(reinterpret_cast<const char*>(data) + offset,
-                                  static_cast<size_t>(bytes));
-    if (!emit()) return false;
-    offset += bytes;
-  } while (offset < total);
-  return true;
+int64_t ChunkPayloadBytes(int64_t max_chunk_bytes) {
+  constexpr int64_t kFloat = sizeof(float);
+  return std::max(kFloat, max_chunk_bytes / kFloat * kFloat);
 }
 
 bool SplitTensor(const std::string& name, const std::vector<int64_t>& shape, const float* data,
                  int64_t max_chunk_bytes,
                  const std::function<bool(const v1::TensorChunk&)>& emit) {
+  const int64_t total = NumElements(shape) * static_cast<int64_t>(sizeof(float));
+  const int64_t step = ChunkPayloadBytes(max_chunk_bytes);
   v1::TensorChunk chunk;
-  return SplitTensorInto(name, shape, data, max_chunk_bytes, &chunk, [&] { return emit(chunk); });
+  chunk.set_name(name);
+  chunk.set_dtype("F32");
+  int64_t offset = 0;
+  do {
+    const int64_t bytes = std::min(step, total - offset);
+    chunk.clear_shape();
+    if (offset == 0) {
+      for (int64_t d : shape) chunk.add_shape(d);
+    }
+    chunk.set_offset(offset);
+    chunk.set_data(reinterpret_cast<const char*>(data) + offset, static_cast<size_t>(bytes));
+    if (!emit(chunk)) return false;
+    offset += bytes;
+  } while (offset < total);
+  return true;
 }
 
 int64_t FirstNonFinite(const char* bytes, int64_t count) {
@@ -115,17 +121,11 @@ absl::StatusOr<char*> TensorAssembler::Reserve(const v1::TensorChunk& chunk, int
 }
 
 absl::Status TensorAssembler::Commit(int64_t bytes) {
+  const int64_t first = received_ / static_cast<int64_t>(sizeof(float));
   if (require_finite_) {
     const char* data = reinterpret_cast<const char*>(out_) + received_;
-    const int64_t count = bytes / static_cast<int64_t>(sizeof(float));
-    const int64_t bad = FirstNonFinite(data, count);
-    if (bad >= 0) {
-      float x;
-      std::memcpy(&x, data + bad * sizeof(float), sizeof(float));
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tensor ", name_, ": data: non-finite value ", x, " at element ",
-          received_ / static_cast<int64_t>(sizeof(float)) + bad));
-    }
+    const int64_t bad = FirstNonFinite(data, bytes / static_cast<int64_t>(sizeof(float)));
+    if (bad >= 0) return NonFiniteError(name_, data, bad, first);
   }
   received_ += bytes;
   return absl::OkStatus();
@@ -135,15 +135,13 @@ absl::Status TensorAssembler::Add(const v1::TensorChunk& chunk) {
   const int64_t bytes = static_cast<int64_t>(chunk.data().size());
   absl::StatusOr<char*> dst = Reserve(chunk, bytes);
   if (!dst.ok()) return dst.status();
-  const int64_t first = received_ / static_cast<int64_t>(sizeof(float));
   if (require_finite_) {
     // Checked before copying: a refused chunk writes nothing.
-    const int64_t bad = FirstNonFinite(chunk.data().data(), bytes / static_cast<int64_t>(sizeof(float)));
+    const int64_t bad =
+        FirstNonFinite(chunk.data().data(), bytes / static_cast<int64_t>(sizeof(float)));
     if (bad >= 0) {
-      float x;
-      std::memcpy(&x, chunk.data().data() + bad * sizeof(float), sizeof(float));
-      return absl::InvalidArgumentError(absl::StrCat("tensor ", name_, ": data: non-finite value ",
-                                                     x, " at element ", first + bad));
+      return NonFiniteError(name_, chunk.data().data(), bad,
+                            received_ / static_cast<int64_t>(sizeof(float)));
     }
   }
   std::memcpy(*dst, chunk.data().data(), static_cast<size_t>(bytes));

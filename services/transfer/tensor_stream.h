@@ -27,12 +27,9 @@ inline constexpr int64_t kDefaultChunkBytes = 1 << 20;
 bool SplitTensor(const std::string& name, const std::vector<int64_t>& shape, const float* data,
                  int64_t max_chunk_bytes,
                  const std::function<bool(const v1::TensorChunk&)>& emit);
-// The same chunks, written one after another into `*chunk` (typically a
-// field of the message about to be sent, so its buffers are reused and the
-// payload is copied once), calling `emit` after each.
-bool SplitTensorInto(const std::string& name, const std::vector<int64_t>& shape, const float* data,
-                     int64_t max_chunk_bytes, v1::TensorChunk* chunk,
-                     const std::function<bool()>& emit);
+// Payload bytes per chunk for a limit of `max_chunk_bytes`: rounded down to
+// whole floats, at least one. Every sender chunks tensors this way.
+int64_t ChunkPayloadBytes(int64_t max_chunk_bytes);
 
 // Index of the first NaN or Inf among `count` floats at `bytes` (any
 // alignment), or -1. Branch-free over blocks, so it runs at memory speed.

@@ -358,10 +358,18 @@ absl::Status Worker::RunEval(const v1::Task& task) {
 absl::Status Worker::Run(const std::atomic<bool>& stop) {
   membership_ = std::make_unique<Membership>(Membership::Kind::kWorker, options_.coordinator,
                                              options_.address, options_.threads);
+  membership_->set_on_ended_jobs([this](const std::vector<std::string>& ids) {
+    absl::MutexLock lock(&ended_mu_);
+    ended_.insert(ids.begin(), ids.end());
+  });
   MUONPS_RETURN_IF_ERROR(membership_->Start(options_.register_timeout_seconds));
   Log(absl::StrCat("registered as ", membership_->member_id(), " with ", options_.coordinator));
   if (options_.on_registered) options_.on_registered();
   while (!stop.load()) {
+    if (job_ != nullptr) {  // free the data and models of a job that ended
+      absl::MutexLock lock(&ended_mu_);
+      if (ended_.count(job_->job_id) != 0) job_.reset();
+    }
     grpc::ClientContext context;
     context.set_deadline(DeadlineIn(options_.task_wait_seconds + 10.0));
     v1::GetTaskRequest request;

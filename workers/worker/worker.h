@@ -16,11 +16,14 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
 #include "prometheus/registry.h"
@@ -116,6 +119,9 @@ class Worker {
   std::map<std::string, double> task_seconds_;  // phases of the task in progress
   std::unique_ptr<Membership> membership_;
   std::unique_ptr<JobContext> job_;
+  // Jobs the coordinator reported ended (heartbeats); their context is dropped.
+  absl::Mutex ended_mu_;
+  std::set<std::string> ended_ ABSL_GUARDED_BY(ended_mu_);
   int64_t pushes_ = 0;
 };
 
