@@ -19,6 +19,7 @@
 #include "absl/strings/str_format.h"
 #include "cli/client.h"
 #include "common/job_spec.h"
+#include "common/numerics.h"
 #include "common/parallel.h"
 #include "muonps/v1/coordinator.grpc.pb.h"
 #include "muonps/v1/shard.grpc.pb.h"
@@ -151,7 +152,8 @@ int ServeCoordinator() {
   if (absl::Status st = WritePortFile((*server)->port()); !st.ok()) return Fail(st);
   (*server)->SetServing(true);
   LogLine(absl::StrCat("muonps coordinator: serving on ", server_options.address, " (port ",
-                       (*server)->port(), ")"));
+                       (*server)->port(), "); the cluster computes with ",
+                       DescribeNumerics(LocalNumerics())));
   WaitForSignal();
   LogLine("muonps coordinator: shutting down");
   (*server)->SetServing(false);
@@ -174,24 +176,37 @@ int ServeShard() {
   const std::string advertise =
       absl::GetFlag(FLAGS_advertise).empty() ? (*server)->address() : absl::GetFlag(FLAGS_advertise);
   Membership membership(Membership::Kind::kShard, CoordinatorAddress(), advertise, 0);
+  absl::Status refused;  // set by `registering` before it raises SIGTERM
   std::thread registering([&] {
     absl::Status st = membership.Start(3600.0);
     if (!st.ok()) {
       LogLine(absl::StrCat("muonps shard: ", st.message()));
+      // Refused for good (e.g. numerics that are not the cluster's): exit
+      // with the reason, so an orchestrator shows it instead of a shard that
+      // silently never becomes ready.
+      if (!absl::IsCancelled(st)) {
+        refused = st;
+        raise(SIGTERM);
+      }
       return;
     }
     LogLine(absl::StrCat("muonps shard: registered as ", membership.member_id(), ", serving on ",
-                         advertise, " with ", NumThreads(), " threads"));
+                         advertise, " with ", NumThreads(), " threads, ",
+                         DescribeNumerics(LocalNumerics())));
     (*server)->SetServing(true);
   });
-  if (absl::Status st = WritePortFile((*server)->port()); !st.ok()) return Fail(st);
+  if (absl::Status st = WritePortFile((*server)->port()); !st.ok()) {
+    membership.Stop();
+    registering.join();
+    return Fail(st);
+  }
   WaitForSignal();
   LogLine("muonps shard: shutting down");
   membership.Stop();
   registering.join();
   service.Shutdown();
   (*server)->Shutdown(1.0);
-  return 0;
+  return refused.ok() ? 0 : Fail(refused);
 }
 
 int ServeWorker() {
@@ -344,7 +359,8 @@ int CancelCommand(const std::vector<std::string>& args) {
 const std::vector<std::string>& EnvironmentFlags() {
   static const std::vector<std::string>* flags = new std::vector<std::string>{
       "listen",        "advertise",         "coordinator",    "min_shards",
-      "lease_seconds", "heartbeat_seconds", "metrics_listen", "peak_tflops"};
+      "lease_seconds", "heartbeat_seconds", "metrics_listen", "peak_tflops",
+      "blas_core"};
   return *flags;
 }
 

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -21,6 +22,7 @@
 #include "cli/progress.h"
 #include "common/blas_runtime.h"
 #include "common/job_spec.h"
+#include "common/numerics.h"
 #include "common/parallel.h"
 #include "trainer/trainer.h"
 
@@ -28,7 +30,13 @@ ABSL_FLAG(std::string, resume, "", "Checkpoint directory (or a directory of step
 ABSL_FLAG(int64_t, until, 0, "Stop after this many completed steps (0 = the job's schedule.total_steps)");
 ABSL_FLAG(int, threads, 0, "Threads for kernels and BLAS (0 = all cores, or MUONPS_THREADS)");
 ABSL_FLAG(std::string, log_jsonl, "", "Append one JSON record per step and a summary to this file ('-' = stdout)");
+ABSL_DECLARE_FLAG(bool, json);
 ABSL_FLAG(bool, quiet, false, "No progress display on stderr");
+ABSL_FLAG(std::string, blas_core, "portable",
+          "OpenBLAS kernel family: portable (Haswell on every x86-64 CPU with AVX2 and FMA, so "
+          "Intel and AMD members agree bit for bit), native (OpenBLAS's choice for this CPU), or "
+          "a kernel name (Haswell, Zen, SkylakeX, Sandybridge, ...). Members of one cluster must "
+          "compute alike: the coordinator refuses any other");
 
 namespace muonps {
 namespace {
@@ -51,6 +59,8 @@ constexpr char kUsage[] =
     "      127.0.0.1:7070) and --json. Service flags also come from MUONPS_<FLAG> variables.\n"
     "  muonps validate JOB.json   Check a job file; print it with every default filled in.\n"
     "  muonps defaults            Print the default job as JSON.\n"
+    "  muonps numerics [--json]   This machine's numerics: BLAS kernel, fingerprint, and the\n"
+    "      kernels the CPU can run (--blas_core chooses; members of a cluster must agree).\n"
     "  muonps version\n";
 
 std::atomic<bool> g_stop{false};
@@ -80,6 +90,9 @@ int Train(const std::vector<std::string>& args) {
 
   absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(*job, options);
   if (!trainer.ok()) return Fail(trainer.status());
+  if (!(*trainer)->resume_note().empty()) {
+    std::fprintf(stderr, "muonps: note: %s\n", (*trainer)->resume_note().c_str());
+  }
   progress.Start(*job, (*trainer)->corpus().description, (*trainer)->model().layout(),
                  (*trainer)->step(), (*trainer)->state().trainer.last_val_loss(), NumThreads(),
                  BlasCoreName());
@@ -96,6 +109,29 @@ int Train(const std::vector<std::string>& args) {
                                                   : "; resume with --resume");
     return 130;
   }
+  return 0;
+}
+
+int Numerics() {
+  const bool json = absl::GetFlag(FLAGS_json);
+  const v1::NumericsProfile& p = LocalNumerics();
+  const std::vector<std::string> cores = RunnableBlasCores();
+  if (json) {
+    std::string list;
+    for (const std::string& c : cores) list += (list.empty() ? "\"" : ", \"") + c + "\"";
+    std::printf(
+        "{\"blas_core\": \"%s\", \"fingerprint\": \"%s\", \"version\": \"%s\", "
+        "\"blas_config\": \"%s\", \"runnable_blas_cores\": [%s]}\n",
+        p.blas_core().c_str(), p.fingerprint().c_str(), p.version().c_str(),
+        p.blas_config().c_str(), list.c_str());
+    return 0;
+  }
+  std::printf("BLAS kernel     %s\nfingerprint     %s\nmuonps          %s\nOpenBLAS        %s\n",
+              p.blas_core().c_str(), p.fingerprint().c_str(), p.version().c_str(),
+              p.blas_config().c_str());
+  std::printf("runnable kernels");
+  for (const std::string& c : cores) std::printf(" %s", c.c_str());
+  std::printf("\n");
   return 0;
 }
 
@@ -136,15 +172,19 @@ int main(int argc, char** argv) {
   }
   const std::string command = args[0];
   args.erase(args.begin());
+  // Every product relies on a single-threaded BLAS (common/gemm.h).
+  if (absl::Status st = muonps::CheckBlasRuntime(); !st.ok()) return muonps::Fail(st);
   if (command == "train") return muonps::Train(args);
   if (command == "validate") return muonps::Validate(args);
+  if (command == "numerics") return muonps::Numerics();
   if (command == "defaults") {
     std::cout << muonps::ToJson(muonps::DefaultJobSpec());
     return 0;
   }
   if (const int status = muonps::RunClusterCommand(command, args); status >= 0) return status;
   if (command == "version") {
-    std::printf("muonps 0.1.0 (BLAS core %s)\n", muonps::BlasCoreName().c_str());
+    std::printf("muonps %s (BLAS core %s, numerics fingerprint %s)\n", muonps::MuonpsVersion(),
+                muonps::BlasCoreName().c_str(), muonps::LocalNumerics().fingerprint().c_str());
     return 0;
   }
   std::fprintf(stderr, "muonps: unknown command \"%s\"\n\n%s", command.c_str(), muonps::kUsage);

@@ -1,4 +1,7 @@
-// Data-parallel loops over the process-wide OpenMP pool (shared with OpenBLAS).
+// Data-parallel loops over the process-wide OpenMP pool. Every BLAS call runs
+// on one thread (common/gemm.h): every parallel loop of muonps is one of these,
+// and each names its team size, so results never depend on the per-thread
+// OpenMP setting.
 //
 // Contract for every kernel that uses ParallelFor: each output element is
 // produced by exactly one iteration, in an order fixed by the code and not by
@@ -43,7 +46,7 @@ void ParallelForDynamic(int64_t n, Fn&& fn) {
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
-// Sets the number of threads used by ParallelFor and by BLAS (>= 1). Nested
+// Sets the number of threads used by ParallelFor (>= 1), and so by TiledSgemm. Nested
 // regions run on one thread: a loop inside a ParallelFor iteration is serial.
 void SetNumThreads(int threads);
 // The current number of threads.

@@ -29,7 +29,8 @@ PACKAGES=(
   libabsl-dev nlohmann-json3-dev
   # metrics: the /metrics endpoint of every service
   prometheus-cpp-dev
-  # linear algebra: OpenBLAS built on OpenMP, so BLAS and our own kernels share one thread pool
+  # linear algebra: OpenBLAS's OpenMP build; common/gemm.h keeps every call
+  # on its calling thread, muonps's own OpenMP loops do the parallel work
   libopenblas-openmp-dev libopenblas0-openmp
   # the default training corpus (plain-text fortune files)
   fortunes fortunes-min

@@ -31,10 +31,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/job_spec.h"
 #include "common/model_layout.h"
 #include "google/protobuf/util/json_util.h"
 #include "muonps/v1/coordinator.pb.h"
+#include "nlohmann/json.hpp"
 #include "tests/process_util.h"
 #include "tests/test_util.h"
 #include "trainer/checkpoint.h"
@@ -292,9 +294,20 @@ class ClusterTest : public testing_util::TempDirTest {
     coordinator_ = absl::StrCat("127.0.0.1:", port);
     return coordinator_;
   }
-  ChildProcess& StartShard(int i) {
-    return Start(absl::StrCat("shard-", i),
-                 {"shard", "--listen=127.0.0.1:0", "--coordinator=" + coordinator_, "--threads=1"});
+  ChildProcess& StartShard(int i, std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"shard", "--listen=127.0.0.1:0",
+                                     "--coordinator=" + coordinator_, "--threads=1"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return Start(absl::StrCat("shard-", i), args);
+  }
+  // `muonps numerics --json` with --blas_core=CORE (default when empty): the
+  // profile a member started that way would send.
+  nlohmann::json NumericsOf(const std::string& core) {
+    std::vector<std::string> args = {"numerics", "--json"};
+    if (!core.empty()) args.push_back("--blas_core=" + core);
+    ChildProcess& c = Start("numerics-" + (core.empty() ? "default" : core), args);
+    EXPECT_EQ(Finish(c), 0) << ReadWholeFile(c.err_path());
+    return nlohmann::json::parse(ReadWholeFile(c.out_path()), nullptr, /*allow_exceptions=*/false);
   }
   ChildProcess& StartWorker(const std::string& name, std::vector<std::string> extra = {}) {
     std::vector<std::string> args = {"worker", "--listen=127.0.0.1:0",
@@ -400,7 +413,9 @@ TEST_P(ClusterLayoutTest, CheckpointIsBitIdenticalToTrain) {
 INSTANTIATE_TEST_SUITE_P(
     Layouts, ClusterLayoutTest,
     ::testing::Values(LayoutCase{"Muon1Shard1Worker", 1, 1, 2, "muon", "aux_free_bias"},
+                      LayoutCase{"Muon1Shard1WorkerOneThread", 1, 1, 1, "muon", "aux_free_bias"},
                       LayoutCase{"Muon2Shards3Workers", 2, 3, 1, "muon", "aux_free_bias"},
+                      LayoutCase{"Muon2Shards3WorkersTwoThreads", 2, 3, 2, "muon", "aux_free_bias"},
                       LayoutCase{"Muon3Shards2Workers", 3, 2, 1, "muon", "aux_free_bias"},
                       LayoutCase{"AdamW2Shards3Workers", 2, 3, 1, "adamw", "aux_free_bias"},
                       LayoutCase{"AuxLoss3Shards2Workers", 3, 2, 1, "muon", "aux_loss"}),
@@ -590,7 +605,58 @@ TEST_F(ClusterTest, CancelQueuedJobLeavesTheRunningJobAlone) {
   EXPECT_TRUE(fs::exists(CheckpointOf("first", 40)));
 }
 
-// --- 5. `muonps local` stops every process it started --------------------------
+// --- 5. Members on other BLAS kernels ----------------------------------------
+
+// For every OpenBLAS kernel this CPU can run, a shard started on it joins a
+// cluster whose coordinator runs the default kernel. Either its fingerprint
+// is the coordinator's, and then a job with one shard on each kernel equals
+// `muonps train` bit for bit; or it is refused by name (both kernels and
+// both fingerprints in its exit message) before it computes anything.
+TEST_F(ClusterTest, ShardOnAnotherBlasKernelIsRefusedByNameOrBitIdentical) {
+  const nlohmann::json own = NumericsOf("");
+  ASSERT_TRUE(own.is_object()) << "muonps numerics --json";
+  const std::string own_core = own.value("blas_core", ""), own_fp = own.value("fingerprint", "");
+  ASSERT_EQ(own_fp.size(), 16u);
+  StartCoordinator(/*min_shards=*/2);
+  std::vector<std::string> same;
+  int refused = 0;
+  for (const std::string& core : own["runnable_blas_cores"].get<std::vector<std::string>>()) {
+    const nlohmann::json theirs = NumericsOf(core);
+    ASSERT_TRUE(theirs.is_object()) << core;
+    ASSERT_EQ(theirs.value("blas_core", ""), core) << "--blas_core=" << core << " was not applied";
+    if (theirs.value("fingerprint", "") == own_fp) {
+      if (core != own_core) same.push_back(core);
+      continue;
+    }
+    SCOPED_TRACE(core + " against " + own_core);
+    ChildProcess& shard = StartShard(100 + refused, {"--blas_core=" + core});
+    EXPECT_EQ(Finish(shard, 30.0), 1) << ReadWholeFile(shard.err_path());
+    const std::string log = ReadWholeFile(shard.err_path());
+    for (const std::string& name : {core, own_core, theirs.value("fingerprint", ""), own_fp}) {
+      EXPECT_NE(log.find(name), std::string::npos) << "\"" << name << "\" not in: " << log;
+    }
+    EXPECT_EQ(log.find("registered as"), std::string::npos) << log;
+    ++refused;
+  }
+  std::printf("kernel %s (fingerprint %s): %d kernels refused, identical: %s\n", own_core.c_str(),
+              own_fp.c_str(), refused, absl::StrJoin(same, ", ").c_str());
+  if (same.empty()) return;
+  // A mixed cluster that the fingerprints admit must indeed agree.
+  JobOptions o;
+  o.total_steps = 8;
+  o.every_steps = 8;
+  WriteJob("train", o);
+  WriteJob("cluster", o);
+  StartShard(0);
+  StartShard(1, {"--blas_core=" + same.front()});
+  StartWorker("worker-a", {"--blas_core=" + same.back()});
+  const std::string id = Submit("cluster");
+  ChildProcess& watch = Watch(id);
+  EXPECT_EQ(Finish(watch), 0) << "the mixed-kernel job did not succeed";
+  ExpectSameCheckpoint(Train("train"), CheckpointOf("cluster", 8));
+}
+
+// --- 6. `muonps local` stops every process it started --------------------------
 
 // The processes of the cluster `local` started with log directory `log_dir`:
 // the coordinator names its port file there, shards and workers its address.

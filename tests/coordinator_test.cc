@@ -26,6 +26,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/job_spec.h"
 #include "common/model_layout.h"
+#include "common/numerics.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "services/server/grpc_server.h"
 #include "services/server/membership.h"
@@ -475,6 +476,52 @@ TEST_F(CoordinatorTest, JobsQueueWithoutShardsAndCancelAtOnce) {
 }
 
 // ---------------------------------------------------------------------------
+// Numerics
+
+// A member whose kernel would give other bits is refused before it is
+// registered (so before it computes anything), with both kernels named; so is
+// a member that sends no profile. A matching one is accepted.
+TEST_F(CoordinatorTest, MembersWithOtherNumericsAreRefusedByName) {
+  StartCoordinator(0.1, 0.5);
+  v1::NumericsProfile other = LocalNumerics();
+  other.set_blas_core("Sandybridge");
+  other.set_fingerprint("0123456789abcdef");
+  ASSERT_NE(other.fingerprint(), LocalNumerics().fingerprint());
+  {
+    grpc::ClientContext context;
+    v1::RegisterShardRequest request;
+    request.set_address("127.0.0.1:1");
+    *request.mutable_numerics() = other;
+    v1::RegisterShardResponse response;
+    grpc::Status status = cluster_->RegisterShard(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_THAT(status.error_message(), HasSubstr("Sandybridge"));
+    EXPECT_THAT(status.error_message(), HasSubstr(LocalNumerics().blas_core()));
+    EXPECT_THAT(status.error_message(), HasSubstr("0123456789abcdef"));
+    EXPECT_THAT(status.error_message(), HasSubstr(LocalNumerics().fingerprint()));
+  }
+  {
+    grpc::ClientContext context;
+    v1::RegisterWorkerRequest request;
+    request.set_address("127.0.0.1:2");
+    v1::RegisterWorkerResponse response;
+    grpc::Status status = cluster_->RegisterWorker(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_THAT(status.error_message(), HasSubstr("no profile"));
+  }
+  EXPECT_EQ(Cluster().shards_size(), 0);
+  EXPECT_EQ(Cluster().workers_size(), 0);
+  {
+    grpc::ClientContext context;
+    v1::RegisterWorkerRequest request;
+    request.set_address("127.0.0.1:2");
+    *request.mutable_numerics() = LocalNumerics();
+    v1::RegisterWorkerResponse response;
+    EXPECT_TRUE(cluster_->RegisterWorker(&context, request, &response).ok());
+  }
+  EXPECT_EQ(Cluster().workers_size(), 1);
+}
+
 // Leases
 
 TEST_F(CoordinatorTest, MembersThatStopHeartbeatingLoseTheirLease) {
@@ -484,6 +531,7 @@ TEST_F(CoordinatorTest, MembersThatStopHeartbeatingLoseTheirLease) {
     grpc::ClientContext context;
     v1::RegisterShardRequest request;
     request.set_address("127.0.0.1:1");  // never dialled: no job is submitted
+    *request.mutable_numerics() = LocalNumerics();
     v1::RegisterShardResponse response;
     ASSERT_TRUE(cluster_->RegisterShard(&context, request, &response).ok());
     EXPECT_DOUBLE_EQ(response.heartbeat_seconds(), 0.1);
@@ -495,6 +543,7 @@ TEST_F(CoordinatorTest, MembersThatStopHeartbeatingLoseTheirLease) {
     v1::RegisterWorkerRequest request;
     request.set_address("127.0.0.1:2");
     request.set_threads(3);
+    *request.mutable_numerics() = LocalNumerics();
     v1::RegisterWorkerResponse response;
     ASSERT_TRUE(cluster_->RegisterWorker(&context, request, &response).ok());
     worker_id = response.member_id();

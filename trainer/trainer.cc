@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "common/numerics.h"
 #include "common/parallel.h"
 #include "common/status_macros.h"
 #include "services/optimizer/adamw.h"
@@ -73,6 +74,9 @@ absl::Status Trainer::Init() {
       return absl::FailedPreconditionError(
           absl::StrCat(dir, ": the checkpoint was trained with a different seed or optimizer"));
     }
+    if (!SameNumerics(state_.trainer.numerics(), LocalNumerics())) {
+      resume_note_ = ResumeNumericsNote(state_.trainer.numerics());
+    }
     if (state_.trainer.step() > job_.schedule().total_steps()) {
       return absl::FailedPreconditionError(
           absl::StrCat(dir, ": checkpoint is at step ", state_.trainer.step(),
@@ -80,6 +84,7 @@ absl::Status Trainer::Init() {
     }
   }
   *state_.trainer.mutable_job() = job_;
+  *state_.trainer.mutable_numerics() = LocalNumerics();
   return absl::OkStatus();
 }
 

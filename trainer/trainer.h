@@ -88,9 +88,13 @@ class Trainer {
   const TrainingState& state() const { return state_; }
   const MoeModel& model() const { return *lanes_[0].model; }
   const TokenCorpus& corpus() const { return corpus_; }
+  // After a resume from a checkpoint computed with other numerics (another
+  // BLAS kernel): what the user should be told; empty otherwise.
+  const std::string& resume_note() const { return resume_note_; }
   int64_t step() const { return state_.trainer.step(); }
 
  private:
+  std::string resume_note_;
   Trainer(const v1::JobSpec& job, const TrainOptions& options);
   absl::Status Init();
   // Clips and applies the update; returns the gradient norm before clipping.

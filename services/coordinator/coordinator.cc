@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/job_spec.h"
+#include "common/numerics.h"
 #include "services/server/metrics.h"
 #include "services/server/rpc_util.h"
 
@@ -71,7 +72,7 @@ class Coordinator::ClusterServiceImpl final : public v1::ClusterService::Service
   grpc::Status RegisterShard(grpc::ServerContext*, const v1::RegisterShardRequest* request,
                              v1::RegisterShardResponse* response) override {
     std::string id;
-    grpc::Status st = c_->Register(true, request->address(), 0, &id);
+    grpc::Status st = c_->Register(true, request->address(), 0, request->numerics(), &id);
     response->set_member_id(id);
     response->set_heartbeat_seconds(c_->options_.heartbeat_seconds);
     response->set_lease_seconds(c_->options_.lease_seconds);
@@ -80,7 +81,7 @@ class Coordinator::ClusterServiceImpl final : public v1::ClusterService::Service
   grpc::Status RegisterWorker(grpc::ServerContext*, const v1::RegisterWorkerRequest* request,
                               v1::RegisterWorkerResponse* response) override {
     std::string id;
-    grpc::Status st = c_->Register(false, request->address(), request->threads(), &id);
+    grpc::Status st = c_->Register(false, request->address(), request->threads(), request->numerics(), &id);
     response->set_member_id(id);
     response->set_heartbeat_seconds(c_->options_.heartbeat_seconds);
     response->set_lease_seconds(c_->options_.lease_seconds);
@@ -134,6 +135,8 @@ Coordinator::Metrics::Metrics(prometheus::Registry& r)
       steps(NewCounter(r, "muonps_job_steps_total", "Optimizer steps completed")),
       reassignments(NewCounter(r, "muonps_coordinator_task_reassignments_total",
                                "Tasks taken from a worker (lease expired or abandoned) and offered again")),
+      refused_members(NewCounter(r, "muonps_coordinator_members_refused_total",
+                                 "Registrations refused because the member's numerics differ from the cluster's")),
       step_seconds(NewHistogram(r, "muonps_job_step_duration_seconds",
                                 "Wall time of an optimizer step, including its evaluation")),
       global_seconds(NewHistogram(r, "muonps_job_global_step_duration_seconds",
@@ -342,9 +345,17 @@ grpc::Status Coordinator::GetCluster(v1::GetClusterResponse* response) {
 // ClusterService
 
 grpc::Status Coordinator::Register(bool shard, const std::string& address, int threads,
-                                   std::string* member_id) {
+                                   const v1::NumericsProfile& numerics, std::string* member_id) {
   if (shard && address.empty()) {
     return Refuse(absl::StatusCode::kInvalidArgument, "address: a shard must give the address it serves on");
+  }
+  const std::string who = absl::StrCat(shard ? "the shard at " : "the worker at ",
+                                       address.empty() ? "?" : address.substr(0, 256));
+  if (absl::Status st = CheckSameNumerics(numerics, who, LocalNumerics(), "the coordinator");
+      !st.ok()) {
+    metrics_.refused_members.Increment();
+    Log(std::string(st.message()));
+    return Refuse(absl::StatusCode::kFailedPrecondition, std::string(st.message()));
   }
   absl::MutexLock lock(&mu_);
   const std::string id =

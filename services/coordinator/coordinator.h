@@ -115,8 +115,10 @@ class Coordinator {
                         grpc::ServerWriter<v1::WatchJobResponse>* writer);
   grpc::Status GetCluster(v1::GetClusterResponse* response);
   // ClusterService.
+  // Refuses (FAILED_PRECONDITION, naming both kernels) a member whose
+  // numerics are not the coordinator's LocalNumerics().
   grpc::Status Register(bool shard, const std::string& address, int threads,
-                        std::string* member_id);
+                        const v1::NumericsProfile& numerics, std::string* member_id);
   grpc::Status Heartbeat(const v1::HeartbeatRequest& request, v1::HeartbeatResponse* response);
   grpc::Status GetTask(grpc::ServerContext* context, const v1::GetTaskRequest& request,
                        v1::GetTaskResponse* response);
@@ -141,7 +143,7 @@ class Coordinator {
     prometheus::Family<prometheus::Gauge>& jobs;  // {state}
     prometheus::Gauge &step, &total_steps, &train_loss, &val_loss, &tokens_per_second, &grad_norm,
         &learning_rate, &load_ratio, &workers, &shards, &step_workers;
-    prometheus::Counter &tokens, &steps, &reassignments;
+    prometheus::Counter &tokens, &steps, &reassignments, &refused_members;
     prometheus::Histogram &step_seconds, &global_seconds;
   };
   void UpdateJobGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/model_layout.h"
+#include "common/numerics.h"
 #include "common/status_macros.h"
 #include "services/coordinator/coordinator.h"
 #include "services/coordinator/placement.h"
@@ -92,6 +93,7 @@ void Coordinator::RunJob(const std::string& job_id) {
 
   // 1. Load the tensors on the shards.
   std::vector<int64_t> versions(static_cast<size_t>(n), 0);
+  std::vector<v1::NumericsProfile> checkpoint_numerics(static_cast<size_t>(n));
   absl::Status loaded = ForEachShard(n, [&](int i) {
     grpc::ClientContext context;
     context_for(&context);
@@ -105,6 +107,7 @@ void Coordinator::RunJob(const std::string& job_id) {
     absl::Status st = FromGrpcStatus(stubs[i]->LoadJob(&context, request, &response),
                                      shard_call(i, "LoadJob"));
     versions[i] = response.version();
+    checkpoint_numerics[i] = response.checkpoint_numerics();
     return st;
   });
   if (!loaded.ok()) return finish(v1::JOB_STATE_FAILED, std::string(loaded.message()));
@@ -127,6 +130,13 @@ void Coordinator::RunJob(const std::string& job_id) {
     JobRecord& record = jobs_.at(job_id);
     *record.job.mutable_placement() = {placement.shards.begin(), placement.shards.end()};
     record.job.set_start_step(start_step);
+    *record.job.mutable_numerics() = LocalNumerics();
+    const v1::NumericsProfile& saved = checkpoint_numerics[0];
+    if (!resume.empty() && !SameNumerics(saved, LocalNumerics())) {
+      const std::string note = ResumeNumericsNote(saved);
+      record.job.add_notes(note);
+      Log(absl::StrCat(job_id, ": ", note));
+    }
     record.job.mutable_progress()->set_step(start_step);
     for (auto& [id, m] : members_) {
       if (m.shard) m.job_id = job_id;
@@ -226,6 +236,7 @@ void Coordinator::RunJob(const std::string& job_id) {
     *trainer.mutable_job() = spec;
     trainer.set_tokens_seen(version * global_tokens);
     trainer.set_last_val_loss(last_val.value_or(std::nan("")));
+    *trainer.mutable_numerics() = LocalNumerics();
     st = WriteCheckpointIndex(*staging, n, layout, spec.optimizer().name(), placement.owner, trainer);
     if (!st.ok()) return st;
     st = PublishStagingDir(*staging, final_dir);

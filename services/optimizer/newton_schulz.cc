@@ -5,8 +5,6 @@
 #include <utility>
 #include <vector>
 
-#include <cblas.h>
-
 #include "common/gemm.h"
 #include "common/parallel.h"
 #include "services/optimizer/grad_norm.h"

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "common/numerics.h"
 #include "services/server/rpc_util.h"
 
 namespace muonps {
@@ -27,6 +28,7 @@ absl::Status Membership::RegisterOnce() {
   if (kind_ == Kind::kShard) {
     v1::RegisterShardRequest request;
     request.set_address(address_);
+    *request.mutable_numerics() = LocalNumerics();
     v1::RegisterShardResponse response;
     status = stub_->RegisterShard(&context, request, &response);
     id = response.member_id();
@@ -35,6 +37,7 @@ absl::Status Membership::RegisterOnce() {
     v1::RegisterWorkerRequest request;
     request.set_address(address_);
     request.set_threads(threads_);
+    *request.mutable_numerics() = LocalNumerics();
     v1::RegisterWorkerResponse response;
     status = stub_->RegisterWorker(&context, request, &response);
     id = response.member_id();
@@ -54,6 +57,12 @@ absl::Status Membership::Start(double timeout_seconds) {
   while (true) {
     last = RegisterOnce();
     if (last.ok()) break;
+    // A refusal (e.g. numerics the cluster cannot use) will not change by
+    // retrying: report it at once.
+    if (absl::IsFailedPrecondition(last) || absl::IsInvalidArgument(last)) {
+      return absl::Status(last.code(), absl::StrCat("the coordinator at ", coordinator_,
+                                                    " refused this member: ", last.message()));
+    }
     {
       absl::MutexLock lock(&mu_);
       if (stopping_) return absl::CancelledError("stopped before registering");

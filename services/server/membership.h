@@ -28,9 +28,11 @@ class Membership {
   Membership(Kind kind, const std::string& coordinator, const std::string& address, int threads);
   ~Membership();
 
-  // Registers, retrying every 0.5 s for up to `timeout_seconds` (or until
-  // Stop()), then starts heartbeats. UNAVAILABLE naming the coordinator when
-  // it could not be reached in time.
+  // Registers (sending LocalNumerics()), retrying every 0.5 s for up to
+  // `timeout_seconds` (or until Stop()), then starts heartbeats. UNAVAILABLE
+  // naming the coordinator when it could not be reached in time; the
+  // coordinator's FAILED_PRECONDITION or INVALID_ARGUMENT (e.g. numerics
+  // that are not the cluster's) at once, without retrying.
   absl::Status Start(double timeout_seconds);
   // Stops heartbeats (the lease then lapses at the coordinator).
   void Stop();

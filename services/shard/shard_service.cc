@@ -136,6 +136,7 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext*, const v1::LoadJobRe
       if (!st.ok()) return ToGrpcStatus(st);
     }
     state->set_version(trainer->step());
+    *response->mutable_checkpoint_numerics() = trainer->numerics();
   }
   absl::Status installed = Install(request->job_id(), tensors, std::move(state), request->replace());
   if (!installed.ok()) return ToGrpcStatus(installed);

@@ -6,8 +6,6 @@
 // over fixed channel blocks, each summing rows in increasing order.
 #include "workers/model/ops.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -178,9 +176,9 @@ void rope_backward(float* dinp, const float* dout, const float* cos, const float
 // ---- causal multi-head attention -----------------------------------------------
 //
 // One ParallelFor iteration per (b, h) pair; it reads and writes only that
-// head's columns. The per-head products are BLAS calls made inside the
-// parallel region, so each runs single-threaded with a shape fixed by
-// (T, D): the rounding does not depend on the thread count. Causality is used
+// head's columns. The per-head products are single Sgemm calls (one thread
+// each, common/gemm.h) with shapes fixed by (T, D): the rounding does not
+// depend on the thread count. Causality is used
 // at the granularity of kAttnBlock rows (queries) or columns (keys): a block
 // only touches the keys (queries) it can see, and entries above the diagonal
 // inside a block are exact zeros in A and dP.
@@ -188,14 +186,6 @@ void rope_backward(float* dinp, const float* dout, const float* cos, const float
 namespace {
 
 constexpr int kAttnBlock = 64;
-
-void Gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (M <= 0 || N <= 0 || K <= 0) return;
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M,
-              N, K, alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta, c,
-              static_cast<int>(ldc));
-}
 
 }  // namespace
 
@@ -209,7 +199,7 @@ void attention_forward(float* out, float* att, const float* q, const float* k, c
     for (int i0 = 0; i0 < T; i0 += kAttnBlock) {
       const int mb = std::min(kAttnBlock, T - i0), n = i0 + mb;
       // Scores scale * q_t . k_j for the keys the block can see.
-      Gemm(false, true, mb, n, D, scale, q + base + i0 * C, C, k + base, C, 0.0f, a + i0 * T, T);
+      Sgemm(false, true, mb, n, D, scale, q + base + i0 * C, C, k + base, C, 0.0f, a + i0 * T, T);
       for (int t = i0; t < n; ++t) {
         float* row = a + static_cast<int64_t>(t) * T;
         float mx = -INFINITY;
@@ -224,7 +214,7 @@ void attention_forward(float* out, float* att, const float* q, const float* k, c
         for (int j = t + 1; j < T; ++j) row[j] = 0.0f;
       }
       // out = A V over the visible keys.
-      Gemm(false, false, mb, D, n, 1.0f, a + i0 * T, T, v + base, C, 0.0f, out + base + i0 * C, C);
+      Sgemm(false, false, mb, D, n, 1.0f, a + i0 * T, T, v + base, C, 0.0f, out + base + i0 * C, C);
     }
   });
 }
@@ -243,7 +233,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
       for (int j0 = 0; j0 < T; j0 += kAttnBlock) {
         const int mb = std::min(kAttnBlock, T - j0);
         // dv[j] += sum_t A[t, j] dout[t]
-        Gemm(true, false, mb, D, T - j0, 1.0f, a + j0 * T + j0, T, dout + base + j0 * C, C, 1.0f,
+        Sgemm(true, false, mb, D, T - j0, 1.0f, a + j0 * T + j0, T, dout + base + j0 * C, C, 1.0f,
              dv + base + j0 * C, C);
       }
     }
@@ -254,7 +244,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
     for (int i0 = 0; i0 < T; i0 += kAttnBlock) {
       const int mb = std::min(kAttnBlock, T - i0), n = i0 + mb;
       // datt = dout V^T, then dp = a * (datt - <a, datt>) on and below the diagonal.
-      Gemm(false, true, mb, n, D, 1.0f, dout + base + i0 * C, C, v + base, C, 0.0f, dp + i0 * T, T);
+      Sgemm(false, true, mb, n, D, 1.0f, dout + base + i0 * C, C, v + base, C, 0.0f, dp + i0 * T, T);
       for (int t = i0; t < n; ++t) {
         const float* at = a + static_cast<int64_t>(t) * T;
         float* row = dp + static_cast<int64_t>(t) * T;
@@ -265,7 +255,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
       }
       // dq = scale dp K over the visible keys.
       if (dq != nullptr) {
-        Gemm(false, false, mb, D, n, scale, dp + i0 * T, T, k + base, C, 1.0f, dq + base + i0 * C,
+        Sgemm(false, false, mb, D, n, scale, dp + i0 * T, T, k + base, C, 1.0f, dq + base + i0 * C,
              C);
       }
     }
@@ -273,7 +263,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
       for (int j0 = 0; j0 < T; j0 += kAttnBlock) {
         const int mb = std::min(kAttnBlock, T - j0);
         // dk[j] += scale sum_{t >= j0} dp[t, j] q[t]
-        Gemm(true, false, mb, D, T - j0, scale, dp + j0 * T + j0, T, q + base + j0 * C, C, 1.0f,
+        Sgemm(true, false, mb, D, T - j0, scale, dp + j0 * T + j0, T, q + base + j0 * C, C, 1.0f,
              dk + base + j0 * C, C);
       }
     }

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/numerics.h"
 #include "common/parallel.h"
 #include "common/status_macros.h"
 #include "services/server/rpc_util.h"
@@ -363,7 +364,8 @@ absl::Status Worker::Run(const std::atomic<bool>& stop) {
     ended_.insert(ids.begin(), ids.end());
   });
   MUONPS_RETURN_IF_ERROR(membership_->Start(options_.register_timeout_seconds));
-  Log(absl::StrCat("registered as ", membership_->member_id(), " with ", options_.coordinator));
+  Log(absl::StrCat("registered as ", membership_->member_id(), " with ", options_.coordinator,
+                   ", ", DescribeNumerics(LocalNumerics())));
   if (options_.on_registered) options_.on_registered();
   while (!stop.load()) {
     if (job_ != nullptr) {  // free the data and models of a job that ended
