@@ -24,9 +24,8 @@
 #include <string>
 #include <vector>
 
-#include <cblas.h>
-
 #include "common/blas_runtime.h"
+#include "common/gemm.h"
 #include "common/parallel.h"
 #include "common/philox.h"
 #include "services/optimizer/newton_schulz.h"
@@ -52,10 +51,10 @@ double MedianSeconds(int repeats, const std::function<void()>& fn) {
   return times.size() % 2 == 1 ? times[mid] : 0.5 * (times[mid - 1] + times[mid]);
 }
 
-// C (M, N) = A (M, K) · op(B), op(B) = B (K, N) or B^T for B (N, K).
-void Sgemm(bool trans_b, int M, int N, int K, const float* a, const float* b, float* c) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N, K, 1.0f, a, K,
-              b, trans_b ? K : N, 0.0f, c, N);
+// C (M, N) = A (M, K) · op(B), op(B) = B (K, N) or B^T for B (N, K): one
+// cblas_sgemm call on one thread (muonps::Sgemm pins it).
+void OneThreadSgemm(bool trans_b, int M, int N, int K, const float* a, const float* b, float* c) {
+  Sgemm(false, trans_b, M, N, K, 1.0f, a, K, b, trans_b ? K : N, 0.0f, c, N);
 }
 
 void RunShape(int rows, int cols, int repeats) {
@@ -74,11 +73,11 @@ void RunShape(int rows, int cols, int repeats) {
   std::vector<float> s(static_cast<size_t>(m) * m), c(static_cast<size_t>(m) * n);
   FillNormal(s.data(), static_cast<int64_t>(s.size()), 2, "bench_square", 1.0);
   const double xxt_s =
-      MedianSeconds(repeats, [&] { Sgemm(true, m, m, n, x.data(), x.data(), c.data()); });
+      MedianSeconds(repeats, [&] { OneThreadSgemm(true, m, m, n, x.data(), x.data(), c.data()); });
   const double sq_s =
-      MedianSeconds(repeats, [&] { Sgemm(false, m, m, m, s.data(), s.data(), c.data()); });
+      MedianSeconds(repeats, [&] { OneThreadSgemm(false, m, m, m, s.data(), s.data(), c.data()); });
   const double bx_s =
-      MedianSeconds(repeats, [&] { Sgemm(false, m, n, m, s.data(), x.data(), c.data()); });
+      MedianSeconds(repeats, [&] { OneThreadSgemm(false, m, n, m, s.data(), x.data(), c.data()); });
   const double mmn = 2.0 * m * m * n, mmm = 2.0 * m * m * m;
   const double baseline_gflops = (2 * mmn + mmm) / (xxt_s + sq_s + bx_s) * 1e-9 * NumThreads();
   const double ns_gflops = ns_flops / ns_s * 1e-9;
