@@ -61,8 +61,8 @@ void TiledSgemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, co
     const int cols = static_cast<int>(std::min<int64_t>(tiles.cols, N - c0));
     const float* a_tile = trans_a ? a + r0 : a + r0 * lda;
     const float* b_tile = trans_b ? b + c0 * ldb : b + c0;
-    Sgemm(trans_a, trans_b, rows, cols, K, alpha, a_tile, lda, b_tile, ldb, beta,
-          c + r0 * ldc + c0, ldc);
+    Sgemm(trans_a, trans_b, rows, cols, K, alpha, a_tile, lda, b_tile, ldb, beta, c + r0 * ldc + c0,
+          ldc);
   });
 }
 

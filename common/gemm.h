@@ -16,10 +16,10 @@
 // sets the calling thread's OpenMP thread count to 1 before every call
 // (ParallelFor names its team size explicitly, so nothing else reads it):
 // one BLAS call is always computed by one thread, with a blocking that
-// depends only on its shape and the kernel. All parallelism is ours: TiledSgemm cuts C into tiles of a fixed size and spreads those tiles
-// over the threads, so which call computes an element, and so its rounding,
-// depends only on the shapes, never on the thread count, on whether the call
-// is made inside another parallel region, or on which thread makes it.
+// depends only on its shape and the kernel. All parallelism is ours: TiledSgemm cuts C into tiles
+// of a fixed size and spreads those tiles over the threads, so which call computes an element, and
+// so its rounding, depends only on the shapes, never on the thread count, on whether the call is
+// made inside another parallel region, or on which thread makes it.
 #ifndef MUONPS_COMMON_GEMM_H_
 #define MUONPS_COMMON_GEMM_H_
 

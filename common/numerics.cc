@@ -97,7 +97,8 @@ uint64_t ComputeNumericsFingerprint() {
     for (size_t i = 0; i < xf.size(); ++i) of[i] = fn(xf[i]);
     hash.AddAll(of);
   }
-  for (auto fn : {+[](double x) { return std::exp(x / 8); }, +[](double x) { return std::log(std::fabs(x) + 1e-9); },
+  for (auto fn : {+[](double x) { return std::exp(x / 8); },
+                  +[](double x) { return std::log(std::fabs(x) + 1e-9); },
                   +[](double x) { return std::sin(x); }, +[](double x) { return std::cos(x); },
                   +[](double x) { return std::pow(10000.0, -std::fabs(x) / 200); },
                   +[](double x) { return std::sqrt(std::fabs(x)); }}) {
@@ -121,8 +122,9 @@ const v1::NumericsProfile& LocalNumerics() {
 
 std::string DescribeNumerics(const v1::NumericsProfile& profile) {
   if (profile.fingerprint().empty()) return "unknown numerics (no profile sent)";
-  std::string out = absl::StrCat("BLAS kernel ", profile.blas_core().empty() ? "?" : profile.blas_core(),
-                                 ", fingerprint ", profile.fingerprint());
+  std::string out =
+      absl::StrCat("BLAS kernel ", profile.blas_core().empty() ? "?" : profile.blas_core(),
+                   ", fingerprint ", profile.fingerprint());
   if (profile.version() != MuonpsVersion()) absl::StrAppend(&out, ", muonps ", profile.version());
   return out;
 }

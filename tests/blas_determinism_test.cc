@@ -42,9 +42,12 @@ enum class Caller { kMainThread, kFreshThread, kInsideParallelRegion };
 
 std::string CallerName(Caller c) {
   switch (c) {
-    case Caller::kMainThread: return "main thread";
-    case Caller::kFreshThread: return "fresh std::thread";
-    case Caller::kInsideParallelRegion: return "inside a parallel region";
+    case Caller::kMainThread:
+      return "main thread";
+    case Caller::kFreshThread:
+      return "fresh std::thread";
+    case Caller::kInsideParallelRegion:
+      return "inside a parallel region";
   }
   return "?";
 }
@@ -115,22 +118,24 @@ struct Product {
 // width, vocab 256) in all three products of matmul_forward/backward, and
 // odd sizes.
 const Product kProducts[] = {
-    {false, true, 517, 384, 128},  {true, false, 256, 128, 512}, {false, false, 2048, 128, 1408},
-    {false, true, 512, 512, 128},  {false, false, 512, 128, 512}, {true, false, 512, 128, 512},
-    {false, true, 512, 256, 128},  {true, false, 256, 128, 512}, {false, true, 512, 128, 128},
-    {true, true, 70, 300, 33},     {false, true, 1, 5, 7},
+    {false, true, 517, 384, 128}, {true, false, 256, 128, 512},  {false, false, 2048, 128, 1408},
+    {false, true, 512, 512, 128}, {false, false, 512, 128, 512}, {true, false, 512, 128, 512},
+    {false, true, 512, 256, 128}, {true, false, 256, 128, 512},  {false, true, 512, 128, 128},
+    {true, true, 70, 300, 33},    {false, true, 1, 5, 7},
 };
 
 TEST(BlasDeterminismTest, TiledSgemmAndSgemm) {
   for (const Product& p : kProducts) {
-    const std::string name = absl::StrCat(p.M, "x", p.N, "x", p.K, p.ta ? "T" : "N", p.tb ? "T" : "N");
+    const std::string name =
+        absl::StrCat(p.M, "x", p.N, "x", p.K, p.ta ? "T" : "N", p.tb ? "T" : "N");
     const std::vector<float> a = Random(int64_t{p.M} * p.K, "a" + name);
     const std::vector<float> b = Random(int64_t{p.K} * p.N, "b" + name);
     const std::vector<float> c0 = Random(int64_t{p.M} * p.N, "c" + name);
     const int lda = p.ta ? p.M : p.K, ldb = p.tb ? p.K : p.N;
     ExpectSameEverywhere("TiledSgemm " + name, [&] {
       std::vector<float> c = c0;
-      TiledSgemm(p.ta, p.tb, p.M, p.N, p.K, 0.5f, a.data(), lda, b.data(), ldb, 1.0f, c.data(), p.N);
+      TiledSgemm(p.ta, p.tb, p.M, p.N, p.K, 0.5f, a.data(), lda, b.data(), ldb, 1.0f, c.data(),
+                 p.N);
       return c;
     });
     if (int64_t{p.M} * p.N * p.K <= int64_t{1} << 24) {
@@ -178,9 +183,11 @@ TEST(BlasDeterminismTest, LinearAndAttentionOpsOfTheDefaultModel) {
   const int B = DefaultJobSpec().batch().micro_batch(), T = m.max_position_embeddings();
   const int C = m.hidden_size(), H = m.num_attention_heads(), D = C / H;
   const int N = B * T;
-  for (const auto& [ic, oc] : std::vector<std::pair<int, int>>{
-           {C, 3 * C}, {C, m.intermediate_size()}, {m.intermediate_size(), C},
-           {C, m.moe_intermediate_size()}, {C, m.vocab_size()}}) {
+  for (const auto& [ic, oc] : std::vector<std::pair<int, int>>{{C, 3 * C},
+                                                               {C, m.intermediate_size()},
+                                                               {m.intermediate_size(), C},
+                                                               {C, m.moe_intermediate_size()},
+                                                               {C, m.vocab_size()}}) {
     const std::vector<float> inp = Random(int64_t{N} * ic, "inp");
     const std::vector<float> w = Random(int64_t{oc} * ic, "w", 0.02);
     const std::vector<float> dout = Random(int64_t{N} * oc, "dout");

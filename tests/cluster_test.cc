@@ -656,6 +656,37 @@ TEST_F(ClusterTest, ShardOnAnotherBlasKernelIsRefusedByNameOrBitIdentical) {
   ExpectSameCheckpoint(Train("train"), CheckpointOf("cluster", 8));
 }
 
+// A resume from a checkpoint that records other numerics continues, and says
+// that the continuation cannot be bit-identical to an uninterrupted run; the
+// new checkpoint records this process's numerics.
+TEST_F(ClusterTest, ResumeUnderOtherNumericsSaysSo) {
+  const JobOptions o;
+  WriteJob("half", o);
+  const std::string half = Train("half", /*until=*/10);
+  ASSERT_FALSE(half.empty());
+  const std::string state_path = half + "/trainer_state.json";
+  nlohmann::json state =
+      nlohmann::json::parse(ReadWholeFile(state_path), nullptr, /*allow_exceptions=*/false);
+  ASSERT_TRUE(state.is_object());
+  ASSERT_TRUE(state.contains("numerics")) << state.dump();
+  const std::string own_fp = state["numerics"].value("fingerprint", "");
+  ASSERT_EQ(own_fp.size(), 16u);
+  state["numerics"]["blas_core"] = "Sandybridge";
+  state["numerics"]["fingerprint"] = "0123456789abcdef";
+  std::ofstream(state_path, std::ios::trunc) << state.dump(2);
+  ASSERT_EQ(Run("resume", {"train", Path("half.json"), "--quiet", "--resume=" + half}), 0)
+      << ReadWholeFile(Path("resume.log"));
+  const std::string log = ReadWholeFile(Path("resume.log"));
+  EXPECT_NE(log.find("note: the checkpoint was computed with BLAS kernel Sandybridge, "
+                     "fingerprint 0123456789abcdef"),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find("not bit-identical"), std::string::npos) << log;
+  const absl::StatusOr<v1::TrainerState> done = ReadTrainerState(CheckpointOf("half", 20));
+  ASSERT_TRUE(done.ok()) << done.status();
+  EXPECT_EQ(done->numerics().fingerprint(), own_fp);
+}
+
 // --- 6. `muonps local` stops every process it started --------------------------
 
 // The processes of the cluster `local` started with log directory `log_dir`:
