@@ -28,7 +28,7 @@
 #include "common/gemm.h"
 #include "common/parallel.h"
 #include "common/philox.h"
-#include "services/optimizer/newton_schulz.h"
+#include "optim/newton_schulz.h"
 
 namespace muonps {
 namespace {

@@ -57,11 +57,11 @@
 #include "common/model_layout.h"
 #include "common/philox.h"
 #include "muonps/v1/shard.grpc.pb.h"
-#include "services/server/grpc_server.h"
-#include "services/server/rpc_util.h"
+#include "rpc/grpc_server.h"
+#include "rpc/rpc_util.h"
 #include "services/shard/shard_service.h"
-#include "services/transfer/shard_client.h"
-#include "services/transfer/tensor_stream.h"
+#include "rpc/shard_client.h"
+#include "rpc/tensor_stream.h"
 #include "workers/worker/worker.h"
 
 ABSL_FLAG(int, reps, 5, "Measured rounds (tcp, push, pull each); medians are reported");
@@ -256,7 +256,7 @@ struct Route {
   std::vector<std::string> tensors;  // owned, layout order
 };
 
-// The worker's own client code (services/transfer/shard_client.h).
+// The worker's own client code (rpc/shard_client.h).
 absl::Status Push(grpc::ChannelInterface* channel, const ModelLayout& layout, const Route& route,
                   int64_t step, int64_t chunk_bytes, const float* grads) {
   PushTarget target;

@@ -15,7 +15,7 @@
 #include "cli/progress.h"
 #include "google/protobuf/util/json_util.h"
 #include "services/coordinator/placement.h"
-#include "services/server/rpc_util.h"
+#include "rpc/rpc_util.h"
 
 ABSL_DECLARE_FLAG(std::string, coordinator);
 

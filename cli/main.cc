@@ -1,4 +1,4 @@
-// muonps: one binary, a command per role (see kUsage).
+// muonps: one binary, a command per role (cli/help.cc lists them).
 #include <signal.h>
 #include <unistd.h>
 
@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,8 +18,10 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli/cluster_cli.h"
+#include "cli/help.h"
 #include "cli/progress.h"
 #include "common/blas_runtime.h"
 #include "common/job_spec.h"
@@ -27,7 +30,7 @@
 #include "trainer/trainer.h"
 
 ABSL_FLAG(std::string, resume, "", "Checkpoint directory (or a directory of step-* checkpoints) to resume from");
-ABSL_FLAG(int64_t, until, 0, "Stop after this many completed steps (0 = the job's schedule.total_steps)");
+ABSL_FLAG(int64_t, until, 0, "Stop after this many completed steps, in [1, schedule.total_steps] (absent: the whole schedule)");
 ABSL_FLAG(int, threads, 0, "Threads for kernels and BLAS (0 = all cores, or MUONPS_THREADS)");
 ABSL_FLAG(std::string, log_jsonl, "", "Append one JSON record per step and a summary to this file ('-' = stdout)");
 ABSL_DECLARE_FLAG(bool, json);
@@ -41,29 +44,8 @@ ABSL_FLAG(std::string, blas_core, "portable",
 namespace muonps {
 namespace {
 
-constexpr char kUsage[] =
-    "muonps: Mixture-of-Experts training with the Muon optimizer.\n\n"
-    "  muonps train [JOB.json] [--resume DIR] [--until STEP] [--threads N] [--log_jsonl PATH]\n"
-    "      Train in one process; without JOB.json, the default job (default model on the\n"
-    "      fortunes corpus).\n"
-    "  muonps local [--shards N] [--workers M] [JOB.json] [--resume DIR]\n"
-    "      The same training as a cluster of processes on loopback: a coordinator, N optimizer\n"
-    "      shards and M workers; submits the job, watches it to the end, stops everything.\n"
-    "  muonps coordinator [--listen HOST:PORT] [--min_shards N]   Run the coordinator.\n"
-    "  muonps shard [--coordinator HOST:PORT] [--listen HOST:PORT] [--advertise HOST:PORT]\n"
-    "  muonps worker [--coordinator HOST:PORT] [--threads N]\n"
-    "  muonps submit JOB.json [--resume DIR]   Queue a job; prints its id.\n"
-    "  muonps watch ID     Live progress until the job ends (exit 0 succeeded, 1 failed, 4 cancelled).\n"
-    "  muonps list | status ID | cancel ID\n"
-    "      Client commands take --coordinator HOST:PORT (default $MUONPS_COORDINATOR, then\n"
-    "      127.0.0.1:7070) and --json. Service flags also come from MUONPS_<FLAG> variables.\n"
-    "  muonps validate JOB.json   Check a job file; print it with every default filled in.\n"
-    "  muonps defaults            Print the default job as JSON.\n"
-    "  muonps numerics [--json]   This machine's numerics: BLAS kernel, fingerprint, and the\n"
-    "      kernels the CPU can run (--blas_core chooses; members of a cluster must agree).\n"
-    "  muonps version\n";
-
 std::atomic<bool> g_stop{false};
+bool g_until_given = false;  // --until on the command line
 
 // First Ctrl-C / SIGTERM: stop after the current step and checkpoint. Second:
 // the default action (exit now).
@@ -75,6 +57,12 @@ void OnStopSignal(int signal_number) {
 int Train(const std::vector<std::string>& args) {
   absl::StatusOr<v1::JobSpec> job = args.empty() ? DefaultJobSpec() : LoadJobSpecFile(args[0]);
   if (!job.ok()) return Fail(job.status());
+  const int64_t until = absl::GetFlag(FLAGS_until);
+  if (g_until_given && (until < 1 || until > job->schedule().total_steps())) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--until: must be in [1, ", job->schedule().total_steps(),
+                     "] (the job's schedule.total_steps), got ", until)));
+  }
   ApplyThreadsFlag();
 
   ProgressDisplay progress(absl::GetFlag(FLAGS_quiet) ? nullptr : stderr,
@@ -151,7 +139,9 @@ int Validate(const std::vector<std::string>& args) {
 
 int main(int argc, char** argv) {
   muonps::PrepareComputeRuntime(argc, argv);
-  absl::SetProgramUsageMessage(muonps::kUsage);
+  absl::SetProgramUsageMessage(muonps::UsageMessage());
+  if (std::optional<int> status = muonps::PreParseCommandLine(argc, argv)) return *status;
+  muonps::g_until_given = muonps::FlagGiven(argc, argv, "until");
   // Service settings may come from MUONPS_<FLAG> variables; flags on the
   // command line come later and win.
   std::vector<std::string> from_env;
@@ -167,7 +157,7 @@ int main(int argc, char** argv) {
       absl::ParseCommandLine(static_cast<int>(full_argv.size()), full_argv.data());
   std::vector<std::string> args(positional.begin() + 1, positional.end());
   if (args.empty()) {
-    std::fputs(muonps::kUsage, stderr);
+    std::fprintf(stderr, "muonps: error: no command; `muonps help` lists them\n");
     return 2;
   }
   const std::string command = args[0];
@@ -187,6 +177,7 @@ int main(int argc, char** argv) {
                 muonps::BlasCoreName().c_str(), muonps::LocalNumerics().fingerprint().c_str());
     return 0;
   }
-  std::fprintf(stderr, "muonps: unknown command \"%s\"\n\n%s", command.c_str(), muonps::kUsage);
+  std::fprintf(stderr, "muonps: error: unknown command \"%s\"; `muonps help` lists them\n",
+               command.c_str());
   return 2;
 }

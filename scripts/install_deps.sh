@@ -37,6 +37,8 @@ PACKAGES=(
 )
 TEST_PACKAGES=(
   googletest libgtest-dev libgmock-dev
+  # the formatter the Format test enforces (.clang-format)
+  clang-format
   # a real Prometheus server and promtool (metrics and dashboard tests), and
   # a YAML parser for the provisioning files
   prometheus python3-yaml

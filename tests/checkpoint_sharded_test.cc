@@ -28,7 +28,7 @@
 #include "tests/model_test_util.h"
 #include "tests/test_util.h"
 #include "tests/trainer_test_util.h"
-#include "trainer/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 #include "trainer/trainer.h"
 
 namespace muonps {

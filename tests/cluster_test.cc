@@ -39,8 +39,8 @@
 #include "nlohmann/json.hpp"
 #include "tests/process_util.h"
 #include "tests/test_util.h"
-#include "trainer/checkpoint.h"
-#include "trainer/training_state.h"
+#include "checkpoint/checkpoint.h"
+#include "checkpoint/training_state.h"
 
 namespace muonps {
 namespace {

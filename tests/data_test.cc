@@ -1,4 +1,4 @@
-// Tests for workers/data: loading text and llm.c shards, the train/val split,
+// Tests for data/: loading text and llm.c shards, the train/val split,
 // and the sequential and random window samplers.
 #include <cstdint>
 #include <filesystem>
@@ -11,8 +11,8 @@
 #include "gtest/gtest.h"
 #include "muonps/v1/job.pb.h"
 #include "tests/test_util.h"
-#include "workers/data/batch_sampler.h"
-#include "workers/data/token_source.h"
+#include "data/batch_sampler.h"
+#include "data/token_source.h"
 
 namespace muonps {
 namespace {

@@ -1,6 +1,6 @@
 // GrpcServer: a real server on loopback, probed through the standard
 // grpc.health.v1 protocol with a stub generated from proto/grpc/health/v1.
-#include "services/server/grpc_server.h"
+#include "rpc/grpc_server.h"
 
 #include <gtest/gtest.h>
 

@@ -43,7 +43,7 @@
 #include "common/parallel.h"
 #include "common/philox.h"
 #include "tests/model_test_util.h"
-#include "workers/model/moe_model.h"
+#include "model/moe_model.h"
 
 namespace muonps {
 namespace {

@@ -35,7 +35,7 @@
 #include "common/model_layout.h"
 #include "common/safetensors.h"
 #include "tests/model_test_util.h"
-#include "workers/model/moe_model.h"
+#include "model/moe_model.h"
 
 namespace muonps {
 namespace {

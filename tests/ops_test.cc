@@ -11,7 +11,7 @@
 // tolerances below sit an order of magnitude above that noise and far below
 // the O(0.1) error of a wrong sign or a missing term. Backward outputs start
 // from a random base so that "adds into" is checked as well.
-#include "workers/model/ops.h"
+#include "model/ops.h"
 
 #include <gtest/gtest.h>
 

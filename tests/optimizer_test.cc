@@ -21,11 +21,11 @@
 #include "common/blas_runtime.h"
 #include "common/parallel.h"
 #include "common/philox.h"
-#include "services/optimizer/adamw.h"
-#include "services/optimizer/grad_norm.h"
-#include "services/optimizer/lr_schedule.h"
-#include "services/optimizer/muon.h"
-#include "services/optimizer/newton_schulz.h"
+#include "optim/adamw.h"
+#include "optim/grad_norm.h"
+#include "optim/lr_schedule.h"
+#include "optim/muon.h"
+#include "optim/newton_schulz.h"
 
 namespace muonps {
 namespace {

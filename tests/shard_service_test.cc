@@ -26,12 +26,12 @@
 #include "absl/strings/str_cat.h"
 #include "common/job_spec.h"
 #include "common/model_layout.h"
-#include "services/server/grpc_server.h"
-#include "services/server/rpc_util.h"
+#include "rpc/grpc_server.h"
+#include "rpc/rpc_util.h"
 #include "services/shard/shard_state.h"
-#include "services/transfer/tensor_stream.h"
+#include "rpc/tensor_stream.h"
 #include "tests/test_util.h"
-#include "trainer/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 
 namespace muonps {
 namespace {

@@ -14,12 +14,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/job_spec.h"
-#include "services/optimizer/lr_schedule.h"
+#include "optim/lr_schedule.h"
 #include "tests/test_util.h"
 #include "trainer/trainer.h"
-#include "workers/data/batch_sampler.h"
-#include "workers/data/token_source.h"
-#include "workers/model/moe_model.h"
+#include "data/batch_sampler.h"
+#include "data/token_source.h"
+#include "model/moe_model.h"
 
 namespace muonps {
 namespace {
@@ -215,6 +215,15 @@ TEST_F(ShardStateTest, BadPushesAreRefusedAndChangeNothing) {
   ASSERT_EQ(sq->size(), 1u);
   EXPECT_DOUBLE_EQ((*sq)[0].second, 0.75 * 0.75 * 32 * 32);  // three slots of 0.25, not 9
   EXPECT_EQ(shard.ApplyStep(1, 0.01, 1.0, {}).code(), absl::StatusCode::kFailedPrecondition);
+  // Expert loads of any shape but the model's (1 MoE layer x 4 experts) are
+  // refused before anything changes: they index the router biases.
+  EXPECT_EQ(shard.ApplyStep(0, 0.01, 1.0, {std::vector<int64_t>(3000000, 1)}).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(shard.ApplyStep(0, 0.01, 1.0, {{1, 2, 3, 4}, {1, 2, 3, 4}}).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(shard.ApplyStep(0, 0.01, 1.0, {{1, 2, -3, 4}}).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(shard.version(), 0);
   EXPECT_TRUE(shard.ApplyStep(0, 0.01, 1.0, {{1, 2, 3, 4}}).ok());
   EXPECT_EQ(shard.version(), 1);
 }

@@ -1,5 +1,5 @@
 // Tensor chunking and checked reassembly.
-#include "services/transfer/tensor_stream.h"
+#include "rpc/tensor_stream.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

@@ -17,7 +17,7 @@
 #include "common/job_spec.h"
 #include "common/parallel.h"
 #include "common/safetensors.h"
-#include "trainer/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 #include "tests/trainer_test_util.h"
 
 namespace muonps {

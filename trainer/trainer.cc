@@ -9,12 +9,12 @@
 #include "common/numerics.h"
 #include "common/parallel.h"
 #include "common/status_macros.h"
-#include "services/optimizer/adamw.h"
-#include "services/optimizer/grad_norm.h"
-#include "services/optimizer/lr_schedule.h"
-#include "services/optimizer/muon.h"
-#include "services/optimizer/tensor_update.h"
-#include "trainer/checkpoint.h"
+#include "optim/adamw.h"
+#include "optim/grad_norm.h"
+#include "optim/muon.h"
+#include "optim/tensor_update.h"
+#include "checkpoint/checkpoint.h"
+#include "step/step.h"
 
 namespace muonps {
 namespace {
@@ -93,40 +93,28 @@ absl::StatusOr<StepReport> Trainer::Step() {
   const auto t0 = Clock::now();
   const int64_t step_index = state_.trainer.step();  // 0-based index of this step
   const int slots = job_.batch().slots(), rows = job_.batch().micro_batch();
-  const int T = model().seq_len();
-  const int64_t global_tokens = static_cast<int64_t>(slots) * rows * T;
-  const bool aux_loss = job_.model().balancing() == "aux_loss";
-  const float loss_scale = static_cast<float>(1.0 / static_cast<double>(global_tokens));
-  const float aux_scale =
-      aux_loss ? static_cast<float>(job_.model().aux_loss_alpha() / slots) : 0.0f;
+  const StepScales scales = StepScalesOf(job_);
 
   StepReport report;
   report.total_steps = job_.schedule().total_steps();
-  report.tokens = global_tokens;
-  report.lr = ScheduledLr(job_.optimizer().lr(), step_index, job_.schedule().total_steps(),
-                          job_.schedule().warmup_steps(), job_.schedule().min_lr_ratio());
+  report.tokens = scales.global_tokens;
+  report.lr = StepLearningRate(job_, step_index);
 
   // 1. Slot gradients, computed in waves of one slot per lane, summed left to right.
   std::fill(grads_.begin(), grads_.end(), 0.0f);
   double loss_sum = 0.0, aux_sum = 0.0, fwd_time = 0.0, bwd_time = 0.0;
-  std::vector<std::vector<int64_t>> loads;
-  const int lanes = static_cast<int>(lanes_.size());
-  for (int base = 0; base < slots; base += lanes) {
-    const int wave = std::min(lanes, slots - base);
-    auto run_slot = [&](int64_t i) {
+  ExpertLoads loads(job_.model());
+  absl::Status loads_ok;
+  ForEachWave(slots, static_cast<int>(lanes_.size()), [&](int64_t base, int wave) {
+    RunWave(wave, [&](int64_t i) {
       Lane& lane = lanes_[i];
-      sampler_->Fill(step_index, base + static_cast<int>(i), lane.inputs.data(),
+      sampler_->Fill(step_index, static_cast<int>(base + i), lane.inputs.data(),
                      lane.targets.data());
       std::fill(lane.grads.begin(), lane.grads.end(), 0.0f);
       lane.stats = lane.model->ForwardBackward(state_.params.data(), lane.inputs.data(),
-                                          lane.targets.data(), rows, loss_scale, aux_scale,
-                                          lane.grads.data());
-    };
-    if (wave == 1) {
-      run_slot(0);  // one slot: let the ops use every thread instead
-    } else {
-      ParallelFor(wave, run_slot);
-    }
+                                               lane.targets.data(), rows, scales.loss_scale,
+                                               scales.aux_scale, lane.grads.data());
+    });
     for (int i = 0; i < wave; ++i) {
       float* g = grads_.data();
       const float* sg = lanes_[i].grads.data();
@@ -136,16 +124,11 @@ absl::StatusOr<StepReport> Trainer::Step() {
       aux_sum += stats.aux_sum;
       fwd_time += stats.forward_seconds;
       bwd_time += stats.backward_seconds;
-      if (loads.empty()) {
-        loads = stats.expert_load;
-      } else {
-        for (size_t l = 0; l < loads.size(); ++l) {
-          for (size_t e = 0; e < loads[l].size(); ++e) loads[l][e] += stats.expert_load[l][e];
-        }
-      }
+      if (loads_ok.ok()) loads_ok = loads.Add(stats.expert_load);
     }
-  }
-  report.loss = loss_sum / static_cast<double>(global_tokens);
+  });
+  MUONPS_RETURN_IF_ERROR(loads_ok);
+  report.loss = loss_sum / static_cast<double>(scales.global_tokens);
   report.aux_loss = aux_sum / slots;
   if (!std::isfinite(report.loss)) {
     return absl::InternalError(absl::StrCat("loss is not finite at step ", step_index + 1,
@@ -155,22 +138,12 @@ absl::StatusOr<StepReport> Trainer::Step() {
 
   // 2-4. Clip, update, rebalance.
   MUONPS_ASSIGN_OR_RETURN(report.grad_norm, ApplyOptimizer(report.lr, step_index));
-  UpdateRouterBias(loads);
-  for (const auto& layer : loads) {
-    int64_t total = 0, peak = 0;
-    for (int64_t x : layer) {
-      total += x;
-      peak = std::max(peak, x);
-    }
-    if (total > 0) {
-      report.max_load_ratio = std::max(
-          report.max_load_ratio, static_cast<double>(peak) * layer.size() / static_cast<double>(total));
-    }
-  }
+  UpdateRouterBias(loads.layers());
+  report.max_load_ratio = loads.MaxLoadRatio();
   const auto t2 = Clock::now();
 
   state_.trainer.set_step(step_index + 1);
-  state_.trainer.set_tokens_seen(state_.trainer.tokens_seen() + global_tokens);
+  state_.trainer.set_tokens_seen(state_.trainer.tokens_seen() + scales.global_tokens);
   report.step = step_index + 1;
 
   // 5. Validation.
@@ -212,12 +185,10 @@ absl::StatusOr<double> Trainer::ApplyOptimizer(double lr, int64_t step_index) {
                                             " (first in ", where,
                                             "); the state is left at step ", step_index));
   }
-  if (oc.max_grad_norm() > 0.0) {
-    const double coef = oc.max_grad_norm() / (norm + 1e-6);
-    if (coef < 1.0) {
-      for (const TensorInfo& t : layout.tensors()) {
-        if (t.trainable()) Scale(grads_.data() + t.offset, t.numel, static_cast<float>(coef));
-      }
+  const double coef = ClipCoefficient(oc.max_grad_norm(), norm);
+  if (ClipApplies(coef)) {
+    for (const TensorInfo& t : layout.tensors()) {
+      if (t.trainable()) Scale(grads_.data() + t.offset, t.numel, static_cast<float>(coef));
     }
   }
   const OptimizerStep step = MakeOptimizerStep(oc, lr, step_index);
@@ -249,21 +220,14 @@ double Trainer::EvaluateValidation() {
   const int rows = job_.batch().micro_batch();
   const int64_t batches = (val_windows_ + rows - 1) / rows;
   std::vector<SlotStats> stats(static_cast<size_t>(batches));
-  const int lanes = static_cast<int>(lanes_.size());
-  for (int64_t base = 0; base < batches; base += lanes) {
-    const int wave = static_cast<int>(std::min<int64_t>(lanes, batches - base));
-    auto run = [&](int64_t i) {
+  ForEachWave(batches, static_cast<int>(lanes_.size()), [&](int64_t base, int wave) {
+    RunWave(wave, [&](int64_t i) {
       const int64_t w = (base + i) * rows;
       const int B = static_cast<int>(std::min<int64_t>(rows, val_windows_ - w));
       stats[base + i] = lanes_[i].model->Forward(state_.params.data(), val_inputs_.data() + w * T,
-                                       val_targets_.data() + w * T, B);
-    };
-    if (wave == 1) {
-      run(0);
-    } else {
-      ParallelFor(wave, run);
-    }
-  }
+                                                 val_targets_.data() + w * T, B);
+    });
+  });
   double loss_sum = 0.0;
   int64_t tokens = 0;
   for (const SlotStats& s : stats) {

@@ -21,10 +21,10 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "muonps/v1/job.pb.h"
-#include "trainer/training_state.h"
-#include "workers/data/batch_sampler.h"
-#include "workers/data/token_source.h"
-#include "workers/model/moe_model.h"
+#include "checkpoint/training_state.h"
+#include "data/batch_sampler.h"
+#include "data/token_source.h"
+#include "model/moe_model.h"
 
 namespace muonps {
 

@@ -8,8 +8,9 @@
 #include "absl/strings/str_format.h"
 #include "common/job_spec.h"
 #include "common/numerics.h"
-#include "services/server/metrics.h"
-#include "services/server/rpc_util.h"
+#include "rpc/metrics.h"
+#include "rpc/rpc_util.h"
+#include "step/step.h"
 
 namespace muonps {
 namespace {
@@ -468,6 +469,13 @@ grpc::Status Coordinator::ReportSlots(const v1::ReportSlotsRequest& request,
       return Refuse(absl::StatusCode::kInvalidArgument,
                     absl::StrCat("slots.loss_sum: slot ", s.slot(), " reports loss_sum ",
                                  s.loss_sum(), " over ", s.tokens(), " tokens"));
+    }
+    // The loads go to every shard's router-bias update: their shape must be
+    // the model's.
+    ExpertLoads check(jobs_.at(request.job_id()).job.spec().model());
+    if (absl::Status st = check.Add(s.expert_load()); !st.ok()) {
+      return Refuse(absl::StatusCode::kInvalidArgument,
+                    absl::StrCat("slots.", st.message(), " (slot ", s.slot(), ")"));
     }
   }
   int accepted = 0;

@@ -10,9 +10,9 @@
 #include "common/status_macros.h"
 #include "services/coordinator/coordinator.h"
 #include "services/coordinator/placement.h"
-#include "services/optimizer/lr_schedule.h"
-#include "services/server/rpc_util.h"
-#include "trainer/checkpoint.h"
+#include "rpc/rpc_util.h"
+#include "step/step.h"
+#include "checkpoint/checkpoint.h"
 
 namespace muonps {
 namespace {
@@ -148,8 +148,7 @@ void Coordinator::RunJob(const std::string& job_id) {
                    " on ", n, " shard(s):\n", FormatPlacement(placement.shards)));
 
   const int slots = spec.batch().slots();
-  const int64_t global_tokens =
-      static_cast<int64_t>(slots) * spec.batch().micro_batch() * spec.model().max_position_embeddings();
+  const int64_t global_tokens = StepScalesOf(spec).global_tokens;
   const absl::Time started = absl::Now();
   std::optional<double> last_val;
   int64_t val_step = 0;
@@ -204,7 +203,8 @@ void Coordinator::RunJob(const std::string& job_id) {
         t.task.set_eval_part(k);
         t.task.set_eval_parts(count);
       } else {
-        for (int s = k * slots / count; s < (k + 1) * slots / count; ++s) t.task.add_slots(s);
+        const SlotRange range = PlanSlots(slots, count, k);
+        for (int s = range.begin; s < range.end; ++s) t.task.add_slots(s);
       }
       *t.task.mutable_shards() = {routes.begin(), routes.end()};
       if (k < w) t.worker = workers[k]->id;
@@ -297,16 +297,11 @@ void Coordinator::RunJob(const std::string& job_id) {
     // 3. Global quantities, in the trainer's order.
     const absl::Time reported = absl::Now();
     double loss_sum = 0.0;
-    std::vector<std::vector<int64_t>> loads;
+    ExpertLoads loads(spec.model());
     for (const v1::SlotStats& s : stats) {
       loss_sum += s.loss_sum();
-      if (loads.empty()) loads.resize(s.expert_load_size());
-      for (int l = 0; l < s.expert_load_size() && l < static_cast<int>(loads.size()); ++l) {
-        const auto& counts = s.expert_load(l).tokens();
-        if (loads[l].empty()) loads[l].assign(counts.size(), 0);
-        for (int e = 0; e < counts.size() && e < static_cast<int>(loads[l].size()); ++e) {
-          loads[l][e] += counts[e];
-        }
+      if (absl::Status bad = loads.Add(s.expert_load()); !bad.ok()) {
+        return stop(absl::InternalError(absl::StrCat("slot ", s.slot(), ": ", bad.message())), step);
       }
     }
     const double loss = loss_sum / static_cast<double>(global_tokens);
@@ -344,10 +339,8 @@ void Coordinator::RunJob(const std::string& job_id) {
     if (!std::isfinite(norm)) {
       return stop(absl::InternalError(absl::StrCat("gradient is not finite at step ", step + 1)), step);
     }
-    const double max_norm = spec.optimizer().max_grad_norm();
-    const double coef = max_norm > 0.0 ? max_norm / (norm + 1e-6) : 1.0;
-    const double lr = ScheduledLr(spec.optimizer().lr(), step, total,
-                                  spec.schedule().warmup_steps(), spec.schedule().min_lr_ratio());
+    const double coef = ClipCoefficient(spec.optimizer().max_grad_norm(), norm);
+    const double lr = StepLearningRate(spec, step);
     bool cancel_now = false;
     {
       absl::MutexLock lock(&mu_);
@@ -362,10 +355,7 @@ void Coordinator::RunJob(const std::string& job_id) {
       request.set_step(step);
       request.set_lr(lr);
       request.set_clip_coef(coef);
-      for (const auto& layer : loads) {
-        v1::ExpertLoad* out = request.add_expert_load();
-        for (int64_t x : layer) out->add_tokens(x);
-      }
+      loads.ToProto(request.mutable_expert_load());
       v1::ApplyStepResponse response;
       return FromGrpcStatus(stubs[i]->ApplyStep(&context, request, &response),
                             shard_call(i, "ApplyStep"));
@@ -437,16 +427,7 @@ void Coordinator::RunJob(const std::string& job_id) {
       p->set_tokens_per_second(elapsed > 0 ? run * global_tokens / elapsed : 0.0);
       p->set_eta_seconds(run > 0 ? elapsed / run * (total - done) : 0.0);
       p->set_tokens_seen(done * global_tokens);
-      double ratio = 0.0;
-      for (const auto& layer : loads) {
-        int64_t sum = 0, peak = 0;
-        for (int64_t x : layer) {
-          sum += x;
-          peak = std::max(peak, x);
-        }
-        if (sum > 0) ratio = std::max(ratio, static_cast<double>(peak) * layer.size() / sum);
-      }
-      p->set_max_load_ratio(ratio);
+      p->set_max_load_ratio(loads.MaxLoadRatio());
       p->set_workers(workers_used);
       EmitLocked(record, v1::JOB_EVENT_KIND_STEP);
       metrics_.step.Set(static_cast<double>(done));
@@ -456,7 +437,7 @@ void Coordinator::RunJob(const std::string& job_id) {
       metrics_.tokens_per_second.Set(p->tokens_per_second());
       metrics_.grad_norm.Set(norm);
       metrics_.learning_rate.Set(lr);
-      metrics_.load_ratio.Set(ratio);
+      metrics_.load_ratio.Set(p->max_load_ratio());
       metrics_.step_workers.Set(workers_used);
       metrics_.tokens.Increment(static_cast<double>(global_tokens));
       metrics_.steps.Increment();

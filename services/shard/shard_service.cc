@@ -14,11 +14,11 @@
 #include "google/protobuf/wire_format_lite.h"
 #include "absl/time/time.h"
 #include "common/job_spec.h"
-#include "services/server/metrics.h"
-#include "services/server/rpc_util.h"
-#include "services/transfer/tensor_stream.h"
-#include "services/transfer/wire.h"
-#include "trainer/checkpoint.h"
+#include "rpc/metrics.h"
+#include "rpc/rpc_util.h"
+#include "rpc/tensor_stream.h"
+#include "rpc/wire.h"
+#include "checkpoint/checkpoint.h"
 
 namespace muonps {
 namespace {

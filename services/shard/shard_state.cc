@@ -6,10 +6,11 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "step/step.h"
 #include "common/parallel.h"
-#include "services/optimizer/grad_norm.h"
-#include "services/optimizer/tensor_update.h"
-#include "services/transfer/tensor_stream.h"
+#include "optim/grad_norm.h"
+#include "optim/tensor_update.h"
+#include "rpc/tensor_stream.h"
 
 namespace muonps {
 
@@ -285,6 +286,12 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
     return absl::FailedPreconditionError(
         absl::StrCat("apply for step ", step, ", shard is at step ", version_));
   }
+  // Loads index the router biases: refuse any shape but the model's before
+  // anything changes. None at all means no bias update.
+  ExpertLoads summed(job_.model());
+  if (!loads.empty()) {
+    if (absl::Status st = summed.Add(loads); !st.ok()) return st;
+  }
   if (absl::Status st = SumSlotsLocked(); !st.ok()) return st;
   const v1::OptimizerConfig& oc = job_.optimizer();
   std::vector<Tensor*> trainable;
@@ -295,7 +302,7 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
     trainable.push_back(&t);
     infos.push_back(t.info);
   }
-  if (clip_coef < 1.0) {
+  if (ClipApplies(clip_coef)) {
     for (Tensor* t : trainable) Scale(t->grad.data(), t->info->numel, static_cast<float>(clip_coef));
   }
   const OptimizerStep update = MakeOptimizerStep(oc, lr, step);
@@ -328,15 +335,17 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
       stats->tensor_seconds.emplace_back(muon, seconds[k]);
     }
   }
-  if (job_.model().balancing() == "aux_free_bias") {
+  if (job_.model().balancing() == "aux_free_bias" && !loads.empty()) {
     for (const std::string& name : order_) {
       Tensor& t = tensors_.at(name);
       if (t.info->role != TensorRole::kBuffer) continue;
       const size_t moe_layer =
           static_cast<size_t>(t.info->layer - job_.model().first_k_dense_replace());
-      if (moe_layer < loads.size()) {
+      if (moe_layer < summed.layers().size() &&
+          summed.layers()[moe_layer].size() == static_cast<size_t>(t.info->numel)) {
         if (t.value.use_count() > 1) t.value = std::make_shared<std::vector<float>>(*t.value);
-        UpdateRouterBias(t.value->data(), loads[moe_layer], job_.model().bias_update_rate());
+        UpdateRouterBias(t.value->data(), summed.layers()[moe_layer],
+                         job_.model().bias_update_rate());
       }
     }
   }

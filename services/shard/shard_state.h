@@ -121,6 +121,10 @@ class ShardState {
     int64_t muon_numel = 0, adamw_numel = 0;
     std::vector<std::pair<bool, double>> tensor_seconds;  // (uses Muon, seconds) per tensor
   };
+  // Applies the step: clipping by clip_coef (when ClipApplies), the Muon or
+  // AdamW update at lr, and the router-bias update by `loads` (empty: none).
+  // InvalidArgument, with nothing changed, for loads of another shape than
+  // the model's MoE layers x experts (step/step.h, ExpertLoads).
   absl::Status ApplyStep(int64_t step, double lr, double clip_coef,
                          const std::vector<std::vector<int64_t>>& loads,
                          ApplyStats* stats = nullptr);

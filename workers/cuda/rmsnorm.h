@@ -1,4 +1,4 @@
-// CUDA RMSNorm forward: the GPU twin of rmsnorm_forward in workers/model/ops.h.
+// CUDA RMSNorm forward: the GPU twin of rmsnorm_forward in model/ops.h.
 #ifndef MUONPS_WORKERS_CUDA_RMSNORM_H_
 #define MUONPS_WORKERS_CUDA_RMSNORM_H_
 

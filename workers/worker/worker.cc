@@ -8,10 +8,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/numerics.h"
+#include "step/step.h"
 #include "common/parallel.h"
 #include "common/status_macros.h"
-#include "services/server/rpc_util.h"
-#include "services/transfer/shard_client.h"
+#include "rpc/rpc_util.h"
+#include "rpc/shard_client.h"
 
 namespace muonps {
 namespace {
@@ -199,11 +200,7 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
   const v1::JobSpec& spec = job.spec;
   const int slots = spec.batch().slots(), rows = spec.batch().micro_batch();
   const int T = job.lanes[0]->seq_len();
-  const int64_t global_tokens = static_cast<int64_t>(slots) * rows * T;
-  const float loss_scale = static_cast<float>(1.0 / static_cast<double>(global_tokens));
-  const float aux_scale = spec.model().balancing() == "aux_loss"
-                              ? static_cast<float>(spec.model().aux_loss_alpha() / slots)
-                              : 0.0f;
+  const StepScales scales = StepScalesOf(spec);
   const std::vector<int> mine(task.slots().begin(), task.slots().end());
   for (size_t i = 0; i < mine.size(); ++i) {
     if (mine[i] < 0 || mine[i] >= slots || (i > 0 && mine[i] != mine[i - 1] + 1)) {
@@ -217,23 +214,20 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
   v1::ReportSlotsRequest report;
   const int lanes = static_cast<int>(job.lanes.size());
   const int count = static_cast<int>(mine.size());
-  for (int base = 0; base < count; base += lanes) {
-    const int wave = std::min(lanes, count - base);
+  ExpertLoads task_load(spec.model());
+  absl::Status failed;
+  ForEachWave(count, lanes, [&](int64_t base, int wave) {
+    if (!failed.ok()) return;
     std::vector<SlotStats> stats(static_cast<size_t>(wave));
-    auto run_slot = [&](int64_t i) {
+    const auto compute_start = std::chrono::steady_clock::now();
+    RunWave(wave, [&](int64_t i) {
       const int slot = mine[base + i];
       job.sampler->Fill(task.version(), slot, job.lane_inputs[i].data(), job.lane_targets[i].data());
       std::fill(job.lane_grads[i].begin(), job.lane_grads[i].end(), 0.0f);
       stats[i] = job.lanes[i]->ForwardBackward(job.params.data(), job.lane_inputs[i].data(),
-                                               job.lane_targets[i].data(), rows, loss_scale,
-                                               aux_scale, job.lane_grads[i].data());
-    };
-    const auto compute_start = std::chrono::steady_clock::now();
-    if (wave == 1) {
-      run_slot(0);
-    } else {
-      ParallelFor(wave, run_slot);
-    }
+                                               job.lane_targets[i].data(), rows, scales.loss_scale,
+                                               scales.aux_scale, job.lane_grads[i].data());
+    });
     // Wall time split between forward and backward as the slots measured it.
     const double wall = Since(compute_start);
     double fwd = 0.0, bwd = 0.0;
@@ -252,32 +246,30 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
         float* g = sum.data();
         const float* sg = job.lane_grads[i].data();
         ParallelFor(static_cast<int64_t>(sum.size()), [&](int64_t k) { g[k] += sg[k]; });
-      } else {
-        MUONPS_RETURN_IF_ERROR(Push(task, slot, 1, job.lane_grads[i].data()));
+      } else if (absl::Status st = Push(task, slot, 1, job.lane_grads[i].data()); !st.ok()) {
+        failed = st;
+        return;
       }
       v1::SlotStats* out = report.add_slots();
       out->set_slot(slot);
       out->set_loss_sum(stats[i].loss_sum);
       out->set_tokens(stats[i].tokens);
       out->set_aux_sum(stats[i].aux_sum);
-      for (const std::vector<int64_t>& layer : stats[i].expert_load) {
-        v1::ExpertLoad* load = out->add_expert_load();
-        for (int64_t x : layer) load->add_tokens(x);
+      ExpertLoads slot_load(spec.model());
+      if (absl::Status st = slot_load.Add(stats[i].expert_load); !st.ok()) {
+        failed = st;
+        return;
       }
+      slot_load.ToProto(out->mutable_expert_load());
+      (void)task_load.Add(stats[i].expert_load);
       out->set_forward_seconds(stats[i].forward_seconds);
       out->set_backward_seconds(stats[i].backward_seconds);
     }
-  }
+  });
+  MUONPS_RETURN_IF_ERROR(failed);
   if (prefix) MUONPS_RETURN_IF_ERROR(Push(task, 0, count, sum.data()));
   // Routed load of this task, by layer and expert (the model bounds both).
-  std::vector<std::vector<int64_t>> load;
-  for (const v1::SlotStats& st : report.slots()) {
-    load.resize(static_cast<size_t>(st.expert_load_size()));
-    for (int l = 0; l < st.expert_load_size(); ++l) {
-      load[l].resize(static_cast<size_t>(st.expert_load(l).tokens_size()), 0);
-      for (int e = 0; e < st.expert_load(l).tokens_size(); ++e) load[l][e] += st.expert_load(l).tokens(e);
-    }
-  }
+  const std::vector<std::vector<int64_t>>& load = task_load.layers();
   const int first_moe = spec.model().first_k_dense_replace();
   for (size_t l = 0; l < load.size(); ++l) {
     for (size_t e = 0; e < load[l].size(); ++e) {
@@ -319,28 +311,22 @@ absl::Status Worker::RunEval(const v1::Task& task) {
   const int64_t first = task.eval_part() * batches / parts;
   const int64_t last = (task.eval_part() + 1) * batches / parts;
   v1::ReportEvalRequest report;
-  const int lanes = static_cast<int>(job.lanes.size());
-  for (int64_t base = first; base < last; base += lanes) {
-    const int wave = static_cast<int>(std::min<int64_t>(lanes, last - base));
+  ForEachWave(last - first, static_cast<int>(job.lanes.size()), [&](int64_t offset, int wave) {
+    const int64_t base = first + offset;
     std::vector<SlotStats> stats(static_cast<size_t>(wave));
-    auto run = [&](int64_t i) {
+    RunWave(wave, [&](int64_t i) {
       const int64_t w = (base + i) * rows;
       const int B = static_cast<int>(std::min<int64_t>(rows, job.val_windows - w));
       stats[i] = job.lanes[i]->Forward(job.params.data(), job.val_inputs.data() + w * T,
                                        job.val_targets.data() + w * T, B);
-    };
-    if (wave == 1) {
-      run(0);
-    } else {
-      ParallelFor(wave, run);
-    }
+    });
     for (int i = 0; i < wave; ++i) {
       v1::EvalBatch* b = report.add_batches();
       b->set_batch(base + i);
       b->set_loss_sum(stats[i].loss_sum);
       b->set_tokens(stats[i].tokens);
     }
-  }
+  });
   report.set_worker_id(membership_->member_id());
   report.set_task_id(task.task_id());
   report.set_job_id(task.job_id());

@@ -29,10 +29,10 @@
 #include "prometheus/registry.h"
 #include "muonps/v1/coordinator.grpc.pb.h"
 #include "muonps/v1/shard.grpc.pb.h"
-#include "services/server/membership.h"
-#include "workers/data/batch_sampler.h"
-#include "workers/data/token_source.h"
-#include "workers/model/moe_model.h"
+#include "rpc/membership.h"
+#include "data/batch_sampler.h"
+#include "data/token_source.h"
+#include "model/moe_model.h"
 
 namespace muonps {
 

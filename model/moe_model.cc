@@ -1,0 +1,360 @@
+#include "model/moe_model.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace muonps {
+namespace {
+
+void Zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
+
+template <typename T>
+void Size(std::vector<T>& v, int64_t n) {
+  v.assign(static_cast<size_t>(n), T{});
+}
+
+// a += b, elementwise.
+void AddInPlace(float* a, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) a[i] += b[i];
+}
+
+}  // namespace
+
+MoeModel::MoeModel(const v1::ModelConfig& config) : config_(config), layout_(config) {
+  C_ = config.hidden_size();
+  H_ = config.num_attention_heads();
+  D_ = C_ / H_;
+  T_ = config.max_position_embeddings();
+  V_ = config.vocab_size();
+  L_ = config.num_hidden_layers();
+  E_ = config.n_routed_experts();
+  K_ = config.num_experts_per_tok();
+  F_ = config.moe_intermediate_size();
+  SF_ = config.n_shared_experts() * F_;
+  I_ = config.intermediate_size();
+  dense_layers_ = config.first_k_dense_replace();
+  eps_ = static_cast<float>(config.rms_norm_eps());
+  scoring_ = config.scoring_func() == "softmax" ? ScoringFunc::kSoftmax : ScoringFunc::kSigmoid;
+  aux_free_ = config.balancing() == "aux_free_bias";
+  aux_loss_ = config.balancing() == "aux_loss";
+
+  auto off = [&](const std::string& name) -> int64_t {
+    const TensorInfo* t = layout_.Find(name);
+    return t ? t->offset : -1;
+  };
+  embed_off_ = off("model.embed_tokens.weight");
+  norm_off_ = off("model.norm.weight");
+  head_off_ = off("lm_head.weight");
+  for (int l = 0; l < L_; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    LayerOffsets o;
+    o.in_norm = off(p + "input_layernorm.weight");
+    o.q = off(p + "self_attn.q_proj.weight");
+    o.k = off(p + "self_attn.k_proj.weight");
+    o.v = off(p + "self_attn.v_proj.weight");
+    o.o = off(p + "self_attn.o_proj.weight");
+    o.post_norm = off(p + "post_attention_layernorm.weight");
+    if (l < dense_layers_) {
+      o.gate = off(p + "mlp.gate_proj.weight");
+      o.up = off(p + "mlp.up_proj.weight");
+      o.down = off(p + "mlp.down_proj.weight");
+    } else {
+      o.router = off(p + "mlp.gate.weight");
+      o.bias = off(p + "mlp.gate.e_score_correction_bias");
+      bias_tensors_.push_back(layout_.Index(p + "mlp.gate.e_score_correction_bias"));
+      for (int e = 0; e < E_; ++e) {
+        const std::string ep = absl::StrCat(p, "mlp.experts.", e, ".");
+        o.eg.push_back(off(ep + "gate_proj.weight"));
+        o.eu.push_back(off(ep + "up_proj.weight"));
+        o.ed.push_back(off(ep + "down_proj.weight"));
+      }
+      if (SF_ > 0) {
+        o.sg = off(p + "mlp.shared_experts.gate_proj.weight");
+        o.su = off(p + "mlp.shared_experts.up_proj.weight");
+        o.sd = off(p + "mlp.shared_experts.down_proj.weight");
+      }
+    }
+    offsets_.push_back(std::move(o));
+  }
+  Size(rope_cos_, static_cast<int64_t>(T_) * (D_ / 2));
+  Size(rope_sin_, static_cast<int64_t>(T_) * (D_ / 2));
+  rope_tables(rope_cos_.data(), rope_sin_.data(), T_, D_, config.rope_theta());
+}
+
+void MoeModel::Resize(int B) {
+  if (B == B_) return;
+  B_ = B;
+  N_ = B * T_;
+  const int64_t N = N_, C = C_, P = N * K_;
+  acts_.assign(L_, LayerActs{});
+  for (int l = 0; l < L_; ++l) {
+    LayerActs& a = acts_[l];
+    Size(a.res, N * C);
+    Size(a.a, N * C);
+    Size(a.rstd1, N);
+    Size(a.q, N * C);
+    Size(a.k, N * C);
+    Size(a.v, N * C);
+    Size(a.att, static_cast<int64_t>(B) * H_ * T_ * T_);
+    Size(a.ao, N * C);
+    Size(a.mid, N * C);
+    Size(a.m, N * C);
+    Size(a.rstd2, N);
+    if (l < dense_layers_) {
+      Size(a.g, N * I_);
+      Size(a.u, N * I_);
+      Size(a.act, N * I_);
+    } else {
+      Size(a.rlogits, N * E_);
+      Size(a.scores, N * E_);
+      Size(a.idx, N * K_);
+      Size(a.wts, N * K_);
+      Size(a.offsets, E_ + 1);
+      Size(a.token, P);
+      Size(a.pos, P);
+      Size(a.xe, P * C);
+      Size(a.ge, P * F_);
+      Size(a.ue, P * F_);
+      Size(a.acte, P * F_);
+      Size(a.ye, P * C);
+      Size(a.gs, N * SF_);
+      Size(a.us, N * SF_);
+      Size(a.acts, N * SF_);
+    }
+  }
+  Size(final_res_, N * C);
+  Size(final_x_, N * C);
+  Size(final_rstd_, N);
+  Size(logits_, N * V_);
+  Size(probs_, N * V_);
+  Size(losses_, N);
+  const int64_t wide = std::max<int64_t>({I_, SF_, 1});
+  Size(dres_, N * C);
+  Size(dbuf_a_, N * C);
+  Size(dbuf_b_, N * C);
+  Size(dq_, N * C);
+  Size(dk_, N * C);
+  Size(dv_, N * C);
+  Size(dqk_, N * C);
+  Size(dlogits_, N * V_);
+  Size(dx_, N * C);
+  Size(dI1_, N * wide);
+  Size(dI2_, N * wide);
+  Size(dI3_, N * wide);
+  Size(drl_, N * E_);
+  Size(dsc_, N * E_);
+  Size(dwts_, N * K_);
+  Size(dxe_, P * C);
+  Size(dge_, P * F_);
+  Size(due_, P * F_);
+  Size(dacte_, P * F_);
+  Size(dye_, P * C);
+}
+
+SlotStats MoeModel::Forward(const float* params, const int32_t* inputs, const int32_t* targets,
+                            int B) {
+  Resize(B);
+  return RunForward(params, inputs, targets);
+}
+
+SlotStats MoeModel::ForwardBackward(const float* params, const int32_t* inputs,
+                                    const int32_t* targets, int B, float loss_scale,
+                                    float aux_scale, float* grads) {
+  using Clock = std::chrono::steady_clock;
+  Resize(B);
+  const auto t0 = Clock::now();
+  SlotStats stats = RunForward(params, inputs, targets);
+  const auto t1 = Clock::now();
+  RunBackward(params, inputs, targets, loss_scale, aux_scale, grads);
+  stats.forward_seconds = std::chrono::duration<double>(t1 - t0).count();
+  stats.backward_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
+  return stats;
+}
+
+SlotStats MoeModel::RunForward(const float* params, const int32_t* inputs,
+                               const int32_t* targets) {
+  const int B = B_, N = N_, C = C_, T = T_, H = H_, D = D_, E = E_, K = K_, F = F_;
+  const int P = N * K;
+  SlotStats stats;
+  stats.tokens = N;
+
+  embedding_forward(acts_[0].res.data(), inputs, params + embed_off_, N, C);
+  for (int l = 0; l < L_; ++l) {
+    LayerActs& a = acts_[l];
+    const LayerOffsets& o = offsets_[l];
+    float* h_out = l + 1 < L_ ? acts_[l + 1].res.data() : final_res_.data();
+
+    // Attention block.
+    rmsnorm_forward(a.a.data(), a.rstd1.data(), a.res.data(), params + o.in_norm, N, C, eps_);
+    matmul_forward(a.q.data(), a.a.data(), params + o.q, N, C, C);
+    matmul_forward(a.k.data(), a.a.data(), params + o.k, N, C, C);
+    matmul_forward(a.v.data(), a.a.data(), params + o.v, N, C, C);
+    rope_forward(a.q.data(), a.q.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
+    rope_forward(a.k.data(), a.k.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
+    attention_forward(a.ao.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, D);
+    matmul_forward(a.mid.data(), a.ao.data(), params + o.o, N, C, C);
+    AddInPlace(a.mid.data(), a.res.data(), static_cast<int64_t>(N) * C);  // mid = h + attn
+
+    // FFN block: h_out = mid + y.
+    rmsnorm_forward(a.m.data(), a.rstd2.data(), a.mid.data(), params + o.post_norm, N, C, eps_);
+    float* y = h_out;
+    if (l < dense_layers_) {
+      matmul_forward(a.g.data(), a.m.data(), params + o.gate, N, C, I_);
+      matmul_forward(a.u.data(), a.m.data(), params + o.up, N, C, I_);
+      swiglu_forward(a.act.data(), a.g.data(), a.u.data(), N, I_);
+      matmul_forward(y, a.act.data(), params + o.down, N, I_, C);
+    } else {
+      matmul_forward(a.rlogits.data(), a.m.data(), params + o.router, N, C, E);
+      router_score_forward(a.scores.data(), a.rlogits.data(), N, E, scoring_);
+      router_topk(a.idx.data(), a.scores.data(), aux_free_ ? params + o.bias : nullptr, N, E, K);
+      topk_weights_forward(a.wts.data(), a.scores.data(), a.idx.data(), N, E, K,
+                           config_.norm_topk_prob(),
+                           static_cast<float>(config_.routed_scaling_factor()));
+      build_routing(a.offsets.data(), a.token.data(), a.pos.data(), a.idx.data(), N, E, K);
+      dispatch_forward(a.xe.data(), a.m.data(), a.token.data(), P, C);
+      std::vector<int64_t> load(E);
+      for (int e = 0; e < E; ++e) {
+        const int begin = a.offsets[e], rows = a.offsets[e + 1] - begin;
+        load[e] = rows;
+        if (rows == 0) continue;
+        const int64_t rc = static_cast<int64_t>(begin) * C, rf = static_cast<int64_t>(begin) * F;
+        matmul_forward(a.ge.data() + rf, a.xe.data() + rc, params + o.eg[e], rows, C, F);
+        matmul_forward(a.ue.data() + rf, a.xe.data() + rc, params + o.eu[e], rows, C, F);
+        swiglu_forward(a.acte.data() + rf, a.ge.data() + rf, a.ue.data() + rf, rows, F);
+        matmul_forward(a.ye.data() + rc, a.acte.data() + rf, params + o.ed[e], rows, F, C);
+      }
+      stats.expert_load.push_back(std::move(load));
+      std::fill(y, y + static_cast<int64_t>(N) * C, 0.0f);
+      combine_forward(y, a.ye.data(), a.wts.data(), a.pos.data(), N, K, C);
+      if (SF_ > 0) {
+        matmul_forward(a.gs.data(), a.m.data(), params + o.sg, N, C, SF_);
+        matmul_forward(a.us.data(), a.m.data(), params + o.su, N, C, SF_);
+        swiglu_forward(a.acts.data(), a.gs.data(), a.us.data(), N, SF_);
+        matmul_forward(dx_.data(), a.acts.data(), params + o.sd, N, SF_, C);
+        AddInPlace(y, dx_.data(), static_cast<int64_t>(N) * C);
+      }
+      if (aux_loss_) stats.aux_sum += aux_loss_forward(a.scores.data(), a.idx.data(), N, E, K);
+    }
+    AddInPlace(h_out, a.mid.data(), static_cast<int64_t>(N) * C);  // h_out = y + mid
+  }
+
+  rmsnorm_forward(final_x_.data(), final_rstd_.data(), final_res_.data(), params + norm_off_, N, C,
+                  eps_);
+  matmul_forward(logits_.data(), final_x_.data(), params + head_off_, N, C, V_);
+  crossentropy_forward(losses_.data(), probs_.data(), logits_.data(), targets, N, V_);
+  for (int n = 0; n < N; ++n) stats.loss_sum += losses_[n];
+  return stats;
+}
+
+void MoeModel::RunBackward(const float* params, const int32_t* inputs, const int32_t* targets,
+                           float loss_scale, float aux_scale, float* grads) {
+  const int B = B_, N = N_, C = C_, T = T_, H = H_, D = D_, E = E_, K = K_, F = F_;
+  const int64_t NC = static_cast<int64_t>(N) * C;
+
+  // Loss and head.
+  std::fill(losses_.begin(), losses_.end(), loss_scale);  // reused as dlosses
+  Zero(dlogits_);
+  crossentropy_backward(dlogits_.data(), losses_.data(), probs_.data(), targets, N, V_);
+  Zero(dx_);
+  matmul_backward(dx_.data(), grads + head_off_, dlogits_.data(), final_x_.data(),
+                  params + head_off_, N, C, V_);
+  Zero(dres_);
+  rmsnorm_backward(dres_.data(), grads + norm_off_, dx_.data(), final_res_.data(),
+                   params + norm_off_, final_rstd_.data(), N, C);
+
+  // dres_ holds dL/d(h_out) of the layer being processed.
+  for (int l = L_ - 1; l >= 0; --l) {
+    LayerActs& a = acts_[l];
+    const LayerOffsets& o = offsets_[l];
+    const float* dy = dres_.data();  // h_out = mid + y
+    float* dm = dbuf_a_.data();
+    std::fill(dm, dm + NC, 0.0f);
+    if (l < dense_layers_) {
+      const int64_t NI = static_cast<int64_t>(N) * I_;
+      std::fill(dI1_.begin(), dI1_.begin() + NI, 0.0f);
+      std::fill(dI2_.begin(), dI2_.begin() + NI, 0.0f);
+      std::fill(dI3_.begin(), dI3_.begin() + NI, 0.0f);
+      matmul_backward(dI1_.data(), grads + o.down, dy, a.act.data(), params + o.down, N, I_, C);
+      swiglu_backward(dI2_.data(), dI3_.data(), dI1_.data(), a.g.data(), a.u.data(), N, I_);
+      matmul_backward(dm, grads + o.gate, dI2_.data(), a.m.data(), params + o.gate, N, C, I_);
+      matmul_backward(dm, grads + o.up, dI3_.data(), a.m.data(), params + o.up, N, C, I_);
+    } else {
+      const int P = N * K;
+      // Routed experts.
+      std::fill(dye_.begin(), dye_.begin() + static_cast<int64_t>(P) * C, 0.0f);
+      Zero(dwts_);
+      combine_backward(dye_.data(), dwts_.data(), dy, a.ye.data(), a.wts.data(), a.pos.data(), N,
+                       K, C);
+      std::fill(dxe_.begin(), dxe_.begin() + static_cast<int64_t>(P) * C, 0.0f);
+      Zero(dacte_);
+      Zero(dge_);
+      Zero(due_);
+      for (int e = 0; e < E; ++e) {
+        const int begin = a.offsets[e], rows = a.offsets[e + 1] - begin;
+        if (rows == 0) continue;
+        const int64_t rc = static_cast<int64_t>(begin) * C, rf = static_cast<int64_t>(begin) * F;
+        matmul_backward(dacte_.data() + rf, grads + o.ed[e], dye_.data() + rc, a.acte.data() + rf,
+                        params + o.ed[e], rows, F, C);
+        swiglu_backward(dge_.data() + rf, due_.data() + rf, dacte_.data() + rf, a.ge.data() + rf,
+                        a.ue.data() + rf, rows, F);
+        matmul_backward(dxe_.data() + rc, grads + o.eg[e], dge_.data() + rf, a.xe.data() + rc,
+                        params + o.eg[e], rows, C, F);
+        matmul_backward(dxe_.data() + rc, grads + o.eu[e], due_.data() + rf, a.xe.data() + rc,
+                        params + o.eu[e], rows, C, F);
+      }
+      dispatch_backward(dm, dxe_.data(), a.pos.data(), N, K, C);
+      // Shared experts.
+      if (SF_ > 0) {
+        const int64_t NS = static_cast<int64_t>(N) * SF_;
+        std::fill(dI1_.begin(), dI1_.begin() + NS, 0.0f);
+        std::fill(dI2_.begin(), dI2_.begin() + NS, 0.0f);
+        std::fill(dI3_.begin(), dI3_.begin() + NS, 0.0f);
+        matmul_backward(dI1_.data(), grads + o.sd, dy, a.acts.data(), params + o.sd, N, SF_, C);
+        swiglu_backward(dI2_.data(), dI3_.data(), dI1_.data(), a.gs.data(), a.us.data(), N, SF_);
+        matmul_backward(dm, grads + o.sg, dI2_.data(), a.m.data(), params + o.sg, N, C, SF_);
+        matmul_backward(dm, grads + o.su, dI3_.data(), a.m.data(), params + o.su, N, C, SF_);
+      }
+      // Router: the weights carry gradient into the scores, the choice does not.
+      Zero(dsc_);
+      topk_weights_backward(dsc_.data(), dwts_.data(), a.scores.data(), a.idx.data(), N, E, K,
+                            config_.norm_topk_prob(),
+                            static_cast<float>(config_.routed_scaling_factor()));
+      if (aux_loss_) {
+        aux_loss_backward(dsc_.data(), aux_scale, a.scores.data(), a.idx.data(), N, E, K);
+      }
+      Zero(drl_);
+      router_score_backward(drl_.data(), dsc_.data(), a.scores.data(), N, E, scoring_);
+      matmul_backward(dm, grads + o.router, drl_.data(), a.m.data(), params + o.router, N, C, E);
+    }
+    // mid feeds both the residual (dres_ already holds that part) and the norm.
+    rmsnorm_backward(dres_.data(), grads + o.post_norm, dm, a.mid.data(), params + o.post_norm,
+                     a.rstd2.data(), N, C);
+
+    // Attention block: mid = res + ao·Wo^T.
+    float* dao = dbuf_b_.data();
+    std::fill(dao, dao + NC, 0.0f);
+    matmul_backward(dao, grads + o.o, dres_.data(), a.ao.data(), params + o.o, N, C, C);
+    Zero(dq_);
+    Zero(dk_);
+    Zero(dv_);
+    attention_backward(dq_.data(), dk_.data(), dv_.data(), dao, a.q.data(), a.k.data(), a.v.data(),
+                       a.att.data(), B, T, H, D);
+    float* da = dbuf_a_.data();
+    std::fill(da, da + NC, 0.0f);
+    Zero(dqk_);
+    rope_backward(dqk_.data(), dq_.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
+    matmul_backward(da, grads + o.q, dqk_.data(), a.a.data(), params + o.q, N, C, C);
+    Zero(dqk_);
+    rope_backward(dqk_.data(), dk_.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
+    matmul_backward(da, grads + o.k, dqk_.data(), a.a.data(), params + o.k, N, C, C);
+    matmul_backward(da, grads + o.v, dv_.data(), a.a.data(), params + o.v, N, C, C);
+    rmsnorm_backward(dres_.data(), grads + o.in_norm, da, a.res.data(), params + o.in_norm,
+                     a.rstd1.data(), N, C);
+  }
+  embedding_backward(grads + embed_off_, dres_.data(), inputs, N, C);
+}
+
+}  // namespace muonps

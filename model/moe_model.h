@@ -1,0 +1,112 @@
+// The decoder-only MoE transformer (DeepSeek-V3 / Moonlight family, standard
+// multi-head attention): forward and backward of one slot on CPU.
+//
+// Size legend: B sequences, T positions, N = B*T tokens, C hidden, H heads,
+// D = C/H, V vocab, E routed experts, K chosen per token, F expert width,
+// SF = shared experts * F, I dense FFN width, P = N*K routed assignments.
+//
+// Thread safety: a MoeModel owns its activation buffers; use one per thread.
+#ifndef MUONPS_MODEL_MOE_MODEL_H_
+#define MUONPS_MODEL_MOE_MODEL_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "common/model_layout.h"
+#include "muonps/v1/job.pb.h"
+#include "model/ops.h"
+
+namespace muonps {
+
+// What one slot reports besides its gradient.
+struct SlotStats {
+  double loss_sum = 0.0;  // sum of per-token cross-entropy (nats), aux excluded
+  int64_t tokens = 0;     // tokens scored
+  double aux_sum = 0.0;   // sum over MoE layers of the aux balance loss (0 unless aux_loss)
+  // Per MoE layer (in layer order), tokens routed to each expert (E entries).
+  std::vector<std::vector<int64_t>> expert_load;
+  double forward_seconds = 0.0;   // wall time of the forward pass
+  double backward_seconds = 0.0;  // wall time of the backward pass (0 for Forward)
+};
+
+class MoeModel {
+ public:
+  // `config` must have its defaults filled and be valid (see common/job_spec.h).
+  explicit MoeModel(const v1::ModelConfig& config);
+
+  const ModelLayout& layout() const { return layout_; }
+  const v1::ModelConfig& config() const { return config_; }
+  int seq_len() const { return T_; }
+
+  // Loss only. params: the flat buffer of layout(); inputs/targets (B, T).
+  SlotStats Forward(const float* params, const int32_t* inputs, const int32_t* targets, int B);
+
+  // Forward and backward. ADDS into `grads` (flat, same layout as params) the
+  // gradient of  loss_scale * sum_tokens CE + aux_scale * sum_layers aux.
+  // (aux only under balancing = "aux_loss".) Buffers get no gradient.
+  SlotStats ForwardBackward(const float* params, const int32_t* inputs, const int32_t* targets,
+                            int B, float loss_scale, float aux_scale, float* grads);
+
+  // Indices (into layout().tensors()) of each MoE layer's e_score_correction_bias,
+  // in layer order (the order of SlotStats::expert_load).
+  const std::vector<int>& bias_tensors() const { return bias_tensors_; }
+
+ private:
+  struct LayerActs {
+    std::vector<float> res;             // (N, C) residual stream entering the layer
+    std::vector<float> a, rstd1;        // (N, C), (N)
+    std::vector<float> q, k, v;         // (N, C) q, k after RoPE
+    std::vector<float> att;             // (B, H, T, T)
+    std::vector<float> ao;              // (N, C) attention output before o_proj
+    std::vector<float> mid;             // (N, C) residual after attention
+    std::vector<float> m, rstd2;        // (N, C), (N)
+    // dense FFN
+    std::vector<float> g, u, act;       // (N, I)
+    // MoE
+    std::vector<float> rlogits, scores; // (N, E)
+    std::vector<int32_t> idx;           // (N, K)
+    std::vector<float> wts;             // (N, K)
+    std::vector<int32_t> offsets;       // (E+1)
+    std::vector<int32_t> token, pos;    // (P), (N*K)
+    std::vector<float> xe;              // (P, C)
+    std::vector<float> ge, ue, acte;    // (P, F)
+    std::vector<float> ye;              // (P, C)
+    std::vector<float> gs, us, acts;    // (N, SF)
+  };
+  // Offsets (floats) of one layer's tensors in the flat buffer; -1 = absent.
+  struct LayerOffsets {
+    int64_t in_norm, q, k, v, o, post_norm;
+    int64_t gate = -1, up = -1, down = -1;      // dense FFN
+    int64_t router = -1, bias = -1;             // MoE router (E, C), bias (E)
+    std::vector<int64_t> eg, eu, ed;            // per expert gate/up (F, C), down (C, F)
+    int64_t sg = -1, su = -1, sd = -1;          // shared experts
+  };
+
+  void Resize(int B);
+  SlotStats RunForward(const float* params, const int32_t* inputs, const int32_t* targets);
+  void RunBackward(const float* params, const int32_t* inputs, const int32_t* targets,
+                   float loss_scale, float aux_scale, float* grads);
+
+  v1::ModelConfig config_;
+  ModelLayout layout_;
+  int C_, H_, D_, T_, V_, L_, E_, K_, F_, SF_, I_, dense_layers_;
+  float eps_;
+  ScoringFunc scoring_;
+  bool aux_free_, aux_loss_;
+  std::vector<int> bias_tensors_;
+  std::vector<LayerOffsets> offsets_;
+  int64_t embed_off_, norm_off_, head_off_;
+  std::vector<float> rope_cos_, rope_sin_;  // (T, D/2)
+
+  int B_ = 0, N_ = 0;
+  std::vector<LayerActs> acts_;
+  std::vector<float> final_res_, final_x_, final_rstd_;  // (N, C), (N, C), (N)
+  std::vector<float> logits_, probs_, losses_;          // (N, V), (N, V), (N)
+  // backward scratch
+  std::vector<float> dres_, dbuf_a_, dbuf_b_, dq_, dk_, dv_, dqk_, dlogits_, dx_;
+  std::vector<float> dI1_, dI2_, dI3_, drl_, dsc_, dwts_, dxe_, dge_, due_, dacte_, dye_;
+};
+
+}  // namespace muonps
+
+#endif  // MUONPS_MODEL_MOE_MODEL_H_

@@ -1,0 +1,134 @@
+#include "rpc/membership.h"
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "common/numerics.h"
+#include "rpc/rpc_util.h"
+
+namespace muonps {
+
+Membership::Membership(Kind kind, const std::string& coordinator, const std::string& address,
+                       int threads)
+    : kind_(kind),
+      coordinator_(coordinator),
+      address_(address),
+      threads_(threads),
+      stub_(v1::ClusterService::NewStub(MakeChannel(coordinator))) {}
+
+Membership::~Membership() { Stop(); }
+
+absl::Status Membership::RegisterOnce() {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineIn(5.0));
+  std::string id;
+  double heartbeat = 0.5;
+  grpc::Status status;
+  if (kind_ == Kind::kShard) {
+    v1::RegisterShardRequest request;
+    request.set_address(address_);
+    *request.mutable_numerics() = LocalNumerics();
+    v1::RegisterShardResponse response;
+    status = stub_->RegisterShard(&context, request, &response);
+    id = response.member_id();
+    heartbeat = response.heartbeat_seconds();
+  } else {
+    v1::RegisterWorkerRequest request;
+    request.set_address(address_);
+    request.set_threads(threads_);
+    *request.mutable_numerics() = LocalNumerics();
+    v1::RegisterWorkerResponse response;
+    status = stub_->RegisterWorker(&context, request, &response);
+    id = response.member_id();
+    heartbeat = response.heartbeat_seconds();
+  }
+  if (!status.ok()) return FromGrpcStatus(status, absl::StrCat("coordinator ", coordinator_));
+  absl::MutexLock lock(&mu_);
+  member_id_ = id;
+  if (heartbeat > 0) heartbeat_seconds_ = heartbeat;
+  return absl::OkStatus();
+}
+
+absl::Status Membership::Start(double timeout_seconds) {
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
+  absl::Status last;
+  while (true) {
+    last = RegisterOnce();
+    if (last.ok()) break;
+    // A refusal (e.g. numerics the cluster cannot use) will not change by
+    // retrying: report it at once.
+    if (absl::IsFailedPrecondition(last) || absl::IsInvalidArgument(last)) {
+      return absl::Status(last.code(), absl::StrCat("the coordinator at ", coordinator_,
+                                                    " refused this member: ", last.message()));
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) return absl::CancelledError("stopped before registering");
+    }
+    if (std::chrono::steady_clock::now() >= deadline) {
+      return absl::UnavailableError(absl::StrCat("cannot register with the coordinator at ",
+                                                 coordinator_, ": ", last.message()));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  heartbeat_ = std::thread([this] { HeartbeatLoop(); });
+  return absl::OkStatus();
+}
+
+void Membership::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (heartbeat_.joinable()) heartbeat_.join();
+}
+
+std::string Membership::member_id() const {
+  absl::MutexLock lock(&mu_);
+  return member_id_;
+}
+
+absl::Status Membership::Reregister() { return RegisterOnce(); }
+
+void Membership::set_on_ended_jobs(std::function<void(const std::vector<std::string>&)> callback) {
+  absl::MutexLock lock(&mu_);
+  on_ended_ = std::move(callback);
+}
+
+void Membership::HeartbeatLoop() {
+  while (true) {
+    std::string id;
+    {
+      absl::MutexLock lock(&mu_);
+      const bool stop = mu_.AwaitWithTimeout(absl::Condition(&stopping_),
+                                             absl::Seconds(heartbeat_seconds_));
+      if (stop) return;
+      id = member_id_;
+    }
+    grpc::ClientContext context;
+    context.set_deadline(DeadlineIn(5.0));
+    v1::HeartbeatRequest request;
+    request.set_member_id(id);
+    v1::HeartbeatResponse response;
+    const grpc::Status status = stub_->Heartbeat(&context, request, &response);
+    if (status.error_code() == grpc::StatusCode::NOT_FOUND) {
+      (void)RegisterOnce();  // retried at the next beat when it fails
+      continue;
+    }
+    if (status.ok() && response.ended_job_ids_size() > 0) {
+      std::function<void(const std::vector<std::string>&)> callback;
+      {
+        absl::MutexLock lock(&mu_);
+        callback = on_ended_;
+      }
+      if (callback) {
+        callback(std::vector<std::string>(response.ended_job_ids().begin(),
+                                          response.ended_job_ids().end()));
+      }
+    }
+  }
+}
+
+}  // namespace muonps

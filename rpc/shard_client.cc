@@ -1,0 +1,163 @@
+#include "rpc/shard_client.h"
+
+#include <grpcpp/impl/rpc_method.h>
+#include <grpcpp/support/byte_buffer.h>
+#include <grpcpp/support/proto_buffer_reader.h>
+#include <grpcpp/support/sync_stream.h>
+
+#include <algorithm>
+#include <limits>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "google/protobuf/wire_format_lite.h"
+#include "rpc/rpc_util.h"
+#include "rpc/tensor_stream.h"
+#include "rpc/wire.h"
+
+namespace muonps {
+namespace {
+
+using google::protobuf::io::CodedInputStream;
+using google::protobuf::io::CodedOutputStream;
+using google::protobuf::internal::WireFormatLite;
+
+constexpr char kPushMethod[] = "/muonps.v1.ShardService/PushGradients";
+constexpr char kPullMethod[] = "/muonps.v1.ShardService/PullParameters";
+
+// Field numbers of shard.proto and tensor.proto.
+enum : int {
+  kPushJobId = 1, kPushStep = 2, kPushSlot = 3, kPushSlotCount = 4, kPushChunk = 5,
+  kPullChunk = 2,
+};
+
+}  // namespace
+
+absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& layout,
+                           const std::vector<std::string>& tensors, const PushTarget& target,
+                           const float* grads, int64_t chunk_bytes, const std::string& what,
+                           v1::PushGradientsResponse* response) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineIn(300.0));
+  v1::PushGradientsResponse local;
+  if (response == nullptr) response = &local;
+  const grpc::internal::RpcMethod method(kPushMethod, grpc::internal::RpcMethod::CLIENT_STREAMING);
+  std::unique_ptr<grpc::ClientWriter<grpc::ByteBuffer>> writer(
+      grpc::internal::ClientWriterFactory<grpc::ByteBuffer>::Create(channel, method, &context,
+                                                                    response));
+  // The request's own fields travel in the first message only.
+  std::string top;
+  {
+    google::protobuf::io::StringOutputStream stream(&top);
+    CodedOutputStream coded(&stream);
+    WireFormatLite::WriteString(kPushJobId, target.job_id, &coded);
+    if (target.step != 0) WireFormatLite::WriteInt64(kPushStep, target.step, &coded);
+    if (target.first_slot != 0) WireFormatLite::WriteInt32(kPushSlot, target.first_slot, &coded);
+    if (target.slot_count != 0) WireFormatLite::WriteInt32(kPushSlotCount, target.slot_count, &coded);
+    coded.Trim();
+  }
+  const int64_t step = ChunkPayloadBytes(chunk_bytes);
+  bool open = true;
+  for (const std::string& name : tensors) {
+    const TensorInfo* info = layout.Find(name);
+    if (info == nullptr || !info->trainable()) continue;
+    const char* data = reinterpret_cast<const char*>(grads + info->offset);
+    const int64_t total = info->numel * static_cast<int64_t>(sizeof(float));
+    int64_t offset = 0;
+    do {
+      const int64_t bytes = std::min(step, total - offset);
+      const std::string header =
+          EncodeChunkHeader(name, offset == 0 ? &info->shape : nullptr, offset);
+      open = writer->Write(ChunkMessage(top, kPushChunk, header, data + offset, bytes));
+      top.clear();
+      offset += bytes;
+    } while (open && offset < total);
+    if (!open) break;
+  }
+  writer->WritesDone();
+  return FromGrpcStatus(writer->Finish(), what);
+}
+
+namespace {
+
+// Decodes one PullParametersResponse from `buffer`, copying the payload of
+// its chunk straight into place through `assemblers` (created on a tensor's
+// first chunk).
+absl::Status DecodePull(grpc::ByteBuffer* buffer, const ModelLayout& layout, float* params,
+                        std::unique_ptr<TensorAssembler>* current, int* received,
+                        const std::string& what) {
+  grpc::ProtoBufferReader stream(buffer);
+  CodedInputStream in(&stream);
+  in.SetTotalBytesLimit(std::numeric_limits<int>::max());
+  auto malformed = [&](absl::string_view why) {
+    return absl::DataLossError(absl::StrCat(what, ": malformed response (", why, ")"));
+  };
+  // Where `bytes` of the chunk described by `header` go (a new tensor starts
+  // a new assembler).
+  auto place = [&](const v1::TensorChunk& header, int64_t bytes) -> absl::StatusOr<char*> {
+    if (*current == nullptr || header.name() != (*current)->name()) {
+      if (*current != nullptr) MUONPS_RETURN_IF_ERROR((*current)->Finish());
+      const TensorInfo* info = layout.Find(header.name());
+      if (info == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": unknown tensor ", header.name()));
+      }
+      *current = std::make_unique<TensorAssembler>(header.name(), info->shape,
+                                                   params + info->offset, /*require_finite=*/true);
+      ++*received;
+    }
+    return (*current)->Reserve(header, bytes);
+  };
+  while (uint32_t tag = in.ReadTag()) {
+    const int field = WireFormatLite::GetTagFieldNumber(tag);
+    if (field != kPullChunk ||
+        WireFormatLite::GetTagWireType(tag) != WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+      if (!WireFormatLite::SkipField(&in, tag)) return malformed("field");
+      continue;
+    }
+    uint32_t length = 0;
+    if (!in.ReadVarint32(&length)) return malformed("chunk length");
+    MUONPS_RETURN_IF_ERROR(ReadChunk(
+        &in, length, place, [&](int64_t bytes) { return (*current)->Commit(bytes); }, what));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status PullParameters(grpc::ChannelInterface* channel, const ModelLayout& layout,
+                            const std::string& job_id, int64_t version, int expected,
+                            double wait_seconds, int64_t chunk_bytes, float* params,
+                            const std::string& what) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineIn(wait_seconds + 60.0));
+  v1::PullParametersRequest request;
+  request.set_job_id(job_id);
+  request.set_version(version);
+  request.set_wait_seconds(wait_seconds);
+  request.set_max_chunk_bytes(chunk_bytes);
+  const grpc::internal::RpcMethod method(kPullMethod, grpc::internal::RpcMethod::SERVER_STREAMING);
+  std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
+      grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(channel, method, &context,
+                                                                    request));
+  grpc::ByteBuffer buffer;
+  std::unique_ptr<TensorAssembler> current;
+  int received = 0;
+  absl::Status st;
+  while (reader->Read(&buffer)) {
+    if (!st.ok()) continue;  // drain after a refusal
+    st = DecodePull(&buffer, layout, params, &current, &received, what);
+  }
+  MUONPS_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish(), what));
+  MUONPS_RETURN_IF_ERROR(st);
+  if (current != nullptr) MUONPS_RETURN_IF_ERROR(current->Finish());
+  if (received != expected) {
+    return absl::DataLossError(
+        absl::StrCat(what, ": received ", received, " tensors, expected ", expected));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace muonps

@@ -1,0 +1,50 @@
+// The client side of a shard's tensor streams, shared by workers and the
+// transfer benchmark: one PushGradients stream carrying a gradient for each
+// named tensor, and one PullParameters stream assembled into place.
+//
+// Both speak the messages of shard.proto on the wire but skip protobuf's
+// copies of the payload: a push sends each chunk as a small encoded header
+// followed by a slice that points at the gradient itself, and a pull decodes
+// each response in place, copying the payload once, from gRPC's buffers
+// straight into the parameters.
+#ifndef MUONPS_RPC_SHARD_CLIENT_H_
+#define MUONPS_RPC_SHARD_CLIENT_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "common/model_layout.h"
+#include "muonps/v1/shard.grpc.pb.h"
+
+namespace muonps {
+
+struct PushTarget {
+  std::string job_id;
+  int64_t step = 0;
+  int first_slot = 0;
+  int slot_count = 1;
+};
+
+// Pushes, for every trainable tensor among `tensors`, its gradient taken from
+// the flat buffer `grads` (layout offsets), in chunks of `chunk_bytes`.
+// `grads` must stay unchanged until the call returns.
+// `what` prefixes errors (e.g. "shard shard-0 (host:port): PushGradients").
+absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& layout,
+                           const std::vector<std::string>& tensors, const PushTarget& target,
+                           const float* grads, int64_t chunk_bytes, const std::string& what,
+                           v1::PushGradientsResponse* response = nullptr);
+
+// Pulls every tensor the shard owns at `version` (waiting up to
+// `wait_seconds` for it) into the flat buffer `params` at layout offsets,
+// checking names, shapes, order and finiteness; DATA_LOSS unless exactly
+// `expected` tensors came. On an error, `params` may hold part of the pull.
+absl::Status PullParameters(grpc::ChannelInterface* channel, const ModelLayout& layout,
+                            const std::string& job_id, int64_t version, int expected,
+                            double wait_seconds, int64_t chunk_bytes, float* params,
+                            const std::string& what);
+
+}  // namespace muonps
+
+#endif  // MUONPS_RPC_SHARD_CLIENT_H_
