@@ -31,10 +31,10 @@
 #include <string>
 #include <vector>
 
-#include "bench/bench_util.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
+#include "bench/bench_util.h"
 #include "common/blas_runtime.h"
 #include "common/job_spec.h"
 #include "nlohmann/json.hpp"
@@ -50,7 +50,6 @@ namespace muonps {
 namespace {
 
 constexpr double kGoalRatio = 1.15;
-
 
 [[noreturn]] void Die(const std::string& what) { muonps::Die("cluster_step", what); }
 

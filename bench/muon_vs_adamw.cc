@@ -82,16 +82,16 @@ int main(int argc, char** argv) {
   const int threads = absl::GetFlag(FLAGS_threads);
   if (threads > 0) muonps::SetNumThreads(threads);
   job->mutable_schedule()->set_total_steps(absl::GetFlag(FLAGS_steps));
-  job->mutable_schedule()->set_warmup_steps(std::min(job->schedule().warmup_steps(),
-                                                     absl::GetFlag(FLAGS_steps) / 10));
+  job->mutable_schedule()->set_warmup_steps(
+      std::min(job->schedule().warmup_steps(), absl::GetFlag(FLAGS_steps) / 10));
   job->mutable_data()->set_eval_every(absl::GetFlag(FLAGS_eval_every));
   job->mutable_checkpoint()->set_dir("");
 
-  std::printf("muon_vs_adamw: %d steps x %d tokens, default model, data %s, BLAS core %s\n",
-              job->schedule().total_steps(),
-              job->batch().slots() * job->batch().micro_batch() *
-                  job->model().max_position_embeddings(),
-              job->data().path().c_str(), muonps::BlasCoreName().c_str());
+  std::printf(
+      "muon_vs_adamw: %d steps x %d tokens, default model, data %s, BLAS core %s\n",
+      job->schedule().total_steps(),
+      job->batch().slots() * job->batch().micro_batch() * job->model().max_position_embeddings(),
+      job->data().path().c_str(), muonps::BlasCoreName().c_str());
   const auto muon = muonps::Curve(*job, job_has_lr, "muon", absl::GetFlag(FLAGS_muon_lr));
   const auto adamw = muonps::Curve(*job, job_has_lr, "adamw", absl::GetFlag(FLAGS_adamw_lr));
 

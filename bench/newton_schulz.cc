@@ -15,6 +15,8 @@
 // multithreaded sgemm exceeds. ratio = NS GFLOP/s / baseline GFLOP/s. NS computes only
 // the upper triangle of its two symmetric products, so the ratio can exceed 1.
 // Every time is the median of --repeats runs after one warm-up run.
+#include "optim/newton_schulz.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -28,7 +30,6 @@
 #include "common/gemm.h"
 #include "common/parallel.h"
 #include "common/philox.h"
-#include "optim/newton_schulz.h"
 
 namespace muonps {
 namespace {

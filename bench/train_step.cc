@@ -26,10 +26,10 @@
 #include <string>
 #include <vector>
 
-#include "bench/bench_util.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
+#include "bench/bench_util.h"
 #include "common/blas_runtime.h"
 #include "common/job_spec.h"
 #include "common/model_layout.h"
@@ -47,7 +47,6 @@ namespace muonps {
 namespace {
 
 constexpr double kGoalRatio = 2.0;
-
 
 struct StepTimes {
   std::vector<double> forward, backward, optimizer, step;  // seconds

@@ -47,11 +47,11 @@
 #include <thread>
 #include <vector>
 
-#include "bench/bench_util.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "bench/bench_util.h"
 #include "common/blas_runtime.h"
 #include "common/job_spec.h"
 #include "common/model_layout.h"
@@ -59,9 +59,9 @@
 #include "muonps/v1/shard.grpc.pb.h"
 #include "rpc/grpc_server.h"
 #include "rpc/rpc_util.h"
-#include "services/shard/shard_service.h"
 #include "rpc/shard_client.h"
 #include "rpc/tensor_stream.h"
+#include "services/shard/shard_service.h"
 #include "workers/worker/worker.h"
 
 ABSL_FLAG(int, reps, 5, "Measured rounds (tcp, push, pull each); medians are reported");
@@ -77,7 +77,6 @@ using Clock = std::chrono::steady_clock;
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
-
 
 [[noreturn]] void Die(const std::string& what) { muonps::Die("transfer", what); }
 
@@ -271,8 +270,9 @@ absl::Status Push(grpc::ChannelInterface* channel, const ModelLayout& layout, co
 
 absl::Status Pull(grpc::ChannelInterface* channel, const ModelLayout& layout, const Route& route,
                   int64_t version, int64_t chunk_bytes, float* params) {
-  return PullParameters(channel, layout, route.job_id, version, static_cast<int>(route.tensors.size()),
-                        600.0, chunk_bytes, params, "PullParameters");
+  return PullParameters(channel, layout, route.job_id, version,
+                        static_cast<int>(route.tensors.size()), 600.0, chunk_bytes, params,
+                        "PullParameters");
 }
 
 // The coordinator's part of a step, untimed: norms, then the update.
@@ -390,14 +390,12 @@ int Run(int reps) {
   int64_t step = 0;
   for (int round = 0; round <= reps; ++round) {
     const double tcp_s = tcp.Send(reinterpret_cast<const char*>(grads.data()));
-    const double push_s = TimedOnThread([&] {
-      return Push(channel.get(), layout, route, step, chunk_bytes, grads.data());
-    });
+    const double push_s = TimedOnThread(
+        [&] { return Push(channel.get(), layout, route, step, chunk_bytes, grads.data()); });
     if (absl::Status st = AdvanceStep(stub.get(), step); !st.ok()) Die(std::string(st.message()));
     ++step;
-    const double pull_s = TimedOnThread([&] {
-      return Pull(channel.get(), layout, route, step, chunk_bytes, params.data());
-    });
+    const double pull_s = TimedOnThread(
+        [&] { return Pull(channel.get(), layout, route, step, chunk_bytes, params.data()); });
     if (round == 0) continue;  // warm-up: connections, first-touch of the shard's buffers
     figures.tcp.push_back(tcp_s);
     figures.push.push_back(push_s);

@@ -35,8 +35,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "common/model_layout.h"
 #include "checkpoint/training_state.h"
+#include "common/model_layout.h"
 
 namespace muonps {
 

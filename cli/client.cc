@@ -14,8 +14,8 @@
 #include "absl/strings/str_cat.h"
 #include "cli/progress.h"
 #include "google/protobuf/util/json_util.h"
-#include "services/coordinator/placement.h"
 #include "rpc/rpc_util.h"
+#include "services/coordinator/placement.h"
 
 ABSL_DECLARE_FLAG(std::string, coordinator);
 
@@ -32,7 +32,6 @@ bool Ended(v1::JobState state) {
 }
 
 }  // namespace
-
 
 void InstallSignalHandlers() {
   struct sigaction action = {};
@@ -59,15 +58,20 @@ std::string OneLineJson(const google::protobuf::Message& message) {
 
 const char* StateName(v1::JobState state) {
   switch (state) {
-    case v1::JOB_STATE_QUEUED: return "QUEUED";
-    case v1::JOB_STATE_RUNNING: return "RUNNING";
-    case v1::JOB_STATE_SUCCEEDED: return "SUCCEEDED";
-    case v1::JOB_STATE_FAILED: return "FAILED";
-    case v1::JOB_STATE_CANCELLED: return "CANCELLED";
-    default: return "UNSPECIFIED";
+    case v1::JOB_STATE_QUEUED:
+      return "QUEUED";
+    case v1::JOB_STATE_RUNNING:
+      return "RUNNING";
+    case v1::JOB_STATE_SUCCEEDED:
+      return "SUCCEEDED";
+    case v1::JOB_STATE_FAILED:
+      return "FAILED";
+    case v1::JOB_STATE_CANCELLED:
+      return "CANCELLED";
+    default:
+      return "UNSPECIFIED";
   }
 }
-
 
 int ExitStatusOf(v1::JobState state) {
   if (state == v1::JOB_STATE_SUCCEEDED) return 0;
@@ -82,7 +86,8 @@ std::unique_ptr<v1::JobService::Stub> JobStub() {
 absl::Status Call(const std::function<grpc::Status(grpc::ClientContext*)>& rpc, const char* name) {
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(30.0));
-  return FromGrpcStatus(rpc(&context), absl::StrCat("coordinator ", CoordinatorAddress(), ": ", name));
+  return FromGrpcStatus(rpc(&context),
+                        absl::StrCat("coordinator ", CoordinatorAddress(), ": ", name));
 }
 
 absl::StatusOr<std::string> Submit(const v1::JobSpec& spec, const std::string& resume) {
@@ -91,8 +96,8 @@ absl::StatusOr<std::string> Submit(const v1::JobSpec& spec, const std::string& r
   *request.mutable_spec() = spec;
   request.set_resume_from(resume);
   v1::SubmitJobResponse response;
-  absl::Status st = Call([&](grpc::ClientContext* c) { return stub->SubmitJob(c, request, &response); },
-                         "SubmitJob");
+  absl::Status st = Call(
+      [&](grpc::ClientContext* c) { return stub->SubmitJob(c, request, &response); }, "SubmitJob");
   if (!st.ok()) return st;
   return response.job_id();
 }
@@ -120,7 +125,8 @@ absl::StatusOr<v1::Job> Watch(const std::string& job_id, bool json,
   grpc::ClientContext context;
   v1::WatchJobRequest request;
   request.set_job_id(job_id);
-  std::unique_ptr<grpc::ClientReader<v1::WatchJobResponse>> reader = stub->WatchJob(&context, request);
+  std::unique_ptr<grpc::ClientReader<v1::WatchJobResponse>> reader =
+      stub->WatchJob(&context, request);
   std::atomic<bool> done{false};
   std::thread poller;
   if (poll) {
@@ -173,17 +179,21 @@ absl::StatusOr<v1::Job> Watch(const std::string& job_id, bool json,
   done.store(true);
   if (poller.joinable()) poller.join();
   display.Abort();
-  absl::Status st = FromGrpcStatus(reader->Finish(), absl::StrCat("coordinator ", CoordinatorAddress(), ": WatchJob"));
+  absl::Status st = FromGrpcStatus(
+      reader->Finish(), absl::StrCat("coordinator ", CoordinatorAddress(), ": WatchJob"));
   if (!st.ok()) return st;
   if (!json && Ended(last.state())) {
     const v1::JobProgress& p = last.progress();
     std::fprintf(stderr, "%s %s at step %lld/%lld: loss %.4f", last.job_id().c_str(),
                  StateName(last.state()), static_cast<long long>(p.step()),
                  static_cast<long long>(p.total_steps()), p.loss());
-    if (p.has_val_loss()) std::fprintf(stderr, ", val loss %.4f (step %lld)", p.val_loss(), static_cast<long long>(p.val_step()));
+    if (p.has_val_loss())
+      std::fprintf(stderr, ", val loss %.4f (step %lld)", p.val_loss(),
+                   static_cast<long long>(p.val_step()));
     std::fprintf(stderr, ", %.0f tokens/s in %.1f s\n", p.tokens_per_second(),
                  last.started_at() > 0 ? last.ended_at() - last.started_at() : 0.0);
-    if (!last.last_checkpoint().empty()) std::fprintf(stderr, "checkpoint: %s\n", last.last_checkpoint().c_str());
+    if (!last.last_checkpoint().empty())
+      std::fprintf(stderr, "checkpoint: %s\n", last.last_checkpoint().c_str());
   }
   return last;
 }

@@ -23,12 +23,12 @@
 #include "common/parallel.h"
 #include "muonps/v1/coordinator.grpc.pb.h"
 #include "muonps/v1/shard.grpc.pb.h"
-#include "services/coordinator/coordinator.h"
-#include "services/coordinator/placement.h"
 #include "rpc/grpc_server.h"
 #include "rpc/membership.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc_util.h"
+#include "services/coordinator/coordinator.h"
+#include "services/coordinator/placement.h"
 #include "services/shard/shard_service.h"
 #include "workers/worker/worker.h"
 
@@ -40,26 +40,33 @@ ABSL_FLAG(std::string, advertise, "",
           "Env MUONPS_ADVERTISE");
 ABSL_FLAG(std::string, coordinator, "",
           "Coordinator host:port (default 127.0.0.1:7070). Env MUONPS_COORDINATOR");
-ABSL_FLAG(int, min_shards, 1, "Coordinator: start a job once this many shards are registered. Env MUONPS_MIN_SHARDS");
-ABSL_FLAG(double, lease_seconds, 3.0, "Coordinator: a member's lease after its last heartbeat. Env MUONPS_LEASE_SECONDS");
-ABSL_FLAG(double, heartbeat_seconds, 0.5, "Coordinator: how often members heartbeat. Env MUONPS_HEARTBEAT_SECONDS");
+ABSL_FLAG(int, min_shards, 1,
+          "Coordinator: start a job once this many shards are registered. Env MUONPS_MIN_SHARDS");
+ABSL_FLAG(double, lease_seconds, 3.0,
+          "Coordinator: a member's lease after its last heartbeat. Env MUONPS_LEASE_SECONDS");
+ABSL_FLAG(double, heartbeat_seconds, 0.5,
+          "Coordinator: how often members heartbeat. Env MUONPS_HEARTBEAT_SECONDS");
 ABSL_FLAG(std::string, port_file, "", "Write the bound port to this file once serving");
 ABSL_FLAG(bool, json, false, "Client commands: print JSON for scripts");
 ABSL_FLAG(int, shards, 1, "local: optimizer shards to start");
 ABSL_FLAG(int, workers, 1, "local: workers to start");
-ABSL_FLAG(std::string, log_dir, "", "local: directory for the services' logs (default: a new /tmp/muonps-local-*)");
+ABSL_FLAG(std::string, log_dir, "",
+          "local: directory for the services' logs (default: a new /tmp/muonps-local-*)");
 ABSL_FLAG(int64_t, crash_after_pushes, 0,
           "worker (fault injection for tests): SIGKILL itself after this many gradient pushes");
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port of the Prometheus /metrics endpoint (port 0 = a free port; empty = none). "
           "Env MUONPS_METRICS_LISTEN");
-ABSL_FLAG(std::string, metrics_port_file, "", "Write the metrics endpoint's port to this file once serving");
-ABSL_FLAG(double, peak_tflops, 0.0,
-          "worker: peak TFLOP/s of its compute, for the model FLOPs utilisation metric (0 = unknown). "
-          "Env MUONPS_PEAK_TFLOPS");
-ABSL_FLAG(bool, metrics, false,
-          "local: give every service a /metrics endpoint on a free port and write their addresses to "
-          "LOG_DIR/prometheus_targets.json (Prometheus file_sd format)");
+ABSL_FLAG(std::string, metrics_port_file, "",
+          "Write the metrics endpoint's port to this file once serving");
+ABSL_FLAG(
+    double, peak_tflops, 0.0,
+    "worker: peak TFLOP/s of its compute, for the model FLOPs utilisation metric (0 = unknown). "
+    "Env MUONPS_PEAK_TFLOPS");
+ABSL_FLAG(
+    bool, metrics, false,
+    "local: give every service a /metrics endpoint on a free port and write their addresses to "
+    "LOG_DIR/prometheus_targets.json (Prometheus file_sd format)");
 ABSL_DECLARE_FLAG(std::string, resume);
 ABSL_DECLARE_FLAG(int, threads);
 
@@ -70,7 +77,6 @@ void LogLine(const std::string& line) {
   std::fprintf(stderr, "%s\n", line.c_str());
   std::fflush(stderr);
 }
-
 
 std::string ListenAddress(const std::string& fallback) {
   const std::string flag = absl::GetFlag(FLAGS_listen);
@@ -146,8 +152,8 @@ int ServeCoordinator() {
   GrpcServerOptions server_options;
   server_options.address = ListenAddress("127.0.0.1:7070");
   server_options.metrics = (*metrics)->registry;
-  absl::StatusOr<std::unique_ptr<GrpcServer>> server = GrpcServer::Start(
-      server_options, {coordinator.job_service(), coordinator.cluster_service()});
+  absl::StatusOr<std::unique_ptr<GrpcServer>> server =
+      GrpcServer::Start(server_options, {coordinator.job_service(), coordinator.cluster_service()});
   if (!server.ok()) return Fail(server.status());
   if (absl::Status st = WritePortFile((*server)->port()); !st.ok()) return Fail(st);
   (*server)->SetServing(true);
@@ -171,10 +177,12 @@ int ServeShard() {
   GrpcServerOptions server_options;
   server_options.address = ListenAddress("127.0.0.1:0");
   server_options.metrics = (*metrics)->registry;
-  absl::StatusOr<std::unique_ptr<GrpcServer>> server = GrpcServer::Start(server_options, {&service});
+  absl::StatusOr<std::unique_ptr<GrpcServer>> server =
+      GrpcServer::Start(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
-  const std::string advertise =
-      absl::GetFlag(FLAGS_advertise).empty() ? (*server)->address() : absl::GetFlag(FLAGS_advertise);
+  const std::string advertise = absl::GetFlag(FLAGS_advertise).empty()
+                                    ? (*server)->address()
+                                    : absl::GetFlag(FLAGS_advertise);
   Membership membership(Membership::Kind::kShard, CoordinatorAddress(), advertise, 0);
   absl::Status refused;  // set by `registering` before it raises SIGTERM
   std::thread registering([&] {
@@ -222,8 +230,8 @@ int ServeWorker() {
   if (absl::Status st = WritePortFile((*server)->port()); !st.ok()) return Fail(st);
   WorkerOptions options;
   options.coordinator = CoordinatorAddress();
-  options.address =
-      absl::GetFlag(FLAGS_advertise).empty() ? (*server)->address() : absl::GetFlag(FLAGS_advertise);
+  options.address = absl::GetFlag(FLAGS_advertise).empty() ? (*server)->address()
+                                                           : absl::GetFlag(FLAGS_advertise);
   options.threads = NumThreads();
   options.crash_after_pushes = absl::GetFlag(FLAGS_crash_after_pushes);
   options.log = [](const std::string& line) { LogLine("muonps worker: " + line); };
@@ -253,7 +261,9 @@ int ServeWorker() {
 
 int SubmitCommand(const std::vector<std::string>& args) {
   if (args.size() != 1) {
-    std::fprintf(stderr, "usage: muonps submit JOB.json [--resume DIR] [--coordinator HOST:PORT] [--json]\n");
+    std::fprintf(
+        stderr,
+        "usage: muonps submit JOB.json [--resume DIR] [--coordinator HOST:PORT] [--json]\n");
     return 2;
   }
   absl::StatusOr<v1::JobSpec> spec = LoadJobSpecFile(args[0]);
@@ -282,8 +292,8 @@ int ListCommand() {
   auto stub = JobStub();
   v1::ListJobsRequest request;
   v1::ListJobsResponse response;
-  absl::Status st = Call([&](grpc::ClientContext* c) { return stub->ListJobs(c, request, &response); },
-                         "ListJobs");
+  absl::Status st = Call(
+      [&](grpc::ClientContext* c) { return stub->ListJobs(c, request, &response); }, "ListJobs");
   if (!st.ok()) return Fail(st);
   if (absl::GetFlag(FLAGS_json)) {
     std::cout << OneLineJson(response) << std::endl;
@@ -309,8 +319,8 @@ int StatusCommand(const std::vector<std::string>& args) {
   v1::GetJobRequest request;
   request.set_job_id(args[0]);
   v1::GetJobResponse response;
-  absl::Status st = Call([&](grpc::ClientContext* c) { return stub->GetJob(c, request, &response); },
-                         "GetJob");
+  absl::Status st =
+      Call([&](grpc::ClientContext* c) { return stub->GetJob(c, request, &response); }, "GetJob");
   if (!st.ok()) return Fail(st);
   if (absl::GetFlag(FLAGS_json)) {
     std::cout << OneLineJson(response.job()) << std::endl;
@@ -318,14 +328,19 @@ int StatusCommand(const std::vector<std::string>& args) {
   }
   const v1::Job& j = response.job();
   const v1::JobProgress& p = j.progress();
-  std::printf("job:        %s (%s)\nstate:      %s%s%s\nstep:       %lld/%lld\n", j.job_id().c_str(),
-              j.name().c_str(), StateName(j.state()), j.error().empty() ? "" : ": ", j.error().c_str(),
-              static_cast<long long>(p.step()), static_cast<long long>(p.total_steps()));
+  std::printf("job:        %s (%s)\nstate:      %s%s%s\nstep:       %lld/%lld\n",
+              j.job_id().c_str(), j.name().c_str(), StateName(j.state()),
+              j.error().empty() ? "" : ": ", j.error().c_str(), static_cast<long long>(p.step()),
+              static_cast<long long>(p.total_steps()));
   if (p.step() > j.start_step()) {
-    std::printf("loss:       %.4f\nlr:         %.3e\ngrad norm:  %.3f\ntokens/s:   %.0f\nETA:        %.0f s\n",
-                p.loss(), p.lr(), p.grad_norm(), p.tokens_per_second(), p.eta_seconds());
+    std::printf(
+        "loss:       %.4f\nlr:         %.3e\ngrad norm:  %.3f\ntokens/s:   %.0f\nETA:        %.0f "
+        "s\n",
+        p.loss(), p.lr(), p.grad_norm(), p.tokens_per_second(), p.eta_seconds());
   }
-  if (p.has_val_loss()) std::printf("val loss:   %.4f (step %lld)\n", p.val_loss(), static_cast<long long>(p.val_step()));
+  if (p.has_val_loss())
+    std::printf("val loss:   %.4f (step %lld)\n", p.val_loss(),
+                static_cast<long long>(p.val_step()));
   if (!j.last_checkpoint().empty()) std::printf("checkpoint: %s\n", j.last_checkpoint().c_str());
   if (j.placement_size() > 0) {
     std::vector<v1::ShardPlacement> shards(j.placement().begin(), j.placement().end());
@@ -343,8 +358,8 @@ int CancelCommand(const std::vector<std::string>& args) {
   v1::CancelJobRequest request;
   request.set_job_id(args[0]);
   v1::CancelJobResponse response;
-  absl::Status st = Call([&](grpc::ClientContext* c) { return stub->CancelJob(c, request, &response); },
-                         "CancelJob");
+  absl::Status st = Call(
+      [&](grpc::ClientContext* c) { return stub->CancelJob(c, request, &response); }, "CancelJob");
   if (!st.ok()) return Fail(st);
   if (absl::GetFlag(FLAGS_json)) {
     std::cout << OneLineJson(response.job()) << std::endl;
@@ -357,10 +372,10 @@ int CancelCommand(const std::vector<std::string>& args) {
 }  // namespace
 
 const std::vector<std::string>& EnvironmentFlags() {
-  static const std::vector<std::string>* flags = new std::vector<std::string>{
-      "listen",        "advertise",         "coordinator",    "min_shards",
-      "lease_seconds", "heartbeat_seconds", "metrics_listen", "peak_tflops",
-      "blas_core"};
+  static const std::vector<std::string>* flags =
+      new std::vector<std::string>{"listen",         "advertise",     "coordinator",
+                                   "min_shards",     "lease_seconds", "heartbeat_seconds",
+                                   "metrics_listen", "peak_tflops",   "blas_core"};
   return *flags;
 }
 

@@ -18,44 +18,58 @@ struct CommandHelp {
 };
 
 // Flags every service takes.
-#define MUONPS_SERVICE_FLAGS "listen", "port_file", "metrics_listen", "metrics_port_file", "blas_core"
+#define MUONPS_SERVICE_FLAGS \
+  "listen", "port_file", "metrics_listen", "metrics_port_file", "blas_core"
 
 const std::vector<CommandHelp>& Commands() {
   static const auto* commands = new std::vector<CommandHelp>{
-      {"train", "train [JOB.json] [--resume DIR] [--until STEP] [--threads N] [--log_jsonl PATH]",
+      {"train",
+       "train [JOB.json] [--resume DIR] [--until STEP] [--threads N] [--log_jsonl PATH]",
        "Train in one process; without JOB.json, the default job (default model on the fortunes "
        "corpus).",
        {"resume", "until", "threads", "log_jsonl", "quiet", "blas_core"}},
-      {"local", "local [JOB.json] [--shards N] [--workers M] [--resume DIR]",
+      {"local",
+       "local [JOB.json] [--shards N] [--workers M] [--resume DIR]",
        "The same training as a cluster of processes on loopback: a coordinator, N optimizer "
        "shards and M workers; submits the job, watches it to the end, stops everything.",
        {"shards", "workers", "resume", "threads", "log_dir", "metrics", "json", "blas_core"}},
-      {"coordinator", "coordinator [--listen HOST:PORT] [--min_shards N]",
+      {"coordinator",
+       "coordinator [--listen HOST:PORT] [--min_shards N]",
        "Run the coordinator: takes jobs, leases members, places tensors, plans steps.",
        {"min_shards", "lease_seconds", "heartbeat_seconds", MUONPS_SERVICE_FLAGS}},
-      {"shard", "shard --coordinator HOST:PORT [--listen HOST:PORT] [--advertise HOST:PORT]",
+      {"shard",
+       "shard --coordinator HOST:PORT [--listen HOST:PORT] [--advertise HOST:PORT]",
        "Run an optimizer shard: holds whole tensors and their optimizer state, applies steps.",
        {"coordinator", "advertise", "threads", MUONPS_SERVICE_FLAGS}},
-      {"worker", "worker --coordinator HOST:PORT [--threads N]",
+      {"worker",
+       "worker --coordinator HOST:PORT [--threads N]",
        "Run a stateless worker: pulls parameters, computes slots, pushes gradients.",
        {"coordinator", "advertise", "threads", "peak_tflops", "crash_after_pushes",
         MUONPS_SERVICE_FLAGS}},
-      {"submit", "submit JOB.json [--resume DIR]", "Queue a job at the coordinator; prints its id.",
+      {"submit",
+       "submit JOB.json [--resume DIR]",
+       "Queue a job at the coordinator; prints its id.",
        {"coordinator", "resume", "json"}},
-      {"watch", "watch ID",
+      {"watch",
+       "watch ID",
        "Live progress of a job until it ends (exit 0 succeeded, 1 failed, 4 cancelled).",
        {"coordinator", "json"}},
       {"list", "list", "Every job the coordinator knows, oldest first.", {"coordinator", "json"}},
       {"status", "status ID", "One job's state and progress.", {"coordinator", "json"}},
       {"cancel", "cancel ID", "Cancel a queued or running job.", {"coordinator", "json"}},
-      {"validate", "validate JOB.json", "Check a job file; print it with every default filled in.",
+      {"validate",
+       "validate JOB.json",
+       "Check a job file; print it with every default filled in.",
        {}},
       {"defaults", "defaults", "Print the default job as JSON.", {}},
-      {"numerics", "numerics [--json] [--blas_core CORE]",
+      {"numerics",
+       "numerics [--json] [--blas_core CORE]",
        "This machine's numerics: BLAS kernel, fingerprint, and the kernels the CPU can run. "
        "Members of a cluster must agree.",
        {"json", "blas_core"}},
-      {"version", "version", "Print the version, the BLAS kernel and the numerics fingerprint.",
+      {"version",
+       "version",
+       "Print the version, the BLAS kernel and the numerics fingerprint.",
        {}},
       {"help", "help [COMMAND]", "This overview, or one command's usage and flags.", {}},
   };
@@ -73,9 +87,9 @@ const CommandHelp* Find(std::string_view name) {
 
 // Flags that abseil itself defines and handles.
 bool IsAbseilBuiltin(std::string_view name) {
-  for (std::string_view b : {"helpfull", "helpshort", "helppackage", "helpon", "helpmatch",
-                             "version", "only_check_args", "flagfile", "fromenv", "tryfromenv",
-                             "undefok"}) {
+  for (std::string_view b :
+       {"helpfull", "helpshort", "helppackage", "helpon", "helpmatch", "version", "only_check_args",
+        "flagfile", "fromenv", "tryfromenv", "undefok"}) {
     if (name == b) return true;
   }
   return false;
@@ -169,8 +183,7 @@ std::optional<int> PreParseCommandLine(int argc, char** argv) {
       continue;
     }
     {
-      std::fprintf(stderr,
-                   "muonps: error: unknown flag --%s; `muonps help%s%s` lists the flags\n",
+      std::fprintf(stderr, "muonps: error: unknown flag --%s; `muonps help%s%s` lists the flags\n",
                    name.c_str(), positional.empty() ? "" : " ",
                    positional.empty() ? "" : positional[0].c_str());
       return 2;

@@ -140,7 +140,8 @@ class LocalCluster {
 
 int LocalCommand(const std::vector<std::string>& args) {
   if (args.size() > 1) {
-    std::fprintf(stderr, "usage: muonps local [--shards N] [--workers M] [JOB.json] [--resume DIR]\n");
+    std::fprintf(stderr,
+                 "usage: muonps local [--shards N] [--workers M] [JOB.json] [--resume DIR]\n");
     return 2;
   }
   absl::StatusOr<v1::JobSpec> spec = args.empty() ? DefaultJobSpec() : LoadJobSpecFile(args[0]);
@@ -152,7 +153,8 @@ int LocalCommand(const std::vector<std::string>& args) {
   std::string log_dir = absl::GetFlag(FLAGS_log_dir);
   if (log_dir.empty()) {
     char pattern[] = "/tmp/muonps-local-XXXXXX";
-    if (mkdtemp(pattern) == nullptr) return Fail(absl::InternalError("cannot create a log directory"));
+    if (mkdtemp(pattern) == nullptr)
+      return Fail(absl::InternalError("cannot create a log directory"));
     log_dir = pattern;
   } else {
     std::error_code ec;
@@ -193,23 +195,25 @@ int LocalCommand(const std::vector<std::string>& args) {
   absl::SetFlag(&FLAGS_coordinator, coordinator);
   for (int i = 0; i < shards; ++i) {
     const std::string name = absl::StrCat("shard-", i);
-    absl::Status st = cluster.Spawn(
-        name, with({"shard", "--listen=127.0.0.1:0", "--coordinator=" + coordinator,
-                    absl::StrCat("--threads=", cores)},
-                   metrics_flags(name, "shard")));
+    absl::Status st =
+        cluster.Spawn(name, with({"shard", "--listen=127.0.0.1:0", "--coordinator=" + coordinator,
+                                  absl::StrCat("--threads=", cores)},
+                                 metrics_flags(name, "shard")));
     if (!st.ok()) return Fail(st);
   }
   const int worker_threads = std::max(1, cores / workers);
   for (int i = 0; i < workers; ++i) {
     const std::string name = absl::StrCat("worker-", i);
-    absl::Status st = cluster.Spawn(
-        name, with({"worker", "--listen=127.0.0.1:0", "--coordinator=" + coordinator,
-                    absl::StrCat("--threads=", worker_threads)},
-                   metrics_flags(name, "worker")));
+    absl::Status st =
+        cluster.Spawn(name, with({"worker", "--listen=127.0.0.1:0", "--coordinator=" + coordinator,
+                                  absl::StrCat("--threads=", worker_threads)},
+                                 metrics_flags(name, "worker")));
     if (!st.ok()) return Fail(st);
   }
-  std::fprintf(stderr, "muonps local: coordinator on %s, %d shard(s), %d worker(s) x %d thread(s); logs in %s\n",
-               coordinator.c_str(), shards, workers, worker_threads, log_dir.c_str());
+  std::fprintf(
+      stderr,
+      "muonps local: coordinator on %s, %d shard(s), %d worker(s) x %d thread(s); logs in %s\n",
+      coordinator.c_str(), shards, workers, worker_threads, log_dir.c_str());
   // Wait until every member registered, so the job uses all shards.
   auto stub = JobStub();
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
@@ -218,8 +222,9 @@ int LocalCommand(const std::vector<std::string>& args) {
     if (absl::Status st = cluster.CheckAlive(); !st.ok()) return Fail(st);
     v1::GetClusterRequest request;
     v1::GetClusterResponse response;
-    absl::Status st = Call([&](grpc::ClientContext* c) { return stub->GetCluster(c, request, &response); },
-                           "GetCluster");
+    absl::Status st =
+        Call([&](grpc::ClientContext* c) { return stub->GetCluster(c, request, &response); },
+             "GetCluster");
     if (st.ok() && response.shards_size() >= shards && response.workers_size() >= workers) break;
     if (std::chrono::steady_clock::now() > deadline) {
       return Fail(absl::DeadlineExceededError(absl::StrCat(
@@ -265,12 +270,14 @@ int LocalCommand(const std::vector<std::string>& args) {
       v1::CancelJobRequest request;
       request.set_job_id(*id);
       v1::CancelJobResponse response;
-      (void)Call([&](grpc::ClientContext* c) { return cancel_stub->CancelJob(c, request, &response); },
-                 "CancelJob");
+      (void)Call(
+          [&](grpc::ClientContext* c) { return cancel_stub->CancelJob(c, request, &response); },
+          "CancelJob");
     };
     if (signals == 1 && !cancelled) {
       cancelled = true;
-      std::fprintf(stderr, "\nmuonps local: cancelling %s (Ctrl-C again to stop at once)\n", id->c_str());
+      std::fprintf(stderr, "\nmuonps local: cancelling %s (Ctrl-C again to stop at once)\n",
+                   id->c_str());
       cancel();
     }
     // A service of this cluster died (nothing restarts it here): stop the

@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <atomic>
-
 #include <cctype>
 #include <cmath>
 #include <csignal>
@@ -29,10 +28,14 @@
 #include "common/parallel.h"
 #include "trainer/trainer.h"
 
-ABSL_FLAG(std::string, resume, "", "Checkpoint directory (or a directory of step-* checkpoints) to resume from");
-ABSL_FLAG(int64_t, until, 0, "Stop after this many completed steps, in [1, schedule.total_steps] (absent: the whole schedule)");
+ABSL_FLAG(std::string, resume, "",
+          "Checkpoint directory (or a directory of step-* checkpoints) to resume from");
+ABSL_FLAG(int64_t, until, 0,
+          "Stop after this many completed steps, in [1, schedule.total_steps] (absent: the whole "
+          "schedule)");
 ABSL_FLAG(int, threads, 0, "Threads for kernels and BLAS (0 = all cores, or MUONPS_THREADS)");
-ABSL_FLAG(std::string, log_jsonl, "", "Append one JSON record per step and a summary to this file ('-' = stdout)");
+ABSL_FLAG(std::string, log_jsonl, "",
+          "Append one JSON record per step and a summary to this file ('-' = stdout)");
 ABSL_DECLARE_FLAG(bool, json);
 ABSL_FLAG(bool, quiet, false, "No progress display on stderr");
 ABSL_FLAG(std::string, blas_core, "portable",

@@ -22,8 +22,7 @@ class ProgressDisplay {
   const absl::Status& status() const { return status_; }
 
   void Start(const v1::JobSpec& job, const std::string& corpus, const ModelLayout& layout,
-             int64_t start_step, double last_val_loss, int threads,
-             const std::string& blas_core);
+             int64_t start_step, double last_val_loss, int threads, const std::string& blas_core);
   // Prepares for Step() without printing a header (e.g. watching a job).
   void Begin(int64_t start_step, int64_t total_steps);
   void Step(const StepReport& report);

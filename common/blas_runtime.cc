@@ -1,5 +1,7 @@
 #include "common/blas_runtime.h"
 
+#include <cblas.h>
+#include <malloc.h>
 #include <unistd.h>
 
 #include <array>
@@ -8,9 +10,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <malloc.h>
-
-#include <cblas.h>
 
 #include "absl/strings/str_cat.h"
 
@@ -112,10 +111,12 @@ absl::Status ResolveBlasCoreRequest(const std::string& request, std::string* cor
     const char* feature;
     const char* name;
   };
-  constexpr Need kNeeds[] = {
-      {"Sandybridge", "avx", "AVX"},        {"Haswell", "avx2", "AVX2"},
-      {"Zen", "avx2", "AVX2"},              {"SkylakeX", "avx512", "AVX-512"},
-      {"Cooperlake", "avx512", "AVX-512"}, {"SapphireRapids", "avx512", "AVX-512"}};
+  constexpr Need kNeeds[] = {{"Sandybridge", "avx", "AVX"},
+                             {"Haswell", "avx2", "AVX2"},
+                             {"Zen", "avx2", "AVX2"},
+                             {"SkylakeX", "avx512", "AVX-512"},
+                             {"Cooperlake", "avx512", "AVX-512"},
+                             {"SapphireRapids", "avx512", "AVX-512"}};
   for (const Need& need : kNeeds) {
     if (EqualsIgnoreCase(request, need.core) && !CpuHas(need.feature)) {
       return absl::InvalidArgumentError(absl::StrCat("blas_core: kernel ", request, " needs ",

@@ -61,9 +61,8 @@ absl::Status ParseJson(absl::string_view json, google::protobuf::Message* messag
   const auto status = google::protobuf::util::JsonStringToMessage(
       google::protobuf::StringPiece(json.data(), json.size()), message, options);
   if (!status.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("invalid ", message->GetDescriptor()->name(), " JSON: ",
-                     std::string(status.message())));
+    return absl::InvalidArgumentError(absl::StrCat("invalid ", message->GetDescriptor()->name(),
+                                                   " JSON: ", std::string(status.message())));
   }
   return absl::OkStatus();
 }
@@ -134,8 +133,8 @@ absl::Status ValidateModelConfig(const v1::ModelConfig& m, absl::string_view p) 
       CheckRange(f("max_position_embeddings"), m.max_position_embeddings(), 1, 1 << 16));
   MUONPS_RETURN_IF_ERROR(CheckRange(f("rope_theta"), m.rope_theta(), 1.0, 1e12));
   MUONPS_RETURN_IF_ERROR(CheckRange(f("rms_norm_eps"), m.rms_norm_eps(), 1e-12, 1.0));
-  MUONPS_RETURN_IF_ERROR(CheckRange(f("first_k_dense_replace"), m.first_k_dense_replace(), 0,
-                                    m.num_hidden_layers()));
+  MUONPS_RETURN_IF_ERROR(
+      CheckRange(f("first_k_dense_replace"), m.first_k_dense_replace(), 0, m.num_hidden_layers()));
   MUONPS_RETURN_IF_ERROR(CheckRange(f("intermediate_size"), m.intermediate_size(), 1, 1 << 20));
   MUONPS_RETURN_IF_ERROR(CheckRange(f("n_routed_experts"), m.n_routed_experts(), 1, 4096));
   MUONPS_RETURN_IF_ERROR(
@@ -146,8 +145,7 @@ absl::Status ValidateModelConfig(const v1::ModelConfig& m, absl::string_view p) 
   MUONPS_RETURN_IF_ERROR(CheckOneOf(f("scoring_func"), m.scoring_func(), {"sigmoid", "softmax"}));
   MUONPS_RETURN_IF_ERROR(
       CheckRange(f("routed_scaling_factor"), m.routed_scaling_factor(), 1e-6, 1e6));
-  MUONPS_RETURN_IF_ERROR(
-      CheckOneOf(f("balancing"), m.balancing(), {"aux_free_bias", "aux_loss"}));
+  MUONPS_RETURN_IF_ERROR(CheckOneOf(f("balancing"), m.balancing(), {"aux_free_bias", "aux_loss"}));
   MUONPS_RETURN_IF_ERROR(CheckRange(f("bias_update_rate"), m.bias_update_rate(), 0.0, 1.0));
   MUONPS_RETURN_IF_ERROR(CheckRange(f("aux_loss_alpha"), m.aux_loss_alpha(), 0.0, 1e3));
   MUONPS_RETURN_IF_ERROR(CheckRange(f("initializer_range"), m.initializer_range(), 0.0, 10.0));
@@ -171,8 +169,7 @@ absl::Status ValidateJobSpec(const v1::JobSpec& job) {
 
   const v1::ScheduleConfig& s = job.schedule();
   MUONPS_RETURN_IF_ERROR(CheckRange("schedule.total_steps", s.total_steps(), 1, 100000000));
-  MUONPS_RETURN_IF_ERROR(
-      CheckRange("schedule.warmup_steps", s.warmup_steps(), 0, s.total_steps()));
+  MUONPS_RETURN_IF_ERROR(CheckRange("schedule.warmup_steps", s.warmup_steps(), 0, s.total_steps()));
   MUONPS_RETURN_IF_ERROR(CheckRange("schedule.min_lr_ratio", s.min_lr_ratio(), 0.0, 1.0));
 
   const v1::DataConfig& d = job.data();

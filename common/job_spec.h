@@ -7,10 +7,10 @@
 #define MUONPS_COMMON_JOB_SPEC_H_
 
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "muonps/v1/job.pb.h"
 
 namespace muonps {

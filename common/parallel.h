@@ -9,9 +9,9 @@
 #ifndef MUONPS_COMMON_PARALLEL_H_
 #define MUONPS_COMMON_PARALLEL_H_
 
-#include <cstdint>
-
 #include <omp.h>
+
+#include <cstdint>
 
 namespace muonps {
 

@@ -42,16 +42,15 @@ uint64_t StreamId(std::string_view name) {
   return h;
 }
 
-void FillNormal(float* out, int64_t n, uint64_t seed, std::string_view name,
-                double stddev) {
+void FillNormal(float* out, int64_t n, uint64_t seed, std::string_view name, double stddev) {
   const std::array<uint32_t, 2> key = {static_cast<uint32_t>(seed),
                                        static_cast<uint32_t>(seed >> 32)};
   const uint64_t stream = StreamId(name);
   constexpr double kTwoPi = 6.283185307179586476925286766559;
   for (int64_t block = 0; block * 4 < n; ++block) {
-    const PhiloxBlock r = Philox4x32(
-        key, {static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
-              static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)});
+    const PhiloxBlock r =
+        Philox4x32(key, {static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                         static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)});
     double z[4];
     for (int pair = 0; pair < 2; ++pair) {
       const double radius = std::sqrt(-2.0 * std::log(UniformOpen(r[2 * pair])));
@@ -66,8 +65,8 @@ void FillNormal(float* out, int64_t n, uint64_t seed, std::string_view name,
 }
 
 uint64_t RandomU64(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
-  const PhiloxBlock r = Philox4x32(
-      {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)}, {c0, c1, c2, c3});
+  const PhiloxBlock r = Philox4x32({static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)},
+                                   {c0, c1, c2, c3});
   return (static_cast<uint64_t>(r[0]) << 32) | r[1];
 }
 

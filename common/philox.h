@@ -23,13 +23,11 @@ uint64_t StreamId(std::string_view name);
 
 // Fills out[0..n) with normal(0, stddev) values for the stream (seed, name).
 // Element i depends only on (seed, name, i). Box-Muller in double precision.
-void FillNormal(float* out, int64_t n, uint64_t seed, std::string_view name,
-                double stddev);
+void FillNormal(float* out, int64_t n, uint64_t seed, std::string_view name, double stddev);
 
 // A uniform 64-bit value keyed by seed and four counters (e.g. a purpose
 // tag, step, slot, row).
-uint64_t RandomU64(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2,
-                   uint32_t c3);
+uint64_t RandomU64(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3);
 
 }  // namespace muonps
 

@@ -174,8 +174,7 @@ SlotStats MoeModel::ForwardBackward(const float* params, const int32_t* inputs,
   return stats;
 }
 
-SlotStats MoeModel::RunForward(const float* params, const int32_t* inputs,
-                               const int32_t* targets) {
+SlotStats MoeModel::RunForward(const float* params, const int32_t* inputs, const int32_t* targets) {
   const int B = B_, N = N_, C = C_, T = T_, H = H_, D = D_, E = E_, K = K_, F = F_;
   const int P = N * K;
   SlotStats stats;
@@ -286,8 +285,8 @@ void MoeModel::RunBackward(const float* params, const int32_t* inputs, const int
       // Routed experts.
       std::fill(dye_.begin(), dye_.begin() + static_cast<int64_t>(P) * C, 0.0f);
       Zero(dwts_);
-      combine_backward(dye_.data(), dwts_.data(), dy, a.ye.data(), a.wts.data(), a.pos.data(), N,
-                       K, C);
+      combine_backward(dye_.data(), dwts_.data(), dy, a.ye.data(), a.wts.data(), a.pos.data(), N, K,
+                       C);
       std::fill(dxe_.begin(), dxe_.begin() + static_cast<int64_t>(P) * C, 0.0f);
       Zero(dacte_);
       Zero(dge_);

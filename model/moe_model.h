@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "common/model_layout.h"
-#include "muonps/v1/job.pb.h"
 #include "model/ops.h"
+#include "muonps/v1/job.pb.h"
 
 namespace muonps {
 
@@ -53,33 +53,33 @@ class MoeModel {
 
  private:
   struct LayerActs {
-    std::vector<float> res;             // (N, C) residual stream entering the layer
-    std::vector<float> a, rstd1;        // (N, C), (N)
-    std::vector<float> q, k, v;         // (N, C) q, k after RoPE
-    std::vector<float> att;             // (B, H, T, T)
-    std::vector<float> ao;              // (N, C) attention output before o_proj
-    std::vector<float> mid;             // (N, C) residual after attention
-    std::vector<float> m, rstd2;        // (N, C), (N)
+    std::vector<float> res;       // (N, C) residual stream entering the layer
+    std::vector<float> a, rstd1;  // (N, C), (N)
+    std::vector<float> q, k, v;   // (N, C) q, k after RoPE
+    std::vector<float> att;       // (B, H, T, T)
+    std::vector<float> ao;        // (N, C) attention output before o_proj
+    std::vector<float> mid;       // (N, C) residual after attention
+    std::vector<float> m, rstd2;  // (N, C), (N)
     // dense FFN
-    std::vector<float> g, u, act;       // (N, I)
+    std::vector<float> g, u, act;  // (N, I)
     // MoE
-    std::vector<float> rlogits, scores; // (N, E)
-    std::vector<int32_t> idx;           // (N, K)
-    std::vector<float> wts;             // (N, K)
-    std::vector<int32_t> offsets;       // (E+1)
-    std::vector<int32_t> token, pos;    // (P), (N*K)
-    std::vector<float> xe;              // (P, C)
-    std::vector<float> ge, ue, acte;    // (P, F)
-    std::vector<float> ye;              // (P, C)
-    std::vector<float> gs, us, acts;    // (N, SF)
+    std::vector<float> rlogits, scores;  // (N, E)
+    std::vector<int32_t> idx;            // (N, K)
+    std::vector<float> wts;              // (N, K)
+    std::vector<int32_t> offsets;        // (E+1)
+    std::vector<int32_t> token, pos;     // (P), (N*K)
+    std::vector<float> xe;               // (P, C)
+    std::vector<float> ge, ue, acte;     // (P, F)
+    std::vector<float> ye;               // (P, C)
+    std::vector<float> gs, us, acts;     // (N, SF)
   };
   // Offsets (floats) of one layer's tensors in the flat buffer; -1 = absent.
   struct LayerOffsets {
     int64_t in_norm, q, k, v, o, post_norm;
-    int64_t gate = -1, up = -1, down = -1;      // dense FFN
-    int64_t router = -1, bias = -1;             // MoE router (E, C), bias (E)
-    std::vector<int64_t> eg, eu, ed;            // per expert gate/up (F, C), down (C, F)
-    int64_t sg = -1, su = -1, sd = -1;          // shared experts
+    int64_t gate = -1, up = -1, down = -1;  // dense FFN
+    int64_t router = -1, bias = -1;         // MoE router (E, C), bias (E)
+    std::vector<int64_t> eg, eu, ed;        // per expert gate/up (F, C), down (C, F)
+    int64_t sg = -1, su = -1, sd = -1;      // shared experts
   };
 
   void Resize(int B);
@@ -101,7 +101,7 @@ class MoeModel {
   int B_ = 0, N_ = 0;
   std::vector<LayerActs> acts_;
   std::vector<float> final_res_, final_x_, final_rstd_;  // (N, C), (N, C), (N)
-  std::vector<float> logits_, probs_, losses_;          // (N, V), (N, V), (N)
+  std::vector<float> logits_, probs_, losses_;           // (N, V), (N, V), (N)
   // backward scratch
   std::vector<float> dres_, dbuf_a_, dbuf_b_, dq_, dk_, dv_, dqk_, dlogits_, dx_;
   std::vector<float> dI1_, dI2_, dI3_, drl_, dsc_, dwts_, dxe_, dge_, due_, dacte_, dye_;

@@ -234,7 +234,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
         const int mb = std::min(kAttnBlock, T - j0);
         // dv[j] += sum_t A[t, j] dout[t]
         Sgemm(true, false, mb, D, T - j0, 1.0f, a + j0 * T + j0, T, dout + base + j0 * C, C, 1.0f,
-             dv + base + j0 * C, C);
+              dv + base + j0 * C, C);
       }
     }
     if (dq == nullptr && dk == nullptr) return;
@@ -244,7 +244,8 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
     for (int i0 = 0; i0 < T; i0 += kAttnBlock) {
       const int mb = std::min(kAttnBlock, T - i0), n = i0 + mb;
       // datt = dout V^T, then dp = a * (datt - <a, datt>) on and below the diagonal.
-      Sgemm(false, true, mb, n, D, 1.0f, dout + base + i0 * C, C, v + base, C, 0.0f, dp + i0 * T, T);
+      Sgemm(false, true, mb, n, D, 1.0f, dout + base + i0 * C, C, v + base, C, 0.0f, dp + i0 * T,
+            T);
       for (int t = i0; t < n; ++t) {
         const float* at = a + static_cast<int64_t>(t) * T;
         float* row = dp + static_cast<int64_t>(t) * T;
@@ -256,7 +257,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
       // dq = scale dp K over the visible keys.
       if (dq != nullptr) {
         Sgemm(false, false, mb, D, n, scale, dp + i0 * T, T, k + base, C, 1.0f, dq + base + i0 * C,
-             C);
+              C);
       }
     }
     if (dk != nullptr) {
@@ -264,7 +265,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
         const int mb = std::min(kAttnBlock, T - j0);
         // dk[j] += scale sum_{t >= j0} dp[t, j] q[t]
         Sgemm(true, false, mb, D, T - j0, scale, dp + j0 * T + j0, T, q + base + j0 * C, C, 1.0f,
-             dk + base + j0 * C, C);
+              dk + base + j0 * C, C);
       }
     }
   });

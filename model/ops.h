@@ -97,8 +97,8 @@ void topk_weights_backward(float* dscores, const float* dweights, const float* s
 //   offsets (E+1): expert e owns sorted positions [offsets[e], offsets[e+1])
 //   token (P):     token[p] = the token n of sorted position p
 //   pos (N, K):    pos[n*K + j] = sorted position of assignment (n, j)
-void build_routing(int32_t* offsets, int32_t* token, int32_t* pos, const int32_t* idx, int N,
-                   int E, int K);
+void build_routing(int32_t* offsets, int32_t* token, int32_t* pos, const int32_t* idx, int N, int E,
+                   int K);
 // xe[p, :] = x[token[p], :].               xe (P, C), x (N, C)
 void dispatch_forward(float* xe, const float* x, const int32_t* token, int P, int C);
 // dx[n, :] += sum_{j=0..K-1} dxe[pos[n*K+j], :] (j in increasing order).
@@ -114,8 +114,8 @@ void combine_backward(float* dye, float* dweights, const float* dout, const floa
 // ---- loss ---------------------------------------------------------------------
 // probs = softmax(logits) per row; losses[n] = -log probs[n, targets[n]].
 //   losses (N), probs (N, V), logits (N, V), targets (N)
-void crossentropy_forward(float* losses, float* probs, const float* logits,
-                          const int32_t* targets, int N, int V);
+void crossentropy_forward(float* losses, float* probs, const float* logits, const int32_t* targets,
+                          int N, int V);
 // dlogits[n, :] += dlosses[n] * (probs[n, :] - onehot(targets[n])).
 void crossentropy_backward(float* dlogits, const float* dlosses, const float* probs,
                            const int32_t* targets, int N, int V);

@@ -74,9 +74,11 @@ void NewtonSchulz(float* out, const float* in, int rows, int cols, int steps) {
   for (int step = 0; step < steps; ++step) {
     // A = X X^T. Symmetric: compute the upper tiles, mirror, and start B = A.
     if (tall) {
-      TiledSgemm(true, false, m, m, n, 1.0f, cur, m, cur, m, 0.0f, a, m, kTiles, /*upper_only=*/true);
+      TiledSgemm(true, false, m, m, n, 1.0f, cur, m, cur, m, 0.0f, a, m, kTiles,
+                 /*upper_only=*/true);
     } else {
-      TiledSgemm(false, true, m, m, n, 1.0f, cur, n, cur, n, 0.0f, a, m, kTiles, /*upper_only=*/true);
+      TiledSgemm(false, true, m, m, n, 1.0f, cur, n, cur, n, 0.0f, a, m, kTiles,
+                 /*upper_only=*/true);
     }
     CompleteSymmetric(a, m, 0.0f, b);
     // B = c A A + b A + a I, symmetric as well. The a X term of the update is

@@ -39,10 +39,9 @@ void RunTensorUpdates(const std::vector<const TensorInfo*>& tensors, const std::
   double total_cost = 0.0, max_cost = 0.0;
   for (size_t k = 0; k < tensors.size(); ++k) {
     const TensorInfo& t = *tensors[k];
-    const double cost =
-        UsesMuon(t, optimizer)
-            ? static_cast<double>(t.rows()) * t.cols() * std::min(t.rows(), t.cols())
-            : static_cast<double>(t.numel);
+    const double cost = UsesMuon(t, optimizer) ? static_cast<double>(t.rows()) * t.cols() *
+                                                     std::min(t.rows(), t.cols())
+                                               : static_cast<double>(t.numel);
     work.emplace_back(cost, k);
     total_cost += cost;
     max_cost = std::max(max_cost, cost);

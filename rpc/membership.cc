@@ -102,8 +102,8 @@ void Membership::HeartbeatLoop() {
     std::string id;
     {
       absl::MutexLock lock(&mu_);
-      const bool stop = mu_.AwaitWithTimeout(absl::Condition(&stopping_),
-                                             absl::Seconds(heartbeat_seconds_));
+      const bool stop =
+          mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Seconds(heartbeat_seconds_));
       if (stop) return;
       id = member_id_;
     }

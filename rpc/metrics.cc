@@ -11,24 +11,42 @@ namespace {
 
 const char* CodeName(grpc::StatusCode code) {
   switch (code) {
-    case grpc::StatusCode::OK: return "OK";
-    case grpc::StatusCode::CANCELLED: return "CANCELLED";
-    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
-    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
-    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
-    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
-    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
-    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
-    case grpc::StatusCode::ABORTED: return "ABORTED";
-    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
-    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
-    case grpc::StatusCode::INTERNAL: return "INTERNAL";
-    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
-    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
-    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
-    default: return "UNKNOWN";
+    case grpc::StatusCode::OK:
+      return "OK";
+    case grpc::StatusCode::CANCELLED:
+      return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN:
+      return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND:
+      return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS:
+      return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED:
+      return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED:
+      return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE:
+      return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED:
+      return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL:
+      return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE:
+      return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS:
+      return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED:
+      return "UNAUTHENTICATED";
+    default:
+      return "UNKNOWN";
   }
 }
 
@@ -55,7 +73,9 @@ class MetricsInterceptor final : public grpc::experimental::Interceptor {
  public:
   MetricsInterceptor(grpc::experimental::ServerRpcInfo* info, const GrpcFamilies& families,
                      std::shared_ptr<prometheus::Registry> registry)
-      : families_(families), registry_(std::move(registry)), start_(std::chrono::steady_clock::now()) {
+      : families_(families),
+        registry_(std::move(registry)),
+        start_(std::chrono::steady_clock::now()) {
     SplitMethod(info->method(), &service_, &method_);
     in_flight_ = &families_.in_flight->Add({{"grpc_service", service_}, {"grpc_method", method_}});
     in_flight_->Increment();
@@ -129,7 +149,8 @@ prometheus::Histogram::BucketBoundaries LatencyBuckets() {
   return b;
 }
 
-prometheus::Gauge& NewGauge(prometheus::Registry& r, const std::string& name, const std::string& help) {
+prometheus::Gauge& NewGauge(prometheus::Registry& r, const std::string& name,
+                            const std::string& help) {
   return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
 }
 
@@ -140,7 +161,8 @@ prometheus::Counter& NewCounter(prometheus::Registry& r, const std::string& name
 
 prometheus::Histogram& NewHistogram(prometheus::Registry& r, const std::string& name,
                                     const std::string& help, const prometheus::Labels& labels) {
-  return prometheus::BuildHistogram().Name(name).Help(help).Register(r).Add(labels, LatencyBuckets());
+  return prometheus::BuildHistogram().Name(name).Help(help).Register(r).Add(labels,
+                                                                            LatencyBuckets());
 }
 
 prometheus::Histogram::BucketBoundaries FineLatencyBuckets() {
@@ -155,7 +177,8 @@ absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
   try {
     endpoint->exposer_ = std::make_unique<prometheus::Exposer>(address, 2);
   } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", address, ": ", e.what()));
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve metrics on ", address, ": ", e.what()));
   }
   endpoint->exposer_->RegisterCollectable(registry);
   const std::vector<int> ports = endpoint->exposer_->GetListeningPorts();

@@ -15,9 +15,9 @@ grpc::Status Refuse(absl::StatusCode code, const std::string& message) {
 
 absl::Status FromGrpcStatus(const grpc::Status& status, const std::string& what) {
   if (status.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                      what.empty() ? status.error_message()
-                                   : absl::StrCat(what, ": ", status.error_message()));
+  return absl::Status(
+      static_cast<absl::StatusCode>(status.error_code()),
+      what.empty() ? status.error_message() : absl::StrCat(what, ": ", status.error_message()));
 }
 
 void TuneTransport(grpc::ChannelArguments* args) {

@@ -21,16 +21,20 @@
 namespace muonps {
 namespace {
 
+using google::protobuf::internal::WireFormatLite;
 using google::protobuf::io::CodedInputStream;
 using google::protobuf::io::CodedOutputStream;
-using google::protobuf::internal::WireFormatLite;
 
 constexpr char kPushMethod[] = "/muonps.v1.ShardService/PushGradients";
 constexpr char kPullMethod[] = "/muonps.v1.ShardService/PullParameters";
 
 // Field numbers of shard.proto and tensor.proto.
 enum : int {
-  kPushJobId = 1, kPushStep = 2, kPushSlot = 3, kPushSlotCount = 4, kPushChunk = 5,
+  kPushJobId = 1,
+  kPushStep = 2,
+  kPushSlot = 3,
+  kPushSlotCount = 4,
+  kPushChunk = 5,
   kPullChunk = 2,
 };
 
@@ -56,7 +60,8 @@ absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& l
     WireFormatLite::WriteString(kPushJobId, target.job_id, &coded);
     if (target.step != 0) WireFormatLite::WriteInt64(kPushStep, target.step, &coded);
     if (target.first_slot != 0) WireFormatLite::WriteInt32(kPushSlot, target.first_slot, &coded);
-    if (target.slot_count != 0) WireFormatLite::WriteInt32(kPushSlotCount, target.slot_count, &coded);
+    if (target.slot_count != 0)
+      WireFormatLite::WriteInt32(kPushSlotCount, target.slot_count, &coded);
     coded.Trim();
   }
   const int64_t step = ChunkPayloadBytes(chunk_bytes);

@@ -37,8 +37,7 @@ int64_t ChunkPayloadBytes(int64_t max_chunk_bytes) {
 }
 
 bool SplitTensor(const std::string& name, const std::vector<int64_t>& shape, const float* data,
-                 int64_t max_chunk_bytes,
-                 const std::function<bool(const v1::TensorChunk&)>& emit) {
+                 int64_t max_chunk_bytes, const std::function<bool(const v1::TensorChunk&)>& emit) {
   const int64_t total = NumElements(shape) * static_cast<int64_t>(sizeof(float));
   const int64_t step = ChunkPayloadBytes(max_chunk_bytes);
   v1::TensorChunk chunk;
@@ -102,13 +101,13 @@ absl::StatusOr<char*> TensorAssembler::Reserve(const v1::TensorChunk& chunk, int
   if (chunk.offset() == 0 || chunk.shape_size() > 0) {
     const std::vector<int64_t> shape(chunk.shape().begin(), chunk.shape().end());
     if (shape != shape_) {
-      return refuse(absl::StrCat("shape: expected ", ShapeString(shape_), ", got ",
-                                 ShapeString(shape)));
+      return refuse(
+          absl::StrCat("shape: expected ", ShapeString(shape_), ", got ", ShapeString(shape)));
     }
   }
   if (chunk.offset() != received_) {
-    return refuse(absl::StrCat("offset: expected ", received_, " (chunks in order), got ",
-                               chunk.offset()));
+    return refuse(
+        absl::StrCat("offset: expected ", received_, " (chunks in order), got ", chunk.offset()));
   }
   if (bytes % static_cast<int64_t>(sizeof(float)) != 0) {
     return refuse(absl::StrCat("data: ", bytes, " bytes is not a whole number of F32 values"));

@@ -25,8 +25,7 @@ inline constexpr int64_t kDefaultChunkBytes = 1 << 20;
 // with no elements is one empty chunk. Stops and returns false as soon as
 // `emit` returns false (e.g. a closed stream).
 bool SplitTensor(const std::string& name, const std::vector<int64_t>& shape, const float* data,
-                 int64_t max_chunk_bytes,
-                 const std::function<bool(const v1::TensorChunk&)>& emit);
+                 int64_t max_chunk_bytes, const std::function<bool(const v1::TensorChunk&)>& emit);
 // Payload bytes per chunk for a limit of `max_chunk_bytes`: rounded down to
 // whole floats, at least one. Every sender chunks tensors this way.
 int64_t ChunkPayloadBytes(int64_t max_chunk_bytes);

@@ -6,9 +6,9 @@
 
 namespace muonps {
 
+using google::protobuf::internal::WireFormatLite;
 using google::protobuf::io::CodedInputStream;
 using google::protobuf::io::CodedOutputStream;
-using google::protobuf::internal::WireFormatLite;
 
 absl::Status ReadChunk(CodedInputStream* in, uint32_t length, const PlaceChunk& place,
                        const CommitChunk& commit, const std::string& what) {
@@ -103,8 +103,8 @@ grpc::ByteBuffer ChunkMessage(const std::string& prefix, int chunk_field,
     coded.WriteVarint64(static_cast<uint64_t>(bytes));
     coded.Trim();
   }
-  grpc::Slice slices[2] = {grpc::Slice(head),
-                           grpc::Slice(data, static_cast<size_t>(bytes), grpc::Slice::STATIC_SLICE)};
+  grpc::Slice slices[2] = {
+      grpc::Slice(head), grpc::Slice(data, static_cast<size_t>(bytes), grpc::Slice::STATIC_SLICE)};
   return grpc::ByteBuffer(slices, bytes > 0 ? 2 : 1);
 }
 

@@ -12,15 +12,16 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "grpcpp/support/byte_buffer.h"
 #include "google/protobuf/io/coded_stream.h"
+#include "grpcpp/support/byte_buffer.h"
 #include "muonps/v1/tensor.pb.h"
 
 namespace muonps {
 
 // Where `bytes` of payload of the chunk described by `header` (every field
 // but data) go, or why they are refused.
-using PlaceChunk = std::function<absl::StatusOr<char*>(const v1::TensorChunk& header, int64_t bytes)>;
+using PlaceChunk =
+    std::function<absl::StatusOr<char*>(const v1::TensorChunk& header, int64_t bytes)>;
 // Called once the payload was copied to where PlaceChunk said.
 using CommitChunk = std::function<absl::Status(int64_t bytes)>;
 
@@ -29,8 +30,7 @@ using CommitChunk = std::function<absl::Status(int64_t bytes)>;
 // one is placed with 0 bytes. Errors from `place` or `commit` come back as
 // they are; malformed bytes are DATA_LOSS naming `what`.
 absl::Status ReadChunk(google::protobuf::io::CodedInputStream* in, uint32_t length,
-                       const PlaceChunk& place, const CommitChunk& commit,
-                       const std::string& what);
+                       const PlaceChunk& place, const CommitChunk& commit, const std::string& what);
 
 // The encoded fields of a TensorChunk other than `data` (shape only when
 // given: the first chunk of a tensor carries it).

@@ -35,8 +35,9 @@ double ClipCoefficient(double max_grad_norm, double norm) {
 
 ExpertLoads::ExpertLoads(const v1::ModelConfig& model) {
   const int moe_layers = std::max(0, model.num_hidden_layers() - model.first_k_dense_replace());
-  layers_.assign(static_cast<size_t>(moe_layers),
-                 std::vector<int64_t>(static_cast<size_t>(std::max(0, model.n_routed_experts())), 0));
+  layers_.assign(
+      static_cast<size_t>(moe_layers),
+      std::vector<int64_t>(static_cast<size_t>(std::max(0, model.n_routed_experts())), 0));
 }
 
 namespace {
@@ -46,9 +47,8 @@ template <typename Layers, typename CountsOf>
 absl::Status CheckShape(const std::vector<std::vector<int64_t>>& want, const Layers& layers,
                         CountsOf counts_of) {
   if (static_cast<size_t>(layers.size()) != want.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("expert_load: ", layers.size(),
-                                                   " layers, the model has ", want.size(),
-                                                   " MoE layers"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "expert_load: ", layers.size(), " layers, the model has ", want.size(), " MoE layers"));
   }
   for (size_t l = 0; l < want.size(); ++l) {
     const auto& counts = counts_of(layers[static_cast<int>(l)]);
@@ -58,8 +58,7 @@ absl::Status CheckShape(const std::vector<std::vector<int64_t>>& want, const Lay
     }
     for (int64_t x : counts) {
       if (x < 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("expert_load[", l, "]: negative count ", x));
+        return absl::InvalidArgumentError(absl::StrCat("expert_load[", l, "]: negative count ", x));
       }
     }
   }
@@ -69,8 +68,8 @@ absl::Status CheckShape(const std::vector<std::vector<int64_t>>& want, const Lay
 }  // namespace
 
 absl::Status ExpertLoads::Add(const std::vector<std::vector<int64_t>>& loads) {
-  if (absl::Status st =
-          CheckShape(layers_, loads, [](const std::vector<int64_t>& v) -> const auto& { return v; });
+  if (absl::Status st = CheckShape(
+          layers_, loads, [](const std::vector<int64_t>& v) -> const auto& { return v; });
       !st.ok()) {
     return st;
   }
@@ -81,8 +80,8 @@ absl::Status ExpertLoads::Add(const std::vector<std::vector<int64_t>>& loads) {
 }
 
 absl::Status ExpertLoads::Add(const google::protobuf::RepeatedPtrField<v1::ExpertLoad>& loads) {
-  if (absl::Status st = CheckShape(layers_, loads,
-                                   [](const v1::ExpertLoad& v) -> const auto& { return v.tokens(); });
+  if (absl::Status st = CheckShape(
+          layers_, loads, [](const v1::ExpertLoad& v) -> const auto& { return v.tokens(); });
       !st.ok()) {
     return st;
   }

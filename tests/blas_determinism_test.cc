@@ -25,8 +25,8 @@
 #include "common/numerics.h"
 #include "common/parallel.h"
 #include "common/philox.h"
-#include "optim/newton_schulz.h"
 #include "model/ops.h"
+#include "optim/newton_schulz.h"
 
 namespace muonps {
 namespace {

@@ -17,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "checkpoint/checkpoint.h"
 #include "common/atomic_file.h"
 #include "common/job_spec.h"
 #include "common/model_layout.h"
@@ -28,7 +29,6 @@
 #include "tests/model_test_util.h"
 #include "tests/test_util.h"
 #include "tests/trainer_test_util.h"
-#include "checkpoint/checkpoint.h"
 #include "trainer/trainer.h"
 
 namespace muonps {

@@ -35,8 +35,8 @@ class CliTest : public testing_util::TempDirTest {
   // `muonps ARGS` to its end.
   Result Muonps(const std::string& args) {
     const std::string out = Path("out"), err = Path("err");
-    const int rc = std::system(
-        (std::string(MUONPS_BINARY) + " " + args + " > " + out + " 2> " + err).c_str());
+    const int rc =
+        std::system((std::string(MUONPS_BINARY) + " " + args + " > " + out + " 2> " + err).c_str());
     return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, Slurp(out), Slurp(err)};
   }
 };
@@ -45,9 +45,9 @@ TEST_F(CliTest, HelpListsEveryCommand) {
   for (const char* args : {"help", "--help", "-h"}) {
     const Result r = Muonps(args);
     EXPECT_EQ(r.status, 0) << args << ": " << r.err;
-    for (const char* command : {"train", "local", "coordinator", "shard", "worker", "submit",
-                                "watch", "list", "status", "cancel", "validate", "defaults",
-                                "numerics", "version"}) {
+    for (const char* command :
+         {"train", "local", "coordinator", "shard", "worker", "submit", "watch", "list", "status",
+          "cancel", "validate", "defaults", "numerics", "version"}) {
       EXPECT_THAT(r.out, HasSubstr(std::string("  ") + command + " ")) << args;
     }
   }

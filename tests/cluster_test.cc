@@ -32,6 +32,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "checkpoint/checkpoint.h"
+#include "checkpoint/training_state.h"
 #include "common/job_spec.h"
 #include "common/model_layout.h"
 #include "google/protobuf/util/json_util.h"
@@ -39,8 +41,6 @@
 #include "nlohmann/json.hpp"
 #include "tests/process_util.h"
 #include "tests/test_util.h"
-#include "checkpoint/checkpoint.h"
-#include "checkpoint/training_state.h"
 
 namespace muonps {
 namespace {

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "checkpoint/checkpoint.h"
 #include "common/job_spec.h"
 #include "common/model_layout.h"
 #include "common/numerics.h"
@@ -33,7 +34,6 @@
 #include "rpc/rpc_util.h"
 #include "services/shard/shard_service.h"
 #include "tests/test_util.h"
-#include "checkpoint/checkpoint.h"
 #include "trainer/trainer.h"
 #include "workers/worker/worker.h"
 

@@ -8,11 +8,11 @@
 #include <vector>
 
 #include "common/philox.h"
+#include "data/batch_sampler.h"
+#include "data/token_source.h"
 #include "gtest/gtest.h"
 #include "muonps/v1/job.pb.h"
 #include "tests/test_util.h"
-#include "data/batch_sampler.h"
-#include "data/token_source.h"
 
 namespace muonps {
 namespace {

@@ -25,8 +25,9 @@ std::vector<float> Random(int64_t n, const char* name) {
   return v;
 }
 
-std::vector<float> Multiply(const Shape& s, const std::vector<float>& a, const std::vector<float>& b,
-                       const std::vector<float>& c0, int threads) {
+std::vector<float> Multiply(const Shape& s, const std::vector<float>& a,
+                            const std::vector<float>& b, const std::vector<float>& c0,
+                            int threads) {
   SetNumThreads(threads);
   std::vector<float> c = c0;
   const int lda = s.ta ? s.M : s.K, ldb = s.tb ? s.K : s.N;
@@ -35,8 +36,10 @@ std::vector<float> Multiply(const Shape& s, const std::vector<float>& a, const s
 }
 
 TEST(GemmTest, MatchesDoublePrecisionAndIgnoresThreadCount) {
-  const Shape shapes[] = {{false, true, 517, 384, 128}, {true, false, 384, 128, 517},
-                          {false, false, 517, 128, 384}, {true, true, 70, 300, 33},
+  const Shape shapes[] = {{false, true, 517, 384, 128},
+                          {true, false, 384, 128, 517},
+                          {false, false, 517, 128, 384},
+                          {true, true, 70, 300, 33},
                           {false, true, 1, 5, 7}};
   for (const Shape& s : shapes) {
     const std::vector<float> a = Random(static_cast<int64_t>(s.M) * s.K, "a");

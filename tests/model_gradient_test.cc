@@ -42,8 +42,8 @@
 #include "common/model_layout.h"
 #include "common/parallel.h"
 #include "common/philox.h"
-#include "tests/model_test_util.h"
 #include "model/moe_model.h"
+#include "tests/model_test_util.h"
 
 namespace muonps {
 namespace {

@@ -34,8 +34,8 @@
 #include "absl/strings/str_cat.h"
 #include "common/model_layout.h"
 #include "common/safetensors.h"
-#include "tests/model_test_util.h"
 #include "model/moe_model.h"
+#include "tests/model_test_util.h"
 
 namespace muonps {
 namespace {

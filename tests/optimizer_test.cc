@@ -7,16 +7,16 @@
 // The mutation tests show that this tolerance rejects plausible mistakes (a
 // wrong coefficient, a missing step, a missing transpose, a wrong scale rule or
 // bias correction) by a wide margin.
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 
 #include "common/blas_runtime.h"
 #include "common/parallel.h"

@@ -24,14 +24,14 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "checkpoint/checkpoint.h"
 #include "common/job_spec.h"
 #include "common/model_layout.h"
 #include "rpc/grpc_server.h"
 #include "rpc/rpc_util.h"
-#include "services/shard/shard_state.h"
 #include "rpc/tensor_stream.h"
+#include "services/shard/shard_state.h"
 #include "tests/test_util.h"
-#include "checkpoint/checkpoint.h"
 
 namespace muonps {
 namespace {

@@ -14,12 +14,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/job_spec.h"
-#include "optim/lr_schedule.h"
-#include "tests/test_util.h"
-#include "trainer/trainer.h"
 #include "data/batch_sampler.h"
 #include "data/token_source.h"
 #include "model/moe_model.h"
+#include "optim/lr_schedule.h"
+#include "tests/test_util.h"
+#include "trainer/trainer.h"
 
 namespace muonps {
 namespace {
@@ -31,15 +31,20 @@ class ShardStateTest : public testing_util::TempDirTest {
   v1::JobSpec Job(const std::string& optimizer, const std::string& balancing) {
     {
       std::ofstream out(Path("corpus.txt"));
-      for (int i = 0; i < 400; ++i) out << "Shard " << i << " holds " << (i * 31 % 97) << " rows.\n";
+      for (int i = 0; i < 400; ++i)
+        out << "Shard " << i << " holds " << (i * 31 % 97) << " rows.\n";
     }
-    absl::StatusOr<v1::JobSpec> job = ParseJobSpecJson(absl::StrCat(R"({
+    absl::StatusOr<v1::JobSpec> job =
+        ParseJobSpecJson(absl::StrCat(R"({
       "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "max_position_embeddings": 32, "intermediate_size": 64, "n_routed_experts": 4,
-                "moe_intermediate_size": 16, "balancing": ")", balancing, R"("},
-      "optimizer": {"name": ")", optimizer, R"(", "lr": 0.01, "max_grad_norm": 0.5},
+                "moe_intermediate_size": 16, "balancing": ")",
+                                      balancing, R"("},
+      "optimizer": {"name": ")",
+                                      optimizer, R"(", "lr": 0.01, "max_grad_norm": 0.5},
       "schedule": {"total_steps": 4, "warmup_steps": 1},
-      "data": {"path": ")", Path("corpus.txt"), R"(", "sampling": "random"},
+      "data": {"path": ")",
+                                      Path("corpus.txt"), R"(", "sampling": "random"},
       "batch": {"slots": 3, "micro_batch": 2}, "seed": 11})"));
     EXPECT_TRUE(job.ok()) << job.status();
     return *job;
@@ -81,9 +86,9 @@ void RunDistributed(const v1::JobSpec& job, std::vector<std::unique_ptr<ShardSta
       const float aux_scale = job.model().balancing() == "aux_loss"
                                   ? static_cast<float>(job.model().aux_loss_alpha() / slots)
                                   : 0.0f;
-      SlotStats stats = model.ForwardBackward(params.data(), in.data(), tg.data(), rows,
-                                              static_cast<float>(1.0 / global_tokens), aux_scale,
-                                              grads.data());
+      SlotStats stats =
+          model.ForwardBackward(params.data(), in.data(), tg.data(), rows,
+                                static_cast<float>(1.0 / global_tokens), aux_scale, grads.data());
       if (loads.empty()) loads.assign(stats.expert_load.size(), {});
       for (size_t l = 0; l < loads.size(); ++l) {
         loads[l].resize(stats.expert_load[l].size());
@@ -126,8 +131,7 @@ void PrintTo(const Split& s, std::ostream* os) {
   *os << s.optimizer << "/" << s.balancing << "/" << s.shards << " shards";
 }
 
-class ShardEquivalenceTest : public ShardStateTest,
-                             public ::testing::WithParamInterface<Split> {};
+class ShardEquivalenceTest : public ShardStateTest, public ::testing::WithParamInterface<Split> {};
 
 TEST_P(ShardEquivalenceTest, MatchesTheTrainerBitForBit) {
   const Split split = GetParam();
@@ -169,8 +173,8 @@ INSTANTIATE_TEST_SUITE_P(Layouts, ShardEquivalenceTest,
                                            Split{"muon", "aux_free_bias", 3},
                                            Split{"adamw", "aux_loss", 2}),
                          [](const ::testing::TestParamInfo<Split>& info) {
-                           return absl::StrCat(info.param.optimizer, "_", info.param.balancing,
-                                               "_", info.param.shards, "shards");
+                           return absl::StrCat(info.param.optimizer, "_", info.param.balancing, "_",
+                                               info.param.shards, "shards");
                          });
 
 TEST_F(ShardStateTest, BadPushesAreRefusedAndChangeNothing) {

@@ -33,8 +33,7 @@ TEST(TensorStreamTest, RoundTripIsBitExactForAnyChunkSize) {
   for (int64_t max_bytes : {1, 4, 6, 64, 1000, 1 << 20}) {
     const std::vector<v1::TensorChunk> chunks = Split(shape, data.data(), max_bytes);
     const int64_t per_chunk = std::max<int64_t>(4, max_bytes / 4 * 4);
-    EXPECT_EQ(static_cast<int64_t>(chunks.size()), (1628 + per_chunk - 1) / per_chunk)
-        << max_bytes;
+    EXPECT_EQ(static_cast<int64_t>(chunks.size()), (1628 + per_chunk - 1) / per_chunk) << max_bytes;
     EXPECT_EQ(chunks[0].shape_size(), 2);
     std::vector<float> out(data.size(), 1.0f);
     TensorAssembler assembler("w", shape, out.data(), /*require_finite=*/true);
@@ -56,9 +55,8 @@ TEST(TensorStreamTest, EmptyTensorIsOneEmptyChunk) {
 TEST(TensorStreamTest, StopsWhenTheStreamCloses) {
   std::vector<float> data(100, 1.0f);
   int calls = 0;
-  EXPECT_FALSE(SplitTensor("w", {100}, data.data(), 40, [&](const v1::TensorChunk&) {
-    return ++calls < 2;
-  }));
+  EXPECT_FALSE(SplitTensor("w", {100}, data.data(), 40,
+                           [&](const v1::TensorChunk&) { return ++calls < 2; }));
   EXPECT_EQ(calls, 2);
 }
 

@@ -14,10 +14,10 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "checkpoint/checkpoint.h"
 #include "common/job_spec.h"
 #include "common/parallel.h"
 #include "common/safetensors.h"
-#include "checkpoint/checkpoint.h"
 #include "tests/trainer_test_util.h"
 
 namespace muonps {
@@ -27,8 +27,8 @@ namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
 std::string TempDir(const std::string& name) {
-  const fs::path dir = fs::path(testing::TempDir()) / absl::StrCat("muonps_trainer_", name, "_",
-                                                                   ::getpid());
+  const fs::path dir =
+      fs::path(testing::TempDir()) / absl::StrCat("muonps_trainer_", name, "_", ::getpid());
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir.string();
@@ -41,8 +41,7 @@ using testing_util::WriteCorpus;
 void ExpectBitIdentical(const std::vector<float>& a, const std::vector<float>& b,
                         const char* what) {
   ASSERT_EQ(a.size(), b.size()) << what;
-  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
-      << what << " differ";
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << what << " differ";
 }
 
 class TrainerTest : public ::testing::TestWithParam<std::string> {};
@@ -177,9 +176,9 @@ TEST(TrainerErrors, NonFiniteValuesStopWithAClearErrorAndLeaveTheStateIntact) {
   EXPECT_THAT(std::string(step.status().message()), HasSubstr("not finite"));
   EXPECT_EQ((*trainer)->step(), 1);
   // Bit-identical, NaN included.
-  EXPECT_EQ(std::memcmp(before.data(), (*trainer)->state().params.data(),
-                        before.size() * sizeof(float)),
-            0);
+  EXPECT_EQ(
+      std::memcmp(before.data(), (*trainer)->state().params.data(), before.size() * sizeof(float)),
+      0);
 }
 
 TEST(TrainerRun, StopRequestEndsAfterAStepWithACheckpoint) {
@@ -202,7 +201,8 @@ TEST(TrainerRun, StopRequestEndsAfterAStepWithACheckpoint) {
 // Runs the muonps binary; returns its exit status and stderr.
 std::pair<int, std::string> RunCli(const std::string& args) {
   const std::string err = TempDir("cli") + "/stderr.txt";
-  const int rc = std::system((std::string(MUONPS_BINARY) + " " + args + " > /dev/null 2> " + err).c_str());
+  const int rc =
+      std::system((std::string(MUONPS_BINARY) + " " + args + " > /dev/null 2> " + err).c_str());
   std::ifstream in(err);
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, text};

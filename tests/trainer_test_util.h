@@ -27,13 +27,16 @@ inline std::string WriteCorpus(const std::string& dir) {
 
 // A 6-step job of a tiny model on `corpus` (3 slots, validation every 3 steps).
 inline v1::JobSpec TinyJob(const std::string& corpus, const std::string& optimizer) {
-  absl::StatusOr<v1::JobSpec> job = ParseJobSpecJson(absl::StrCat(R"({
+  absl::StatusOr<v1::JobSpec> job = ParseJobSpecJson(
+      absl::StrCat(R"({
     "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
               "max_position_embeddings": 32, "intermediate_size": 64,
               "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
-    "optimizer": {"name": ")", optimizer, R"(", "lr": 0.01},
+    "optimizer": {"name": ")",
+                   optimizer, R"(", "lr": 0.01},
     "schedule": {"total_steps": 6, "warmup_steps": 2},
-    "data": {"path": ")", corpus, R"(", "eval_every": 3, "eval_windows": 4, "sampling": "random"},
+    "data": {"path": ")",
+                   corpus, R"(", "eval_every": 3, "eval_windows": 4, "sampling": "random"},
     "batch": {"slots": 3, "micro_batch": 2},
     "seed": 7})"));
   EXPECT_TRUE(job.ok()) << job.status();

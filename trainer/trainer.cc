@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "checkpoint/checkpoint.h"
 #include "common/numerics.h"
 #include "common/parallel.h"
 #include "common/status_macros.h"
@@ -13,7 +14,6 @@
 #include "optim/grad_norm.h"
 #include "optim/muon.h"
 #include "optim/tensor_update.h"
-#include "checkpoint/checkpoint.h"
 #include "step/step.h"
 
 namespace muonps {
@@ -42,8 +42,8 @@ absl::Status Trainer::Init() {
   sampler_ = std::make_unique<BatchSampler>(&corpus_.train, T, job_.batch().slots(),
                                             job_.batch().micro_batch(),
                                             job_.data().sampling() == "random", job_.seed());
-  val_windows_ = ValidationWindows(corpus_.val, T, job_.data().eval_windows(), &val_inputs_,
-                                   &val_targets_);
+  val_windows_ =
+      ValidationWindows(corpus_.val, T, job_.data().eval_windows(), &val_inputs_, &val_targets_);
   const int lanes = std::max(1, std::min(NumThreads(), job_.batch().slots()));
   lanes_.resize(lanes);
   for (Lane& lane : lanes_) lane.model = std::make_unique<MoeModel>(mc);
@@ -111,9 +111,9 @@ absl::StatusOr<StepReport> Trainer::Step() {
       sampler_->Fill(step_index, static_cast<int>(base + i), lane.inputs.data(),
                      lane.targets.data());
       std::fill(lane.grads.begin(), lane.grads.end(), 0.0f);
-      lane.stats = lane.model->ForwardBackward(state_.params.data(), lane.inputs.data(),
-                                               lane.targets.data(), rows, scales.loss_scale,
-                                               scales.aux_scale, lane.grads.data());
+      lane.stats =
+          lane.model->ForwardBackward(state_.params.data(), lane.inputs.data(), lane.targets.data(),
+                                      rows, scales.loss_scale, scales.aux_scale, lane.grads.data());
     });
     for (int i = 0; i < wave; ++i) {
       float* g = grads_.data();
@@ -182,8 +182,8 @@ absl::StatusOr<double> Trainer::ApplyOptimizer(double lr, int64_t step_index) {
       }
     }
     return absl::InternalError(absl::StrCat("gradient is not finite at step ", step_index + 1,
-                                            " (first in ", where,
-                                            "); the state is left at step ", step_index));
+                                            " (first in ", where, "); the state is left at step ",
+                                            step_index));
   }
   const double coef = ClipCoefficient(oc.max_grad_norm(), norm);
   if (ClipApplies(coef)) {

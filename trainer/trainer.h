@@ -20,24 +20,24 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "muonps/v1/job.pb.h"
 #include "checkpoint/training_state.h"
 #include "data/batch_sampler.h"
 #include "data/token_source.h"
 #include "model/moe_model.h"
+#include "muonps/v1/job.pb.h"
 
 namespace muonps {
 
 // What one optimizer step reports.
 struct StepReport {
-  int64_t step = 0;            // steps completed after this one (1-based)
+  int64_t step = 0;  // steps completed after this one (1-based)
   int64_t total_steps = 0;
-  double loss = 0.0;           // mean cross-entropy over the global batch (nats/token)
-  double aux_loss = 0.0;       // mean over slots of the summed aux losses (0 unless aux_loss)
-  double grad_norm = 0.0;      // before clipping
+  double loss = 0.0;       // mean cross-entropy over the global batch (nats/token)
+  double aux_loss = 0.0;   // mean over slots of the summed aux losses (0 unless aux_loss)
+  double grad_norm = 0.0;  // before clipping
   double lr = 0.0;
   std::optional<double> val_loss;  // when evaluated at this step
-  int64_t tokens = 0;          // tokens in this step
+  int64_t tokens = 0;              // tokens in this step
   double step_seconds = 0.0;
   double forward_backward_seconds = 0.0;
   // forward_backward_seconds split in proportion to the slots' measured

@@ -29,7 +29,6 @@ bool Ended(v1::JobState state) {
          state == v1::JOB_STATE_CANCELLED;
 }
 
-
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -82,7 +81,8 @@ class Coordinator::ClusterServiceImpl final : public v1::ClusterService::Service
   grpc::Status RegisterWorker(grpc::ServerContext*, const v1::RegisterWorkerRequest* request,
                               v1::RegisterWorkerResponse* response) override {
     std::string id;
-    grpc::Status st = c_->Register(false, request->address(), request->threads(), request->numerics(), &id);
+    grpc::Status st =
+        c_->Register(false, request->address(), request->threads(), request->numerics(), &id);
     response->set_member_id(id);
     response->set_heartbeat_seconds(c_->options_.heartbeat_seconds);
     response->set_lease_seconds(c_->options_.lease_seconds);
@@ -120,28 +120,39 @@ Coordinator::Metrics::Metrics(prometheus::Registry& r)
                .Name("muonps_coordinator_jobs")
                .Help("Jobs known to the coordinator, by state")
                .Register(r)),
-      step(NewGauge(r, "muonps_job_step", "Optimizer steps completed by the running (or last) job")),
-      total_steps(NewGauge(r, "muonps_job_total_steps", "schedule.total_steps of the running (or last) job")),
-      train_loss(NewGauge(r, "muonps_job_train_loss", "Mean training cross-entropy of the latest step (nats/token)")),
+      step(
+          NewGauge(r, "muonps_job_step", "Optimizer steps completed by the running (or last) job")),
+      total_steps(NewGauge(r, "muonps_job_total_steps",
+                           "schedule.total_steps of the running (or last) job")),
+      train_loss(NewGauge(r, "muonps_job_train_loss",
+                          "Mean training cross-entropy of the latest step (nats/token)")),
       val_loss(NewGauge(r, "muonps_job_validation_loss", "Latest validation loss (nats/token)")),
-      tokens_per_second(NewGauge(r, "muonps_job_tokens_per_second", "Training tokens per second since the job started")),
-      grad_norm(NewGauge(r, "muonps_job_grad_norm", "Global gradient norm of the latest step, before clipping")),
+      tokens_per_second(NewGauge(r, "muonps_job_tokens_per_second",
+                                 "Training tokens per second since the job started")),
+      grad_norm(NewGauge(r, "muonps_job_grad_norm",
+                         "Global gradient norm of the latest step, before clipping")),
       learning_rate(NewGauge(r, "muonps_job_learning_rate", "Learning rate of the latest step")),
-      load_ratio(NewGauge(r, "muonps_job_expert_load_max_ratio",
-                          "Max over MoE layers of the most loaded expert's tokens over the mean, latest step")),
+      load_ratio(NewGauge(
+          r, "muonps_job_expert_load_max_ratio",
+          "Max over MoE layers of the most loaded expert's tokens over the mean, latest step")),
       workers(NewGauge(r, "muonps_cluster_workers", "Workers with a live lease")),
       shards(NewGauge(r, "muonps_cluster_shards", "Optimizer shards with a live lease")),
-      step_workers(NewGauge(r, "muonps_job_step_workers", "Workers that computed slots of the latest step")),
-      tokens(NewCounter(r, "muonps_job_tokens_total", "Training tokens consumed by completed steps")),
+      step_workers(
+          NewGauge(r, "muonps_job_step_workers", "Workers that computed slots of the latest step")),
+      tokens(
+          NewCounter(r, "muonps_job_tokens_total", "Training tokens consumed by completed steps")),
       steps(NewCounter(r, "muonps_job_steps_total", "Optimizer steps completed")),
-      reassignments(NewCounter(r, "muonps_coordinator_task_reassignments_total",
-                               "Tasks taken from a worker (lease expired or abandoned) and offered again")),
-      refused_members(NewCounter(r, "muonps_coordinator_members_refused_total",
-                                 "Registrations refused because the member's numerics differ from the cluster's")),
+      reassignments(
+          NewCounter(r, "muonps_coordinator_task_reassignments_total",
+                     "Tasks taken from a worker (lease expired or abandoned) and offered again")),
+      refused_members(NewCounter(
+          r, "muonps_coordinator_members_refused_total",
+          "Registrations refused because the member's numerics differ from the cluster's")),
       step_seconds(NewHistogram(r, "muonps_job_step_duration_seconds",
                                 "Wall time of an optimizer step, including its evaluation")),
-      global_seconds(NewHistogram(r, "muonps_job_global_step_duration_seconds",
-                                  "Time from the last slot report to every shard having applied the update")) {}
+      global_seconds(NewHistogram(
+          r, "muonps_job_global_step_duration_seconds",
+          "Time from the last slot report to every shard having applied the update")) {}
 
 void Coordinator::UpdateJobGaugesLocked() {
   std::map<v1::JobState, int> counts;
@@ -348,7 +359,8 @@ grpc::Status Coordinator::GetCluster(v1::GetClusterResponse* response) {
 grpc::Status Coordinator::Register(bool shard, const std::string& address, int threads,
                                    const v1::NumericsProfile& numerics, std::string* member_id) {
   if (shard && address.empty()) {
-    return Refuse(absl::StatusCode::kInvalidArgument, "address: a shard must give the address it serves on");
+    return Refuse(absl::StatusCode::kInvalidArgument,
+                  "address: a shard must give the address it serves on");
   }
   const std::string who = absl::StrCat(shard ? "the shard at " : "the worker at ",
                                        address.empty() ? "?" : address.substr(0, 256));
@@ -378,8 +390,9 @@ grpc::Status Coordinator::Heartbeat(const v1::HeartbeatRequest& request,
   absl::MutexLock lock(&mu_);
   auto it = members_.find(request.member_id());
   if (it == members_.end()) {
-    return Refuse(absl::StatusCode::kNotFound,
-                  absl::StrCat("member_id: \"", request.member_id(), "\" is not registered; register again"));
+    return Refuse(
+        absl::StatusCode::kNotFound,
+        absl::StrCat("member_id: \"", request.member_id(), "\" is not registered; register again"));
   }
   it->second.last_seen = absl::Now();
   for (const std::string& id : ended_recently_) response->add_ended_job_ids(id);
@@ -512,8 +525,8 @@ grpc::Status Coordinator::ReportEval(const v1::ReportEvalRequest& request) {
   }
   if (step_->eval_total_batches >= 0 && request.total_batches() != step_->eval_total_batches) {
     return Refuse(absl::StatusCode::kInvalidArgument,
-                  absl::StrCat("total_batches: ", request.total_batches(), ", another worker reported ",
-                               step_->eval_total_batches));
+                  absl::StrCat("total_batches: ", request.total_batches(),
+                               ", another worker reported ", step_->eval_total_batches));
   }
   if (step_->eval_parts_done[request.eval_part()]) return grpc::Status::OK;  // a repeat
   step_->eval_total_batches = request.total_batches();
@@ -541,7 +554,8 @@ std::vector<const Coordinator::Member*> Coordinator::LiveLocked(bool shards) con
   for (const auto& [id, m] : members_) {
     if (m.shard == shards) out.push_back(&m);
   }
-  std::sort(out.begin(), out.end(), [](const Member* a, const Member* b) { return a->order < b->order; });
+  std::sort(out.begin(), out.end(),
+            [](const Member* a, const Member* b) { return a->order < b->order; });
   return out;
 }
 

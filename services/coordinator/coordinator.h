@@ -32,12 +32,12 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "muonps/v1/coordinator.grpc.pb.h"
+#include "muonps/v1/shard.grpc.pb.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
-#include "muonps/v1/coordinator.grpc.pb.h"
-#include "muonps/v1/shard.grpc.pb.h"
 
 namespace muonps {
 
@@ -122,7 +122,8 @@ class Coordinator {
   grpc::Status Heartbeat(const v1::HeartbeatRequest& request, v1::HeartbeatResponse* response);
   grpc::Status GetTask(grpc::ServerContext* context, const v1::GetTaskRequest& request,
                        v1::GetTaskResponse* response);
-  grpc::Status ReportSlots(const v1::ReportSlotsRequest& request, v1::ReportSlotsResponse* response);
+  grpc::Status ReportSlots(const v1::ReportSlotsRequest& request,
+                           v1::ReportSlotsResponse* response);
   grpc::Status ReportEval(const v1::ReportEvalRequest& request);
   grpc::Status FailTask(const v1::FailTaskRequest& request);
 

@@ -5,14 +5,14 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "checkpoint/checkpoint.h"
 #include "common/model_layout.h"
 #include "common/numerics.h"
 #include "common/status_macros.h"
+#include "rpc/rpc_util.h"
 #include "services/coordinator/coordinator.h"
 #include "services/coordinator/placement.h"
-#include "rpc/rpc_util.h"
 #include "step/step.h"
-#include "checkpoint/checkpoint.h"
 
 namespace muonps {
 namespace {
@@ -30,7 +30,6 @@ absl::Status ForEachShard(int n, const std::function<absl::Status(int)>& fn) {
 }
 
 }  // namespace
-
 
 void Coordinator::RunJob(const std::string& job_id) {
   v1::JobSpec spec;
@@ -104,8 +103,8 @@ void Coordinator::RunJob(const std::string& job_id) {
     request.set_resume_from(resume);
     request.set_replace(true);
     v1::LoadJobResponse response;
-    absl::Status st = FromGrpcStatus(stubs[i]->LoadJob(&context, request, &response),
-                                     shard_call(i, "LoadJob"));
+    absl::Status st =
+        FromGrpcStatus(stubs[i]->LoadJob(&context, request, &response), shard_call(i, "LoadJob"));
     versions[i] = response.version();
     checkpoint_numerics[i] = response.checkpoint_numerics();
     return st;
@@ -114,9 +113,8 @@ void Coordinator::RunJob(const std::string& job_id) {
   const int64_t start_step = versions[0];
   for (int i = 1; i < n; ++i) {
     if (versions[i] != start_step) {
-      return finish(v1::JOB_STATE_FAILED,
-                    absl::StrCat("shards resumed at different steps (", start_step, " and ",
-                                 versions[i], ")"));
+      return finish(v1::JOB_STATE_FAILED, absl::StrCat("shards resumed at different steps (",
+                                                       start_step, " and ", versions[i], ")"));
     }
   }
   const int64_t total = spec.schedule().total_steps();
@@ -166,8 +164,9 @@ void Coordinator::RunJob(const std::string& job_id) {
       if (!step_->failure.empty()) return absl::InternalError(step_->failure);
       for (const Member& s : shard_members) {
         if (members_.count(s.id) == 0) {
-          return absl::UnavailableError(absl::StrCat(
-              "shard ", s.id, " (", s.address, ") stopped heartbeating; resume from the last checkpoint"));
+          return absl::UnavailableError(
+              absl::StrCat("shard ", s.id, " (", s.address,
+                           ") stopped heartbeating; resume from the last checkpoint"));
         }
       }
       if (done()) return absl::OkStatus();
@@ -237,7 +236,8 @@ void Coordinator::RunJob(const std::string& job_id) {
     trainer.set_tokens_seen(version * global_tokens);
     trainer.set_last_val_loss(last_val.value_or(std::nan("")));
     *trainer.mutable_numerics() = LocalNumerics();
-    st = WriteCheckpointIndex(*staging, n, layout, spec.optimizer().name(), placement.owner, trainer);
+    st = WriteCheckpointIndex(*staging, n, layout, spec.optimizer().name(), placement.owner,
+                              trainer);
     if (!st.ok()) return st;
     st = PublishStagingDir(*staging, final_dir);
     if (!st.ok()) return st;
@@ -301,7 +301,8 @@ void Coordinator::RunJob(const std::string& job_id) {
     for (const v1::SlotStats& s : stats) {
       loss_sum += s.loss_sum();
       if (absl::Status bad = loads.Add(s.expert_load()); !bad.ok()) {
-        return stop(absl::InternalError(absl::StrCat("slot ", s.slot(), ": ", bad.message())), step);
+        return stop(absl::InternalError(absl::StrCat("slot ", s.slot(), ": ", bad.message())),
+                    step);
       }
     }
     const double loss = loss_sum / static_cast<double>(global_tokens);
@@ -331,13 +332,15 @@ void Coordinator::RunJob(const std::string& job_id) {
       if (!t.trainable()) continue;
       auto it = squares.find(t.name);
       if (it == squares.end()) {
-        return stop(absl::InternalError(absl::StrCat("no shard reported the gradient of ", t.name)), step);
+        return stop(absl::InternalError(absl::StrCat("no shard reported the gradient of ", t.name)),
+                    step);
       }
       sq += it->second;
     }
     const double norm = std::sqrt(sq);
     if (!std::isfinite(norm)) {
-      return stop(absl::InternalError(absl::StrCat("gradient is not finite at step ", step + 1)), step);
+      return stop(absl::InternalError(absl::StrCat("gradient is not finite at step ", step + 1)),
+                  step);
     }
     const double coef = ClipCoefficient(spec.optimizer().max_grad_norm(), norm);
     const double lr = StepLearningRate(spec, step);

@@ -31,7 +31,9 @@ Placement PlaceTensors(const ModelLayout& layout, const v1::OptimizerConfig& opt
     const TensorInfo& t = layout.tensors()[i];
     return NewtonSchulzFlops(t.rows(), t.cols(), optimizer.ns_steps());
   };
-  auto bytes = [&](int i) { return layout.tensors()[i].numel * static_cast<int64_t>(sizeof(float)); };
+  auto bytes = [&](int i) {
+    return layout.tensors()[i].numel * static_cast<int64_t>(sizeof(float));
+  };
   // Largest first (stable: layout order among equals).
   std::stable_sort(muon.begin(), muon.end(), [&](int a, int b) { return flops(a) > flops(b); });
   std::stable_sort(other.begin(), other.end(), [&](int a, int b) { return bytes(a) > bytes(b); });
@@ -72,9 +74,9 @@ std::string FormatPlacement(const std::vector<v1::ShardPlacement>& shards) {
   std::string out = absl::StrFormat("%-10s %-21s %8s %14s %12s %10s\n", "shard", "address",
                                     "tensors", "NS GFLOP/step", "AdamW MiB", "param MiB");
   for (const v1::ShardPlacement& s : shards) {
-    absl::StrAppendFormat(&out, "%-10s %-21s %8d %14.3f %12.2f %10.2f\n", s.shard_id(),
-                          s.address(), s.tensors_size(), s.ns_gflop(),
-                          s.adamw_state_bytes() / 1048576.0, s.parameter_bytes() / 1048576.0);
+    absl::StrAppendFormat(&out, "%-10s %-21s %8d %14.3f %12.2f %10.2f\n", s.shard_id(), s.address(),
+                          s.tensors_size(), s.ns_gflop(), s.adamw_state_bytes() / 1048576.0,
+                          s.parameter_bytes() / 1048576.0);
   }
   return out;
 }

@@ -32,8 +32,7 @@ double NewtonSchulzFlops(int64_t rows, int64_t cols, int ns_steps);
 
 // `shards` >= 1. Fills ShardPlacement.tensors and the three cost figures;
 // shard ids and addresses are left to the caller.
-Placement PlaceTensors(const ModelLayout& layout, const v1::OptimizerConfig& optimizer,
-                       int shards);
+Placement PlaceTensors(const ModelLayout& layout, const v1::OptimizerConfig& optimizer, int shards);
 
 // A table, one line per shard: tensors, NS GFLOP/step, AdamW state MiB,
 // parameter MiB.

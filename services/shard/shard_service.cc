@@ -8,31 +8,28 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "checkpoint/checkpoint.h"
+#include "common/job_spec.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "google/protobuf/wire_format_lite.h"
-#include "absl/time/time.h"
-#include "common/job_spec.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc_util.h"
 #include "rpc/tensor_stream.h"
 #include "rpc/wire.h"
-#include "checkpoint/checkpoint.h"
 
 namespace muonps {
-namespace {
-
-
-
-}  // namespace
+namespace {}  // namespace
 
 ShardServiceImpl::Metrics::Metrics(prometheus::Registry& r)
     : tensors(NewGauge(r, "muonps_shard_tensors", "Tensors this shard holds")),
       parameter_bytes(NewGauge(r, "muonps_shard_parameter_bytes", "Bytes of parameters held")),
       state_bytes(NewGauge(r, "muonps_shard_optimizer_state_bytes",
                            "Bytes of optimizer state held (Muon momentum, AdamW moments)")),
-      version(NewGauge(r, "muonps_shard_parameter_version", "Optimizer steps applied to the held job")),
+      version(
+          NewGauge(r, "muonps_shard_parameter_version", "Optimizer steps applied to the held job")),
       muon_rms(prometheus::BuildGauge()
                    .Name("muonps_shard_update_rms")
                    .Help("RMS of the latest step's parameter change, by optimizer")
@@ -43,8 +40,10 @@ ShardServiceImpl::Metrics::Metrics(prometheus::Registry& r)
                     .Help("RMS of the latest step's parameter change, by optimizer")
                     .Register(r)
                     .Add({{"optimizer", "adamw"}})),
-      pushed_bytes(NewCounter(r, "muonps_shard_pushed_bytes_total", "Gradient bytes received by pushes")),
-      pulled_bytes(NewCounter(r, "muonps_shard_pulled_bytes_total", "Parameter bytes sent by pulls")),
+      pushed_bytes(
+          NewCounter(r, "muonps_shard_pushed_bytes_total", "Gradient bytes received by pushes")),
+      pulled_bytes(
+          NewCounter(r, "muonps_shard_pulled_bytes_total", "Parameter bytes sent by pulls")),
       steps(NewCounter(r, "muonps_shard_steps_total", "Optimizer steps applied")),
       push_seconds(NewHistogram(r, "muonps_shard_push_duration_seconds",
                                 "Duration of a gradient push stream, first message to answer")),
@@ -87,11 +86,13 @@ int64_t ShardServiceImpl::version() const {
   return version_;
 }
 
-absl::StatusOr<std::shared_ptr<ShardState>> ShardServiceImpl::Find(const std::string& job_id) const {
+absl::StatusOr<std::shared_ptr<ShardState>> ShardServiceImpl::Find(
+    const std::string& job_id) const {
   absl::MutexLock lock(&mu_);
   if (state_ == nullptr || job_id != job_id_) {
-    return absl::NotFoundError(absl::StrCat("job_id: this shard does not hold job \"", job_id,
-                                            "\"", job_id_.empty() ? "" : absl::StrCat(" (it holds ", job_id_, ")")));
+    return absl::NotFoundError(
+        absl::StrCat("job_id: this shard does not hold job \"", job_id, "\"",
+                     job_id_.empty() ? "" : absl::StrCat(" (it holds ", job_id_, ")")));
   }
   return state_;
 }
@@ -138,7 +139,8 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext*, const v1::LoadJobRe
     state->set_version(trainer->step());
     *response->mutable_checkpoint_numerics() = trainer->numerics();
   }
-  absl::Status installed = Install(request->job_id(), tensors, std::move(state), request->replace());
+  absl::Status installed =
+      Install(request->job_id(), tensors, std::move(state), request->replace());
   if (!installed.ok()) return ToGrpcStatus(installed);
   response->set_version(version());
   WakePulls();
@@ -161,8 +163,8 @@ absl::Status ShardServiceImpl::Install(const std::string& job_id,
                    const std::vector<float>& momentum, const std::vector<float>& exp_avg,
                    const std::vector<float>& exp_avg_sq) {
     params += static_cast<int64_t>(value.size() * sizeof(float));
-    optimizer_state += static_cast<int64_t>(
-        (momentum.size() + exp_avg.size() + exp_avg_sq.size()) * sizeof(float));
+    optimizer_state += static_cast<int64_t>((momentum.size() + exp_avg.size() + exp_avg_sq.size()) *
+                                            sizeof(float));
   });
   metrics_.tensors.Set(static_cast<double>(tensors.size()));
   metrics_.parameter_bytes.Set(static_cast<double>(params));
@@ -207,7 +209,8 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
       error_ = absl::InvalidArgumentError("malformed PullParametersRequest");
       return;
     }
-    chunk_bytes_ = request_.max_chunk_bytes() == 0 ? kDefaultChunkBytes : request_.max_chunk_bytes();
+    chunk_bytes_ =
+        request_.max_chunk_bytes() == 0 ? kDefaultChunkBytes : request_.max_chunk_bytes();
     if (chunk_bytes_ < 4 || chunk_bytes_ > kMaxChunkBytes) {
       error_ = absl::InvalidArgumentError(absl::StrCat("max_chunk_bytes: must be in [4, ",
                                                        kMaxChunkBytes, "], got ",
@@ -233,9 +236,9 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
         return FinishLocked(Refuse(absl::StatusCode::kUnavailable, "shard is shutting down"));
       }
       if (service_->state_ == nullptr || service_->job_id_ != request_.job_id()) {
-        return FinishLocked(Refuse(absl::StatusCode::kNotFound,
-                                   absl::StrCat("job_id: this shard does not hold job \"",
-                                                request_.job_id(), "\"")));
+        return FinishLocked(Refuse(
+            absl::StatusCode::kNotFound,
+            absl::StrCat("job_id: this shard does not hold job \"", request_.job_id(), "\"")));
       }
       if (service_->version_ < request_.version()) {
         if (absl::Now() < deadline_) return;  // keep waiting
@@ -258,7 +261,8 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
     {
       google::protobuf::io::StringOutputStream stream(&prefix_);
       google::protobuf::io::CodedOutputStream coded(&stream);
-      if (*version != 0) google::protobuf::internal::WireFormatLite::WriteInt64(1, *version, &coded);
+      if (*version != 0)
+        google::protobuf::internal::WireFormatLite::WriteInt64(1, *version, &coded);
     }
     state_ = State::kStreaming;
     start_ = std::chrono::steady_clock::now();
@@ -268,7 +272,8 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
   void OnWriteDone(bool ok) override {
     absl::MutexLock lock(&mu_);
     if (state_ != State::kStreaming) return;
-    if (!ok) return FinishLocked(Refuse(absl::StatusCode::kCancelled, "the client closed the stream"));
+    if (!ok)
+      return FinishLocked(Refuse(absl::StatusCode::kCancelled, "the client closed the stream"));
     WriteNextLocked();
   }
 
@@ -292,9 +297,10 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
         const int64_t step = ChunkPayloadBytes(chunk_bytes_);
         const int64_t bytes = std::min(step, total - offset_);
         const char* data = reinterpret_cast<const char*>(values_[tensor_].second->data());
-        out_ = ChunkMessage(prefix_, /*chunk_field=*/2,
-                            EncodeChunkHeader(info.name, offset_ == 0 ? &info.shape : nullptr, offset_),
-                            data + offset_, bytes);
+        out_ = ChunkMessage(
+            prefix_, /*chunk_field=*/2,
+            EncodeChunkHeader(info.name, offset_ == 0 ? &info.shape : nullptr, offset_),
+            data + offset_, bytes);
         offset_ += bytes;
         pulled_ += bytes;
         wrote_empty_ = total == 0;
@@ -426,8 +432,8 @@ class ShardServiceImpl::PushSession {
     if (failed()) return failed_;
     if (bytes > kMaxChunkBytes) {
       return Fail(absl::ResourceExhaustedError(absl::StrCat("tensor ", header.name(), ": chunk of ",
-                                                            bytes, " bytes, over the ", kMaxChunkBytes,
-                                                            "-byte limit")));
+                                                            bytes, " bytes, over the ",
+                                                            kMaxChunkBytes, "-byte limit")));
     }
     if (current_ == nullptr || header.name() != current_->name()) {
       if (current_ != nullptr) {
@@ -435,7 +441,8 @@ class ShardServiceImpl::PushSession {
       }
       const TensorInfo* info = state_->layout().Find(header.name());
       if (info == nullptr || !state_->Owns(header.name())) {
-        return Fail(absl::NotFoundError(absl::StrCat("tensor ", header.name(), " is not on this shard")));
+        return Fail(
+            absl::NotFoundError(absl::StrCat("tensor ", header.name(), " is not on this shard")));
       }
       if (buffers_.count(header.name()) != 0) {
         return Fail(absl::InvalidArgumentError(
@@ -587,7 +594,9 @@ class ShardServiceImpl::PushReactor final : public grpc::ServerReadReactor<grpc:
         if (!in.ReadVarint32(&length)) return malformed();
         absl::Status st = ReadChunk(
             &in, length,
-            [&](const v1::TensorChunk& header, int64_t bytes) { return session_.Reserve(header, bytes); },
+            [&](const v1::TensorChunk& header, int64_t bytes) {
+              return session_.Reserve(header, bytes);
+            },
             [&](int64_t bytes) { return session_.Commit(bytes); }, "PushGradientsRequest");
         if (!st.ok()) (void)session_.Fail(st);
         if (session_.failed()) return;
@@ -598,7 +607,8 @@ class ShardServiceImpl::PushReactor final : public grpc::ServerReadReactor<grpc:
     if (!begun) {  // a message without a chunk: its fields still count
       session_.Begin(fields);
       if (!session_.failed()) {
-        (void)session_.Fail(absl::InvalidArgumentError("chunk: a push message must carry a tensor chunk"));
+        (void)session_.Fail(
+            absl::InvalidArgumentError("chunk: a push message must carry a tensor chunk"));
       }
     }
   }
@@ -619,12 +629,11 @@ grpc::Status ShardServiceImpl::GetGradientSquares(grpc::ServerContext*,
   absl::StatusOr<std::shared_ptr<ShardState>> state = Find(request->job_id());
   if (!state.ok()) return ToGrpcStatus(state.status());
   if ((*state)->version() != request->step()) {
-    return Refuse(absl::StatusCode::kFailedPrecondition,
-                  absl::StrCat("step: ", request->step(), ", the shard is at step ",
-                               (*state)->version()));
+    return Refuse(
+        absl::StatusCode::kFailedPrecondition,
+        absl::StrCat("step: ", request->step(), ", the shard is at step ", (*state)->version()));
   }
-  absl::StatusOr<std::vector<std::pair<std::string, double>>> squares =
-      (*state)->GradientSquares();
+  absl::StatusOr<std::vector<std::pair<std::string, double>>> squares = (*state)->GradientSquares();
   if (!squares.ok()) return ToGrpcStatus(squares.status());
   for (const auto& [name, sq] : *squares) {
     v1::TensorSquares* t = response->add_tensors();
@@ -658,13 +667,17 @@ grpc::Status ShardServiceImpl::ApplyStep(grpc::ServerContext*, const v1::ApplySt
   absl::Status st =
       (*state)->ApplyStep(request->step(), request->lr(), request->clip_coef(), loads, &stats);
   if (!st.ok()) return ToGrpcStatus(st);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   response->set_seconds(seconds);
   metrics_.apply_seconds.Observe(seconds);
   metrics_.steps.Increment();
-  for (const auto& [muon, s] : stats.tensor_seconds) (muon ? metrics_.muon_seconds : metrics_.adamw_seconds).Observe(s);
-  if (stats.muon_numel > 0) metrics_.muon_rms.Set(std::sqrt(stats.muon_update_sq / stats.muon_numel));
-  if (stats.adamw_numel > 0) metrics_.adamw_rms.Set(std::sqrt(stats.adamw_update_sq / stats.adamw_numel));
+  for (const auto& [muon, s] : stats.tensor_seconds)
+    (muon ? metrics_.muon_seconds : metrics_.adamw_seconds).Observe(s);
+  if (stats.muon_numel > 0)
+    metrics_.muon_rms.Set(std::sqrt(stats.muon_update_sq / stats.muon_numel));
+  if (stats.adamw_numel > 0)
+    metrics_.adamw_rms.Set(std::sqrt(stats.adamw_update_sq / stats.adamw_numel));
   {
     absl::MutexLock lock(&mu_);
     if (state_ == *state) version_ = state_->version();
@@ -690,12 +703,13 @@ grpc::Status ShardServiceImpl::SaveCheckpoint(grpc::ServerContext*,
   // Copies under the state's lock, written without it.
   std::vector<TensorState> copies;
   std::vector<const TensorInfo*> infos;
-  const int64_t version = (*state)->Visit([&](const TensorInfo& info, const std::vector<float>& value,
-                      const std::vector<float>& momentum, const std::vector<float>& exp_avg,
-                      const std::vector<float>& exp_avg_sq) {
-    infos.push_back(&info);
-    copies.push_back(TensorState{value, momentum, exp_avg, exp_avg_sq});
-  });
+  const int64_t version =
+      (*state)->Visit([&](const TensorInfo& info, const std::vector<float>& value,
+                          const std::vector<float>& momentum, const std::vector<float>& exp_avg,
+                          const std::vector<float>& exp_avg_sq) {
+        infos.push_back(&info);
+        copies.push_back(TensorState{value, momentum, exp_avg, exp_avg_sq});
+      });
   if (version != request->version()) {
     return Refuse(absl::StatusCode::kFailedPrecondition,
                   absl::StrCat("version: checkpoint asked at version ", request->version(),
@@ -710,9 +724,9 @@ grpc::Status ShardServiceImpl::SaveCheckpoint(grpc::ServerContext*,
         (c.value.size() + c.momentum.size() + c.exp_avg.size() + c.exp_avg_sq.size()) *
         sizeof(float));
   }
-  absl::Status st = WriteCheckpointShard(request->dir(), request->shard_index(),
-                                         request->shard_count(), (*state)->layout(),
-                                         (*state)->job().optimizer().name(), tensors);
+  absl::Status st =
+      WriteCheckpointShard(request->dir(), request->shard_index(), request->shard_count(),
+                           (*state)->layout(), (*state)->job().optimizer().name(), tensors);
   if (!st.ok()) return ToGrpcStatus(st);
   response->set_bytes(bytes);
   return grpc::Status::OK;

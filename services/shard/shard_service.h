@@ -8,17 +8,17 @@
 
 #include <memory>
 #include <set>
+#include <string>
 #include <thread>
 #include <vector>
-#include <string>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "muonps/v1/shard.grpc.pb.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
-#include "muonps/v1/shard.grpc.pb.h"
 #include "services/shard/shard_state.h"
 
 namespace muonps {
@@ -40,10 +40,10 @@ class ShardServiceImpl final
                        v1::LoadJobResponse* response) override;
   grpc::Status DropJob(grpc::ServerContext* context, const v1::DropJobRequest* request,
                        v1::DropJobResponse* response) override;
-  grpc::ServerWriteReactor<grpc::ByteBuffer>* PullParameters(grpc::CallbackServerContext* context,
-                                                           const grpc::ByteBuffer* request) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* PullParameters(
+      grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) override;
   grpc::ServerReadReactor<grpc::ByteBuffer>* PushGradients(grpc::CallbackServerContext* context,
-                                                         grpc::ByteBuffer* response) override;
+                                                           grpc::ByteBuffer* response) override;
   grpc::Status GetGradientSquares(grpc::ServerContext* context,
                                   const v1::GetGradientSquaresRequest* request,
                                   v1::GetGradientSquaresResponse* response) override;

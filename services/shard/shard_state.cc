@@ -6,11 +6,11 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
-#include "step/step.h"
 #include "common/parallel.h"
 #include "optim/grad_norm.h"
 #include "optim/tensor_update.h"
 #include "rpc/tensor_stream.h"
+#include "step/step.h"
 
 namespace muonps {
 
@@ -47,8 +47,8 @@ absl::StatusOr<std::unique_ptr<ShardState>> ShardState::Create(
 }
 
 absl::Status ShardState::Restore(const std::string& name, std::vector<float> value,
-                                std::vector<float> momentum, std::vector<float> exp_avg,
-                                std::vector<float> exp_avg_sq) {
+                                 std::vector<float> momentum, std::vector<float> exp_avg,
+                                 std::vector<float> exp_avg_sq) {
   absl::MutexLock lock(&mu_);
   auto it = tensors_.find(name);
   if (it == tensors_.end()) {
@@ -64,8 +64,8 @@ absl::Status ShardState::Restore(const std::string& name, std::vector<float> val
     return absl::OkStatus();
   };
   for (const auto& [v, now, what] :
-       {std::tuple(&value, t.value.get(), "parameter"), std::tuple(&momentum, &t.momentum, "momentum"),
-        std::tuple(&exp_avg, &t.exp_avg, "exp_avg"),
+       {std::tuple(&value, t.value.get(), "parameter"),
+        std::tuple(&momentum, &t.momentum, "momentum"), std::tuple(&exp_avg, &t.exp_avg, "exp_avg"),
         std::tuple(&exp_avg_sq, &t.exp_avg_sq, "exp_avg_sq")}) {
     if (absl::Status st = check(*v, *now, what); !st.ok()) return st;
   }
@@ -108,7 +108,8 @@ std::vector<const TensorInfo*> ShardState::Trainable() const {
 absl::StatusOr<std::vector<float>> ShardState::Parameter(const std::string& name) const {
   absl::MutexLock lock(&mu_);
   auto it = tensors_.find(name);
-  if (it == tensors_.end()) return absl::NotFoundError(absl::StrCat("tensor ", name, " is not on this shard"));
+  if (it == tensors_.end())
+    return absl::NotFoundError(absl::StrCat("tensor ", name, " is not on this shard"));
   return *it->second.value;
 }
 
@@ -146,9 +147,8 @@ absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int 
                                               const std::vector<Gradient>& grads) {
   const int slots = job_.batch().slots();
   if (slot_count < 1 || first_slot < 0 || first_slot + slot_count > slots) {
-    return absl::InvalidArgumentError(absl::StrCat("slot range [", first_slot, ", ",
-                                                   first_slot + slot_count, ") out of [0, ",
-                                                   slots, ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "slot range [", first_slot, ", ", first_slot + slot_count, ") out of [0, ", slots, ")"));
   }
   if (slot_count > 1 && first_slot != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -173,12 +173,12 @@ absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int 
       return absl::InvalidArgumentError(absl::StrCat("tensor ", g.name, " appears twice"));
     }
     if (step != version_) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "tensor ", g.name, ": gradient for step ", step, ", shard is at step ", version_));
+      return absl::FailedPreconditionError(absl::StrCat("tensor ", g.name, ": gradient for step ",
+                                                        step, ", shard is at step ", version_));
     }
     if (g.numel != t.info->numel) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tensor ", g.name, ": ", g.numel, " gradient values, expected ", t.info->numel));
+      return absl::InvalidArgumentError(absl::StrCat("tensor ", g.name, ": ", g.numel,
+                                                     " gradient values, expected ", t.info->numel));
     }
     const int64_t bad =
         g.finite_checked ? -1 : FirstNonFinite(reinterpret_cast<const char*>(g.data), g.numel);
@@ -303,7 +303,8 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
     infos.push_back(t.info);
   }
   if (ClipApplies(clip_coef)) {
-    for (Tensor* t : trainable) Scale(t->grad.data(), t->info->numel, static_cast<float>(clip_coef));
+    for (Tensor* t : trainable)
+      Scale(t->grad.data(), t->info->numel, static_cast<float>(clip_coef));
   }
   const OptimizerStep update = MakeOptimizerStep(oc, lr, step);
   std::vector<double> seconds(trainable.size(), 0.0), update_sq(trainable.size(), 0.0);

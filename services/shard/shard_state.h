@@ -30,7 +30,7 @@ class ShardState {
   // defaults filled), initialised from (seed, name). NOT_FOUND for a name the
   // model does not have, INVALID_ARGUMENT for a repeated one.
   static absl::StatusOr<std::unique_ptr<ShardState>> Create(const v1::JobSpec& job,
-                                                             const std::vector<std::string>& owned);
+                                                            const std::vector<std::string>& owned);
 
   // Replaces an owned tensor's values and optimizer state (from a
   // checkpoint); a state vector must be empty or hold numel values, as the
@@ -57,15 +57,16 @@ class ShardState {
   // (copy on write), so a pull streams a consistent version without holding
   // the shard's lock.
   using Snapshot = std::shared_ptr<const std::vector<float>>;
-  absl::StatusOr<int64_t> Parameters(const std::vector<std::string>& names,
-                                     std::vector<std::pair<const TensorInfo*, Snapshot>>* out) const;
+  absl::StatusOr<int64_t> Parameters(
+      const std::vector<std::string>& names,
+      std::vector<std::pair<const TensorInfo*, Snapshot>>* out) const;
   // Calls `visit` on every owned tensor in layout order with its values and
   // optimizer state (empty vectors where the optimizer keeps none); returns
   // the version they belong to.
-  int64_t Visit(const std::function<void(const TensorInfo&, const std::vector<float>& value,
-                                      const std::vector<float>& momentum,
-                                      const std::vector<float>& exp_avg,
-                                      const std::vector<float>& exp_avg_sq)>& visit) const;
+  int64_t Visit(
+      const std::function<void(
+          const TensorInfo&, const std::vector<float>& value, const std::vector<float>& momentum,
+          const std::vector<float>& exp_avg, const std::vector<float>& exp_avg_sq)>& visit) const;
 
   // One gradient of one tensor for `step`: of slot `first_slot` alone
   // (slot_count 1), or the left-to-right float32 sum of slots
@@ -116,7 +117,7 @@ class ShardState {
   // all slots). Advances the version and clears the slot gradients.
   // When `stats` is given, it receives what the update did.
   struct ApplyStats {
-    double muon_seconds = 0.0, adamw_seconds = 0.0;  // summed over tensors (thread time)
+    double muon_seconds = 0.0, adamw_seconds = 0.0;      // summed over tensors (thread time)
     double muon_update_sq = 0.0, adamw_update_sq = 0.0;  // sum of (new - old)^2
     int64_t muon_numel = 0, adamw_numel = 0;
     std::vector<std::pair<bool, double>> tensor_seconds;  // (uses Muon, seconds) per tensor
@@ -138,7 +139,7 @@ class ShardState {
     // slots [0, count) at key 0. `covered_by[s]` = key covering slot s, -1 none.
     std::map<int, std::pair<int, std::vector<float>>> received;
     std::vector<int> covered_by;
-    std::vector<float> grad;                     // summed, once complete
+    std::vector<float> grad;  // summed, once complete
   };
   ShardState(const v1::JobSpec& job);
   absl::Status SumSlotsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -4,8 +4,8 @@ namespace muonps::cuda {
 namespace {
 
 // One warp per row: lanes stride over channels, then a butterfly reduction.
-__global__ void RmsnormForwardKernel(float* out, float* rstd, const float* inp,
-                                     const float* weight, int N, int C, float eps) {
+__global__ void RmsnormForwardKernel(float* out, float* rstd, const float* inp, const float* weight,
+                                     int N, int C, float eps) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= N) return;

@@ -8,11 +8,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/numerics.h"
-#include "step/step.h"
 #include "common/parallel.h"
 #include "common/status_macros.h"
 #include "rpc/rpc_util.h"
 #include "rpc/shard_client.h"
+#include "step/step.h"
 
 namespace muonps {
 namespace {
@@ -31,9 +31,9 @@ double ModelFlopsPerToken(const v1::ModelConfig& m) {
   const double moe = L - dense;
   const double attention = 4.0 * C * C;
   const double dense_mlp = 3.0 * C * m.intermediate_size();
-  const double experts = (m.num_experts_per_tok() + m.n_shared_experts()) * 3.0 * C *
-                             m.moe_intermediate_size() +
-                         C * m.n_routed_experts();
+  const double experts =
+      (m.num_experts_per_tok() + m.n_shared_experts()) * 3.0 * C * m.moe_intermediate_size() +
+      C * m.n_routed_experts();
   const double matmul_params =
       L * attention + dense * dense_mlp + moe * experts + C * m.vocab_size();
   return 6.0 * matmul_params + 12.0 * L * T * C;
@@ -42,7 +42,8 @@ double ModelFlopsPerToken(const v1::ModelConfig& m) {
 Worker::Metrics::Metrics(prometheus::Registry& r)
     : seconds(prometheus::BuildCounter()
                   .Name("muonps_worker_seconds_total")
-                  .Help("Wall time by phase: pull, forward, backward, push, report, idle (waiting for a task)")
+                  .Help("Wall time by phase: pull, forward, backward, push, report, idle (waiting "
+                        "for a task)")
                   .Register(r)),
       last_seconds(prometheus::BuildGauge()
                        .Name("muonps_worker_last_task_seconds")
@@ -54,22 +55,25 @@ Worker::Metrics::Metrics(prometheus::Registry& r)
                 .Register(r)),
       expert_tokens(prometheus::BuildGauge()
                         .Name("muonps_worker_expert_routed_tokens")
-                        .Help("Tokens routed to each expert in the latest training task, by MoE layer and expert")
+                        .Help("Tokens routed to each expert in the latest training task, by MoE "
+                              "layer and expert")
                         .Register(r)),
       tokens(prometheus::BuildCounter()
                  .Name("muonps_worker_tokens_total")
                  .Help("Training tokens processed (forward and backward)")
                  .Register(r)
                  .Add({})),
-      flops_per_second(prometheus::BuildGauge()
-                           .Name("muonps_worker_model_flops_per_second")
-                           .Help("Model FLOPs (6N + attention) per second of the latest training task's compute")
-                           .Register(r)
-                           .Add({})) {}
+      flops_per_second(
+          prometheus::BuildGauge()
+              .Name("muonps_worker_model_flops_per_second")
+              .Help("Model FLOPs (6N + attention) per second of the latest training task's compute")
+              .Register(r)
+              .Add({})) {}
 
 Worker::Worker(const WorkerOptions& options)
     : options_(options),
-      registry_(options.metrics != nullptr ? options.metrics : std::make_shared<prometheus::Registry>()),
+      registry_(options.metrics != nullptr ? options.metrics
+                                           : std::make_shared<prometheus::Registry>()),
       metrics_(*registry_) {
   for (const char* phase : {"pull", "forward", "backward", "push", "report", "idle"}) {
     metrics_.seconds.Add({{"phase", phase}});
@@ -79,7 +83,9 @@ Worker::Worker(const WorkerOptions& options)
   if (options_.peak_flops > 0) {
     metrics_.mfu = &prometheus::BuildGauge()
                         .Name("muonps_worker_model_flops_utilization_ratio")
-                        .Help("Model FLOP/s of the latest training task over the configured peak (--peak_tflops)")
+                        .Help(
+                            "Model FLOP/s of the latest training task over the configured peak "
+                            "(--peak_tflops)")
                         .Register(*registry_)
                         .Add({});
   }
@@ -163,7 +169,8 @@ absl::Status Worker::Pull(const v1::Task& task) {
   return absl::OkStatus();
 }
 
-absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count, const float* grads) {
+absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count,
+                          const float* grads) {
   const auto push_start = std::chrono::steady_clock::now();
   const ModelLayout& layout = job_->lanes[0]->layout();
   const int n = task.shards_size();
@@ -222,7 +229,8 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
     const auto compute_start = std::chrono::steady_clock::now();
     RunWave(wave, [&](int64_t i) {
       const int slot = mine[base + i];
-      job.sampler->Fill(task.version(), slot, job.lane_inputs[i].data(), job.lane_targets[i].data());
+      job.sampler->Fill(task.version(), slot, job.lane_inputs[i].data(),
+                        job.lane_targets[i].data());
       std::fill(job.lane_grads[i].begin(), job.lane_grads[i].end(), 0.0f);
       stats[i] = job.lanes[i]->ForwardBackward(job.params.data(), job.lane_inputs[i].data(),
                                                job.lane_targets[i].data(), rows, scales.loss_scale,
@@ -274,7 +282,8 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
   for (size_t l = 0; l < load.size(); ++l) {
     for (size_t e = 0; e < load[l].size(); ++e) {
       metrics_.expert_tokens
-          .Add({{"layer", std::to_string(first_moe + static_cast<int>(l))}, {"expert", std::to_string(e)}})
+          .Add({{"layer", std::to_string(first_moe + static_cast<int>(l))},
+                {"expert", std::to_string(e)}})
           .Set(static_cast<double>(load[l][e]));
     }
   }
@@ -350,8 +359,8 @@ absl::Status Worker::Run(const std::atomic<bool>& stop) {
     ended_.insert(ids.begin(), ids.end());
   });
   MUONPS_RETURN_IF_ERROR(membership_->Start(options_.register_timeout_seconds));
-  Log(absl::StrCat("registered as ", membership_->member_id(), " with ", options_.coordinator,
-                   ", ", DescribeNumerics(LocalNumerics())));
+  Log(absl::StrCat("registered as ", membership_->member_id(), " with ", options_.coordinator, ", ",
+                   DescribeNumerics(LocalNumerics())));
   if (options_.on_registered) options_.on_registered();
   while (!stop.load()) {
     if (job_ != nullptr) {  // free the data and models of a job that ended

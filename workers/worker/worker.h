@@ -16,23 +16,23 @@
 #include <cstdint>
 #include <functional>
 #include <map>
-#include <set>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
-#include "prometheus/counter.h"
-#include "prometheus/gauge.h"
-#include "prometheus/registry.h"
-#include "muonps/v1/coordinator.grpc.pb.h"
-#include "muonps/v1/shard.grpc.pb.h"
-#include "rpc/membership.h"
 #include "data/batch_sampler.h"
 #include "data/token_source.h"
 #include "model/moe_model.h"
+#include "muonps/v1/coordinator.grpc.pb.h"
+#include "muonps/v1/shard.grpc.pb.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/registry.h"
+#include "rpc/membership.h"
 
 namespace muonps {
 
@@ -103,9 +103,9 @@ class Worker {
 
   struct Metrics {
     explicit Metrics(prometheus::Registry& registry);
-    prometheus::Family<prometheus::Counter>& seconds;    // {phase}
-    prometheus::Family<prometheus::Gauge>& last_seconds;  // {phase}
-    prometheus::Family<prometheus::Counter>& tasks;      // {kind}
+    prometheus::Family<prometheus::Counter>& seconds;      // {phase}
+    prometheus::Family<prometheus::Gauge>& last_seconds;   // {phase}
+    prometheus::Family<prometheus::Counter>& tasks;        // {kind}
     prometheus::Family<prometheus::Gauge>& expert_tokens;  // {layer, expert}
     prometheus::Counter& tokens;
     prometheus::Gauge& flops_per_second;
