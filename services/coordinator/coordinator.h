@@ -70,8 +70,10 @@ class Coordinator {
  private:
   class JobServiceImpl;
   class ClusterServiceImpl;
+  class JobRun;  // one running job, from placement to its end (job_run.cc)
   friend class JobServiceImpl;
   friend class ClusterServiceImpl;
+  friend class JobRun;
 
   struct Member {
     std::string id, address;
