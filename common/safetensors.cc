@@ -167,8 +167,10 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::string& path) {
       }
       continue;
     }
+    // (Lambdas may not capture structured bindings before C++20 in clang 14.)
+    const std::string& tensor = name;
     auto bad = [&](const std::string& what) {
-      return invalid(absl::StrFormat("tensor '%s': %s", name, what));
+      return invalid(absl::StrFormat("tensor '%s': %s", tensor, what));
     };
     if (!value.is_object()) return bad("entry is not an object");
     Entry entry;

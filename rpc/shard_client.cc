@@ -28,14 +28,14 @@ using google::protobuf::io::CodedOutputStream;
 constexpr char kPushMethod[] = "/muonps.v1.ShardService/PushGradients";
 constexpr char kPullMethod[] = "/muonps.v1.ShardService/PullParameters";
 
-// Field numbers of shard.proto and tensor.proto.
+// Field numbers of shard.proto, from the generated code.
 enum : int {
-  kPushJobId = 1,
-  kPushStep = 2,
-  kPushSlot = 3,
-  kPushSlotCount = 4,
-  kPushChunk = 5,
-  kPullChunk = 2,
+  kPushJobId = v1::PushGradientsRequest::kJobIdFieldNumber,
+  kPushStep = v1::PushGradientsRequest::kStepFieldNumber,
+  kPushSlot = v1::PushGradientsRequest::kSlotFieldNumber,
+  kPushSlotCount = v1::PushGradientsRequest::kSlotCountFieldNumber,
+  kPushChunk = v1::PushGradientsRequest::kChunkFieldNumber,
+  kPullChunk = v1::PullParametersResponse::kChunkFieldNumber,
 };
 
 }  // namespace

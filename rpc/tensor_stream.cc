@@ -143,7 +143,8 @@ absl::Status TensorAssembler::Add(const v1::TensorChunk& chunk) {
                             received_ / static_cast<int64_t>(sizeof(float)));
     }
   }
-  std::memcpy(*dst, chunk.data().data(), static_cast<size_t>(bytes));
+  // An empty tensor's chunk has no destination: memcpy must not see null.
+  if (bytes > 0) std::memcpy(*dst, chunk.data().data(), static_cast<size_t>(bytes));
   received_ += bytes;
   return absl::OkStatus();
 }

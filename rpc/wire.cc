@@ -13,7 +13,13 @@ using google::protobuf::io::CodedOutputStream;
 absl::Status ReadChunk(CodedInputStream* in, uint32_t length, const PlaceChunk& place,
                        const CommitChunk& commit, const std::string& what) {
   // Field numbers of tensor.proto's TensorChunk.
-  enum : int { kName = 1, kShape = 2, kDtype = 3, kOffset = 4, kData = 5 };
+  enum : int {
+    kName = v1::TensorChunk::kNameFieldNumber,
+    kShape = v1::TensorChunk::kShapeFieldNumber,
+    kDtype = v1::TensorChunk::kDtypeFieldNumber,
+    kOffset = v1::TensorChunk::kOffsetFieldNumber,
+    kData = v1::TensorChunk::kDataFieldNumber,
+  };
   auto malformed = [&](const char* why) {
     return absl::DataLossError(absl::StrCat(what, ": malformed TensorChunk (", why, ")"));
   };
@@ -69,7 +75,12 @@ absl::Status ReadChunk(CodedInputStream* in, uint32_t length, const PlaceChunk& 
 
 std::string EncodeChunkHeader(const std::string& name, const std::vector<int64_t>* shape,
                               int64_t offset) {
-  enum : int { kName = 1, kShape = 2, kDtype = 3, kOffset = 4 };
+  enum : int {
+    kName = v1::TensorChunk::kNameFieldNumber,
+    kShape = v1::TensorChunk::kShapeFieldNumber,
+    kDtype = v1::TensorChunk::kDtypeFieldNumber,
+    kOffset = v1::TensorChunk::kOffsetFieldNumber,
+  };
   std::string out;
   google::protobuf::io::StringOutputStream stream(&out);
   CodedOutputStream coded(&stream);
@@ -89,7 +100,7 @@ std::string EncodeChunkHeader(const std::string& name, const std::vector<int64_t
 
 grpc::ByteBuffer ChunkMessage(const std::string& prefix, int chunk_field,
                               const std::string& chunk_header, const char* data, int64_t bytes) {
-  constexpr int kData = 5;
+  constexpr int kData = v1::TensorChunk::kDataFieldNumber;
   std::string head = prefix;
   {
     google::protobuf::io::StringOutputStream stream(&head);

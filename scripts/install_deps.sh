@@ -37,8 +37,9 @@ PACKAGES=(
 )
 TEST_PACKAGES=(
   googletest libgtest-dev libgmock-dev
-  # the formatter the Format test enforces (.clang-format)
-  clang-format
+  # the formatter the Format test enforces (.clang-format), and clang with
+  # its OpenMP runtime for the -Wthread-safety leg (scripts/sanitize.sh)
+  clang-format clang-14 libomp-14-dev
   # a real Prometheus server and promtool (metrics and dashboard tests), and
   # a YAML parser for the provisioning files
   prometheus python3-yaml

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Installs the dependencies, builds, and runs the whole test suite with ctest.
+# Installs the dependencies, builds, runs the whole test suite with ctest,
+# then the sanitizer and thread-safety legs (scripts/sanitize.sh).
 # This is the README's test command and what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh
 bash scripts/build.sh
 ctest --test-dir build --output-on-failure --timeout 1200 -j 1
+# The checking legs: ASan + UBSan over the unit and service suites, and the
+# lock annotations checked by clang's -Wthread-safety.
+bash scripts/sanitize.sh asan tsa

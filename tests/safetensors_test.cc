@@ -53,7 +53,8 @@ std::string FloatBytes(const std::vector<float>& values) {
 }
 
 bool BitEqual(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
 // Expects Open to refuse `path` with InvalidArgument mentioning `needle`

@@ -217,7 +217,8 @@ std::string Describe(const grpc::Status& status) {
 
 // Bit equality of two float vectors.
 bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
 class ShardServiceTest : public testing_util::TempDirTest {

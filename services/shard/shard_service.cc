@@ -262,7 +262,8 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
       google::protobuf::io::StringOutputStream stream(&prefix_);
       google::protobuf::io::CodedOutputStream coded(&stream);
       if (*version != 0)
-        google::protobuf::internal::WireFormatLite::WriteInt64(1, *version, &coded);
+        google::protobuf::internal::WireFormatLite::WriteInt64(
+            v1::PullParametersResponse::kVersionFieldNumber, *version, &coded);
     }
     state_ = State::kStreaming;
     start_ = std::chrono::steady_clock::now();
@@ -561,7 +562,13 @@ class ShardServiceImpl::PushReactor final : public grpc::ServerReadReactor<grpc:
 
  private:
   // Field numbers of shard.proto's PushGradientsRequest.
-  enum : int { kJobId = 1, kStep = 2, kSlot = 3, kSlotCount = 4, kChunk = 5 };
+  enum : int {
+    kJobId = v1::PushGradientsRequest::kJobIdFieldNumber,
+    kStep = v1::PushGradientsRequest::kStepFieldNumber,
+    kSlot = v1::PushGradientsRequest::kSlotFieldNumber,
+    kSlotCount = v1::PushGradientsRequest::kSlotCountFieldNumber,
+    kChunk = v1::PushGradientsRequest::kChunkFieldNumber,
+  };
 
   void Decode() {
     using google::protobuf::internal::WireFormatLite;
