@@ -1,0 +1,221 @@
+// The pull path of the shard service: PullParameters streams a version of
+// the shard's tensors once the shard has reached it.
+#include <grpcpp/support/proto_buffer_reader.h>
+
+#include <atomic>
+#include <chrono>
+#include <limits>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "checkpoint/checkpoint.h"
+#include "common/job_spec.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "google/protobuf/util/message_differencer.h"
+#include "google/protobuf/wire_format_lite.h"
+#include "rpc/metrics.h"
+#include "rpc/rpc_util.h"
+#include "rpc/tensor_stream.h"
+#include "rpc/wire.h"
+#include "services/shard/shard_service.h"
+
+namespace muonps {
+
+// PullParameters as a raw callback method: it waits for its version without
+// holding a thread (the service wakes waiting pulls when the version, the
+// job or the shutdown state changes, and every 50 ms for deadlines), then
+// streams the version's snapshot as messages whose payload slices point at
+// the snapshot itself.
+class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+ public:
+  PullReactor(ShardServiceImpl* service, grpc::CallbackServerContext* context,
+              const grpc::ByteBuffer* request)
+      : service_(service) {
+    grpc::ByteBuffer copy(*request);
+    grpc::ProtoBufferReader stream(&copy);
+    if (!request_.ParseFromZeroCopyStream(&stream)) {
+      error_ = absl::InvalidArgumentError("malformed PullParametersRequest");
+      return;
+    }
+    chunk_bytes_ =
+        request_.max_chunk_bytes() == 0 ? kDefaultChunkBytes : request_.max_chunk_bytes();
+    if (chunk_bytes_ < 4 || chunk_bytes_ > kMaxChunkBytes) {
+      error_ = absl::InvalidArgumentError(absl::StrCat("max_chunk_bytes: must be in [4, ",
+                                                       kMaxChunkBytes, "], got ",
+                                                       request_.max_chunk_bytes()));
+    } else if (request_.version() < 0) {
+      error_ = absl::InvalidArgumentError("version: must be >= 0");
+    }
+    wait_seconds_ = std::min(600.0, std::max(0.0, request_.wait_seconds()));
+    deadline_ = absl::Now() + absl::Seconds(wait_seconds_);
+    (void)context;
+  }
+
+  // Starts the stream when its version is there, finishes it on an error or
+  // an expired wait, else keeps waiting. Safe to call at any time.
+  void Wake() {
+    absl::MutexLock lock(&mu_);
+    if (state_ != State::kWaiting) return;
+    if (!error_.ok()) return FinishLocked(ToGrpcStatus(error_));
+    std::shared_ptr<ShardState> shard;
+    {
+      absl::MutexLock service_lock(&service_->mu_);
+      if (service_->shutdown_) {
+        return FinishLocked(Refuse(absl::StatusCode::kUnavailable, "shard is shutting down"));
+      }
+      if (service_->state_ == nullptr || service_->job_id_ != request_.job_id()) {
+        return FinishLocked(Refuse(
+            absl::StatusCode::kNotFound,
+            absl::StrCat("job_id: this shard does not hold job \"", request_.job_id(), "\"")));
+      }
+      if (service_->version_ < request_.version()) {
+        if (absl::Now() < deadline_) return;  // keep waiting
+        return FinishLocked(Refuse(
+            absl::StatusCode::kDeadlineExceeded,
+            absl::StrCat("version ", request_.version(), " not reached within ", wait_seconds_,
+                         " s; the shard is at version ", service_->version_)));
+      }
+      shard = service_->state_;
+    }
+    const std::vector<std::string> names(request_.tensors().begin(), request_.tensors().end());
+    absl::StatusOr<int64_t> version = shard->Parameters(names, &values_);
+    if (!version.ok()) return FinishLocked(ToGrpcStatus(version.status()));
+    if (*version != request_.version()) {
+      return FinishLocked(Refuse(absl::StatusCode::kFailedPrecondition,
+                                 absl::StrCat("version: ", request_.version(),
+                                              " is gone; the shard is at version ", *version)));
+    }
+    // The version's own field, in front of every message's chunk.
+    {
+      google::protobuf::io::StringOutputStream stream(&prefix_);
+      google::protobuf::io::CodedOutputStream coded(&stream);
+      if (*version != 0)
+        google::protobuf::internal::WireFormatLite::WriteInt64(
+            v1::PullParametersResponse::kVersionFieldNumber, *version, &coded);
+    }
+    state_ = State::kStreaming;
+    start_ = std::chrono::steady_clock::now();
+    WriteNextLocked();
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    if (state_ != State::kStreaming) return;
+    if (!ok)
+      return FinishLocked(Refuse(absl::StatusCode::kCancelled, "the client closed the stream"));
+    WriteNextLocked();
+  }
+
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    if (state_ == State::kWaiting) FinishLocked(Refuse(absl::StatusCode::kCancelled, "cancelled"));
+  }
+
+  // The service deletes the reactor (under its pull lock) once this is set.
+  void OnDone() override { done_.store(true); }
+  bool done() const { return done_.load(); }
+
+ private:
+  enum class State { kWaiting, kStreaming, kFinished };
+
+  void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    while (tensor_ < values_.size()) {
+      const TensorInfo& info = *values_[tensor_].first;
+      const int64_t total = info.numel * static_cast<int64_t>(sizeof(float));
+      if (offset_ < total || (total == 0 && offset_ == 0 && !wrote_empty_)) {
+        const int64_t step = ChunkPayloadBytes(chunk_bytes_);
+        const int64_t bytes = std::min(step, total - offset_);
+        const char* data = reinterpret_cast<const char*>(values_[tensor_].second->data());
+        out_ = ChunkMessage(
+            prefix_, /*chunk_field=*/2,
+            EncodeChunkHeader(info.name, offset_ == 0 ? &info.shape : nullptr, offset_),
+            data + offset_, bytes);
+        offset_ += bytes;
+        pulled_ += bytes;
+        wrote_empty_ = total == 0;
+        StartWrite(&out_);
+        return;
+      }
+      ++tensor_;
+      offset_ = 0;
+      wrote_empty_ = false;
+    }
+    service_->metrics_.pulled_bytes.Increment(static_cast<double>(pulled_));
+    service_->metrics_.pull_seconds.Observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+    FinishLocked(grpc::Status::OK);
+  }
+
+  void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (state_ == State::kFinished) return;
+    state_ = State::kFinished;
+    Finish(status);
+  }
+
+  ShardServiceImpl* service_;
+  v1::PullParametersRequest request_;
+  absl::Status error_;
+  int64_t chunk_bytes_ = kDefaultChunkBytes;
+  double wait_seconds_ = 0.0;
+  absl::Time deadline_;
+  absl::Mutex mu_;
+  State state_ ABSL_GUARDED_BY(mu_) = State::kWaiting;
+  std::vector<std::pair<const TensorInfo*, ShardState::Snapshot>> values_ ABSL_GUARDED_BY(mu_);
+  std::string prefix_ ABSL_GUARDED_BY(mu_);
+  size_t tensor_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t offset_ ABSL_GUARDED_BY(mu_) = 0;
+  bool wrote_empty_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t pulled_ ABSL_GUARDED_BY(mu_) = 0;
+  grpc::ByteBuffer out_ ABSL_GUARDED_BY(mu_);
+  std::chrono::steady_clock::time_point start_;
+  std::atomic<bool> done_{false};
+};
+
+grpc::ServerWriteReactor<grpc::ByteBuffer>* ShardServiceImpl::PullParameters(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
+  auto* reactor = new PullReactor(this, context, request);
+  {
+    absl::MutexLock lock(&pulls_mu_);
+    pulls_.insert(reactor);
+  }
+  reactor->Wake();
+  return reactor;
+}
+
+void ShardServiceImpl::WakePulls() {
+  absl::MutexLock lock(&pulls_mu_);
+  for (auto it = pulls_.begin(); it != pulls_.end();) {
+    PullReactor* reactor = *it;
+    if (reactor->done()) {
+      it = pulls_.erase(it);
+      delete reactor;
+    } else {
+      reactor->Wake();
+      ++it;
+    }
+  }
+}
+
+ShardServiceImpl::~ShardServiceImpl() {
+  {
+    absl::MutexLock lock(&mu_);
+    timer_stop_ = true;
+  }
+  pull_timer_.join();
+  absl::MutexLock lock(&pulls_mu_);
+  for (PullReactor* reactor : pulls_) delete reactor;  // the server has stopped: all are done
+}
+
+void ShardServiceImpl::PullTimerLoop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (mu_.AwaitWithTimeout(absl::Condition(&timer_stop_), absl::Milliseconds(50))) return;
+    }
+    WakePulls();
+  }
+}
+
+}  // namespace muonps

@@ -1,0 +1,268 @@
+// The push path of the shard service: PushGradients assembles a stream of
+// gradient chunks and hands the whole push to ShardState.
+#include <grpcpp/support/proto_buffer_reader.h>
+
+#include <atomic>
+#include <chrono>
+#include <limits>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "checkpoint/checkpoint.h"
+#include "common/job_spec.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "google/protobuf/util/message_differencer.h"
+#include "google/protobuf/wire_format_lite.h"
+#include "rpc/metrics.h"
+#include "rpc/rpc_util.h"
+#include "rpc/tensor_stream.h"
+#include "rpc/wire.h"
+#include "services/shard/shard_service.h"
+
+namespace muonps {
+
+// One gradient push, message by message: the first message names the job,
+// step and slot range; chunks are assembled into buffers recycled by the
+// shard; the whole push is handed to ShardState at the end, or refused with
+// the first error (later messages are then only drained).
+class ShardServiceImpl::PushSession {
+ public:
+  explicit PushSession(ShardServiceImpl* service) : service_(service) {}
+
+  struct Fields {
+    std::string job_id;
+    int64_t step = 0;
+    int slot = 0, slot_count = 0;
+  };
+
+  bool failed() const { return !failed_.ok(); }
+
+  // The request's own fields of the next message.
+  void Begin(const Fields& fields) {
+    if (failed()) return;
+    if (first_) {
+      first_ = false;
+      start_ = std::chrono::steady_clock::now();
+      fields_ = fields;
+      if (fields_.slot_count == 0) fields_.slot_count = 1;
+      absl::StatusOr<std::shared_ptr<ShardState>> found = service_->Find(fields_.job_id);
+      if (!found.ok()) {
+        failed_ = found.status();
+        return;
+      }
+      state_ = *found;
+    } else if ((!fields.job_id.empty() && fields.job_id != fields_.job_id) ||
+               (fields.step != 0 && fields.step != fields_.step) ||
+               (fields.slot != 0 && fields.slot != fields_.slot) ||
+               (fields.slot_count != 0 && fields.slot_count != fields_.slot_count)) {
+      failed_ = absl::InvalidArgumentError(
+          "job_id/step/slot/slot_count: later messages of a push must repeat the first's values "
+          "or leave them unset");
+    }
+  }
+
+  // Where the next `bytes` of the chunk `header` go.
+  absl::StatusOr<char*> Reserve(const v1::TensorChunk& header, int64_t bytes) {
+    if (failed()) return failed_;
+    if (bytes > kMaxChunkBytes) {
+      return Fail(absl::ResourceExhaustedError(absl::StrCat("tensor ", header.name(), ": chunk of ",
+                                                            bytes, " bytes, over the ",
+                                                            kMaxChunkBytes, "-byte limit")));
+    }
+    if (current_ == nullptr || header.name() != current_->name()) {
+      if (current_ != nullptr) {
+        if (absl::Status st = current_->Finish(); !st.ok()) return Fail(st);
+      }
+      const TensorInfo* info = state_->layout().Find(header.name());
+      if (info == nullptr || !state_->Owns(header.name())) {
+        return Fail(
+            absl::NotFoundError(absl::StrCat("tensor ", header.name(), " is not on this shard")));
+      }
+      if (buffers_.count(header.name()) != 0) {
+        return Fail(absl::InvalidArgumentError(
+            absl::StrCat("tensor ", header.name(), " appears twice in one push")));
+      }
+      std::vector<float>& buffer = buffers_[header.name()];
+      buffer = state_->TakeBuffer(info->numel);
+      // Finiteness is checked once, by ShardState, before anything is kept.
+      current_ = std::make_unique<TensorAssembler>(header.name(), info->shape, buffer.data(),
+                                                   /*require_finite=*/false);
+    }
+    absl::StatusOr<char*> dst = current_->Reserve(header, bytes);
+    if (!dst.ok()) return Fail(dst.status());
+    last_ = *dst;
+    last_offset_ = header.offset();
+    return dst;
+  }
+
+  absl::Status Commit(int64_t bytes) {
+    // Checked now, while the chunk is in cache, not later over the whole push.
+    const int64_t bad = FirstNonFinite(last_, bytes / static_cast<int64_t>(sizeof(float)));
+    if (bad >= 0) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("tensor ", current_->name(), ": non-finite gradient value at element ",
+                       last_offset_ / static_cast<int64_t>(sizeof(float)) + bad)));
+    }
+    if (absl::Status st = current_->Commit(bytes); !st.ok()) return Fail(st);
+    bytes_ += bytes;
+    return absl::OkStatus();
+  }
+
+  // Records a refusal (the first one wins) and returns it.
+  absl::Status Fail(const absl::Status& status) {
+    if (failed_.ok()) failed_ = status;
+    return failed_;
+  }
+
+  // After the last message.
+  grpc::Status Finish(v1::PushGradientsResponse* response) {
+    if (first_) return Refuse(absl::StatusCode::kInvalidArgument, "empty push: no messages");
+    if (failed_.ok() && current_ != nullptr) failed_ = current_->Finish();
+    if (!failed_.ok()) return ToGrpcStatus(failed_);
+    std::vector<ShardState::Gradient> grads;
+    for (const TensorInfo* info : state_->Trainable()) {
+      auto it = buffers_.find(info->name);
+      if (it == buffers_.end()) {
+        return Refuse(absl::StatusCode::kInvalidArgument,
+                      absl::StrCat("tensor ", info->name,
+                                   ": missing from the push (a push carries every trainable "
+                                   "tensor the shard owns)"));
+      }
+      grads.push_back({info->name, it->second.data(), info->numel, &it->second,
+                       /*finite_checked=*/true});
+    }
+    if (grads.size() != buffers_.size()) {
+      for (const auto& [name, buffer] : buffers_) {
+        const TensorInfo* info = state_->layout().Find(name);
+        if (!info->trainable()) {
+          return Refuse(absl::StatusCode::kFailedPrecondition,
+                        absl::StrCat("tensor ", name, " is a buffer: it takes no gradient"));
+        }
+      }
+    }
+    absl::StatusOr<bool> counted =
+        state_->AddGradients(fields_.step, fields_.slot, fields_.slot_count, grads);
+    if (!counted.ok()) return ToGrpcStatus(counted.status());
+    response->set_counted(*counted);
+    response->set_tensors(static_cast<int32_t>(grads.size()));
+    response->set_bytes(bytes_);
+    service_->metrics_.pushed_bytes.Increment(static_cast<double>(bytes_));
+    service_->metrics_.push_seconds.Observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+    return grpc::Status::OK;
+  }
+
+ private:
+  ShardServiceImpl* service_;
+  bool first_ = true;
+  Fields fields_;
+  std::shared_ptr<ShardState> state_;
+  std::map<std::string, std::vector<float>> buffers_;
+  std::unique_ptr<TensorAssembler> current_;
+  char* last_ = nullptr;  // the chunk being received
+  int64_t last_offset_ = 0;
+  int64_t bytes_ = 0;
+  absl::Status failed_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+// PushGradients served from gRPC's receive buffers: each message is decoded
+// in place and its payload copied once, into the buffer it is assembled in.
+class ShardServiceImpl::PushReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
+ public:
+  PushReactor(ShardServiceImpl* service, grpc::ByteBuffer* response)
+      : session_(service), response_(response) {
+    StartRead(&buffer_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client closed its side (or the call ended)
+      v1::PushGradientsResponse response;
+      const grpc::Status status = session_.Finish(&response);
+      if (status.ok()) {
+        grpc::Slice slice(response.SerializeAsString());
+        *response_ = grpc::ByteBuffer(&slice, 1);
+      }
+      Finish(status);
+      return;
+    }
+    if (!session_.failed()) Decode();
+    buffer_.Clear();
+    StartRead(&buffer_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  // Field numbers of shard.proto's PushGradientsRequest.
+  enum : int {
+    kJobId = v1::PushGradientsRequest::kJobIdFieldNumber,
+    kStep = v1::PushGradientsRequest::kStepFieldNumber,
+    kSlot = v1::PushGradientsRequest::kSlotFieldNumber,
+    kSlotCount = v1::PushGradientsRequest::kSlotCountFieldNumber,
+    kChunk = v1::PushGradientsRequest::kChunkFieldNumber,
+  };
+
+  void Decode() {
+    using google::protobuf::internal::WireFormatLite;
+    grpc::ProtoBufferReader stream(&buffer_);
+    google::protobuf::io::CodedInputStream in(&stream);
+    in.SetTotalBytesLimit(std::numeric_limits<int>::max());
+    auto malformed = [&] {
+      (void)session_.Fail(absl::InvalidArgumentError("malformed PushGradientsRequest"));
+    };
+    PushSession::Fields fields;
+    bool begun = false;
+    while (uint32_t tag = in.ReadTag()) {
+      const int field = WireFormatLite::GetTagFieldNumber(tag);
+      const auto type = WireFormatLite::GetTagWireType(tag);
+      uint64_t v = 0;
+      if (field == kJobId && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+        if (!WireFormatLite::ReadString(&in, &fields.job_id)) return malformed();
+      } else if ((field == kStep || field == kSlot || field == kSlotCount) &&
+                 type == WireFormatLite::WIRETYPE_VARINT) {
+        if (!in.ReadVarint64(&v)) return malformed();
+        if (field == kStep) fields.step = static_cast<int64_t>(v);
+        if (field == kSlot) fields.slot = static_cast<int32_t>(v);
+        if (field == kSlotCount) fields.slot_count = static_cast<int32_t>(v);
+      } else if (field == kChunk && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+        // The request's own fields come first (protobuf writes fields in number order).
+        session_.Begin(fields);
+        begun = true;
+        if (session_.failed()) return;
+        uint32_t length = 0;
+        if (!in.ReadVarint32(&length)) return malformed();
+        absl::Status st = ReadChunk(
+            &in, length,
+            [&](const v1::TensorChunk& header, int64_t bytes) {
+              return session_.Reserve(header, bytes);
+            },
+            [&](int64_t bytes) { return session_.Commit(bytes); }, "PushGradientsRequest");
+        if (!st.ok()) (void)session_.Fail(st);
+        if (session_.failed()) return;
+      } else if (!WireFormatLite::SkipField(&in, tag)) {
+        return malformed();
+      }
+    }
+    if (!begun) {  // a message without a chunk: its fields still count
+      session_.Begin(fields);
+      if (!session_.failed()) {
+        (void)session_.Fail(
+            absl::InvalidArgumentError("chunk: a push message must carry a tensor chunk"));
+      }
+    }
+  }
+
+  PushSession session_;
+  grpc::ByteBuffer* response_;
+  grpc::ByteBuffer buffer_;
+};
+
+grpc::ServerReadReactor<grpc::ByteBuffer>* ShardServiceImpl::PushGradients(
+    grpc::CallbackServerContext*, grpc::ByteBuffer* response) {
+  return new PushReactor(this, response);
+}
+
+}  // namespace muonps
