@@ -6,14 +6,10 @@
 #include <grpcpp/support/sync_stream.h>
 
 #include <algorithm>
-#include <limits>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "google/protobuf/io/coded_stream.h"
-#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
-#include "google/protobuf/wire_format_lite.h"
 #include "rpc/rpc_util.h"
 #include "rpc/tensor_stream.h"
 #include "rpc/wire.h"
@@ -21,22 +17,8 @@
 namespace muonps {
 namespace {
 
-using google::protobuf::internal::WireFormatLite;
-using google::protobuf::io::CodedInputStream;
-using google::protobuf::io::CodedOutputStream;
-
 constexpr char kPushMethod[] = "/muonps.v1.ShardService/PushGradients";
 constexpr char kPullMethod[] = "/muonps.v1.ShardService/PullParameters";
-
-// Field numbers of shard.proto, from the generated code.
-enum : int {
-  kPushJobId = v1::PushGradientsRequest::kJobIdFieldNumber,
-  kPushStep = v1::PushGradientsRequest::kStepFieldNumber,
-  kPushSlot = v1::PushGradientsRequest::kSlotFieldNumber,
-  kPushSlotCount = v1::PushGradientsRequest::kSlotCountFieldNumber,
-  kPushChunk = v1::PushGradientsRequest::kChunkFieldNumber,
-  kPullChunk = v1::PullParametersResponse::kChunkFieldNumber,
-};
 
 }  // namespace
 
@@ -53,17 +35,8 @@ absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& l
       grpc::internal::ClientWriterFactory<grpc::ByteBuffer>::Create(channel, method, &context,
                                                                     response));
   // The request's own fields travel in the first message only.
-  std::string top;
-  {
-    google::protobuf::io::StringOutputStream stream(&top);
-    CodedOutputStream coded(&stream);
-    WireFormatLite::WriteString(kPushJobId, target.job_id, &coded);
-    if (target.step != 0) WireFormatLite::WriteInt64(kPushStep, target.step, &coded);
-    if (target.first_slot != 0) WireFormatLite::WriteInt32(kPushSlot, target.first_slot, &coded);
-    if (target.slot_count != 0)
-      WireFormatLite::WriteInt32(kPushSlotCount, target.slot_count, &coded);
-    coded.Trim();
-  }
+  std::string top =
+      EncodePushFields({target.job_id, target.step, target.first_slot, target.slot_count});
   const int64_t step = ChunkPayloadBytes(chunk_bytes);
   bool open = true;
   for (const std::string& name : tensors) {
@@ -76,7 +49,8 @@ absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& l
       const int64_t bytes = std::min(step, total - offset);
       const std::string header =
           EncodeChunkHeader(name, offset == 0 ? &info->shape : nullptr, offset);
-      open = writer->Write(ChunkMessage(top, kPushChunk, header, data + offset, bytes));
+      open = writer->Write(ChunkMessage(top, v1::PushGradientsRequest::kChunkFieldNumber, header,
+                                        data + offset, bytes));
       top.clear();
       offset += bytes;
     } while (open && offset < total);
@@ -95,11 +69,6 @@ absl::Status DecodePull(grpc::ByteBuffer* buffer, const ModelLayout& layout, flo
                         std::unique_ptr<TensorAssembler>* current, int* received,
                         const std::string& what) {
   grpc::ProtoBufferReader stream(buffer);
-  CodedInputStream in(&stream);
-  in.SetTotalBytesLimit(std::numeric_limits<int>::max());
-  auto malformed = [&](absl::string_view why) {
-    return absl::DataLossError(absl::StrCat(what, ": malformed response (", why, ")"));
-  };
   // Where `bytes` of the chunk described by `header` go (a new tensor starts
   // a new assembler).
   auto place = [&](const v1::TensorChunk& header, int64_t bytes) -> absl::StatusOr<char*> {
@@ -115,19 +84,8 @@ absl::Status DecodePull(grpc::ByteBuffer* buffer, const ModelLayout& layout, flo
     }
     return (*current)->Reserve(header, bytes);
   };
-  while (uint32_t tag = in.ReadTag()) {
-    const int field = WireFormatLite::GetTagFieldNumber(tag);
-    if (field != kPullChunk ||
-        WireFormatLite::GetTagWireType(tag) != WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
-      if (!WireFormatLite::SkipField(&in, tag)) return malformed("field");
-      continue;
-    }
-    uint32_t length = 0;
-    if (!in.ReadVarint32(&length)) return malformed("chunk length");
-    MUONPS_RETURN_IF_ERROR(ReadChunk(
-        &in, length, place, [&](int64_t bytes) { return (*current)->Commit(bytes); }, what));
-  }
-  return absl::OkStatus();
+  return muonps::DecodePull(
+      &stream, place, [&](int64_t bytes) { return (*current)->Commit(bytes); }, what);
 }
 
 }  // namespace

@@ -1,7 +1,15 @@
-// Reading TensorChunk messages straight off gRPC's receive buffers, with the
-// payload copied once into its final place instead of into a protobuf string
-// first. Used where the payload is large: a worker's pulls and a shard's
-// pushes. The bytes are the messages of tensor.proto / shard.proto.
+// The hand-written wire format of the large tensor messages: every encoding
+// and decoding of PushGradientsRequest and PullParametersResponse that does
+// not go through protobuf's generated classes lives here. Payloads are read
+// straight off gRPC's receive buffers and copied once into their final place
+// instead of into a protobuf string first; on the way out they are
+// referenced, not copied. Field numbers come from the generated code. The
+// bytes are the messages of tensor.proto / shard.proto, so a client that
+// uses the generated classes interoperates.
+//
+// Every decoder treats its input as hostile: lengths are checked against
+// the bytes that remain before anything is placed, and malformed input is a
+// status, never a crash.
 #ifndef MUONPS_RPC_WIRE_H_
 #define MUONPS_RPC_WIRE_H_
 
@@ -13,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "muonps/v1/tensor.pb.h"
 
@@ -43,6 +52,39 @@ std::string EncodeChunkHeader(const std::string& name, const std::vector<int64_t
 // unchanged until the message has been sent.
 grpc::ByteBuffer ChunkMessage(const std::string& prefix, int chunk_field,
                               const std::string& chunk_header, const char* data, int64_t bytes);
+
+// The request's own fields of a PushGradientsRequest (everything but chunk).
+struct PushFields {
+  std::string job_id;
+  int64_t step = 0;
+  int32_t slot = 0;
+  int32_t slot_count = 0;
+};
+
+// The encoded PushGradientsRequest fields of `fields` (unset when zero or
+// empty, as protobuf writes them): the prefix of a push's first message.
+std::string EncodePushFields(const PushFields& fields);
+
+// Called with a push message's own fields before its first chunk is read, or
+// at the end of a message that has no chunk (has_chunk false). A non-OK
+// status stops the decoding and is returned as is.
+using BeginPush = std::function<absl::Status(const PushFields& fields, bool has_chunk)>;
+
+// Decodes one PushGradientsRequest message from `in`: its own fields go to
+// `begin`, each chunk's payload through `place` and `commit` (see
+// ReadChunk). Malformed bytes are INVALID_ARGUMENT.
+absl::Status DecodePush(google::protobuf::io::ZeroCopyInputStream* in, const BeginPush& begin,
+                        const PlaceChunk& place, const CommitChunk& commit);
+
+// The encoded `version` field of a PullParametersResponse (empty for 0): the
+// prefix of every message of a pull.
+std::string EncodePullVersion(int64_t version);
+
+// Decodes one PullParametersResponse message from `in`: each chunk's payload
+// goes through `place` and `commit`; the version field is skipped (the
+// caller asked for it). Malformed bytes are DATA_LOSS naming `what`.
+absl::Status DecodePull(google::protobuf::io::ZeroCopyInputStream* in, const PlaceChunk& place,
+                        const CommitChunk& commit, const std::string& what);
 
 }  // namespace muonps
 

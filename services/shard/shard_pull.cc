@@ -4,17 +4,12 @@
 
 #include <atomic>
 #include <chrono>
-#include <limits>
 #include <map>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "checkpoint/checkpoint.h"
 #include "common/job_spec.h"
-#include "google/protobuf/io/coded_stream.h"
-#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
-#include "google/protobuf/util/message_differencer.h"
-#include "google/protobuf/wire_format_lite.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc_util.h"
 #include "rpc/tensor_stream.h"
@@ -88,13 +83,7 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
                                               " is gone; the shard is at version ", *version)));
     }
     // The version's own field, in front of every message's chunk.
-    {
-      google::protobuf::io::StringOutputStream stream(&prefix_);
-      google::protobuf::io::CodedOutputStream coded(&stream);
-      if (*version != 0)
-        google::protobuf::internal::WireFormatLite::WriteInt64(
-            v1::PullParametersResponse::kVersionFieldNumber, *version, &coded);
-    }
+    prefix_ = EncodePullVersion(*version);
     state_ = State::kStreaming;
     start_ = std::chrono::steady_clock::now();
     WriteNextLocked();

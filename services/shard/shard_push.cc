@@ -2,19 +2,13 @@
 // gradient chunks and hands the whole push to ShardState.
 #include <grpcpp/support/proto_buffer_reader.h>
 
-#include <atomic>
 #include <chrono>
-#include <limits>
 #include <map>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "checkpoint/checkpoint.h"
 #include "common/job_spec.h"
-#include "google/protobuf/io/coded_stream.h"
-#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
-#include "google/protobuf/util/message_differencer.h"
-#include "google/protobuf/wire_format_lite.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc_util.h"
 #include "rpc/tensor_stream.h"
@@ -31,13 +25,11 @@ class ShardServiceImpl::PushSession {
  public:
   explicit PushSession(ShardServiceImpl* service) : service_(service) {}
 
-  struct Fields {
-    std::string job_id;
-    int64_t step = 0;
-    int slot = 0, slot_count = 0;
-  };
+  using Fields = PushFields;
 
   bool failed() const { return !failed_.ok(); }
+  // OK, or the refusal recorded so far.
+  const absl::Status& status() const { return failed_; }
 
   // The request's own fields of the next message.
   void Begin(const Fields& fields) {
@@ -196,63 +188,22 @@ class ShardServiceImpl::PushReactor final : public grpc::ServerReadReactor<grpc:
   void OnDone() override { delete this; }
 
  private:
-  // Field numbers of shard.proto's PushGradientsRequest.
-  enum : int {
-    kJobId = v1::PushGradientsRequest::kJobIdFieldNumber,
-    kStep = v1::PushGradientsRequest::kStepFieldNumber,
-    kSlot = v1::PushGradientsRequest::kSlotFieldNumber,
-    kSlotCount = v1::PushGradientsRequest::kSlotCountFieldNumber,
-    kChunk = v1::PushGradientsRequest::kChunkFieldNumber,
-  };
-
   void Decode() {
-    using google::protobuf::internal::WireFormatLite;
     grpc::ProtoBufferReader stream(&buffer_);
-    google::protobuf::io::CodedInputStream in(&stream);
-    in.SetTotalBytesLimit(std::numeric_limits<int>::max());
-    auto malformed = [&] {
-      (void)session_.Fail(absl::InvalidArgumentError("malformed PushGradientsRequest"));
-    };
-    PushSession::Fields fields;
-    bool begun = false;
-    while (uint32_t tag = in.ReadTag()) {
-      const int field = WireFormatLite::GetTagFieldNumber(tag);
-      const auto type = WireFormatLite::GetTagWireType(tag);
-      uint64_t v = 0;
-      if (field == kJobId && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
-        if (!WireFormatLite::ReadString(&in, &fields.job_id)) return malformed();
-      } else if ((field == kStep || field == kSlot || field == kSlotCount) &&
-                 type == WireFormatLite::WIRETYPE_VARINT) {
-        if (!in.ReadVarint64(&v)) return malformed();
-        if (field == kStep) fields.step = static_cast<int64_t>(v);
-        if (field == kSlot) fields.slot = static_cast<int32_t>(v);
-        if (field == kSlotCount) fields.slot_count = static_cast<int32_t>(v);
-      } else if (field == kChunk && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
-        // The request's own fields come first (protobuf writes fields in number order).
-        session_.Begin(fields);
-        begun = true;
-        if (session_.failed()) return;
-        uint32_t length = 0;
-        if (!in.ReadVarint32(&length)) return malformed();
-        absl::Status st = ReadChunk(
-            &in, length,
-            [&](const v1::TensorChunk& header, int64_t bytes) {
-              return session_.Reserve(header, bytes);
-            },
-            [&](int64_t bytes) { return session_.Commit(bytes); }, "PushGradientsRequest");
-        if (!st.ok()) (void)session_.Fail(st);
-        if (session_.failed()) return;
-      } else if (!WireFormatLite::SkipField(&in, tag)) {
-        return malformed();
-      }
-    }
-    if (!begun) {  // a message without a chunk: its fields still count
-      session_.Begin(fields);
-      if (!session_.failed()) {
-        (void)session_.Fail(
-            absl::InvalidArgumentError("chunk: a push message must carry a tensor chunk"));
-      }
-    }
+    const absl::Status st = DecodePush(
+        &stream,
+        [&](const PushFields& fields, bool has_chunk) -> absl::Status {
+          session_.Begin(fields);
+          if (!session_.failed() && !has_chunk) {
+            return absl::InvalidArgumentError("chunk: a push message must carry a tensor chunk");
+          }
+          return session_.status();
+        },
+        [&](const v1::TensorChunk& header, int64_t bytes) {
+          return session_.Reserve(header, bytes);
+        },
+        [&](int64_t bytes) { return session_.Commit(bytes); });
+    if (!st.ok()) (void)session_.Fail(st);
   }
 
   PushSession session_;
