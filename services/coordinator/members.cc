@@ -1,0 +1,273 @@
+// The cluster side of the coordinator: members register, heartbeat and lose
+// their leases; workers take tasks and report slots, evaluations and
+// failures.
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "common/numerics.h"
+#include "rpc/metrics.h"
+#include "rpc/rpc_util.h"
+#include "services/coordinator/coordinator.h"
+#include "step/step.h"
+
+namespace muonps {
+namespace {
+
+grpc::Status UnknownJob(const std::string& job_id) {
+  return Refuse(absl::StatusCode::kNotFound, absl::StrCat("job_id: no job \"", job_id, "\""));
+}
+
+}  // namespace
+grpc::Status Coordinator::GetCluster(v1::GetClusterResponse* response) {
+  absl::MutexLock lock(&mu_);
+  ExpireMembersLocked();
+  for (bool shards : {true, false}) {
+    for (const Member* m : LiveLocked(shards)) {
+      v1::Member* out = shards ? response->add_shards() : response->add_workers();
+      out->set_member_id(m->id);
+      out->set_address(m->address);
+      out->set_last_seen_seconds_ago(absl::ToDoubleSeconds(absl::Now() - m->last_seen));
+      out->set_job_id(m->job_id);
+    }
+  }
+  return grpc::Status::OK;
+}
+
+// ---------------------------------------------------------------------------
+// ClusterService
+
+grpc::Status Coordinator::Register(bool shard, const std::string& address, int threads,
+                                   const v1::NumericsProfile& numerics, std::string* member_id) {
+  if (shard && address.empty()) {
+    return Refuse(absl::StatusCode::kInvalidArgument,
+                  "address: a shard must give the address it serves on");
+  }
+  const std::string who = absl::StrCat(shard ? "the shard at " : "the worker at ",
+                                       address.empty() ? "?" : address.substr(0, 256));
+  if (absl::Status st = CheckSameNumerics(numerics, who, LocalNumerics(), "the coordinator");
+      !st.ok()) {
+    metrics_.refused_members.Increment();
+    Log(std::string(st.message()));
+    return Refuse(absl::StatusCode::kFailedPrecondition, std::string(st.message()));
+  }
+  absl::MutexLock lock(&mu_);
+  const std::string id =
+      shard ? absl::StrCat("shard-", next_shard_++) : absl::StrCat("worker-", next_worker_++);
+  Member& m = members_[id];
+  m.id = id;
+  m.address = address;
+  m.shard = shard;
+  m.threads = threads;
+  m.last_seen = absl::Now();
+  m.order = next_order_++;
+  *member_id = id;
+  UpdateJobGaugesLocked();
+  return grpc::Status::OK;
+}
+
+grpc::Status Coordinator::Heartbeat(const v1::HeartbeatRequest& request,
+                                    v1::HeartbeatResponse* response) {
+  absl::MutexLock lock(&mu_);
+  auto it = members_.find(request.member_id());
+  if (it == members_.end()) {
+    return Refuse(
+        absl::StatusCode::kNotFound,
+        absl::StrCat("member_id: \"", request.member_id(), "\" is not registered; register again"));
+  }
+  it->second.last_seen = absl::Now();
+  for (const std::string& id : ended_recently_) response->add_ended_job_ids(id);
+  return grpc::Status::OK;
+}
+
+grpc::Status Coordinator::GetTask(grpc::ServerContext* context, const v1::GetTaskRequest& request,
+                                  v1::GetTaskResponse* response) {
+  const std::string& id = request.worker_id();
+  const double wait = std::min(30.0, std::max(0.0, request.wait_seconds()));
+  const absl::Time deadline = absl::Now() + absl::Seconds(wait);
+  absl::MutexLock lock(&mu_);
+  auto known = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    auto it = members_.find(id);
+    return it != members_.end() && !it->second.shard;
+  };
+  if (!known()) {
+    return Refuse(absl::StatusCode::kNotFound,
+                  absl::StrCat("worker_id: \"", id, "\" is not registered; register again"));
+  }
+  members_[id].last_seen = absl::Now();
+  // A worker asking for work has finished or abandoned what it was given.
+  if (step_ != nullptr) {
+    for (TaskRecord& t : step_->tasks) {
+      if (t.worker == id && t.delivered && !t.done) {
+        t.worker.clear();
+        t.delivered = false;
+        metrics_.reassignments.Increment();
+      }
+    }
+  }
+  TaskRecord* pick = nullptr;
+  auto available = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    pick = nullptr;
+    if (shutdown_ || !known()) return true;
+    if (step_ == nullptr) return false;
+    for (TaskRecord& t : step_->tasks) {
+      if (!t.done && !t.delivered && t.worker == id) {
+        pick = &t;
+        return true;
+      }
+    }
+    for (TaskRecord& t : step_->tasks) {
+      if (!t.done && t.worker.empty()) {
+        pick = &t;
+        return true;
+      }
+    }
+    return false;
+  };
+  while (!available() && absl::Now() < deadline && !context->IsCancelled()) {
+    mu_.AwaitWithDeadline(absl::Condition(&available),
+                          std::min(deadline, absl::Now() + absl::Milliseconds(250)));
+  }
+  if (!known()) {
+    return Refuse(absl::StatusCode::kNotFound,
+                  absl::StrCat("worker_id: \"", id, "\" is not registered; register again"));
+  }
+  if (pick != nullptr && available()) {
+    pick->worker = id;
+    pick->delivered = true;
+    *response->mutable_task() = pick->task;
+    members_[id].job_id = pick->task.job_id();
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status Coordinator::ReportSlots(const v1::ReportSlotsRequest& request,
+                                      v1::ReportSlotsResponse* response) {
+  absl::MutexLock lock(&mu_);
+  if (jobs_.count(request.job_id()) == 0) {
+    return UnknownJob(request.job_id());
+  }
+  if (step_ == nullptr || step_->job_id != request.job_id() || step_->eval ||
+      step_->version != request.step()) {
+    return Refuse(absl::StatusCode::kFailedPrecondition,
+                  absl::StrCat("step: ", request.step(), " of ", request.job_id(),
+                               " is not the step in progress"));
+  }
+  const int slots = static_cast<int>(step_->slots.size());
+  for (const v1::SlotStats& s : request.slots()) {
+    if (s.slot() < 0 || s.slot() >= slots) {
+      return Refuse(absl::StatusCode::kInvalidArgument,
+                    absl::StrCat("slots.slot: ", s.slot(), " out of [0, ", slots, ")"));
+    }
+    if (!std::isfinite(s.loss_sum()) || s.tokens() <= 0) {
+      return Refuse(absl::StatusCode::kInvalidArgument,
+                    absl::StrCat("slots.loss_sum: slot ", s.slot(), " reports loss_sum ",
+                                 s.loss_sum(), " over ", s.tokens(), " tokens"));
+    }
+    // The loads go to every shard's router-bias update: their shape must be
+    // the model's.
+    ExpertLoads check(jobs_.at(request.job_id()).job.spec().model());
+    if (absl::Status st = check.Add(s.expert_load()); !st.ok()) {
+      return Refuse(absl::StatusCode::kInvalidArgument,
+                    absl::StrCat("slots.", st.message(), " (slot ", s.slot(), ")"));
+    }
+  }
+  int accepted = 0;
+  for (const v1::SlotStats& s : request.slots()) {
+    if (!step_->slots[s.slot()].has_value()) {
+      step_->slots[s.slot()] = s;
+      ++accepted;
+    }
+  }
+  for (TaskRecord& t : step_->tasks) {
+    bool all = true;
+    for (int s : t.task.slots()) all = all && step_->slots[s].has_value();
+    if (all) t.done = true;
+  }
+  response->set_accepted(accepted);
+  return grpc::Status::OK;
+}
+
+grpc::Status Coordinator::ReportEval(const v1::ReportEvalRequest& request) {
+  absl::MutexLock lock(&mu_);
+  if (jobs_.count(request.job_id()) == 0) {
+    return UnknownJob(request.job_id());
+  }
+  if (step_ == nullptr || step_->job_id != request.job_id() || !step_->eval ||
+      step_->version != request.version()) {
+    return Refuse(absl::StatusCode::kFailedPrecondition,
+                  absl::StrCat("version: evaluation of version ", request.version(), " of ",
+                               request.job_id(), " is not in progress"));
+  }
+  const int parts = static_cast<int>(step_->eval_parts_done.size());
+  if (request.eval_part() < 0 || request.eval_part() >= parts) {
+    return Refuse(absl::StatusCode::kInvalidArgument,
+                  absl::StrCat("eval_part: ", request.eval_part(), " out of [0, ", parts, ")"));
+  }
+  if (step_->eval_total_batches >= 0 && request.total_batches() != step_->eval_total_batches) {
+    return Refuse(absl::StatusCode::kInvalidArgument,
+                  absl::StrCat("total_batches: ", request.total_batches(),
+                               ", another worker reported ", step_->eval_total_batches));
+  }
+  if (step_->eval_parts_done[request.eval_part()]) return grpc::Status::OK;  // a repeat
+  step_->eval_total_batches = request.total_batches();
+  for (const v1::EvalBatch& b : request.batches()) step_->eval_batches[b.batch()] = b;
+  step_->eval_parts_done[request.eval_part()] = true;
+  for (TaskRecord& t : step_->tasks) {
+    if (t.task.eval_part() == request.eval_part()) t.done = true;
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status Coordinator::FailTask(const v1::FailTaskRequest& request) {
+  absl::MutexLock lock(&mu_);
+  if (step_ != nullptr && step_->job_id == request.job_id() && step_->failure.empty()) {
+    step_->failure = absl::StrCat("worker ", request.worker_id(), ": ", request.error());
+  }
+  return grpc::Status::OK;
+}
+
+// ---------------------------------------------------------------------------
+// Membership
+
+std::vector<const Coordinator::Member*> Coordinator::LiveLocked(bool shards) const {
+  std::vector<const Member*> out;
+  for (const auto& [id, m] : members_) {
+    if (m.shard == shards) out.push_back(&m);
+  }
+  std::sort(out.begin(), out.end(),
+            [](const Member* a, const Member* b) { return a->order < b->order; });
+  return out;
+}
+
+void Coordinator::ExpireMembersLocked() {
+  const absl::Time now = absl::Now();
+  for (auto it = members_.begin(); it != members_.end();) {
+    if (now - it->second.last_seen > absl::Seconds(options_.lease_seconds)) {
+      Log(absl::StrCat(it->first, " (", it->second.address, ") lease expired"));
+      if (step_ != nullptr) {
+        for (TaskRecord& t : step_->tasks) {
+          if (t.worker == it->first && !t.done) {
+            t.worker.clear();
+            t.delivered = false;
+            metrics_.reassignments.Increment();
+          }
+        }
+      }
+      it = members_.erase(it);
+      UpdateJobGaugesLocked();
+    } else {
+      ++it;
+    }
+  }
+}
+
+void Coordinator::ReaperLoop() {
+  absl::MutexLock lock(&mu_);
+  while (!shutdown_) {
+    mu_.AwaitWithTimeout(absl::Condition(&shutdown_), absl::Milliseconds(100));
+    ExpireMembersLocked();
+  }
+}
+
+}  // namespace muonps
