@@ -270,7 +270,7 @@ absl::Status Push(grpc::ChannelInterface* channel, const ModelLayout& layout, co
 
 absl::Status Pull(grpc::ChannelInterface* channel, const ModelLayout& layout, const Route& route,
                   int64_t version, int64_t chunk_bytes, float* params) {
-  return PullParameters(channel, layout, route.job_id, version,
+  return PullParameters(channel, layout, route.job_id, /*job_key=*/"", version,
                         static_cast<int>(route.tensors.size()), 600.0, chunk_bytes, params,
                         "PullParameters");
 }

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <array>
 #include <filesystem>
+#include <fstream>
+#include <string_view>
 #include <system_error>
 
 #include "absl/strings/ascii.h"
@@ -111,28 +113,7 @@ class TensorFiles {
     }
     files.index_path_ = PathIn(dir, IndexFileName(kind));
     MUONPS_ASSIGN_OR_RETURN(std::string text, ReadFileToString(files.index_path_));
-    auto invalid = [&files](const std::string& what) {
-      return absl::InvalidArgumentError(absl::StrCat(files.index_path_, ": ", what));
-    };
-    const nlohmann::json index = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-    if (index.is_discarded() || !index.is_object()) return invalid("not a JSON object");
-    const auto weight_map = index.find("weight_map");
-    if (weight_map == index.end() || !weight_map->is_object()) {
-      return invalid("no \"weight_map\" object");
-    }
-    for (const auto& [key, value] : weight_map->items()) {
-      if (!value.is_string()) {
-        return invalid(absl::StrFormat("weight_map entry for '%s' is not a string", key));
-      }
-      std::string file = value.get<std::string>();
-      // Only files of this directory: an index must not reach outside it.
-      if (file.empty() || file == "." || file == ".." || file.find('/') != std::string::npos) {
-        return invalid(absl::StrFormat(
-            "weight_map entry for '%s' is '%s', not a file name in the checkpoint directory", key,
-            file));
-      }
-      files.weight_map_[key] = std::move(file);
-    }
+    MUONPS_ASSIGN_OR_RETURN(files.weight_map_, ParseCheckpointIndex(text, files.index_path_));
     return files;
   }
 
@@ -241,11 +222,12 @@ absl::Status WriteCheckpoint(const std::string& dir, const ModelLayout& layout,
   }
   const std::map<std::string, std::string> meta = {
       {"format", "pt"}, {"step", absl::StrCat(state.trainer.step())}, {"producer", "muonps"}};
-  MUONPS_ASSIGN_OR_RETURN(const std::string staging, CreateStagingDir(dir));
+  const CheckpointWriter writer{"", state.trainer.job().name()};
+  MUONPS_ASSIGN_OR_RETURN(const std::string staging, CreateStagingDir(dir, writer));
   MUONPS_RETURN_IF_ERROR(WriteSafetensors(PathIn(staging, SingleFileName(kModel)), params, meta));
   MUONPS_RETURN_IF_ERROR(WriteSafetensors(PathIn(staging, SingleFileName(kOptimizer)), opt, meta));
   MUONPS_RETURN_IF_ERROR(WriteRunFiles(staging, state.trainer));
-  return PublishStagingDir(staging, dir);
+  return PublishStagingDir(staging, dir, writer);
 }
 
 absl::Status WriteCheckpointShard(
@@ -356,11 +338,53 @@ absl::StatusOr<std::string> ResolveCheckpointDir(const std::string& path) {
 absl::StatusOr<v1::TrainerState> ReadTrainerState(const std::string& dir) {
   const std::string path = PathIn(dir, kStateFile);
   MUONPS_ASSIGN_OR_RETURN(std::string json, ReadFileToString(path));
+  return ParseTrainerState(json, path);
+}
+
+absl::StatusOr<std::map<std::string, std::string>> ParseCheckpointIndex(absl::string_view json,
+                                                                        const std::string& path) {
+  auto invalid = [&path](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", what));
+  };
+  const nlohmann::json index = nlohmann::json::parse(json, nullptr, /*allow_exceptions=*/false);
+  if (index.is_discarded() || !index.is_object()) return invalid("not a JSON object");
+  const auto weight_map = index.find("weight_map");
+  if (weight_map == index.end() || !weight_map->is_object()) {
+    return invalid("no \"weight_map\" object");
+  }
+  std::map<std::string, std::string> files;
+  for (const auto& [key, value] : weight_map->items()) {
+    if (!value.is_string()) {
+      return invalid(absl::StrFormat("weight_map entry for '%s' is not a string", key));
+    }
+    std::string file = value.get<std::string>();
+    // Only files of this directory: an index must not reach outside it. A
+    // NUL would end the name early when the file is opened.
+    if (file.empty() || file == "." || file == ".." ||
+        file.find_first_of(std::string_view("/\0", 2)) != std::string::npos) {
+      return invalid(absl::StrFormat(
+          "weight_map entry for '%s' is '%s', not a file name in the checkpoint directory", key,
+          file));
+    }
+    files[key] = std::move(file);
+  }
+  return files;
+}
+
+absl::StatusOr<v1::TrainerState> ParseTrainerState(absl::string_view json,
+                                                   const std::string& path) {
   v1::TrainerState trainer;
   google::protobuf::util::JsonParseOptions options;
-  const auto parsed = google::protobuf::util::JsonStringToMessage(json, &trainer, options);
+  const auto parsed = google::protobuf::util::JsonStringToMessage(
+      google::protobuf::StringPiece(json.data(), json.size()), &trainer, options);
   if (!parsed.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", std::string(parsed.message())));
+  }
+  // Readers resume from these counts (a shard takes the step as its version).
+  if (trainer.step() < 0 || trainer.tokens_seen() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": step (", trainer.step(),
+                                                   ") and tokens_seen (", trainer.tokens_seen(),
+                                                   ") must not be negative"));
   }
   return trainer;
 }
@@ -403,23 +427,68 @@ absl::StatusOr<std::map<std::string, TensorState>> ReadCheckpointTensors(
   return tensors;
 }
 
-absl::StatusOr<std::string> CreateStagingDir(const std::string& final_dir) {
+namespace {
+
+constexpr char kMarkerHeader[] = "muonps checkpoint";
+
+std::string MarkerText(const CheckpointWriter& writer) {
+  return absl::StrCat(kMarkerHeader, "\nowner ", writer.owner, "\njob ", writer.job_id, "\n");
+}
+
+}  // namespace
+
+bool WrittenBy(const std::string& dir, const std::string& owner) {
+  std::ifstream in(PathIn(dir, kCheckpointMarker));
+  if (!in) return false;
+  std::string header, owner_line;
+  if (!std::getline(in, header) || header != kMarkerHeader) return false;
+  if (!std::getline(in, owner_line)) return false;
+  return owner_line == absl::StrCat("owner ", owner);
+}
+
+absl::StatusOr<std::string> CreateStagingDir(const std::string& final_dir,
+                                             const CheckpointWriter& writer) {
   const std::string staging = absl::StrCat(final_dir, ".tmp");
   std::error_code ec;
-  fs::remove_all(staging, ec);
-  if (ec) return FsError("cannot remove the leftover", staging, ec);
+  if (fs::exists(fs::symlink_status(staging, ec))) {
+    if (!WrittenBy(staging, writer.owner)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(staging, " exists and was not written by muonps for this owner; ",
+                       "it is left alone: remove it or choose another checkpoint.dir"));
+    }
+    fs::remove_all(staging, ec);
+    if (ec) return FsError("cannot remove the leftover", staging, ec);
+  }
   fs::create_directories(staging, ec);
   if (ec) return FsError("cannot create checkpoint directory", staging, ec);
+  std::ofstream marker(PathIn(staging, kCheckpointMarker), std::ios::trunc);
+  marker << MarkerText(writer);
+  marker.close();
+  if (!marker) {
+    return absl::InternalError(absl::StrCat("cannot write ", PathIn(staging, kCheckpointMarker)));
+  }
   return staging;
 }
 
-absl::Status PublishStagingDir(const std::string& staging, const std::string& final_dir) {
+absl::Status PublishStagingDir(const std::string& staging, const std::string& final_dir,
+                               const CheckpointWriter& writer) {
   MUONPS_RETURN_IF_ERROR(SyncDirectory(staging));
   const std::string old = absl::StrCat(final_dir, ".old");
   std::error_code ec;
-  const bool replacing = fs::exists(final_dir, ec);
+  const bool replacing = fs::exists(fs::symlink_status(final_dir, ec));
   if (replacing) {
-    fs::remove_all(old, ec);
+    if (!WrittenBy(final_dir, writer.owner)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(final_dir, " exists and was not written by muonps for this owner; ",
+                       "it is left alone: remove it or choose another checkpoint.dir"));
+    }
+    if (fs::exists(fs::symlink_status(old, ec))) {
+      if (!WrittenBy(old, writer.owner)) {
+        return absl::FailedPreconditionError(
+            absl::StrCat(old, " exists and was not written by muonps for this owner"));
+      }
+      fs::remove_all(old, ec);
+    }
     fs::rename(final_dir, old, ec);
     if (ec) return FsError("cannot move aside", final_dir, ec);
   }
@@ -433,9 +502,12 @@ absl::Status PublishStagingDir(const std::string& staging, const std::string& fi
   return SyncDirectory(fs::path(final_dir).parent_path().string());
 }
 
-void PruneCheckpoints(const std::string& root, int keep) {
+void PruneCheckpoints(const std::string& root, int keep, const std::string& owner) {
   if (keep <= 0) return;
-  const std::vector<fs::path> dirs = ListCheckpointDirs(root);
+  std::vector<fs::path> dirs;
+  for (fs::path& dir : ListCheckpointDirs(root)) {
+    if (WrittenBy(dir.string(), owner)) dirs.push_back(std::move(dir));
+  }
   std::error_code ec;
   for (size_t i = 0; i + static_cast<size_t>(keep) < dirs.size(); ++i) fs::remove_all(dirs[i], ec);
 }

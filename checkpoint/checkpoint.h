@@ -35,6 +35,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "checkpoint/training_state.h"
 #include "common/model_layout.h"
 
@@ -106,21 +107,54 @@ absl::StatusOr<std::map<std::string, TensorState>> ReadCheckpointTensors(
 // trainer_state.json of the checkpoint in `dir` (either layout).
 absl::StatusOr<v1::TrainerState> ReadTrainerState(const std::string& dir);
 
-// For writers that assemble a directory from several processes: the staging
-// path for `final_dir` (`final_dir` + ".tmp"), created empty, with its parents
-// (a leftover from an interrupted write is removed first).
-absl::StatusOr<std::string> CreateStagingDir(const std::string& final_dir);
+// --- The metadata parsers the readers above use, over bytes in memory ----
+// `path` only names the file in error messages.
 
-// Publishes a finished staging directory: fsyncs it, replaces any existing
-// `final_dir` (moved aside to `final_dir` + ".old", then removed), renames
+// The weight_map of a <kind>.safetensors.index.json: tensor key -> shard
+// file name. InvalidArgument for text that is not a JSON object with a
+// "weight_map" object of strings, or a file name that is not a plain name
+// in the checkpoint directory (empty, ".", "..", or with a '/' or a NUL).
+absl::StatusOr<std::map<std::string, std::string>> ParseCheckpointIndex(absl::string_view json,
+                                                                        const std::string& path);
+
+// A trainer_state.json. InvalidArgument for invalid JSON, an unknown field,
+// or a negative step or tokens_seen.
+absl::StatusOr<v1::TrainerState> ParseTrainerState(absl::string_view json, const std::string& path);
+
+// Who writes a checkpoint directory. Every directory muonps writes holds a
+// marker file (kCheckpointMarker) naming its writer; replacing and pruning
+// touch only directories whose marker names the same owner, never a
+// directory muonps did not write or another user's.
+struct CheckpointWriter {
+  std::string owner;   // the user the job runs for ("" when unauthenticated)
+  std::string job_id;  // informational
+};
+inline constexpr char kCheckpointMarker[] = ".muonps-checkpoint";
+
+// True when `dir` holds a marker written for `owner`.
+bool WrittenBy(const std::string& dir, const std::string& owner);
+
+// For writers that assemble a directory from several processes: the staging
+// path for `final_dir` (`final_dir` + ".tmp"), created empty with its marker,
+// with its parents. A leftover staging directory of the same owner (an
+// interrupted write) is removed first; anything else there is
+// FAILED_PRECONDITION and left alone.
+absl::StatusOr<std::string> CreateStagingDir(const std::string& final_dir,
+                                             const CheckpointWriter& writer);
+
+// Publishes a finished staging directory: fsyncs it, replaces an existing
+// `final_dir` of the same owner (moved aside to `final_dir` + ".old", then
+// removed; FAILED_PRECONDITION for any other existing entry), renames
 // `staging` to `final_dir` and fsyncs the parent.
-absl::Status PublishStagingDir(const std::string& staging, const std::string& final_dir);
+absl::Status PublishStagingDir(const std::string& staging, const std::string& final_dir,
+                               const CheckpointWriter& writer);
 
 // Removes all but the newest `keep` `step-<digits>` directories under `root`
-// (by step number; keep <= 0 keeps all). Staging (`.tmp`), set-aside (`.old`)
-// and other entries are neither counted nor removed. Best effort: I/O errors
-// are ignored.
-void PruneCheckpoints(const std::string& root, int keep);
+// that muonps wrote for `owner` (by step number; keep <= 0 keeps all).
+// Directories without that marker, staging (`.tmp`), set-aside (`.old`) and
+// other entries are neither counted nor removed. Best effort: I/O errors are
+// ignored.
+void PruneCheckpoints(const std::string& root, int keep, const std::string& owner);
 
 }  // namespace muonps
 

@@ -13,7 +13,10 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "cli/progress.h"
+#include "cli/security_flags.h"
+#include "cli/tls_flags.h"
 #include "google/protobuf/util/json_util.h"
+#include "rpc/auth.h"
 #include "rpc/rpc_util.h"
 #include "services/coordinator/placement.h"
 
@@ -86,8 +89,11 @@ std::unique_ptr<v1::JobService::Stub> JobStub() {
 absl::Status Call(const std::function<grpc::Status(grpc::ClientContext*)>& rpc, const char* name) {
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(30.0));
-  return FromGrpcStatus(rpc(&context),
-                        absl::StrCat("coordinator ", CoordinatorAddress(), ": ", name));
+  absl::StatusOr<std::string> token = ClientTokenFromFlags();
+  if (!token.ok()) return token.status();
+  AttachToken(&context, *token);
+  return WithTlsHint(FromGrpcStatus(
+      rpc(&context), absl::StrCat("coordinator ", CoordinatorAddress(), ": ", name)));
 }
 
 absl::StatusOr<std::string> Submit(const v1::JobSpec& spec, const std::string& resume) {
@@ -123,6 +129,9 @@ absl::StatusOr<v1::Job> Watch(const std::string& job_id, bool json,
                               const std::function<void()>& poll) {
   auto stub = JobStub();
   grpc::ClientContext context;
+  absl::StatusOr<std::string> token = ClientTokenFromFlags();
+  if (!token.ok()) return token.status();
+  AttachToken(&context, *token);
   v1::WatchJobRequest request;
   request.set_job_id(job_id);
   std::unique_ptr<grpc::ClientReader<v1::WatchJobResponse>> reader =
@@ -179,8 +188,8 @@ absl::StatusOr<v1::Job> Watch(const std::string& job_id, bool json,
   done.store(true);
   if (poller.joinable()) poller.join();
   display.Abort();
-  absl::Status st = FromGrpcStatus(
-      reader->Finish(), absl::StrCat("coordinator ", CoordinatorAddress(), ": WatchJob"));
+  absl::Status st = WithTlsHint(FromGrpcStatus(
+      reader->Finish(), absl::StrCat("coordinator ", CoordinatorAddress(), ": WatchJob")));
   if (!st.ok()) return st;
   if (!json && Ended(last.state())) {
     const v1::JobProgress& p = last.progress();

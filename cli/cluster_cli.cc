@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -11,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <thread>
 
 #include "absl/flags/declare.h"
@@ -18,6 +20,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli/client.h"
+#include "cli/security_flags.h"
+#include "cli/tls_flags.h"
 #include "common/job_spec.h"
 #include "common/numerics.h"
 #include "common/parallel.h"
@@ -140,6 +144,20 @@ int ServeCoordinator() {
   options.lease_seconds = absl::GetFlag(FLAGS_lease_seconds);
   options.heartbeat_seconds = absl::GetFlag(FLAGS_heartbeat_seconds);
   options.log = [](const std::string& line) { LogLine("coordinator: " + line); };
+  {
+    absl::StatusOr<std::string> secret = ClusterSecretFromFlags();
+    if (!secret.ok()) return Fail(secret.status());
+    options.cluster_secret = *secret;
+    absl::StatusOr<std::shared_ptr<const UserTokens>> users = UserTokensFromFlags();
+    if (!users.ok()) return Fail(users.status());
+    options.users = *users;
+    absl::StatusOr<int64_t> memory = MemoryLimitFromFlags();
+    if (!memory.ok()) return Fail(memory.status());
+    options.memory_limit_bytes = *memory;
+    options.checkpoint_root = CheckpointRootFromFlags();
+    options.max_queued_jobs = MaxQueuedJobsFromFlags();
+    options.task_timeout_seconds = TaskTimeoutFromFlags();
+  }
   if (options.lease_seconds <= options.heartbeat_seconds || options.heartbeat_seconds <= 0) {
     return Fail(absl::InvalidArgumentError(
         "--lease_seconds must be larger than --heartbeat_seconds, which must be > 0"));
@@ -160,6 +178,14 @@ int ServeCoordinator() {
   LogLine(absl::StrCat("muonps coordinator: serving on ", server_options.address, " (port ",
                        (*server)->port(), "); the cluster computes with ",
                        DescribeNumerics(LocalNumerics())));
+  if (options.users == nullptr) {
+    LogLine("muonps coordinator: no --tokens_file: every caller is an anonymous admin");
+  }
+  if (options.cluster_secret.empty()) {
+    LogLine(
+        "muonps coordinator: no --cluster_secret_file: anyone who reaches this port may "
+        "register as a member");
+  }
   WaitForSignal();
   LogLine("muonps coordinator: shutting down");
   (*server)->SetServing(false);
@@ -174,6 +200,18 @@ int ServeShard() {
   absl::StatusOr<std::unique_ptr<ProcessMetrics>> metrics = StartMetrics();
   if (!metrics.ok()) return Fail(metrics.status());
   ShardServiceImpl service((*metrics)->registry);
+  // Nothing is served to anyone before the coordinator has issued this
+  // shard's secret; checkpoints only under the operator's root.
+  service.RequireMemberSecret();
+  {
+    const std::string root = CheckpointRootFromFlags();
+    service.ConfineCheckpoints(root.empty() ? std::vector<std::string>{}
+                                            : std::vector<std::string>{root});
+  }
+  absl::StatusOr<std::string> cluster_secret = ClusterSecretFromFlags();
+  if (!cluster_secret.ok()) return Fail(cluster_secret.status());
+  absl::StatusOr<int64_t> memory = MemoryLimitFromFlags();
+  if (!memory.ok()) return Fail(memory.status());
   GrpcServerOptions server_options;
   server_options.address = ListenAddress("127.0.0.1:0");
   server_options.metrics = (*metrics)->registry;
@@ -183,7 +221,11 @@ int ServeShard() {
   const std::string advertise = absl::GetFlag(FLAGS_advertise).empty()
                                     ? (*server)->address()
                                     : absl::GetFlag(FLAGS_advertise);
-  Membership membership(Membership::Kind::kShard, CoordinatorAddress(), advertise, 0);
+  Membership membership(Membership::Kind::kShard, CoordinatorAddress(), advertise, 0,
+                        *cluster_secret, *memory);
+  membership.set_on_registered([&service](const std::string&, const std::string& secret) {
+    service.SetMemberSecret(secret);
+  });
   absl::Status refused;  // set by `registering` before it raises SIGTERM
   std::thread registering([&] {
     absl::Status st = membership.Start(3600.0);
@@ -239,6 +281,15 @@ int ServeWorker() {
   options.metrics = (*metrics)->registry;
   options.peak_flops = absl::GetFlag(FLAGS_peak_tflops) * 1e12;
   options.on_registered = [&] { (*server)->SetServing(true); };
+  {
+    absl::StatusOr<std::string> secret = ClusterSecretFromFlags();
+    if (!secret.ok()) return Fail(secret.status());
+    options.cluster_secret = *secret;
+    absl::StatusOr<int64_t> memory = MemoryLimitFromFlags();
+    if (!memory.ok()) return Fail(memory.status());
+    options.memory_bytes = *memory;
+    options.data_roots = DataRootsFromFlags();
+  }
   std::atomic<bool> stop{false};
   std::thread watcher([&] {
     WaitForSignal();
@@ -373,9 +424,27 @@ int CancelCommand(const std::vector<std::string>& args) {
 
 const std::vector<std::string>& EnvironmentFlags() {
   static const std::vector<std::string>* flags =
-      new std::vector<std::string>{"listen",         "advertise",     "coordinator",
-                                   "min_shards",     "lease_seconds", "heartbeat_seconds",
-                                   "metrics_listen", "peak_tflops",   "blas_core"};
+      new std::vector<std::string>{"listen",
+                                   "advertise",
+                                   "coordinator",
+                                   "min_shards",
+                                   "lease_seconds",
+                                   "heartbeat_seconds",
+                                   "metrics_listen",
+                                   "peak_tflops",
+                                   "blas_core",
+                                   "tls_cert",
+                                   "tls_key",
+                                   "tls_ca",
+                                   "tls_server_name",
+                                   "cluster_secret_file",
+                                   "tokens_file",
+                                   "token_file",
+                                   "checkpoint_root",
+                                   "data_root",
+                                   "memory_limit",
+                                   "max_queued_jobs",
+                                   "task_timeout_seconds"};
   return *flags;
 }
 
@@ -394,6 +463,13 @@ void ApplyThreadsFlag() {
 }
 
 int RunClusterCommand(const std::string& command, const std::vector<std::string>& args) {
+  // Every cluster command serves or dials gRPC: its transport comes first.
+  static const char* const kCommands[] = {"coordinator", "shard",  "worker", "submit", "watch",
+                                          "list",        "status", "cancel", "local"};
+  if (std::find(std::begin(kCommands), std::end(kCommands), command) == std::end(kCommands)) {
+    return -1;
+  }
+  if (absl::Status st = ApplyTlsFlags(); !st.ok()) return Fail(st);
   if (command == "coordinator") return ServeCoordinator();
   if (command == "shard") return ServeShard();
   if (command == "worker") return ServeWorker();

@@ -17,9 +17,12 @@ struct CommandHelp {
   std::vector<const char*> flags;
 };
 
+// Flags of every command that serves or dials gRPC (cli/tls_flags.cc).
+#define MUONPS_TLS_FLAGS "tls_cert", "tls_key", "tls_ca", "tls_server_name"
+
 // Flags every service takes.
 #define MUONPS_SERVICE_FLAGS \
-  "listen", "port_file", "metrics_listen", "metrics_port_file", "blas_core"
+  "listen", "port_file", "metrics_listen", "metrics_port_file", "blas_core", MUONPS_TLS_FLAGS
 
 const std::vector<CommandHelp>& Commands() {
   static const auto* commands = new std::vector<CommandHelp>{
@@ -32,31 +35,44 @@ const std::vector<CommandHelp>& Commands() {
        "local [JOB.json] [--shards N] [--workers M] [--resume DIR]",
        "The same training as a cluster of processes on loopback: a coordinator, N optimizer "
        "shards and M workers; submits the job, watches it to the end, stops everything.",
-       {"shards", "workers", "resume", "threads", "log_dir", "metrics", "json", "blas_core"}},
+       {"shards", "workers", "resume", "threads", "log_dir", "metrics", "json", "blas_core",
+        "checkpoint_root", "data_root", "memory_limit", MUONPS_TLS_FLAGS}},
       {"coordinator",
        "coordinator [--listen HOST:PORT] [--min_shards N]",
        "Run the coordinator: takes jobs, leases members, places tensors, plans steps.",
-       {"min_shards", "lease_seconds", "heartbeat_seconds", MUONPS_SERVICE_FLAGS}},
+       {"min_shards", "lease_seconds", "heartbeat_seconds", "cluster_secret_file", "tokens_file",
+        "checkpoint_root", "memory_limit", "max_queued_jobs", "task_timeout_seconds",
+        MUONPS_SERVICE_FLAGS}},
       {"shard",
        "shard --coordinator HOST:PORT [--listen HOST:PORT] [--advertise HOST:PORT]",
        "Run an optimizer shard: holds whole tensors and their optimizer state, applies steps.",
-       {"coordinator", "advertise", "threads", MUONPS_SERVICE_FLAGS}},
+       {"coordinator", "advertise", "threads", "cluster_secret_file", "checkpoint_root",
+        "memory_limit", MUONPS_SERVICE_FLAGS}},
       {"worker",
        "worker --coordinator HOST:PORT [--threads N]",
        "Run a stateless worker: pulls parameters, computes slots, pushes gradients.",
        {"coordinator", "advertise", "threads", "peak_tflops", "crash_after_pushes",
-        MUONPS_SERVICE_FLAGS}},
+        "cluster_secret_file", "data_root", "memory_limit", MUONPS_SERVICE_FLAGS}},
       {"submit",
        "submit JOB.json [--resume DIR]",
        "Queue a job at the coordinator; prints its id.",
-       {"coordinator", "resume", "json"}},
+       {"coordinator", "resume", "json", "token_file", MUONPS_TLS_FLAGS}},
       {"watch",
        "watch ID",
        "Live progress of a job until it ends (exit 0 succeeded, 1 failed, 4 cancelled).",
-       {"coordinator", "json"}},
-      {"list", "list", "Every job the coordinator knows, oldest first.", {"coordinator", "json"}},
-      {"status", "status ID", "One job's state and progress.", {"coordinator", "json"}},
-      {"cancel", "cancel ID", "Cancel a queued or running job.", {"coordinator", "json"}},
+       {"coordinator", "json", "token_file", MUONPS_TLS_FLAGS}},
+      {"list",
+       "list",
+       "Every job the coordinator knows, oldest first.",
+       {"coordinator", "json", "token_file", MUONPS_TLS_FLAGS}},
+      {"status",
+       "status ID",
+       "One job's state and progress.",
+       {"coordinator", "json", "token_file", MUONPS_TLS_FLAGS}},
+      {"cancel",
+       "cancel ID",
+       "Cancel a queued or running job.",
+       {"coordinator", "json", "token_file", MUONPS_TLS_FLAGS}},
       {"validate",
        "validate JOB.json",
        "Check a job file; print it with every default filled in.",
@@ -77,6 +93,7 @@ const std::vector<CommandHelp>& Commands() {
 }
 
 #undef MUONPS_SERVICE_FLAGS
+#undef MUONPS_TLS_FLAGS
 
 const CommandHelp* Find(std::string_view name) {
   for (const CommandHelp& c : Commands()) {
@@ -129,7 +146,9 @@ int PrintHelp(const std::string& command) {
     std::printf(
         "\n`muonps help COMMAND` (or `muonps COMMAND --help`) prints a command's usage and flags.\n"
         "Client commands take --coordinator HOST:PORT (default $MUONPS_COORDINATOR, then\n"
-        "127.0.0.1:7070); service flags also come from MUONPS_<FLAG> variables.\n");
+        "127.0.0.1:7070); service flags also come from MUONPS_<FLAG> variables.\n"
+        "Services and clients speak mutual TLS with --tls_cert, --tls_key and --tls_ca\n"
+        "(plaintext without them, meant for loopback).\n");
     return 0;
   }
   const CommandHelp* c = Find(command);

@@ -22,8 +22,12 @@
 #include "absl/strings/str_join.h"
 #include "cli/client.h"
 #include "cli/cluster_cli.h"
+#include "cli/security_flags.h"
+#include "cli/tls_flags.h"
 #include "common/job_spec.h"
 #include "common/parallel.h"
+#include "data/token_source.h"
+#include "rpc/auth.h"
 
 ABSL_DECLARE_FLAG(std::string, coordinator);
 ABSL_DECLARE_FLAG(std::string, resume);
@@ -47,6 +51,9 @@ class LocalCluster {
     const std::string exe = std::filesystem::read_symlink("/proc/self/exe").string();
     const std::string log = absl::StrCat(log_dir_, "/", name, ".log");
     args.insert(args.begin(), exe);
+    // Every member speaks the transport `local` itself was given.
+    for (std::string& flag : TlsFlagsForChildren()) args.push_back(std::move(flag));
+    for (std::string& flag : SecurityFlagsForChildren()) args.push_back(std::move(flag));
     const pid_t parent = getpid();
     const pid_t pid = fork();
     if (pid < 0) return absl::InternalError("fork failed");
@@ -182,10 +189,37 @@ int LocalCommand(const std::vector<std::string>& args) {
     a.insert(a.end(), b.begin(), b.end());
     return a;
   };
+  // The services accept only each other: a fresh cluster secret, readable by
+  // this user only. Checkpoints under --checkpoint_root (default: the working
+  // directory), data under --data_root (default: the working directory) and
+  // the bundled fortunes corpus.
+  const std::string secret_file = log_dir + "/cluster.secret";
+  {
+    std::ofstream out(secret_file, std::ios::trunc);
+    out << RandomHex(24) << "\n";
+    out.close();
+    std::error_code ec;
+    std::filesystem::permissions(
+        secret_file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write, ec);
+    if (!out || ec) return Fail(absl::InternalError("cannot write " + secret_file));
+  }
+  std::error_code cwd_ec;
+  const std::string cwd = std::filesystem::current_path(cwd_ec).string();
+  const std::string checkpoint_root =
+      CheckpointRootFromFlags().empty() ? cwd : CheckpointRootFromFlags();
+  std::vector<std::string> data_roots = DataRootsFromFlags();
+  if (data_roots.empty()) data_roots.push_back(cwd);
+  data_roots.push_back(kDefaultCorpusPath);
+  const std::vector<std::string> member_flags = {"--cluster_secret_file=" + secret_file};
+  const std::vector<std::string> storage_flags = {"--checkpoint_root=" + checkpoint_root};
+  const std::vector<std::string> data_flags = {"--data_root=" + absl::StrJoin(data_roots, ",")};
   if (absl::Status st = cluster.Spawn(
-          "coordinator", with({"coordinator", "--listen=127.0.0.1:0", "--port_file=" + port_file,
-                               absl::StrCat("--min_shards=", shards)},
-                              metrics_flags("coordinator", "coordinator")));
+          "coordinator",
+          with(with(with({"coordinator", "--listen=127.0.0.1:0", "--port_file=" + port_file,
+                          absl::StrCat("--min_shards=", shards)},
+                         metrics_flags("coordinator", "coordinator")),
+                    member_flags),
+               storage_flags));
       !st.ok()) {
     return Fail(st);
   }
@@ -195,19 +229,23 @@ int LocalCommand(const std::vector<std::string>& args) {
   absl::SetFlag(&FLAGS_coordinator, coordinator);
   for (int i = 0; i < shards; ++i) {
     const std::string name = absl::StrCat("shard-", i);
-    absl::Status st =
-        cluster.Spawn(name, with({"shard", "--listen=127.0.0.1:0", "--coordinator=" + coordinator,
-                                  absl::StrCat("--threads=", cores)},
-                                 metrics_flags(name, "shard")));
+    absl::Status st = cluster.Spawn(
+        name, with(with(with({"shard", "--listen=127.0.0.1:0", "--coordinator=" + coordinator,
+                              absl::StrCat("--threads=", cores)},
+                             metrics_flags(name, "shard")),
+                        member_flags),
+                   storage_flags));
     if (!st.ok()) return Fail(st);
   }
   const int worker_threads = std::max(1, cores / workers);
   for (int i = 0; i < workers; ++i) {
     const std::string name = absl::StrCat("worker-", i);
-    absl::Status st =
-        cluster.Spawn(name, with({"worker", "--listen=127.0.0.1:0", "--coordinator=" + coordinator,
-                                  absl::StrCat("--threads=", worker_threads)},
-                                 metrics_flags(name, "worker")));
+    absl::Status st = cluster.Spawn(
+        name, with(with(with({"worker", "--listen=127.0.0.1:0", "--coordinator=" + coordinator,
+                              absl::StrCat("--threads=", worker_threads)},
+                             metrics_flags(name, "worker")),
+                        member_flags),
+                   data_flags));
     if (!st.ok()) return Fail(st);
   }
   std::fprintf(

@@ -127,13 +127,16 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorR
 absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::string& path) {
   absl::StatusOr<std::string> bytes = ReadFileToString(path);
   if (!bytes.ok()) return bytes.status();
+  return Parse(std::move(*bytes), path);
+}
 
+absl::StatusOr<SafetensorsFile> SafetensorsFile::Parse(std::string bytes, std::string path) {
   SafetensorsFile file;
-  file.path_ = path;
-  file.bytes_ = std::move(*bytes);
+  file.path_ = std::move(path);
+  file.bytes_ = std::move(bytes);
   const std::string& b = file.bytes_;
-  auto invalid = [&path](const std::string& what) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": ", what));
+  auto invalid = [&file](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat(file.path_, ": ", what));
   };
 
   if (b.size() < 8) {
@@ -185,9 +188,11 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::string& path) {
     if (shape == value.end() || !shape->is_array()) return bad("missing array 'shape'");
     for (const nlohmann::json& dim : *shape) {
       int64_t d = 0;
+      // Named by its position, not printed: the value may be JSON nested
+      // deeply enough to overflow the stack of a recursive dump().
       if (!NonNegativeInt(dim, &d)) {
-        return bad(absl::StrFormat("shape %s has a dimension that is not a non-negative integer",
-                                   shape->dump()));
+        return bad(absl::StrFormat("shape dimension %d is not a non-negative integer (a %s)",
+                                   entry.shape.size(), dim.type_name()));
       }
       entry.shape.push_back(d);
     }

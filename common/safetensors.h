@@ -49,6 +49,11 @@ class SafetensorsFile {
   // malformed file.
   static absl::StatusOr<SafetensorsFile> Open(const std::string& path);
 
+  // The same validation over `bytes`, the whole content of a safetensors
+  // file already in memory (Open reads the file and calls this). `path` only
+  // names the file in error messages and in the errors of later calls.
+  static absl::StatusOr<SafetensorsFile> Parse(std::string bytes, std::string path);
+
   // Tensor names in file order (by data offset).
   std::vector<std::string> names() const { return order_; }
   // The `__metadata__` map (empty when the header has none).

@@ -17,7 +17,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr char kDefaultPath[] = "/usr/share/games/fortunes";
 constexpr double kDefaultValFraction = 0.05;
 constexpr int64_t kShardHeaderBytes = 4 * kLlmcShardHeaderInts;
 
@@ -160,7 +159,7 @@ absl::Status LoadShards(const std::string& path, bool is_directory, int vocab_si
 
 absl::StatusOr<TokenCorpus> LoadTokenCorpus(const muonps::v1::DataConfig& data, int vocab_size,
                                             int seq_len) {
-  const std::string path = data.has_path() ? data.path() : kDefaultPath;
+  const std::string path = data.has_path() ? data.path() : kDefaultCorpusPath;
   const std::string format = data.has_format() ? data.format() : "auto";
   const double val_fraction = data.has_val_fraction() ? data.val_fraction() : kDefaultValFraction;
 

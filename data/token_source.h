@@ -12,6 +12,9 @@
 
 namespace muonps {
 
+// The corpus a job without data.path reads: Debian's fortunes.
+inline constexpr char kDefaultCorpusPath[] = "/usr/share/games/fortunes";
+
 // The magic number and version in the header of an llm.c token shard.
 inline constexpr int32_t kLlmcShardMagic = 20240520;
 inline constexpr int32_t kLlmcShardVersion = 1;  // uint16 tokens

@@ -7,9 +7,11 @@
 #include <grpcpp/impl/server_initializer.h>
 
 #include <chrono>
+#include <cstdio>
 
 #include "absl/strings/str_cat.h"
 #include "rpc/metrics.h"
+#include "rpc/security.h"
 
 namespace muonps {
 namespace {
@@ -52,7 +54,8 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(options.address, grpc::InsecureServerCredentials(), &port);
+  const bool tls = TransportUsesTls();
+  builder.AddListeningPort(options.address, ServerTransportCredentials(), &port);
   builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   // gRPC sets SO_REUSEPORT by default, so a second server on a busy port
   // would silently share it; refuse instead.
@@ -72,6 +75,15 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.address));
+  }
+  if (!tls && !IsLoopbackAddress(options.address)) {
+    // Plaintext is meant for loopback; elsewhere it is allowed, but said loudly.
+    std::fprintf(stderr,
+                 "WARNING: muonps is listening without TLS on %s: anyone who can reach this port "
+                 "can call every rpc of this server (submit and cancel jobs, join the cluster, "
+                 "read and overwrite the model); give --tls_cert, --tls_key and --tls_ca\n",
+                 options.address.c_str());
+    std::fflush(stderr);
   }
   // Health knows a service once it has a status; SetServing then covers it.
   server->health_names_ = service_names;

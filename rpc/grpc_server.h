@@ -1,6 +1,8 @@
 // A gRPC server as every muonps service runs it: the standard health service
-// (grpc.health.v1) and server reflection enabled, a bounded message size, and
-// readiness under the caller's control. Health answers NOT_SERVING until
+// (grpc.health.v1) and server reflection enabled, a bounded message size,
+// readiness under the caller's control, and the process's transport security
+// (rpc/security.h): mutual TLS, or plaintext with a warning on stderr when the
+// address is reachable from other machines. Health answers NOT_SERVING until
 // SetServing(true), so Kubernetes' gRPC probes and generic clients only route
 // to a server that is really ready.
 //

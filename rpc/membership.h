@@ -25,7 +25,10 @@ class Membership {
  public:
   enum class Kind { kShard, kWorker };
   // `address`: where this member serves; `threads`: reported by workers.
-  Membership(Kind kind, const std::string& coordinator, const std::string& address, int threads);
+  // `cluster_secret`: sent when registering (empty: none); `memory_bytes`:
+  // what this member may use, reported for admission (0: unknown).
+  Membership(Kind kind, const std::string& coordinator, const std::string& address, int threads,
+             std::string cluster_secret = "", int64_t memory_bytes = 0);
   ~Membership();
 
   // Registers (sending LocalNumerics()), retrying every 0.5 s for up to
@@ -39,6 +42,14 @@ class Membership {
 
   // The current member id (changes when registering again).
   std::string member_id() const;
+  // The secret issued with it: Authenticate adds it to a call to the
+  // coordinator, which refuses member calls without it.
+  std::string member_secret() const;
+  void Authenticate(grpc::ClientContext* context) const;
+  // Called (from any thread) after every successful registration with the
+  // new id and secret, e.g. for a shard to accept the coordinator's calls.
+  void set_on_registered(
+      std::function<void(const std::string& id, const std::string& secret)> callback);
   // Registers again now (e.g. after a NOT_FOUND from the coordinator).
   absl::Status Reregister();
   // Called with the ended job ids every heartbeat reports.
@@ -52,9 +63,13 @@ class Membership {
   const Kind kind_;
   const std::string coordinator_, address_;
   const int threads_;
+  const std::string cluster_secret_;
+  const int64_t memory_bytes_;
   std::unique_ptr<v1::ClusterService::Stub> stub_;
   mutable absl::Mutex mu_;
   std::string member_id_ ABSL_GUARDED_BY(mu_);
+  std::string member_secret_ ABSL_GUARDED_BY(mu_);
+  std::function<void(const std::string&, const std::string&)> on_registered_ ABSL_GUARDED_BY(mu_);
   double heartbeat_seconds_ ABSL_GUARDED_BY(mu_) = 0.5;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::function<void(const std::vector<std::string>&)> on_ended_ ABSL_GUARDED_BY(mu_);

@@ -1,6 +1,7 @@
 #include "rpc/rpc_util.h"
 
 #include "absl/strings/str_cat.h"
+#include "rpc/security.h"
 
 namespace muonps {
 
@@ -36,7 +37,8 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address) {
   // queue behind another component's calls in the same process.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   TuneTransport(&args);
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  AddTransportChannelArguments(&args);
+  return grpc::CreateCustomChannel(address, ChannelTransportCredentials(), args);
 }
 
 std::chrono::system_clock::time_point DeadlineIn(double seconds) {

@@ -26,7 +26,8 @@ absl::Status FromGrpcStatus(const grpc::Status& status, const std::string& what 
 // Transport settings for large tensor streams, used by channels and servers.
 void TuneTransport(grpc::ChannelArguments* args);
 
-// An insecure channel to host:port that accepts messages up to 16 MiB.
+// A channel to host:port that accepts messages up to 16 MiB, with the
+// process's transport security (rpc/security.h: mutual TLS or plaintext).
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address);
 
 // A deadline `seconds` from now.

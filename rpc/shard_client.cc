@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "rpc/auth.h"
 #include "rpc/rpc_util.h"
 #include "rpc/tensor_stream.h"
 #include "rpc/wire.h"
@@ -28,6 +29,7 @@ absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& l
                            v1::PushGradientsResponse* response) {
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(300.0));
+  if (!target.job_key.empty()) context.AddMetadata(kJobKeyHeader, target.job_key);
   v1::PushGradientsResponse local;
   if (response == nullptr) response = &local;
   const grpc::internal::RpcMethod method(kPushMethod, grpc::internal::RpcMethod::CLIENT_STREAMING);
@@ -91,11 +93,12 @@ absl::Status DecodePull(grpc::ByteBuffer* buffer, const ModelLayout& layout, flo
 }  // namespace
 
 absl::Status PullParameters(grpc::ChannelInterface* channel, const ModelLayout& layout,
-                            const std::string& job_id, int64_t version, int expected,
-                            double wait_seconds, int64_t chunk_bytes, float* params,
+                            const std::string& job_id, const std::string& job_key, int64_t version,
+                            int expected, double wait_seconds, int64_t chunk_bytes, float* params,
                             const std::string& what) {
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(wait_seconds + 60.0));
+  if (!job_key.empty()) context.AddMetadata(kJobKeyHeader, job_key);
   v1::PullParametersRequest request;
   request.set_job_id(job_id);
   request.set_version(version);

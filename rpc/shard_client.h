@@ -22,6 +22,7 @@ namespace muonps {
 
 struct PushTarget {
   std::string job_id;
+  std::string job_key;  // sent as metadata x-muonps-job-key (rpc/auth.h)
   int64_t step = 0;
   int first_slot = 0;
   int slot_count = 1;
@@ -41,8 +42,8 @@ absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& l
 // checking names, shapes, order and finiteness; DATA_LOSS unless exactly
 // `expected` tensors came. On an error, `params` may hold part of the pull.
 absl::Status PullParameters(grpc::ChannelInterface* channel, const ModelLayout& layout,
-                            const std::string& job_id, int64_t version, int expected,
-                            double wait_seconds, int64_t chunk_bytes, float* params,
+                            const std::string& job_id, const std::string& job_key, int64_t version,
+                            int expected, double wait_seconds, int64_t chunk_bytes, float* params,
                             const std::string& what);
 
 }  // namespace muonps

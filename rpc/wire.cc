@@ -15,7 +15,8 @@ using google::protobuf::io::CodedInputStream;
 using google::protobuf::io::CodedOutputStream;
 
 absl::Status ReadChunk(CodedInputStream* in, uint32_t length, const PlaceChunk& place,
-                       const CommitChunk& commit, const std::string& what) {
+                       const CommitChunk& commit, const std::string& what,
+                       absl::StatusCode malformed_code) {
   // Field numbers of tensor.proto's TensorChunk.
   enum : int {
     kName = v1::TensorChunk::kNameFieldNumber,
@@ -25,7 +26,7 @@ absl::Status ReadChunk(CodedInputStream* in, uint32_t length, const PlaceChunk& 
     kData = v1::TensorChunk::kDataFieldNumber,
   };
   auto malformed = [&](const char* why) {
-    return absl::DataLossError(absl::StrCat(what, ": malformed TensorChunk (", why, ")"));
+    return absl::Status(malformed_code, absl::StrCat(what, ": malformed TensorChunk (", why, ")"));
   };
   if (length > static_cast<uint32_t>(std::numeric_limits<int>::max())) return malformed("length");
   const CodedInputStream::Limit limit = in->PushLimit(static_cast<int>(length));
@@ -173,7 +174,8 @@ absl::Status DecodePush(google::protobuf::io::ZeroCopyInputStream* stream, const
       }
       uint32_t length = 0;
       if (!in.ReadVarint32(&length)) return malformed;
-      if (absl::Status st = ReadChunk(&in, length, place, commit, "PushGradientsRequest");
+      if (absl::Status st = ReadChunk(&in, length, place, commit, "PushGradientsRequest",
+                                      absl::StatusCode::kInvalidArgument);
           !st.ok()) {
         return st;
       }

@@ -37,9 +37,11 @@ using CommitChunk = std::function<absl::Status(int64_t bytes)>;
 // Reads one TensorChunk of `length` bytes from `in`. The data field is
 // expected last (protobuf writes fields in number order); a chunk without
 // one is placed with 0 bytes. Errors from `place` or `commit` come back as
-// they are; malformed bytes are DATA_LOSS naming `what`.
+// they are; malformed bytes are `malformed` (DATA_LOSS for what a shard
+// sent, INVALID_ARGUMENT for what a client sent) naming `what`.
 absl::Status ReadChunk(google::protobuf::io::CodedInputStream* in, uint32_t length,
-                       const PlaceChunk& place, const CommitChunk& commit, const std::string& what);
+                       const PlaceChunk& place, const CommitChunk& commit, const std::string& what,
+                       absl::StatusCode malformed = absl::StatusCode::kDataLoss);
 
 // The encoded fields of a TensorChunk other than `data` (shape only when
 // given: the first chunk of a tensor carries it).

@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
-# The checking legs of the test command (scripts/test.sh runs both), each in
-# a build directory of its own (Release with line tables, no benchmarks, no
+# The checking legs of the test command (scripts/test.sh runs all three), each
+# in a build directory of its own (Release with line tables, no benchmarks, no
 # CUDA):
 #   asan     GCC with ASan + UBSan (MUONPS_SANITIZE=address,undefined, no
 #            recovery): the unit and service suites
 #   tsa      clang 14 with -Wthread-safety -Werror=thread-safety: every
 #            ABSL_GUARDED_BY / ABSL_EXCLUSIVE_LOCKS_REQUIRED annotation
 #            checked (compile only)
+#   tsan     GCC with ThreadSanitizer (MUONPS_SANITIZE=thread): the service
+#            and cluster suites, with the muonps processes the cluster tests
+#            start instrumented too. Any report, in a test or in one of its
+#            child processes, fails the leg. Debian's libgomp, gRPC,
+#            protobuf and abseil are not instrumented: ParallelFor runs
+#            serially in this build (common/parallel.h), absl::Mutex is
+#            annotated at link time (common/absl_mutex_tsan.cc), callback
+#            reactors annotate the order of their reactions
+#            (rpc/reaction_order.h), and tests/tsan.supp names the reports
+#            inside gRPC and abseil that TSan cannot judge.
 #
-#   scripts/sanitize.sh [asan] [tsa]     (default: both)
+#   scripts/sanitize.sh [asan] [tsa] [tsan]     (default: all three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 legs=("$@")
-[[ ${#legs[@]} -eq 0 ]] && legs=(asan tsa)
+[[ ${#legs[@]} -eq 0 ]] && legs=(asan tsa tsan)
 common=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DMUONPS_BUILD_BENCH=OFF -DMUONPS_CUDA=OFF)
 for leg in "${legs[@]}"; do
   start=$SECONDS
@@ -33,8 +43,42 @@ for leg in "${legs[@]}"; do
         "-DCMAKE_CXX_FLAGS=-Wthread-safety -Werror=thread-safety" > /dev/null
       cmake --build build-tsa -j "$(nproc)"
       ;;
+    tsan)
+      # The suites by name (a suite may move between test files); the test
+      # binaries to build are the files that define them.
+      suites='ShardServiceTest|CoordinatorTest|GrpcServerTest|ClusterTest|ClusterLayoutTest'
+      mapfile -t binaries < <(grep -lE "^TEST(_F|_P)?\(($suites)[A-Za-z0-9_]*," tests/*_test.cc |
+        xargs -n 1 basename | sed 's/\.cc$//')
+      [[ ${#binaries[@]} -gt 0 ]] || { echo "tsan: no test file defines $suites" >&2; exit 1; }
+      cmake -S . -B build-tsan "${common[@]}" -DMUONPS_WERROR=ON -DMUONPS_SANITIZE=thread \
+        -DCMAKE_CXX_FLAGS=-g1 > /dev/null
+      cmake --build build-tsan -j "$(nproc)" --target muonps "${binaries[@]}"
+      # Every instrumented process writes its reports to a file of its own
+      # under $reports: the cluster tests SIGKILL their services at the end,
+      # so a report in a coordinator, shard or worker would otherwise go
+      # unnoticed. halt_on_error stops a process at its first report;
+      # ignore_noninstrumented_modules leaves the memcpy, free, epoll and
+      # other libc calls made inside the uninstrumented gRPC, protobuf,
+      # abseil and libstdc++ libraries to those libraries.
+      reports="$PWD/build-tsan/tsan-reports"
+      rm -rf "$reports"
+      mkdir -p "$reports"
+      status=0
+      TSAN_OPTIONS="halt_on_error=1:exitcode=66:second_deadlock_stack=1:ignore_noninstrumented_modules=1:suppressions=$PWD/tests/tsan.supp:log_path=$reports/tsan" \
+        ctest --test-dir build-tsan --output-on-failure --timeout 1200 -j 1 \
+        -R "^([A-Za-z0-9_]+/)?($suites)[A-Za-z0-9_]*\\." || status=$?
+      if compgen -G "$reports/tsan.*" > /dev/null; then
+        for f in "$reports"/tsan.*; do
+          echo "---- $f"
+          cat "$f"
+        done
+        echo "tsan: ThreadSanitizer reports above (in $reports)" >&2
+        exit 1
+      fi
+      [[ $status -eq 0 ]] || exit "$status"
+      ;;
     *)
-      echo "unknown leg '$leg' (asan, tsa)" >&2
+      echo "unknown leg '$leg' (asan, tsa, tsan)" >&2
       exit 2
       ;;
   esac

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh
 bash scripts/build.sh
 ctest --test-dir build --output-on-failure --timeout 1200 -j 1
-# The checking legs: ASan + UBSan over the unit and service suites, and the
-# lock annotations checked by clang's -Wthread-safety.
-bash scripts/sanitize.sh asan tsa
+# The checking legs: ASan + UBSan over the unit and service suites, the
+# lock annotations checked by clang's -Wthread-safety, and ThreadSanitizer
+# over the service and cluster suites.
+bash scripts/sanitize.sh asan tsa tsan

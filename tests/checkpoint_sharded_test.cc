@@ -128,12 +128,13 @@ absl::Status WriteSharded(const std::string& dir, const ModelLayout& layout,
     auto& shard = shards[Owner(i, count)];
     shard.insert(shard.begin(), {&t, &tensors.at(t.name)});
   }
-  MUONPS_ASSIGN_OR_RETURN(const std::string staging, CreateStagingDir(dir));
+  const CheckpointWriter writer{"", "test"};
+  MUONPS_ASSIGN_OR_RETURN(const std::string staging, CreateStagingDir(dir, writer));
   for (int k = 0; k < count; ++k) {
     MUONPS_RETURN_IF_ERROR(WriteCheckpointShard(staging, k, count, layout, optimizer, shards[k]));
   }
   MUONPS_RETURN_IF_ERROR(WriteCheckpointIndex(staging, count, layout, optimizer, owner, trainer));
-  return PublishStagingDir(staging, dir);
+  return PublishStagingDir(staging, dir, writer);
 }
 
 void ExpectBitIdentical(const std::vector<float>& a, const std::vector<float>& b,
@@ -258,8 +259,8 @@ TEST_P(ShardedCheckpointTest, IndexIsTheHuggingFaceFormat) {
 
   // Exactly the files of the layout, no leftovers.
   std::set<std::string> files = {"config.json", "trainer_state.json",
-                                 "model.safetensors.index.json",
-                                 "optimizer.safetensors.index.json"};
+                                 "model.safetensors.index.json", "optimizer.safetensors.index.json",
+                                 kCheckpointMarker};
   for (int k = 1; k <= kCount; ++k) {
     files.insert(absl::StrFormat("model-%05d-of-%05d.safetensors", k, kCount));
     files.insert(absl::StrFormat("optimizer-%05d-of-%05d.safetensors", k, kCount));
@@ -437,6 +438,52 @@ TEST_P(ShardedCheckpointRefusalTest, IndexReachingOutsideTheDirectoryIsRefused) 
   EXPECT_THAT(ReadError(dir), HasSubstr("not a file name in the checkpoint directory"));
 }
 
+// Found by tests/fuzz/checkpoint_fuzz: a NUL in a file name passed the
+// check, and the file opened was the name cut at the NUL.
+TEST_P(ShardedCheckpointRefusalTest, IndexFileNameWithANulIsRefused) {
+  const std::string dir = Copy("nul");
+  nlohmann::json index = LoadIndex(dir, "model");
+  index["weight_map"]["lm_head.weight"] = std::string("config.json\0.safetensors", 24);
+  StoreIndex(dir, "model", index);
+  EXPECT_THAT(ReadError(dir), HasSubstr("not a file name in the checkpoint directory"));
+}
+
+// Found by tests/fuzz/checkpoint_fuzz: a negative step was taken as it was
+// (a shard made it its version).
+TEST_P(ShardedCheckpointRefusalTest, NegativeStepIsRefused) {
+  const std::string dir = Copy("negative_step");
+  v1::TrainerState trainer = state_.trainer;
+  trainer.set_step(-3);
+  ASSERT_TRUE(WriteFileAtomically(dir + "/trainer_state.json", ToJson(trainer)).ok());
+  const absl::StatusOr<v1::TrainerState> read = ReadTrainerState(dir);
+  EXPECT_TRUE(absl::IsInvalidArgument(read.status())) << read.status();
+  EXPECT_THAT(std::string(read.status().message()), HasSubstr("must not be negative"));
+  EXPECT_THAT(ReadError(dir), HasSubstr("trainer_state.json"));
+}
+
+TEST(CheckpointMetadataTest, ParsersReadBytesInMemory) {
+  const absl::StatusOr<std::map<std::string, std::string>> index = ParseCheckpointIndex(
+      R"({"metadata":{"total_size":8},"weight_map":{"a":"model-00001-of-00001.safetensors"}})",
+      "mem/model.safetensors.index.json");
+  ASSERT_TRUE(index.ok()) << index.status();
+  EXPECT_EQ(*index,
+            (std::map<std::string, std::string>{{"a", "model-00001-of-00001.safetensors"}}));
+  const absl::StatusOr<std::map<std::string, std::string>> bad =
+      ParseCheckpointIndex(R"({"weight_map":[]})", "mem/model.safetensors.index.json");
+  EXPECT_TRUE(absl::IsInvalidArgument(bad.status()));
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("mem/model.safetensors.index.json"));
+
+  const absl::StatusOr<v1::TrainerState> state =
+      ParseTrainerState(R"({"step":"5","last_val_loss":"NaN"})", "mem/trainer_state.json");
+  ASSERT_TRUE(state.ok()) << state.status();
+  EXPECT_EQ(state->step(), 5);
+  EXPECT_TRUE(std::isnan(state->last_val_loss()));
+  const absl::StatusOr<v1::TrainerState> unknown =
+      ParseTrainerState(R"({"steps":5})", "mem/trainer_state.json");
+  EXPECT_TRUE(absl::IsInvalidArgument(unknown.status()));
+  EXPECT_THAT(std::string(unknown.status().message()), HasSubstr("mem/trainer_state.json"));
+}
+
 TEST_P(ShardedCheckpointRefusalTest, OtherModelConfigIsRefused) {
   v1::ModelConfig other = model_;
   other.set_intermediate_size(24);
@@ -543,63 +590,6 @@ TEST_P(ShardedResumeTest, ResumingFromShardsEqualsResumingFromTheSingleFile) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Optimizers, ShardedResumeTest, ::testing::Values("muon", "adamw"));
-
-// --- Staging, publishing, pruning -------------------------------------------
-
-using CheckpointDirTest = testing_util::TempDirTest;
-
-void Touch(const std::string& path) { std::ofstream(path) << "x"; }
-
-TEST_F(CheckpointDirTest, PublishingReplacesAnExistingDirectory) {
-  const std::string final_dir = Path("root/step-00000005");
-  absl::StatusOr<std::string> staging = CreateStagingDir(final_dir);
-  ASSERT_TRUE(staging.ok()) << staging.status();
-  EXPECT_EQ(*staging, final_dir + ".tmp");
-  Touch(*staging + "/leftover");
-  // A leftover staging directory is emptied.
-  staging = CreateStagingDir(final_dir);
-  ASSERT_TRUE(staging.ok()) << staging.status();
-  EXPECT_TRUE(FilesIn(*staging).empty());
-  Touch(*staging + "/first");
-  ASSERT_TRUE(PublishStagingDir(*staging, final_dir).ok());
-  EXPECT_EQ(FilesIn(final_dir), std::set<std::string>{"first"});
-
-  staging = CreateStagingDir(final_dir);
-  ASSERT_TRUE(staging.ok()) << staging.status();
-  Touch(*staging + "/second");
-  const absl::Status published = PublishStagingDir(*staging, final_dir);
-  ASSERT_TRUE(published.ok()) << published;
-  EXPECT_EQ(FilesIn(final_dir), std::set<std::string>{"second"});
-  EXPECT_EQ(FilesIn(Path("root")), std::set<std::string>{"step-00000005"});
-}
-
-TEST_F(CheckpointDirTest, PruningKeepsTheNewestAndIgnoresOtherEntries) {
-  const std::string root = Path("ckpt");
-  for (const char* name :
-       {"step-00000001", "step-00000002", "step-00000003", "step-00000004", "step-00000005",
-        "step-00000006.tmp", "step-00000002.old", "step-x", "other"}) {
-    fs::create_directories(root + "/" + name);
-  }
-  Touch(root + "/notes.txt");
-  Touch(root + "/step-00000005/trainer_state.json");
-  Touch(root + "/step-00000006.tmp/trainer_state.json");
-  // The newest complete checkpoint, never a staging directory.
-  absl::StatusOr<std::string> resolved = ResolveCheckpointDir(root);
-  ASSERT_TRUE(resolved.ok()) << resolved.status();
-  EXPECT_EQ(*resolved, root + "/step-00000005");
-
-  const std::set<std::string> before = FilesIn(root);
-  PruneCheckpoints(root, 0);
-  EXPECT_EQ(FilesIn(root), before);
-  PruneCheckpoints(root, 2);
-  EXPECT_EQ(FilesIn(root),
-            (std::set<std::string>{"step-00000004", "step-00000005", "step-00000006.tmp",
-                                   "step-00000002.old", "step-x", "other", "notes.txt"}));
-  PruneCheckpoints(root, 1);
-  EXPECT_EQ(FilesIn(root),
-            (std::set<std::string>{"step-00000005", "step-00000006.tmp", "step-00000002.old",
-                                   "step-x", "other", "notes.txt"}));
-}
 
 }  // namespace
 }  // namespace muonps

@@ -91,6 +91,18 @@ TEST_F(CliTest, UnknownCommandsAndFlagsAreOneLineAndStatus2) {
   EXPECT_EQ(Lines(r.err), 1) << r.err;
 }
 
+TEST_F(CliTest, EveryCommandThatServesOrDialsListsTheTlsFlags) {
+  for (const char* command :
+       {"coordinator", "shard", "worker", "local", "submit", "watch", "list", "status", "cancel"}) {
+    const Result r = Muonps(std::string("help ") + command);
+    EXPECT_EQ(r.status, 0) << command << ": " << r.err;
+    for (const char* flag : {"--tls_cert", "--tls_key", "--tls_ca", "--tls_server_name"}) {
+      EXPECT_THAT(r.out, HasSubstr(flag)) << command;
+    }
+  }
+  EXPECT_THAT(Muonps("help train").out, Not(HasSubstr("--tls_cert")));
+}
+
 TEST_F(CliTest, FlagValuesGivenAsSeparateArgumentsAreNotCommands) {
   const Result r = Muonps("--coordinator 127.0.0.1:1 --blas_core portable version");
   EXPECT_EQ(r.status, 0) << r.err;

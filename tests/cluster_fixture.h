@@ -237,7 +237,9 @@ class ClusterTest : public testing_util::TempDirTest {
                                      absl::StrCat("--shards=", shards),
                                      absl::StrCat("--workers=", workers),
                                      absl::StrCat("--threads=", threads),
-                                     "--log_dir=" + Path("local-" + name)};
+                                     "--log_dir=" + Path("local-" + name),
+                                     "--checkpoint_root=" + Root(),
+                                     "--data_root=" + Root()};
     if (!resume.empty()) args.push_back("--resume=" + resume);
     EXPECT_EQ(Run("local-" + name, args), 0) << ReadWholeFile(Path("local-" + name + ".log"));
   }
@@ -279,13 +281,28 @@ class ClusterTest : public testing_util::TempDirTest {
 
   // --- A cluster of separately started services ----------------------------
 
+  // The test's directory: every checkpoint and corpus lies under it.
+  std::string Root() const { return Path("").substr(0, Path("").size() - 1); }
+  // The cluster secret every separately started service is given.
+  std::string SecretFile() {
+    const std::string path = Path("cluster.secret");
+    if (!fs::exists(path)) std::ofstream(path) << "a-cluster-secret-for-the-tests\n";
+    return path;
+  }
+
   // Starts the coordinator with short leases; returns its address.
-  std::string StartCoordinator(int min_shards) {
+  std::string StartCoordinator(int min_shards, std::vector<std::string> extra = {}) {
     const std::string port_file = Path("coordinator.port");
-    ChildProcess& c =
-        Start("coordinator", {"coordinator", "--listen=127.0.0.1:0", "--port_file=" + port_file,
-                              absl::StrCat("--min_shards=", min_shards), "--lease_seconds=1.5",
-                              "--heartbeat_seconds=0.25"});
+    std::vector<std::string> args = {"coordinator",
+                                     "--listen=127.0.0.1:0",
+                                     "--port_file=" + port_file,
+                                     absl::StrCat("--min_shards=", min_shards),
+                                     "--lease_seconds=1.5",
+                                     "--heartbeat_seconds=0.25",
+                                     "--checkpoint_root=" + Root(),
+                                     "--cluster_secret_file=" + SecretFile()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    ChildProcess& c = Start("coordinator", args);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
     int port = 0;
     while (port <= 0 && !c.Exited() && std::chrono::steady_clock::now() < deadline) {
@@ -298,8 +315,9 @@ class ClusterTest : public testing_util::TempDirTest {
     return coordinator_;
   }
   ChildProcess& StartShard(int i, std::vector<std::string> extra = {}) {
-    std::vector<std::string> args = {"shard", "--listen=127.0.0.1:0",
-                                     "--coordinator=" + coordinator_, "--threads=1"};
+    std::vector<std::string> args = {
+        "shard",       "--listen=127.0.0.1:0",        "--coordinator=" + coordinator_,
+        "--threads=1", "--checkpoint_root=" + Root(), "--cluster_secret_file=" + SecretFile()};
     args.insert(args.end(), extra.begin(), extra.end());
     return Start(absl::StrCat("shard-", i), args);
   }
@@ -313,8 +331,9 @@ class ClusterTest : public testing_util::TempDirTest {
     return nlohmann::json::parse(ReadWholeFile(c.out_path()), nullptr, /*allow_exceptions=*/false);
   }
   ChildProcess& StartWorker(const std::string& name, std::vector<std::string> extra = {}) {
-    std::vector<std::string> args = {"worker", "--listen=127.0.0.1:0",
-                                     "--coordinator=" + coordinator_, "--threads=1"};
+    std::vector<std::string> args = {
+        "worker",      "--listen=127.0.0.1:0",  "--coordinator=" + coordinator_,
+        "--threads=1", "--data_root=" + Root(), "--cluster_secret_file=" + SecretFile()};
     args.insert(args.end(), extra.begin(), extra.end());
     return Start(name, args);
   }

@@ -199,8 +199,9 @@ TEST_F(ClusterTest, LocalInterruptedCheckpointsAndLeavesNoProcessBehind) {
   WriteJob("train", o);
   WriteJob("cluster", o);
   const std::string log_dir = Path("local-cluster");
-  ChildProcess& local = Start("local", {"local", Path("cluster.json"), "--shards=2", "--workers=2",
-                                        "--threads=1", "--json", "--log_dir=" + log_dir});
+  ChildProcess& local = Start(
+      "local", {"local", Path("cluster.json"), "--shards=2", "--workers=2", "--threads=1", "--json",
+                "--log_dir=" + log_dir, "--checkpoint_root=" + Root(), "--data_root=" + Root()});
   const v1::Job at3 = WaitForStep(local, local.out_path(), 3);
   ASSERT_EQ(at3.state(), v1::JOB_STATE_RUNNING);
   const std::vector<pid_t> running = LocalClusterProcesses(log_dir);

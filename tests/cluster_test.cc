@@ -117,9 +117,12 @@ TEST_F(ClusterTest, WorkerKilledAfterPushAndWorkerJoiningMidJobStillBitIdentical
       << "worker A " << DescribeStatus(a.status());
   EXPECT_NE(ReadWholeFile(a.err_path()).find("crash_after_pushes: killing this worker after 7"),
             std::string::npos);
-  // A registered first, as worker-0; its lease ran out and its task moved.
+  // A's lease ran out and its task moved.
+  const std::string a_log = ReadWholeFile(a.err_path());
+  const size_t as = a_log.find("registered as ") + std::string("registered as ").size();
+  const std::string a_id = a_log.substr(as, a_log.find(' ', as) - as);
   const std::string log = ReadWholeFile(Path("coordinator.log"));
-  const size_t expired = log.find("coordinator: worker-0 (");
+  const size_t expired = log.find("coordinator: " + a_id + " (");
   ASSERT_NE(expired, std::string::npos) << log;
   EXPECT_NE(log.substr(expired, log.find('\n', expired) - expired).find("lease expired"),
             std::string::npos)

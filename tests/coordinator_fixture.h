@@ -20,6 +20,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -31,6 +32,7 @@
 #include "common/model_layout.h"
 #include "common/numerics.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "rpc/auth.h"
 #include "rpc/grpc_server.h"
 #include "rpc/membership.h"
 #include "rpc/rpc_util.h"
@@ -167,12 +169,15 @@ class CoordinatorTest : public testing_util::TempDirTest {
   }
 
   void StartCoordinator(double heartbeat_seconds, double lease_seconds, int min_shards = 1,
-                        bool serving = true) {
+                        bool serving = true,
+                        const std::function<void(CoordinatorOptions*)>& configure = nullptr) {
     CoordinatorOptions options;
+    options.checkpoint_root = Root();
     options.heartbeat_seconds = heartbeat_seconds;
     options.lease_seconds = lease_seconds;
     options.min_shards = min_shards;
     options.shard_rpc_seconds = 60.0;
+    if (configure) configure(&options);
     coordinator_ = std::make_unique<Coordinator>(options);
     absl::StatusOr<std::unique_ptr<GrpcServer>> server =
         GrpcServer::Start({}, {coordinator_->job_service(), coordinator_->cluster_service()});
@@ -186,12 +191,21 @@ class CoordinatorTest : public testing_util::TempDirTest {
   void StartShards(int n) {
     for (int i = 0; i < n; ++i) {
       auto shard = std::make_unique<ShardProcess>();
+      // As `muonps shard` runs it: only the coordinator's calls and the
+      // job's workers, checkpoints only under the test's directory.
+      shard->service.RequireMemberSecret();
+      shard->service.ConfineCheckpoints({Root()});
       absl::StatusOr<std::unique_ptr<GrpcServer>> server = GrpcServer::Start({}, {&shard->service});
       ASSERT_TRUE(server.ok()) << server.status();
       shard->server = std::move(*server);
       shard->server->SetServing(true);
       shard->membership = std::make_unique<Membership>(Membership::Kind::kShard, server_->address(),
                                                        shard->server->address(), 0);
+      ShardServiceImpl* service = &shard->service;
+      shard->membership->set_on_registered(
+          [service](const std::string&, const std::string& secret) {
+            service->SetMemberSecret(secret);
+          });
       ASSERT_TRUE(shard->membership->Start(10.0).ok());
       shards_.push_back(std::move(shard));
     }
@@ -204,12 +218,16 @@ class CoordinatorTest : public testing_util::TempDirTest {
       options.threads = 1;
       options.task_wait_seconds = 0.2;
       options.register_timeout_seconds = 10.0;
+      options.data_roots = {Root()};
       workers_.push_back(std::make_unique<Worker>(options));
       Worker* worker = workers_.back().get();
       worker_threads_.emplace_back(
           [this, worker] { EXPECT_TRUE(worker->Run(stop_workers_).ok()); });
     }
   }
+
+  // The test's directory: checkpoints and corpora lie under it.
+  std::string Root() const { return Path("").substr(0, Path("").size() - 1); }
 
   v1::GetClusterResponse Cluster() {
     grpc::ClientContext context;

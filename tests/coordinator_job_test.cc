@@ -1,5 +1,7 @@
 // Whole in-process clusters around the coordinator: a tiny job trained to the
 // Trainer's bits, a job whose data cannot be read, and a running job cancelled.
+#include <set>
+
 #include "tests/coordinator_fixture.h"
 
 namespace muonps {
@@ -121,12 +123,43 @@ TEST_F(CoordinatorTest, UnreadableDataFailsTheJobNamingThePath) {
   ASSERT_FALSE(events.empty());
   const v1::Job& job = events.back().job();
   EXPECT_EQ(job.state(), v1::JOB_STATE_FAILED);
-  EXPECT_THAT(job.error(), HasSubstr(Path("no-such-corpus.txt")));
+  EXPECT_THAT(job.error(), HasSubstr("no-such-corpus.txt"));
   EXPECT_THAT(job.error(), HasSubstr("worker-"));
   EXPECT_EQ(job.progress().step(), 0);
   for (const auto& shard : shards_) EXPECT_EQ(shard->service.job_id(), "");
   grpc::Status late = Cancel(id);
   EXPECT_EQ(late.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << Describe(late);
+}
+
+// A job cannot read outside the workers' data roots, and the refusal is the
+// same whether the file exists or not (it never tells what is there).
+TEST_F(CoordinatorTest, DataOutsideTheWorkersRootsIsRefusedWithoutSayingWhatExists) {
+  StartCoordinator(kClusterHeartbeat, kClusterLease, /*min_shards=*/1);
+  StartWorkers(1);
+  StartShards(1);
+  AwaitCluster(1, 1);
+  std::filesystem::create_symlink("/etc", Path("etc-link"));
+  std::vector<std::string> errors;
+  for (const std::string& path : std::vector<std::string>{
+           "/etc/os-release", "/nonexistent/file", "/dev/zero", Path("etc-link/os-release")}) {
+    v1::JobSpec spec = TinyJob(3, "");
+    spec.mutable_data()->set_path(path);
+    std::string id;
+    ASSERT_TRUE(Submit(spec, &id).ok());
+    std::vector<v1::WatchJobResponse> events;
+    ASSERT_TRUE(Watch(id, &events).ok());
+    ASSERT_FALSE(events.empty());
+    const v1::Job& job = events.back().job();
+    EXPECT_EQ(job.state(), v1::JOB_STATE_FAILED) << path;
+    EXPECT_THAT(job.error(), HasSubstr("data.path"));
+    EXPECT_THAT(job.error(), HasSubstr("is not under the allowed roots"));
+    std::string error = job.error();
+    error.replace(error.find(path), path.size(), "PATH");
+    error = error.substr(error.find(": ") + 2);  // after "worker ID: "
+    errors.push_back(error);
+  }
+  EXPECT_EQ(std::set<std::string>(errors.begin(), errors.end()).size(), 1u)
+      << errors[0] << " | " << errors[1];
 }
 
 TEST_F(CoordinatorTest, CancellingARunningJobDropsItFromTheShards) {

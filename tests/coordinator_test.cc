@@ -70,12 +70,25 @@ TEST_F(CoordinatorTest, ClusterServiceRefusals) {
     EXPECT_THAT(status.error_message(), HasSubstr("address"));
     EXPECT_EQ(Cluster().shards_size(), 0);
   }
-  // A known job with no step in progress (it is queued: no shard).
+  // A known job with no step in progress (it is queued: no shard), and a
+  // registered worker.
   std::string id;
   ASSERT_TRUE(Submit(TinyJob(3, ""), &id).ok());
+  std::string worker_id, secret;
   {
     grpc::ClientContext context;
+    v1::RegisterWorkerRequest request;
+    *request.mutable_numerics() = LocalNumerics();
+    v1::RegisterWorkerResponse response;
+    ASSERT_TRUE(cluster_->RegisterWorker(&context, request, &response).ok());
+    worker_id = response.member_id();
+    secret = response.member_secret();
+  }
+  {
+    grpc::ClientContext context;
+    context.AddMetadata(kMemberSecretHeader, secret);
     v1::ReportSlotsRequest request;
+    request.set_worker_id(worker_id);
     request.set_job_id(id);
     request.set_step(0);
     v1::SlotStats* slot = request.add_slots();
@@ -88,7 +101,9 @@ TEST_F(CoordinatorTest, ClusterServiceRefusals) {
   }
   {
     grpc::ClientContext context;
+    context.AddMetadata(kMemberSecretHeader, secret);
     v1::ReportSlotsRequest request;
+    request.set_worker_id(worker_id);
     request.set_job_id("job-424242");
     v1::ReportSlotsResponse response;
     EXPECT_EQ(cluster_->ReportSlots(&context, request, &response).error_code(),
@@ -96,7 +111,9 @@ TEST_F(CoordinatorTest, ClusterServiceRefusals) {
   }
   {
     grpc::ClientContext context;
+    context.AddMetadata(kMemberSecretHeader, secret);
     v1::ReportEvalRequest request;
+    request.set_worker_id(worker_id);
     request.set_job_id(id);
     request.set_version(0);
     v1::ReportEvalResponse response;
@@ -222,6 +239,7 @@ TEST_F(CoordinatorTest, MembersWithOtherNumericsAreRefusedByName) {
 TEST_F(CoordinatorTest, MembersThatStopHeartbeatingLoseTheirLease) {
   StartCoordinator(0.1, 0.5);
   std::string shard_id, worker_id;
+  std::map<std::string, std::string> secrets;
   {
     grpc::ClientContext context;
     v1::RegisterShardRequest request;
@@ -232,6 +250,7 @@ TEST_F(CoordinatorTest, MembersThatStopHeartbeatingLoseTheirLease) {
     EXPECT_DOUBLE_EQ(response.heartbeat_seconds(), 0.1);
     EXPECT_DOUBLE_EQ(response.lease_seconds(), 0.5);
     shard_id = response.member_id();
+    secrets[shard_id] = response.member_secret();
   }
   {
     grpc::ClientContext context;
@@ -242,9 +261,11 @@ TEST_F(CoordinatorTest, MembersThatStopHeartbeatingLoseTheirLease) {
     v1::RegisterWorkerResponse response;
     ASSERT_TRUE(cluster_->RegisterWorker(&context, request, &response).ok());
     worker_id = response.member_id();
+    secrets[worker_id] = response.member_secret();
   }
   auto heartbeat = [&](const std::string& id) {
     grpc::ClientContext context;
+    context.AddMetadata(kMemberSecretHeader, secrets[id]);
     v1::HeartbeatRequest request;
     request.set_member_id(id);
     v1::HeartbeatResponse response;

@@ -250,6 +250,38 @@ TEST_F(SafetensorsTest, RefusesMalformedHeaders) {
   }
 }
 
+// Found by tests/fuzz/safetensors_fuzz: the error for a bad dimension
+// printed the shape with nlohmann's recursive dump(), so a dimension nested
+// some 10^4 levels deep (a 20 KB header) overflowed the stack.
+TEST_F(SafetensorsTest, RefusesADeeplyNestedDimensionWithoutRecursing) {
+  const int depth = 300000;
+  const std::string header = R"({"a":{"dtype":"F32","shape":[)" + std::string(depth, '[') +
+                             std::string(depth, ']') + R"(],"data_offsets":[0,4]}})";
+  const absl::StatusOr<SafetensorsFile> file =
+      SafetensorsFile::Parse(LayOut(header, FloatBytes({1})), "deep.safetensors");
+  ASSERT_FALSE(file.ok());
+  EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument) << file.status();
+  EXPECT_NE(file.status().message().find("shape dimension 0"), std::string::npos) << file.status();
+}
+
+TEST_F(SafetensorsTest, ParseReadsBytesInMemoryLikeOpen) {
+  const std::vector<float> a = {1, 2, 3, 4, 5, 6};
+  const std::string path = Path("m.safetensors");
+  ASSERT_TRUE(WriteSafetensors(path, {{"a", {2, 3}, a.data()}}, {{"k", "v"}}).ok());
+  absl::StatusOr<SafetensorsFile> file = SafetensorsFile::Parse(*ReadFileToString(path), "mem");
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ(file->names(), std::vector<std::string>{"a"});
+  EXPECT_EQ(file->metadata().at("k"), "v");
+  std::vector<float> out(6);
+  ASSERT_TRUE(file->ReadInto("a", {2, 3}, out.data()).ok());
+  EXPECT_TRUE(BitEqual(out, a));
+  // Errors name the file as the caller called it.
+  EXPECT_NE(file->ReadInto("b", {1}, out.data()).message().find("mem: "), std::string::npos);
+  const absl::StatusOr<SafetensorsFile> bad = SafetensorsFile::Parse("short", "mem");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("mem: "), std::string::npos) << bad.status();
+}
+
 TEST_F(SafetensorsTest, RefusesCorruptedHeaderBytes) {
   const std::vector<float> a(4, 1.0f);
   const std::string good = Path("good.safetensors");

@@ -246,7 +246,7 @@ absl::Status Trainer::SaveCheckpoint() {
   const std::string dir = absl::StrCat(root, "/", CheckpointName(state_.trainer.step()));
   MUONPS_RETURN_IF_ERROR(WriteCheckpoint(dir, model().layout(), state_));
   last_checkpoint_ = dir;
-  PruneCheckpoints(root, job_.checkpoint().keep_last());
+  PruneCheckpoints(root, job_.checkpoint().keep_last(), /*owner=*/"");
   return absl::OkStatus();
 }
 

@@ -5,9 +5,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/confine.h"
 #include "common/job_spec.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc_util.h"
+#include "services/coordinator/admission.h"
 
 namespace muonps {
 namespace {
@@ -16,10 +18,6 @@ constexpr size_t kMaxEvents = 256;
 constexpr size_t kEndedRemembered = 32;
 
 double UnixNow() { return absl::ToDoubleSeconds(absl::Now() - absl::UnixEpoch()); }
-
-grpc::Status UnknownJob(const std::string& job_id) {
-  return Refuse(absl::StatusCode::kNotFound, absl::StrCat("job_id: no job \"", job_id, "\""));
-}
 
 bool Ended(v1::JobState state) {
   return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
@@ -34,29 +32,29 @@ bool Ended(v1::JobState state) {
 class Coordinator::JobServiceImpl final : public v1::JobService::Service {
  public:
   explicit JobServiceImpl(Coordinator* c) : c_(c) {}
-  grpc::Status SubmitJob(grpc::ServerContext*, const v1::SubmitJobRequest* request,
+  grpc::Status SubmitJob(grpc::ServerContext* context, const v1::SubmitJobRequest* request,
                          v1::SubmitJobResponse* response) override {
-    return c_->SubmitJob(*request, response);
+    return c_->SubmitJob(*context, *request, response);
   }
-  grpc::Status GetJob(grpc::ServerContext*, const v1::GetJobRequest* request,
+  grpc::Status GetJob(grpc::ServerContext* context, const v1::GetJobRequest* request,
                       v1::GetJobResponse* response) override {
-    return c_->GetJob(*request, response);
+    return c_->GetJob(*context, *request, response);
   }
-  grpc::Status ListJobs(grpc::ServerContext*, const v1::ListJobsRequest*,
+  grpc::Status ListJobs(grpc::ServerContext* context, const v1::ListJobsRequest*,
                         v1::ListJobsResponse* response) override {
-    return c_->ListJobs(response);
+    return c_->ListJobs(*context, response);
   }
-  grpc::Status CancelJob(grpc::ServerContext*, const v1::CancelJobRequest* request,
+  grpc::Status CancelJob(grpc::ServerContext* context, const v1::CancelJobRequest* request,
                          v1::CancelJobResponse* response) override {
-    return c_->CancelJob(*request, response);
+    return c_->CancelJob(*context, *request, response);
   }
   grpc::Status WatchJob(grpc::ServerContext* context, const v1::WatchJobRequest* request,
                         grpc::ServerWriter<v1::WatchJobResponse>* writer) override {
     return c_->WatchJob(context, *request, writer);
   }
-  grpc::Status GetCluster(grpc::ServerContext*, const v1::GetClusterRequest*,
+  grpc::Status GetCluster(grpc::ServerContext* context, const v1::GetClusterRequest*,
                           v1::GetClusterResponse* response) override {
-    return c_->GetCluster(response);
+    return c_->GetCluster(*context, response);
   }
 
  private:
@@ -66,44 +64,48 @@ class Coordinator::JobServiceImpl final : public v1::JobService::Service {
 class Coordinator::ClusterServiceImpl final : public v1::ClusterService::Service {
  public:
   explicit ClusterServiceImpl(Coordinator* c) : c_(c) {}
-  grpc::Status RegisterShard(grpc::ServerContext*, const v1::RegisterShardRequest* request,
+  grpc::Status RegisterShard(grpc::ServerContext* context, const v1::RegisterShardRequest* request,
                              v1::RegisterShardResponse* response) override {
-    std::string id;
-    grpc::Status st = c_->Register(true, request->address(), 0, request->numerics(), &id);
+    std::string id, secret;
+    grpc::Status st = c_->Register(*context, true, request->address(), 0, request->memory_bytes(),
+                                   request->numerics(), &id, &secret);
     response->set_member_id(id);
+    response->set_member_secret(secret);
     response->set_heartbeat_seconds(c_->options_.heartbeat_seconds);
     response->set_lease_seconds(c_->options_.lease_seconds);
     return st;
   }
-  grpc::Status RegisterWorker(grpc::ServerContext*, const v1::RegisterWorkerRequest* request,
+  grpc::Status RegisterWorker(grpc::ServerContext* context,
+                              const v1::RegisterWorkerRequest* request,
                               v1::RegisterWorkerResponse* response) override {
-    std::string id;
-    grpc::Status st =
-        c_->Register(false, request->address(), request->threads(), request->numerics(), &id);
+    std::string id, secret;
+    grpc::Status st = c_->Register(*context, false, request->address(), request->threads(),
+                                   request->memory_bytes(), request->numerics(), &id, &secret);
     response->set_member_id(id);
+    response->set_member_secret(secret);
     response->set_heartbeat_seconds(c_->options_.heartbeat_seconds);
     response->set_lease_seconds(c_->options_.lease_seconds);
     return st;
   }
-  grpc::Status Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* request,
+  grpc::Status Heartbeat(grpc::ServerContext* context, const v1::HeartbeatRequest* request,
                          v1::HeartbeatResponse* response) override {
-    return c_->Heartbeat(*request, response);
+    return c_->Heartbeat(*context, *request, response);
   }
   grpc::Status GetTask(grpc::ServerContext* context, const v1::GetTaskRequest* request,
                        v1::GetTaskResponse* response) override {
     return c_->GetTask(context, *request, response);
   }
-  grpc::Status ReportSlots(grpc::ServerContext*, const v1::ReportSlotsRequest* request,
+  grpc::Status ReportSlots(grpc::ServerContext* context, const v1::ReportSlotsRequest* request,
                            v1::ReportSlotsResponse* response) override {
-    return c_->ReportSlots(*request, response);
+    return c_->ReportSlots(*context, *request, response);
   }
-  grpc::Status ReportEval(grpc::ServerContext*, const v1::ReportEvalRequest* request,
+  grpc::Status ReportEval(grpc::ServerContext* context, const v1::ReportEvalRequest* request,
                           v1::ReportEvalResponse*) override {
-    return c_->ReportEval(*request);
+    return c_->ReportEval(*context, *request);
   }
-  grpc::Status FailTask(grpc::ServerContext*, const v1::FailTaskRequest* request,
+  grpc::Status FailTask(grpc::ServerContext* context, const v1::FailTaskRequest* request,
                         v1::FailTaskResponse*) override {
-    return c_->FailTask(*request);
+    return c_->FailTask(*context, *request);
   }
 
  private:
@@ -171,6 +173,9 @@ Coordinator::Coordinator(const CoordinatorOptions& options)
       registry_(options.metrics != nullptr ? options.metrics
                                            : std::make_shared<prometheus::Registry>()),
       metrics_(*registry_),
+      job_prefix_(absl::StrCat("job-",
+                               absl::FormatTime("%Y%m%d%H%M%S", absl::Now(), absl::UTCTimeZone()),
+                               "-", RandomHex(2))),
       job_service_(std::make_unique<JobServiceImpl>(this)),
       cluster_service_(std::make_unique<ClusterServiceImpl>(this)) {
   {
@@ -224,19 +229,94 @@ void Coordinator::SetStateLocked(JobRecord& record, v1::JobState state, const st
 // ---------------------------------------------------------------------------
 // JobService
 
-grpc::Status Coordinator::SubmitJob(const v1::SubmitJobRequest& request,
+absl::StatusOr<User> Coordinator::Caller(const grpc::ServerContext& context) const {
+  if (options_.users == nullptr) return User{"", /*admin=*/true};
+  return options_.users->Authenticate(context);
+}
+
+absl::StatusOr<Coordinator::JobRecord*> Coordinator::VisibleJobLocked(const User& user,
+                                                                      const std::string& job_id) {
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) {
+    return absl::NotFoundError(absl::StrCat("job_id: no job \"", job_id.substr(0, 128), "\""));
+  }
+  if (!user.admin && it->second.job.owner() != user.name) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("job ", job_id, " belongs to another user; only its owner or an admin may ",
+                     "see or cancel it"));
+  }
+  return &it->second;
+}
+
+void Coordinator::ForgetOldJobsLocked() {
+  size_t ended = 0;
+  for (const std::string& id : job_order_) ended += Ended(jobs_.at(id).job.state()) ? 1 : 0;
+  for (auto it = job_order_.begin();
+       it != job_order_.end() && ended > static_cast<size_t>(options_.max_jobs_remembered);) {
+    const JobRecord& record = jobs_.at(*it);
+    if (Ended(record.job.state()) && record.watchers == 0) {
+      jobs_.erase(*it);
+      it = job_order_.erase(it);
+      --ended;
+    } else {
+      ++it;
+    }
+  }
+}
+
+grpc::Status Coordinator::SubmitJob(const grpc::ServerContext& context,
+                                    const v1::SubmitJobRequest& request,
                                     v1::SubmitJobResponse* response) {
+  absl::StatusOr<User> user = Caller(context);
+  if (!user.ok()) return ToGrpcStatus(user.status());
   v1::JobSpec spec = request.spec();
   FillJobDefaults(&spec);
   if (absl::Status st = ValidateJobSpec(spec); !st.ok()) {
     return Refuse(absl::StatusCode::kInvalidArgument, absl::StrCat("spec.", st.message()));
   }
+  if (request.resume_from().size() > kMaxPathBytes) {
+    return Refuse(absl::StatusCode::kInvalidArgument, "resume_from: longer than 4096 bytes");
+  }
+  // Checkpoints are written and read only under the operator's root.
+  const std::vector<std::string> roots = options_.checkpoint_root.empty()
+                                             ? std::vector<std::string>{}
+                                             : std::vector<std::string>{options_.checkpoint_root};
+  if (!spec.checkpoint().dir().empty()) {
+    absl::StatusOr<std::string> dir =
+        ConfinedPath(spec.checkpoint().dir(), roots, "spec.checkpoint.dir");
+    if (!dir.ok()) return ToGrpcStatus(dir.status());
+  }
+  if (!request.resume_from().empty()) {
+    absl::StatusOr<std::string> dir = ConfinedPath(request.resume_from(), roots, "resume_from");
+    if (!dir.ok()) return ToGrpcStatus(dir.status());
+  }
   absl::MutexLock lock(&mu_);
   if (shutdown_) return Refuse(absl::StatusCode::kUnavailable, "coordinator is shutting down");
-  const std::string id = absl::StrFormat("job-%06d", next_job_++);
+  // Members report what they may use; until some have, they are assumed to
+  // be like the coordinator.
+  MemoryLimits limits{options_.memory_limit_bytes, 0, 0};
+  int shards = 0;
+  for (const auto& [id, m] : members_) {
+    int64_t& limit = m.shard ? limits.shard : limits.worker;
+    if (m.memory_bytes > 0) limit = limit == 0 ? m.memory_bytes : std::min(limit, m.memory_bytes);
+    shards += m.shard ? 1 : 0;
+  }
+  if (limits.shard == 0) limits.shard = options_.memory_limit_bytes;
+  if (limits.worker == 0) limits.worker = options_.memory_limit_bytes;
+  if (absl::Status st = AdmitBySize(spec, std::max(shards, options_.min_shards), limits);
+      !st.ok()) {
+    return ToGrpcStatus(st);
+  }
+  if (static_cast<int>(queue_.size()) >= options_.max_queued_jobs) {
+    return Refuse(absl::StatusCode::kResourceExhausted,
+                  absl::StrCat("the queue is full (", queue_.size(),
+                               " jobs; --max_queued_jobs): submit again when one has started"));
+  }
+  const std::string id = absl::StrFormat("%s-%06d", job_prefix_, next_job_++);
   JobRecord& record = jobs_[id];
   record.job.set_job_id(id);
   record.job.set_name(spec.name());
+  record.job.set_owner(user->name);
   *record.job.mutable_spec() = spec;
   record.job.set_submitted_at(UnixNow());
   record.job.set_resume_from(request.resume_from());
@@ -244,40 +324,48 @@ grpc::Status Coordinator::SubmitJob(const v1::SubmitJobRequest& request,
   job_order_.push_back(id);
   queue_.push_back(id);
   SetStateLocked(record, v1::JOB_STATE_QUEUED, "");
+  ForgetOldJobsLocked();
   response->set_job_id(id);
   *response->mutable_spec() = spec;
   return grpc::Status::OK;
 }
 
-grpc::Status Coordinator::GetJob(const v1::GetJobRequest& request, v1::GetJobResponse* response) {
+grpc::Status Coordinator::GetJob(const grpc::ServerContext& context,
+                                 const v1::GetJobRequest& request, v1::GetJobResponse* response) {
+  absl::StatusOr<User> user = Caller(context);
+  if (!user.ok()) return ToGrpcStatus(user.status());
   absl::MutexLock lock(&mu_);
-  auto it = jobs_.find(request.job_id());
-  if (it == jobs_.end()) {
-    return UnknownJob(request.job_id());
-  }
-  *response->mutable_job() = it->second.job;
+  absl::StatusOr<JobRecord*> record = VisibleJobLocked(*user, request.job_id());
+  if (!record.ok()) return ToGrpcStatus(record.status());
+  *response->mutable_job() = (*record)->job;
   return grpc::Status::OK;
 }
 
-grpc::Status Coordinator::ListJobs(v1::ListJobsResponse* response) {
+grpc::Status Coordinator::ListJobs(const grpc::ServerContext& context,
+                                   v1::ListJobsResponse* response) {
+  absl::StatusOr<User> user = Caller(context);
+  if (!user.ok()) return ToGrpcStatus(user.status());
   absl::MutexLock lock(&mu_);
   for (const std::string& id : job_order_) {
-    v1::Job* job = response->add_jobs();
-    *job = jobs_.at(id).job;
-    job->clear_spec();
-    job->clear_placement();
+    const v1::Job& job = jobs_.at(id).job;
+    if (!user->admin && job.owner() != user->name) continue;
+    v1::Job* out = response->add_jobs();
+    *out = job;
+    out->clear_spec();
+    out->clear_placement();
   }
   return grpc::Status::OK;
 }
 
-grpc::Status Coordinator::CancelJob(const v1::CancelJobRequest& request,
+grpc::Status Coordinator::CancelJob(const grpc::ServerContext& context,
+                                    const v1::CancelJobRequest& request,
                                     v1::CancelJobResponse* response) {
+  absl::StatusOr<User> user = Caller(context);
+  if (!user.ok()) return ToGrpcStatus(user.status());
   absl::MutexLock lock(&mu_);
-  auto it = jobs_.find(request.job_id());
-  if (it == jobs_.end()) {
-    return UnknownJob(request.job_id());
-  }
-  JobRecord& record = it->second;
+  absl::StatusOr<JobRecord*> found = VisibleJobLocked(*user, request.job_id());
+  if (!found.ok()) return ToGrpcStatus(found.status());
+  JobRecord& record = **found;
   if (Ended(record.job.state())) {
     return Refuse(absl::StatusCode::kFailedPrecondition,
                   absl::StrCat("job ", request.job_id(), " already ended (",
@@ -295,18 +383,36 @@ grpc::Status Coordinator::CancelJob(const v1::CancelJobRequest& request,
 
 grpc::Status Coordinator::WatchJob(grpc::ServerContext* context, const v1::WatchJobRequest& request,
                                    grpc::ServerWriter<v1::WatchJobResponse>* writer) {
+  absl::StatusOr<User> user = Caller(*context);
+  if (!user.ok()) return ToGrpcStatus(user.status());
   int64_t next = 0;
   v1::WatchJobResponse first;
   {
     absl::MutexLock lock(&mu_);
-    auto it = jobs_.find(request.job_id());
-    if (it == jobs_.end()) {
-      return UnknownJob(request.job_id());
+    absl::StatusOr<JobRecord*> record = VisibleJobLocked(*user, request.job_id());
+    if (!record.ok()) return ToGrpcStatus(record.status());
+    if (watchers_ >= options_.max_watchers ||
+        (*record)->watchers >= options_.max_watchers_per_job) {
+      return Refuse(absl::StatusCode::kResourceExhausted,
+                    absl::StrCat("too many watchers (", watchers_, " in all, ", (*record)->watchers,
+                                 " on this job): try again later"));
     }
+    ++watchers_;
+    ++(*record)->watchers;
     first.set_kind(v1::JOB_EVENT_KIND_SNAPSHOT);
-    *first.mutable_job() = it->second.job;
-    next = it->second.events_total;
+    *first.mutable_job() = (*record)->job;
+    next = (*record)->events_total;
   }
+  // The job stays remembered while watched (ForgetOldJobsLocked).
+  struct Release {
+    Coordinator* c;
+    std::string job_id;
+    ~Release() {
+      absl::MutexLock lock(&c->mu_);
+      --c->watchers_;
+      --c->jobs_.at(job_id).watchers;
+    }
+  } release{this, request.job_id()};
   if (!writer->Write(first)) return grpc::Status::OK;
   if (Ended(first.job().state())) return grpc::Status::OK;
   while (true) {

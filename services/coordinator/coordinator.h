@@ -38,6 +38,7 @@
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "rpc/auth.h"
 
 namespace muonps {
 
@@ -53,6 +54,30 @@ struct CoordinatorOptions {
   std::function<void(const std::string&)> log;
   // Where the coordinator's metrics go (a private registry when null).
   std::shared_ptr<prometheus::Registry> metrics;
+
+  // Who may call (rpc/auth.h). With a cluster secret, registering needs it
+  // (metadata x-muonps-cluster-secret); without, anyone who reaches the port
+  // may register (loopback clusters and tests).
+  std::string cluster_secret;
+  // With tokens, every JobService call needs a bearer token, jobs belong to
+  // their submitter, and only the owner or an admin sees or cancels them.
+  // Without (null), callers are anonymous and see every job.
+  std::shared_ptr<const UserTokens> users;
+
+  // Bounds on what callers can make the coordinator hold.
+  int max_queued_jobs = 64;        // queued jobs, all users together
+  int max_jobs_remembered = 1000;  // ended jobs beyond this are forgotten, oldest first
+  int max_watchers = 64;           // concurrent WatchJob streams
+  int max_watchers_per_job = 16;
+  // A worker that holds a task this long without reporting it loses it to
+  // another worker (its late report is refused). 0: no deadline.
+  double task_timeout_seconds = 600.0;
+  // What the coordinator may use, and what members that do not report their
+  // own limit are assumed to have (0: not checked). See admission.h.
+  int64_t memory_limit_bytes = 0;
+  // Directory under which every checkpoint.dir and resume_from must resolve
+  // (symlinks followed). Empty: jobs may neither write nor read checkpoints.
+  std::string checkpoint_root;
 };
 
 class Coordinator {
@@ -76,9 +101,10 @@ class Coordinator {
   friend class JobRun;
 
   struct Member {
-    std::string id, address;
+    std::string id, address, secret;
     bool shard = false;
     int threads = 0;
+    int64_t memory_bytes = 0;  // what it may use, as reported (0: unknown)
     absl::Time last_seen;
     int64_t order = 0;  // registration order
     std::string job_id;
@@ -88,12 +114,14 @@ class Coordinator {
     std::string worker;  // assigned worker; empty = anyone may take it
     bool delivered = false;
     bool done = false;
+    absl::Time delivered_at;
   };
   struct JobRecord {
     v1::Job job;
     bool cancel_requested = false;
     std::deque<v1::WatchJobResponse> events;  // the latest kMaxEvents
     int64_t events_total = 0;                 // events ever appended
+    int watchers = 0;                         // WatchJob streams open on it
   };
   // The step in progress of the running job.
   struct StepRun {
@@ -108,26 +136,55 @@ class Coordinator {
     std::string failure;  // set by FailTask
   };
 
-  // JobService.
-  grpc::Status SubmitJob(const v1::SubmitJobRequest& request, v1::SubmitJobResponse* response);
-  grpc::Status GetJob(const v1::GetJobRequest& request, v1::GetJobResponse* response);
-  grpc::Status ListJobs(v1::ListJobsResponse* response);
-  grpc::Status CancelJob(const v1::CancelJobRequest& request, v1::CancelJobResponse* response);
+  // JobService. Every call first authenticates its caller (Caller).
+  grpc::Status SubmitJob(const grpc::ServerContext& context, const v1::SubmitJobRequest& request,
+                         v1::SubmitJobResponse* response);
+  grpc::Status GetJob(const grpc::ServerContext& context, const v1::GetJobRequest& request,
+                      v1::GetJobResponse* response);
+  grpc::Status ListJobs(const grpc::ServerContext& context, v1::ListJobsResponse* response);
+  grpc::Status CancelJob(const grpc::ServerContext& context, const v1::CancelJobRequest& request,
+                         v1::CancelJobResponse* response);
   grpc::Status WatchJob(grpc::ServerContext* context, const v1::WatchJobRequest& request,
                         grpc::ServerWriter<v1::WatchJobResponse>* writer);
-  grpc::Status GetCluster(v1::GetClusterResponse* response);
+  grpc::Status GetCluster(const grpc::ServerContext& context, v1::GetClusterResponse* response);
+  // The calling user: anonymous (an admin) without tokens, else the token's
+  // user or UNAUTHENTICATED.
+  absl::StatusOr<User> Caller(const grpc::ServerContext& context) const;
+  // The job `job_id` if `user` may see it: NOT_FOUND when it does not exist,
+  // PERMISSION_DENIED when it is another user's.
+  absl::StatusOr<JobRecord*> VisibleJobLocked(const User& user, const std::string& job_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Forgets the oldest ended jobs beyond max_jobs_remembered.
+  void ForgetOldJobsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // ClusterService.
   // Refuses (FAILED_PRECONDITION, naming both kernels) a member whose
-  // numerics are not the coordinator's LocalNumerics().
-  grpc::Status Register(bool shard, const std::string& address, int threads,
-                        const v1::NumericsProfile& numerics, std::string* member_id);
-  grpc::Status Heartbeat(const v1::HeartbeatRequest& request, v1::HeartbeatResponse* response);
+  // numerics are not the coordinator's LocalNumerics(), and (UNAUTHENTICATED)
+  // one without the cluster secret when there is one.
+  grpc::Status Register(const grpc::ServerContext& context, bool shard, const std::string& address,
+                        int threads, int64_t memory_bytes, const v1::NumericsProfile& numerics,
+                        std::string* member_id, std::string* member_secret);
+  grpc::Status Heartbeat(const grpc::ServerContext& context, const v1::HeartbeatRequest& request,
+                         v1::HeartbeatResponse* response);
   grpc::Status GetTask(grpc::ServerContext* context, const v1::GetTaskRequest& request,
                        v1::GetTaskResponse* response);
-  grpc::Status ReportSlots(const v1::ReportSlotsRequest& request,
+  grpc::Status ReportSlots(const grpc::ServerContext& context,
+                           const v1::ReportSlotsRequest& request,
                            v1::ReportSlotsResponse* response);
-  grpc::Status ReportEval(const v1::ReportEvalRequest& request);
-  grpc::Status FailTask(const v1::FailTaskRequest& request);
+  grpc::Status ReportEval(const grpc::ServerContext& context, const v1::ReportEvalRequest& request);
+  grpc::Status FailTask(const grpc::ServerContext& context, const v1::FailTaskRequest& request);
+  // The caller is member `id` (of the kind `shard`) presenting its secret:
+  // NOT_FOUND for an unknown id (the member registers again),
+  // UNAUTHENTICATED without the secret.
+  grpc::Status AuthenticateMemberLocked(const grpc::ServerContext& context, const std::string& id,
+                                        bool shard) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The task `task_id` of the step in progress, held by `worker_id`:
+  // FAILED_PRECONDITION otherwise (a report from a worker that does not hold
+  // the task, or one whose task was given to another worker).
+  absl::StatusOr<TaskRecord*> HeldTaskLocked(const std::string& worker_id,
+                                             const std::string& task_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Tasks held past task_timeout_seconds go back to the pool.
+  void ExpireTasksLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   void RunnerLoop();
   void ReaperLoop();
@@ -154,16 +211,16 @@ class Coordinator {
   const CoordinatorOptions options_;
   std::shared_ptr<prometheus::Registry> registry_;
   Metrics metrics_;
+  const std::string job_prefix_;  // "job-", the start time and a nonce, see Job.job_id
   std::unique_ptr<JobServiceImpl> job_service_;
   std::unique_ptr<ClusterServiceImpl> cluster_service_;
 
   mutable absl::Mutex mu_;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   std::map<std::string, Member> members_ ABSL_GUARDED_BY(mu_);
-  int64_t next_shard_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t next_worker_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t next_order_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t next_job_ ABSL_GUARDED_BY(mu_) = 1;
+  int watchers_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t next_task_ ABSL_GUARDED_BY(mu_) = 1;
   std::map<std::string, JobRecord> jobs_ ABSL_GUARDED_BY(mu_);
   std::vector<std::string> job_order_ ABSL_GUARDED_BY(mu_);  // submission order

@@ -16,6 +16,7 @@
 #include "common/model_layout.h"
 #include "common/numerics.h"
 #include "common/status_macros.h"
+#include "rpc/auth.h"
 #include "rpc/rpc_util.h"
 #include "services/coordinator/coordinator.h"
 #include "services/coordinator/placement.h"
@@ -61,8 +62,11 @@ class Coordinator::JobRun {
   std::string ShardCall(int i, const char* rpc) const {
     return absl::StrCat("shard ", shards_[i].id, " (", shards_[i].address, "): ", rpc);
   }
-  void SetDeadline(grpc::ClientContext* context) const {
+  // A call to shard i: its deadline, and the shard's member secret, without
+  // which it accepts no call from the coordinator.
+  void SetUp(grpc::ClientContext* context, int i) const {
     context->set_deadline(DeadlineIn(c_->options_.shard_rpc_seconds));
+    context->AddMetadata(kMemberSecretHeader, shards_[i].secret);
   }
   void DropAll();
   // Ends the job: drops it on the shards, frees the members, sets `state`.
@@ -96,6 +100,10 @@ class Coordinator::JobRun {
   const std::string job_id_;
   v1::JobSpec spec_;
   std::string resume_;
+  std::string owner_;  // the user the job runs for
+  // Given to the shards and the workers of this run only: pushes and pulls
+  // carry it.
+  const std::string job_key_ = RandomHex(16);
   std::vector<Member> shards_;
   std::unique_ptr<ModelLayout> layout_;
   int n_ = 0;
@@ -117,6 +125,7 @@ bool Coordinator::JobRun::Prepare() {
   const JobRecord& record = c_->jobs_.at(job_id_);
   spec_ = record.job.spec();
   resume_ = record.job.resume_from();
+  owner_ = record.job.owner();
   for (const Member* m : c_->LiveLocked(true)) shards_.push_back(*m);
   if (static_cast<int>(shards_.size()) < std::max(1, c_->options_.min_shards)) {
     c_->queue_.push_front(job_id_);  // a shard left meanwhile: wait for it again
@@ -148,6 +157,7 @@ void Coordinator::JobRun::DropAll() {
   (void)ForEachShard(n_, [&](int i) {
     grpc::ClientContext context;
     context.set_deadline(DeadlineIn(10.0));
+    context.AddMetadata(kMemberSecretHeader, shards_[i].secret);
     v1::DropJobRequest request;
     request.set_job_id(job_id_);
     v1::DropJobResponse response;
@@ -173,13 +183,14 @@ absl::Status Coordinator::JobRun::Load() {
   std::vector<v1::NumericsProfile> numerics(static_cast<size_t>(n_));
   MUONPS_RETURN_IF_ERROR(ForEachShard(n_, [&](int i) {
     grpc::ClientContext context;
-    SetDeadline(&context);
+    SetUp(&context, i);
     v1::LoadJobRequest request;
     request.set_job_id(job_id_);
     *request.mutable_spec() = spec_;
     *request.mutable_tensors() = placement_.shards[i].tensors();
     request.set_resume_from(resume_);
     request.set_replace(true);
+    request.set_job_key(job_key_);
     v1::LoadJobResponse response;
     absl::Status st =
         FromGrpcStatus(stubs_[i]->LoadJob(&context, request, &response), ShardCall(i, "LoadJob"));
@@ -279,6 +290,7 @@ void Coordinator::JobRun::Plan(int64_t version, bool eval, int count_hint) {
       for (int s = range.begin; s < range.end; ++s) t.task.add_slots(s);
     }
     *t.task.mutable_shards() = {routes_.begin(), routes_.end()};
+    t.task.set_job_key(job_key_);
     if (k < w) t.worker = workers[k]->id;
     run.tasks.push_back(std::move(t));
   }
@@ -329,7 +341,7 @@ absl::StatusOr<double> Coordinator::JobRun::GlobalNorm(int64_t step) {
   absl::Mutex squares_mu;
   MUONPS_RETURN_IF_ERROR(ForEachShard(n_, [&](int i) {
     grpc::ClientContext context;
-    SetDeadline(&context);
+    SetUp(&context, i);
     v1::GetGradientSquaresRequest request;
     request.set_job_id(job_id_);
     request.set_step(step);
@@ -360,7 +372,7 @@ absl::Status Coordinator::JobRun::Apply(int64_t step, double lr, double coef,
                                         const ExpertLoads& loads) {
   return ForEachShard(n_, [&](int i) {
     grpc::ClientContext context;
-    SetDeadline(&context);
+    SetUp(&context, i);
     v1::ApplyStepRequest request;
     request.set_job_id(job_id_);
     request.set_step(step);
@@ -459,10 +471,11 @@ absl::Status Coordinator::JobRun::Checkpoint(int64_t version) {
   const std::string& root = spec_.checkpoint().dir();
   if (root.empty()) return absl::OkStatus();
   const std::string final_dir = absl::StrCat(root, "/", CheckpointName(version));
-  MUONPS_ASSIGN_OR_RETURN(const std::string staging, CreateStagingDir(final_dir));
+  const CheckpointWriter writer{owner_, job_id_};
+  MUONPS_ASSIGN_OR_RETURN(const std::string staging, CreateStagingDir(final_dir, writer));
   MUONPS_RETURN_IF_ERROR(ForEachShard(n_, [&](int i) {
     grpc::ClientContext context;
-    SetDeadline(&context);
+    SetUp(&context, i);
     v1::SaveCheckpointRequest request;
     request.set_job_id(job_id_);
     request.set_dir(staging);
@@ -481,8 +494,8 @@ absl::Status Coordinator::JobRun::Checkpoint(int64_t version) {
   *trainer.mutable_numerics() = LocalNumerics();
   MUONPS_RETURN_IF_ERROR(WriteCheckpointIndex(staging, n_, *layout_, spec_.optimizer().name(),
                                               placement_.owner, trainer));
-  MUONPS_RETURN_IF_ERROR(PublishStagingDir(staging, final_dir));
-  PruneCheckpoints(root, spec_.checkpoint().keep_last());
+  MUONPS_RETURN_IF_ERROR(PublishStagingDir(staging, final_dir, writer));
+  PruneCheckpoints(root, spec_.checkpoint().keep_last(), owner_);
   absl::MutexLock lock(&c_->mu_);
   JobRecord& record = c_->jobs_.at(job_id_);
   record.job.set_last_checkpoint(final_dir);

@@ -4,8 +4,10 @@
 #include <algorithm>
 #include <cmath>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/numerics.h"
+#include "rpc/auth.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc_util.h"
 #include "services/coordinator/coordinator.h"
@@ -19,7 +21,10 @@ grpc::Status UnknownJob(const std::string& job_id) {
 }
 
 }  // namespace
-grpc::Status Coordinator::GetCluster(v1::GetClusterResponse* response) {
+grpc::Status Coordinator::GetCluster(const grpc::ServerContext& context,
+                                     v1::GetClusterResponse* response) {
+  absl::StatusOr<User> user = Caller(context);
+  if (!user.ok()) return ToGrpcStatus(user.status());
   absl::MutexLock lock(&mu_);
   ExpireMembersLocked();
   for (bool shards : {true, false}) {
@@ -37,11 +42,35 @@ grpc::Status Coordinator::GetCluster(v1::GetClusterResponse* response) {
 // ---------------------------------------------------------------------------
 // ClusterService
 
-grpc::Status Coordinator::Register(bool shard, const std::string& address, int threads,
-                                   const v1::NumericsProfile& numerics, std::string* member_id) {
+grpc::Status Coordinator::Register(const grpc::ServerContext& context, bool shard,
+                                   const std::string& address, int threads, int64_t memory_bytes,
+                                   const v1::NumericsProfile& numerics, std::string* member_id,
+                                   std::string* member_secret) {
+  if (!options_.cluster_secret.empty() &&
+      !CallerPresents(context, kClusterSecretHeader, options_.cluster_secret)) {
+    metrics_.refused_members.Increment();
+    return Refuse(absl::StatusCode::kUnauthenticated,
+                  "registering needs the cluster secret (--cluster_secret_file)");
+  }
   if (shard && address.empty()) {
     return Refuse(absl::StatusCode::kInvalidArgument,
                   "address: a shard must give the address it serves on");
+  }
+  if (address.size() > 256) {
+    return Refuse(absl::StatusCode::kInvalidArgument, "address: longer than 256 bytes");
+  }
+  if (shard) {
+    // host:port with a port in range, so the coordinator only dials shards.
+    const size_t colon = address.rfind(':');
+    int port = 0;
+    if (colon == std::string::npos || colon == 0 ||
+        !absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 1 || port > 65535) {
+      return Refuse(absl::StatusCode::kInvalidArgument,
+                    absl::StrCat("address: \"", address, "\" is not host:port"));
+    }
+  }
+  if (threads < 0 || threads > 4096 || memory_bytes < 0) {
+    return Refuse(absl::StatusCode::kInvalidArgument, "threads/memory_bytes: out of range");
   }
   const std::string who = absl::StrCat(shard ? "the shard at " : "the worker at ",
                                        address.empty() ? "?" : address.substr(0, 256));
@@ -52,13 +81,17 @@ grpc::Status Coordinator::Register(bool shard, const std::string& address, int t
     return Refuse(absl::StatusCode::kFailedPrecondition, std::string(st.message()));
   }
   absl::MutexLock lock(&mu_);
-  const std::string id =
-      shard ? absl::StrCat("shard-", next_shard_++) : absl::StrCat("worker-", next_worker_++);
+  // Unguessable ids, unique across coordinator restarts: a member of an
+  // earlier coordinator never holds an id of this one.
+  const std::string id = absl::StrCat(shard ? "shard-" : "worker-", RandomHex(6));
   Member& m = members_[id];
   m.id = id;
+  m.secret = RandomHex(24);
   m.address = address;
   m.shard = shard;
   m.threads = threads;
+  m.memory_bytes = memory_bytes;
+  *member_secret = m.secret;
   m.last_seen = absl::Now();
   m.order = next_order_++;
   *member_id = id;
@@ -66,14 +99,35 @@ grpc::Status Coordinator::Register(bool shard, const std::string& address, int t
   return grpc::Status::OK;
 }
 
-grpc::Status Coordinator::Heartbeat(const v1::HeartbeatRequest& request,
+grpc::Status Coordinator::AuthenticateMemberLocked(const grpc::ServerContext& context,
+                                                   const std::string& id, bool shard) const {
+  auto it = members_.find(id);
+  if (it == members_.end() || it->second.shard != shard) {
+    return Refuse(
+        absl::StatusCode::kNotFound,
+        absl::StrCat(shard ? "member_id" : "worker_id", ": \"", id.substr(0, 64),
+                     "\" is not a registered ", shard ? "member" : "worker", "; register again"));
+  }
+  if (!CallerPresents(context, kMemberSecretHeader, it->second.secret)) {
+    return Refuse(absl::StatusCode::kUnauthenticated,
+                  absl::StrCat("member ", id, ": the call lacks its member secret"));
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status Coordinator::Heartbeat(const grpc::ServerContext& context,
+                                    const v1::HeartbeatRequest& request,
                                     v1::HeartbeatResponse* response) {
   absl::MutexLock lock(&mu_);
   auto it = members_.find(request.member_id());
   if (it == members_.end()) {
-    return Refuse(
-        absl::StatusCode::kNotFound,
-        absl::StrCat("member_id: \"", request.member_id(), "\" is not registered; register again"));
+    return Refuse(absl::StatusCode::kNotFound,
+                  absl::StrCat("member_id: \"", request.member_id().substr(0, 64),
+                               "\" is not registered; register again"));
+  }
+  if (grpc::Status st = AuthenticateMemberLocked(context, request.member_id(), it->second.shard);
+      !st.ok()) {
+    return st;
   }
   it->second.last_seen = absl::Now();
   for (const std::string& id : ended_recently_) response->add_ended_job_ids(id);
@@ -90,9 +144,8 @@ grpc::Status Coordinator::GetTask(grpc::ServerContext* context, const v1::GetTas
     auto it = members_.find(id);
     return it != members_.end() && !it->second.shard;
   };
-  if (!known()) {
-    return Refuse(absl::StatusCode::kNotFound,
-                  absl::StrCat("worker_id: \"", id, "\" is not registered; register again"));
+  if (grpc::Status st = AuthenticateMemberLocked(*context, id, /*shard=*/false); !st.ok()) {
+    return st;
   }
   members_[id].last_seen = absl::Now();
   // A worker asking for work has finished or abandoned what it was given.
@@ -135,15 +188,50 @@ grpc::Status Coordinator::GetTask(grpc::ServerContext* context, const v1::GetTas
   if (pick != nullptr && available()) {
     pick->worker = id;
     pick->delivered = true;
+    pick->delivered_at = absl::Now();
     *response->mutable_task() = pick->task;
     members_[id].job_id = pick->task.job_id();
   }
   return grpc::Status::OK;
 }
 
-grpc::Status Coordinator::ReportSlots(const v1::ReportSlotsRequest& request,
+absl::StatusOr<Coordinator::TaskRecord*> Coordinator::HeldTaskLocked(const std::string& worker_id,
+                                                                     const std::string& task_id) {
+  if (step_ != nullptr) {
+    for (TaskRecord& t : step_->tasks) {
+      if (t.task.task_id() != task_id) continue;
+      if (t.worker == worker_id && t.delivered) return &t;
+      break;
+    }
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat("task_id: worker ", worker_id, " does not hold task \"", task_id.substr(0, 64),
+                   "\" (it ended, or was given to another worker)"));
+}
+
+void Coordinator::ExpireTasksLocked() {
+  if (step_ == nullptr || options_.task_timeout_seconds <= 0) return;
+  const absl::Time now = absl::Now();
+  for (TaskRecord& t : step_->tasks) {
+    if (t.delivered && !t.done &&
+        now - t.delivered_at > absl::Seconds(options_.task_timeout_seconds)) {
+      Log(absl::StrCat(t.task.task_id(), " of ", t.task.job_id(), ": worker ", t.worker,
+                       " did not report within ", options_.task_timeout_seconds,
+                       " s; the task goes to another worker"));
+      t.worker.clear();
+      t.delivered = false;
+      metrics_.reassignments.Increment();
+    }
+  }
+}
+
+grpc::Status Coordinator::ReportSlots(const grpc::ServerContext& context,
+                                      const v1::ReportSlotsRequest& request,
                                       v1::ReportSlotsResponse* response) {
   absl::MutexLock lock(&mu_);
+  if (grpc::Status st = AuthenticateMemberLocked(context, request.worker_id(), false); !st.ok()) {
+    return st;
+  }
   if (jobs_.count(request.job_id()) == 0) {
     return UnknownJob(request.job_id());
   }
@@ -153,8 +241,21 @@ grpc::Status Coordinator::ReportSlots(const v1::ReportSlotsRequest& request,
                   absl::StrCat("step: ", request.step(), " of ", request.job_id(),
                                " is not the step in progress"));
   }
+  absl::StatusOr<TaskRecord*> held = HeldTaskLocked(request.worker_id(), request.task_id());
+  if (!held.ok()) return ToGrpcStatus(held.status());
   const int slots = static_cast<int>(step_->slots.size());
+  if (request.slots_size() > (*held)->task.slots_size()) {
+    return Refuse(absl::StatusCode::kInvalidArgument,
+                  absl::StrCat("slots: ", request.slots_size(), " reported, the task has ",
+                               (*held)->task.slots_size()));
+  }
   for (const v1::SlotStats& s : request.slots()) {
+    if (std::find((*held)->task.slots().begin(), (*held)->task.slots().end(), s.slot()) ==
+        (*held)->task.slots().end()) {
+      return Refuse(
+          absl::StatusCode::kInvalidArgument,
+          absl::StrCat("slots.slot: ", s.slot(), " is not a slot of task ", request.task_id()));
+    }
     if (s.slot() < 0 || s.slot() >= slots) {
       return Refuse(absl::StatusCode::kInvalidArgument,
                     absl::StrCat("slots.slot: ", s.slot(), " out of [0, ", slots, ")"));
@@ -188,8 +289,12 @@ grpc::Status Coordinator::ReportSlots(const v1::ReportSlotsRequest& request,
   return grpc::Status::OK;
 }
 
-grpc::Status Coordinator::ReportEval(const v1::ReportEvalRequest& request) {
+grpc::Status Coordinator::ReportEval(const grpc::ServerContext& context,
+                                     const v1::ReportEvalRequest& request) {
   absl::MutexLock lock(&mu_);
+  if (grpc::Status st = AuthenticateMemberLocked(context, request.worker_id(), false); !st.ok()) {
+    return st;
+  }
   if (jobs_.count(request.job_id()) == 0) {
     return UnknownJob(request.job_id());
   }
@@ -198,6 +303,13 @@ grpc::Status Coordinator::ReportEval(const v1::ReportEvalRequest& request) {
     return Refuse(absl::StatusCode::kFailedPrecondition,
                   absl::StrCat("version: evaluation of version ", request.version(), " of ",
                                request.job_id(), " is not in progress"));
+  }
+  absl::StatusOr<TaskRecord*> held = HeldTaskLocked(request.worker_id(), request.task_id());
+  if (!held.ok()) return ToGrpcStatus(held.status());
+  if (request.eval_part() != (*held)->task.eval_part()) {
+    return Refuse(absl::StatusCode::kInvalidArgument,
+                  absl::StrCat("eval_part: ", request.eval_part(), " is not the part of task ",
+                               request.task_id()));
   }
   const int parts = static_cast<int>(step_->eval_parts_done.size());
   if (request.eval_part() < 0 || request.eval_part() >= parts) {
@@ -219,10 +331,17 @@ grpc::Status Coordinator::ReportEval(const v1::ReportEvalRequest& request) {
   return grpc::Status::OK;
 }
 
-grpc::Status Coordinator::FailTask(const v1::FailTaskRequest& request) {
+grpc::Status Coordinator::FailTask(const grpc::ServerContext& context,
+                                   const v1::FailTaskRequest& request) {
   absl::MutexLock lock(&mu_);
-  if (step_ != nullptr && step_->job_id == request.job_id() && step_->failure.empty()) {
-    step_->failure = absl::StrCat("worker ", request.worker_id(), ": ", request.error());
+  if (grpc::Status st = AuthenticateMemberLocked(context, request.worker_id(), false); !st.ok()) {
+    return st;
+  }
+  absl::StatusOr<TaskRecord*> held = HeldTaskLocked(request.worker_id(), request.task_id());
+  if (!held.ok()) return ToGrpcStatus(held.status());
+  if (step_->job_id == request.job_id() && step_->failure.empty()) {
+    step_->failure =
+        absl::StrCat("worker ", request.worker_id(), ": ", request.error().substr(0, 2048));
   }
   return grpc::Status::OK;
 }
@@ -267,6 +386,7 @@ void Coordinator::ReaperLoop() {
   while (!shutdown_) {
     mu_.AwaitWithTimeout(absl::Condition(&shutdown_), absl::Milliseconds(100));
     ExpireMembersLocked();
+    ExpireTasksLocked();
   }
 }
 

@@ -11,6 +11,7 @@
 #include "checkpoint/checkpoint.h"
 #include "common/job_spec.h"
 #include "rpc/metrics.h"
+#include "rpc/reaction_order.h"
 #include "rpc/rpc_util.h"
 #include "rpc/tensor_stream.h"
 #include "rpc/wire.h"
@@ -28,6 +29,9 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
   PullReactor(ShardServiceImpl* service, grpc::CallbackServerContext* context,
               const grpc::ByteBuffer* request)
       : service_(service) {
+    ReactionOrder::Scope scope(&order_);
+    error_ = service->Authorize(*context, /*worker_call=*/true);
+    if (!error_.ok()) return;
     grpc::ByteBuffer copy(*request);
     grpc::ProtoBufferReader stream(&copy);
     if (!request_.ParseFromZeroCopyStream(&stream)) {
@@ -45,7 +49,6 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
     }
     wait_seconds_ = std::min(600.0, std::max(0.0, request_.wait_seconds()));
     deadline_ = absl::Now() + absl::Seconds(wait_seconds_);
-    (void)context;
   }
 
   // Starts the stream when its version is there, finishes it on an error or
@@ -90,6 +93,7 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
   }
 
   void OnWriteDone(bool ok) override {
+    ReactionOrder::Scope scope(&order_);
     absl::MutexLock lock(&mu_);
     if (state_ != State::kStreaming) return;
     if (!ok)
@@ -98,12 +102,20 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
   }
 
   void OnCancel() override {
+    ReactionOrder::Scope scope(&order_);
     absl::MutexLock lock(&mu_);
     if (state_ == State::kWaiting) FinishLocked(Refuse(absl::StatusCode::kCancelled, "cancelled"));
   }
 
   // The service deletes the reactor (under its pull lock) once this is set.
-  void OnDone() override { done_.store(true); }
+  void OnDone() override {
+    order_.Enter();
+    done_.store(true);
+  }
+
+  // Called by PullParameters after its first Wake(): what the handler did
+  // happens before the reactions.
+  void HandlerReturns() { order_.Leave(); }
   bool done() const { return done_.load(); }
 
  private:
@@ -124,6 +136,7 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
         offset_ += bytes;
         pulled_ += bytes;
         wrote_empty_ = total == 0;
+        order_.Leave();
         StartWrite(&out_);
         return;
       }
@@ -140,6 +153,7 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
   void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (state_ == State::kFinished) return;
     state_ = State::kFinished;
+    order_.Leave();
     Finish(status);
   }
 
@@ -160,6 +174,7 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
   grpc::ByteBuffer out_ ABSL_GUARDED_BY(mu_);
   std::chrono::steady_clock::time_point start_;
   std::atomic<bool> done_{false};
+  ReactionOrder order_;
 };
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* ShardServiceImpl::PullParameters(
@@ -170,6 +185,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* ShardServiceImpl::PullParameters(
     pulls_.insert(reactor);
   }
   reactor->Wake();
+  reactor->HandlerReturns();
   return reactor;
 }
 

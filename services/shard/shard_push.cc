@@ -110,6 +110,7 @@ class ShardServiceImpl::PushSession {
 
   // After the last message.
   grpc::Status Finish(v1::PushGradientsResponse* response) {
+    if (!failed_.ok()) return ToGrpcStatus(failed_);
     if (first_) return Refuse(absl::StatusCode::kInvalidArgument, "empty push: no messages");
     if (failed_.ok() && current_ != nullptr) failed_ = current_->Finish();
     if (!failed_.ok()) return ToGrpcStatus(failed_);
@@ -164,8 +165,13 @@ class ShardServiceImpl::PushSession {
 // in place and its payload copied once, into the buffer it is assembled in.
 class ShardServiceImpl::PushReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
-  PushReactor(ShardServiceImpl* service, grpc::ByteBuffer* response)
+  PushReactor(ShardServiceImpl* service, grpc::CallbackServerContext* context,
+              grpc::ByteBuffer* response)
       : session_(service), response_(response) {
+    // An unauthorized push is refused; its messages are only drained.
+    if (absl::Status st = service->Authorize(*context, /*worker_call=*/true); !st.ok()) {
+      (void)session_.Fail(st);
+    }
     StartRead(&buffer_);
   }
 
@@ -212,8 +218,8 @@ class ShardServiceImpl::PushReactor final : public grpc::ServerReadReactor<grpc:
 };
 
 grpc::ServerReadReactor<grpc::ByteBuffer>* ShardServiceImpl::PushGradients(
-    grpc::CallbackServerContext*, grpc::ByteBuffer* response) {
-  return new PushReactor(this, response);
+    grpc::CallbackServerContext* context, grpc::ByteBuffer* response) {
+  return new PushReactor(this, context, response);
 }
 
 }  // namespace muonps

@@ -7,17 +7,18 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <limits>
 #include <map>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "checkpoint/checkpoint.h"
+#include "common/confine.h"
 #include "common/job_spec.h"
-#include "google/protobuf/io/coded_stream.h"
-#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
 #include "google/protobuf/util/message_differencer.h"
-#include "google/protobuf/wire_format_lite.h"
+#include "rpc/auth.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc_util.h"
 #include "rpc/tensor_stream.h"
@@ -99,8 +100,55 @@ absl::StatusOr<std::shared_ptr<ShardState>> ShardServiceImpl::Find(
   return state_;
 }
 
-grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext*, const v1::LoadJobRequest* request,
+void ShardServiceImpl::RequireMemberSecret() {
+  absl::MutexLock lock(&mu_);
+  require_secret_ = true;
+}
+
+void ShardServiceImpl::SetMemberSecret(const std::string& secret) {
+  absl::MutexLock lock(&mu_);
+  member_secret_ = secret;
+}
+
+void ShardServiceImpl::ConfineCheckpoints(const std::vector<std::string>& roots) {
+  absl::MutexLock lock(&mu_);
+  checkpoint_roots_ = roots;
+}
+
+absl::Status ShardServiceImpl::Authorize(const grpc::ServerContextBase& context,
+                                         bool worker_call) const {
+  absl::MutexLock lock(&mu_);
+  if (!require_secret_ && member_secret_.empty()) return absl::OkStatus();
+  if (member_secret_.empty()) {
+    return absl::UnavailableError("this shard has not registered with its coordinator yet");
+  }
+  if (CallerPresents(context, kMemberSecretHeader, member_secret_)) return absl::OkStatus();
+  if (worker_call && CallerPresents(context, kJobKeyHeader, job_key_)) return absl::OkStatus();
+  return absl::UnauthenticatedError(
+      worker_call ? "pushes and pulls need the job's key (x-muonps-job-key)"
+                  : "only this shard's coordinator may make this call (x-muonps-member-secret)");
+}
+
+bool ShardServiceImpl::Confined() const {
+  absl::MutexLock lock(&mu_);
+  return checkpoint_roots_.has_value();
+}
+
+absl::StatusOr<std::string> ShardServiceImpl::CheckpointPath(const std::string& path,
+                                                             absl::string_view field) const {
+  std::optional<std::vector<std::string>> roots;
+  {
+    absl::MutexLock lock(&mu_);
+    roots = checkpoint_roots_;
+  }
+  if (!roots.has_value()) return path;
+  return ConfinedPath(path, *roots, field);
+}
+
+grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext* context,
+                                       const v1::LoadJobRequest* request,
                                        v1::LoadJobResponse* response) {
+  if (absl::Status st = Authorize(*context, false); !st.ok()) return ToGrpcStatus(st);
   if (request->job_id().empty()) {
     return Refuse(absl::StatusCode::kInvalidArgument, "job_id: must not be empty");
   }
@@ -126,7 +174,9 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext*, const v1::LoadJobRe
   if (!created.ok()) return ToGrpcStatus(created.status());
   std::shared_ptr<ShardState> state = std::move(*created);
   if (!request->resume_from().empty()) {
-    absl::StatusOr<std::string> dir = ResolveCheckpointDir(request->resume_from());
+    absl::StatusOr<std::string> confined = CheckpointPath(request->resume_from(), "resume_from");
+    if (!confined.ok()) return ToGrpcStatus(confined.status());
+    absl::StatusOr<std::string> dir = ResolveCheckpointDir(*confined);
     if (!dir.ok()) return ToGrpcStatus(dir.status());
     absl::StatusOr<v1::TrainerState> trainer = ReadTrainerState(*dir);
     if (!trainer.ok()) return ToGrpcStatus(trainer.status());
@@ -142,14 +192,14 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext*, const v1::LoadJobRe
     *response->mutable_checkpoint_numerics() = trainer->numerics();
   }
   absl::Status installed =
-      Install(request->job_id(), tensors, std::move(state), request->replace());
+      Install(request->job_id(), request->job_key(), tensors, std::move(state), request->replace());
   if (!installed.ok()) return ToGrpcStatus(installed);
   response->set_version(version());
   WakePulls();
   return grpc::Status::OK;
 }
 
-absl::Status ShardServiceImpl::Install(const std::string& job_id,
+absl::Status ShardServiceImpl::Install(const std::string& job_id, const std::string& job_key,
                                        const std::vector<std::string>& tensors,
                                        std::shared_ptr<ShardState> state, bool replace) {
   absl::MutexLock lock(&mu_);
@@ -158,6 +208,7 @@ absl::Status ShardServiceImpl::Install(const std::string& job_id,
         absl::StrCat("this shard holds job ", job_id_, "; drop it first"));
   }
   job_id_ = job_id;
+  job_key_ = job_key;
   tensors_ = tensors;
   version_ = state->version();
   int64_t params = 0, optimizer_state = 0;
@@ -176,12 +227,14 @@ absl::Status ShardServiceImpl::Install(const std::string& job_id,
   return absl::OkStatus();
 }
 
-grpc::Status ShardServiceImpl::DropJob(grpc::ServerContext*, const v1::DropJobRequest* request,
-                                       v1::DropJobResponse*) {
+grpc::Status ShardServiceImpl::DropJob(grpc::ServerContext* context,
+                                       const v1::DropJobRequest* request, v1::DropJobResponse*) {
+  if (absl::Status st = Authorize(*context, false); !st.ok()) return ToGrpcStatus(st);
   {
     absl::MutexLock lock(&mu_);
     if (job_id_ == request->job_id()) {
       job_id_.clear();
+      job_key_.clear();
       tensors_.clear();
       state_.reset();
       version_ = 0;
@@ -195,9 +248,10 @@ grpc::Status ShardServiceImpl::DropJob(grpc::ServerContext*, const v1::DropJobRe
   return grpc::Status::OK;
 }
 
-grpc::Status ShardServiceImpl::GetGradientSquares(grpc::ServerContext*,
+grpc::Status ShardServiceImpl::GetGradientSquares(grpc::ServerContext* context,
                                                   const v1::GetGradientSquaresRequest* request,
                                                   v1::GetGradientSquaresResponse* response) {
+  if (absl::Status st = Authorize(*context, false); !st.ok()) return ToGrpcStatus(st);
   absl::StatusOr<std::shared_ptr<ShardState>> state = Find(request->job_id());
   if (!state.ok()) return ToGrpcStatus(state.status());
   if ((*state)->version() != request->step()) {
@@ -215,8 +269,10 @@ grpc::Status ShardServiceImpl::GetGradientSquares(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status ShardServiceImpl::ApplyStep(grpc::ServerContext*, const v1::ApplyStepRequest* request,
+grpc::Status ShardServiceImpl::ApplyStep(grpc::ServerContext* context,
+                                         const v1::ApplyStepRequest* request,
                                          v1::ApplyStepResponse* response) {
+  if (absl::Status st = Authorize(*context, false); !st.ok()) return ToGrpcStatus(st);
   absl::StatusOr<std::shared_ptr<ShardState>> state = Find(request->job_id());
   if (!state.ok()) return ToGrpcStatus(state.status());
   if (!(request->lr() >= 0.0) || !std::isfinite(request->lr())) {
@@ -260,9 +316,10 @@ grpc::Status ShardServiceImpl::ApplyStep(grpc::ServerContext*, const v1::ApplySt
   return grpc::Status::OK;
 }
 
-grpc::Status ShardServiceImpl::SaveCheckpoint(grpc::ServerContext*,
+grpc::Status ShardServiceImpl::SaveCheckpoint(grpc::ServerContext* context,
                                               const v1::SaveCheckpointRequest* request,
                                               v1::SaveCheckpointResponse* response) {
+  if (absl::Status st = Authorize(*context, false); !st.ok()) return ToGrpcStatus(st);
   absl::StatusOr<std::shared_ptr<ShardState>> state = Find(request->job_id());
   if (!state.ok()) return ToGrpcStatus(state.status());
   if (request->shard_count() < 1 || request->shard_index() < 0 ||
@@ -272,6 +329,16 @@ grpc::Status ShardServiceImpl::SaveCheckpoint(grpc::ServerContext*,
                                request->shard_count(), ")"));
   }
   if (request->dir().empty()) return Refuse(absl::StatusCode::kInvalidArgument, "dir: empty");
+  // Only into a staging directory the coordinator created for this job,
+  // under the checkpoint root.
+  absl::StatusOr<std::string> dir = CheckpointPath(request->dir(), "dir");
+  if (!dir.ok()) return ToGrpcStatus(dir.status());
+  if (Confined() && (!absl::EndsWith(*dir, ".tmp") ||
+                     !std::filesystem::exists(std::filesystem::path(*dir) / kCheckpointMarker))) {
+    return Refuse(absl::StatusCode::kFailedPrecondition,
+                  absl::StrCat("dir: ", request->dir(),
+                               " is not a checkpoint staging directory muonps created"));
+  }
   // Copies under the state's lock, written without it.
   std::vector<TensorState> copies;
   std::vector<const TensorInfo*> infos;
@@ -297,8 +364,8 @@ grpc::Status ShardServiceImpl::SaveCheckpoint(grpc::ServerContext*,
         sizeof(float));
   }
   absl::Status st =
-      WriteCheckpointShard(request->dir(), request->shard_index(), request->shard_count(),
-                           (*state)->layout(), (*state)->job().optimizer().name(), tensors);
+      WriteCheckpointShard(*dir, request->shard_index(), request->shard_count(), (*state)->layout(),
+                           (*state)->job().optimizer().name(), tensors);
   if (!st.ok()) return ToGrpcStatus(st);
   response->set_bytes(bytes);
   return grpc::Status::OK;

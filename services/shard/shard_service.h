@@ -7,12 +7,14 @@
 #define MUONPS_SERVICES_SHARD_SHARD_SERVICE_H_
 
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "muonps/v1/shard.grpc.pb.h"
 #include "prometheus/counter.h"
@@ -53,11 +55,30 @@ class ShardServiceImpl final
                               const v1::SaveCheckpointRequest* request,
                               v1::SaveCheckpointResponse* response) override;
 
+  // Who may call (rpc/auth.h). After RequireMemberSecret() every call needs
+  // the secret the coordinator issued at registration (SetMemberSecret;
+  // until then calls are UNAVAILABLE), except pushes and pulls, which may
+  // instead carry the held job's key. The muonps shard command requires it;
+  // an in-process service that never calls it checks nothing (tests).
+  void RequireMemberSecret();
+  void SetMemberSecret(const std::string& secret);
+  // Confines checkpoint directories (SaveCheckpoint.dir, LoadJob.resume_from)
+  // to `roots` (common/confine.h); no roots: no checkpoint I/O. Not called:
+  // unconfined (tests).
+  void ConfineCheckpoints(const std::vector<std::string>& roots);
+
   // The held job's id ("" when none) and version, for tests and metrics.
   std::string job_id() const;
   int64_t version() const;
 
  private:
+  // OK when the caller may make a call: the coordinator (the member
+  // secret), or for a push or pull (`worker_call`) the held job's workers.
+  absl::Status Authorize(const grpc::ServerContextBase& context, bool worker_call) const;
+  // Whether ConfineCheckpoints was called; `path` confined to the roots then.
+  bool Confined() const;
+  absl::StatusOr<std::string> CheckpointPath(const std::string& path,
+                                             absl::string_view field) const;
   // The state of `job_id`, or NOT_FOUND.
   absl::StatusOr<std::shared_ptr<ShardState>> Find(const std::string& job_id) const;
 
@@ -65,8 +86,9 @@ class ShardServiceImpl final
   class PushReactor;
   class PullReactor;
   // Makes `state` the held job (replacing another one only with `replace`).
-  absl::Status Install(const std::string& job_id, const std::vector<std::string>& tensors,
-                       std::shared_ptr<ShardState> state, bool replace);
+  absl::Status Install(const std::string& job_id, const std::string& job_key,
+                       const std::vector<std::string>& tensors, std::shared_ptr<ShardState> state,
+                       bool replace);
   // Pulls in progress: woken when the version, the job or shutdown changes,
   // and by a timer for their deadlines; finished ones are deleted there.
   void WakePulls();
@@ -91,6 +113,10 @@ class ShardServiceImpl final
   int64_t version_ ABSL_GUARDED_BY(mu_) = 0;  // mirrors state_->version() for waits
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   bool timer_stop_ ABSL_GUARDED_BY(mu_) = false;
+  bool require_secret_ ABSL_GUARDED_BY(mu_) = false;
+  std::string member_secret_ ABSL_GUARDED_BY(mu_);
+  std::string job_key_ ABSL_GUARDED_BY(mu_);  // of the held job
+  std::optional<std::vector<std::string>> checkpoint_roots_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace muonps

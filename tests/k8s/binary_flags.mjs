@@ -47,17 +47,34 @@ export class MuonpsBinary {
 
   // Why flag `name` is not one to give `command`, or null when it is: it
   // exists, and its help names no other command as its user ("Coordinator:
-  // ...", "local: ...", "worker (...): ...", "Client commands: ...") unless
-  // the command's own usage line lists it.
+  // ...", "local: ...", "worker (...): ...", "Client commands: ...",
+  // "coordinator, shard: ...") unless the command's own usage line lists it.
   flagProblem(name, command) {
     const flag = this.flags.get(name);
     if (!flag) return `--${name} is not a flag of muonps`;
     if (this.commands.get(command)?.has(name)) return null;
-    const scope = flag.help.match(/^([A-Za-z][A-Za-z ]*?)(?: \([^)]*\))?: /);
+    const scope = flag.help.match(/^([A-Za-z][A-Za-z ]*?(?:, [A-Za-z][A-Za-z ]*?)*)(?: \([^)]*\))?: /);
     if (!scope) return null;
-    const users = scope[1].toLowerCase() === 'client commands' ? kClientCommands : [scope[1].toLowerCase()];
+    const users = scope[1].toLowerCase().split(', ')
+      .flatMap((user) => (user === 'client commands' ? kClientCommands : [user]));
+    // Help that opens with something else ("OpenBLAS kernel family: ...").
+    if (!users.every((user) => this.commands.has(user))) return null;
     if (users.includes(command)) return null;
     return `--${name} is for ${users.join('/')} ("${flag.help}"), not for muonps ${command}`;
+  }
+
+  // The job `muonps defaults` prints, or {error} when it cannot be read.
+  defaultJob() {
+    if (this.job === undefined) {
+      const run = spawnSync(this.binary, ['defaults'], { env: { PATH: process.env.PATH }, encoding: 'utf8' });
+      try {
+        if (run.error || run.status !== 0) throw new Error(run.error?.message ?? run.stderr.trim());
+        this.job = JSON.parse(run.stdout);
+      } catch (error) {
+        this.job = { error: `muonps defaults: ${error.message}` };
+      }
+    }
+    return this.job;
   }
 
   // For variables `vars` (Map name -> sample value, names MUONPS_*), returns

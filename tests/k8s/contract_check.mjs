@@ -1,8 +1,9 @@
 // Checks that one rendered set of manifests agrees with the muonps binary and
 // with itself: what `kubectl apply` accepts but a running cluster would not.
 //
-// checkContract(objects, muonps) returns [[check name, [problem, ...]], ...];
-// a check passes when its list is empty.
+// checkContract(objects, muonps, {requireTls}) returns [[check name,
+// [problem, ...]], ...]; a check passes when its list is empty. With
+// requireTls (the TLS variant), every role must speak mutual TLS.
 
 import { envName, isRole } from './binary_flags.mjs';
 
@@ -10,8 +11,23 @@ const kUser = 65532;
 const kWildcardHosts = ['0.0.0.0', '::', '[::]', ''];
 const kStandardResources = ['cpu', 'memory', 'ephemeral-storage'];
 
-export function checkContract(objects, muonps) {
+// The Secrets the manifests reference and README.md tells how to create.
+export const kClusterSecret = { secret: 'muonps-cluster-secret', key: 'secret' };
+export const kUserTokens = { secret: 'muonps-user-tokens', key: 'tokens' };
+// The labels a NetworkPolicy admits: client pods to the coordinator's gRPC
+// port, Prometheus (any namespace) to every metrics port.
+export const kClientLabels = { 'app.kubernetes.io/name': 'muonps-client' };
+export const kPrometheusLabels = { 'app.kubernetes.io/name': 'prometheus' };
+const kUnrelatedLabels = { 'app.kubernetes.io/name': 'unrelated' };
+// Which roles dial which: the gRPC port of each role must admit these.
+const kDialledBy = { coordinator: ['shard', 'worker'], shard: ['coordinator', 'worker'], worker: [] };
+const kTlsFlags = ['tls_cert', 'tls_key', 'tls_ca'];
+// The keys of a cert-manager (or kubernetes.io/tls) Secret.
+const kTlsKeys = { tls_cert: 'tls.crt', tls_key: 'tls.key', tls_ca: 'ca.crt' };
+
+export function checkContract(objects, muonps, { requireTls = false } = {}) {
   const cluster = new Cluster(objects);
+  const defaultJob = muonps.defaultJob();
   const results = [];
   const add = (name, problems) => results.push([name, problems]);
 
@@ -27,7 +43,8 @@ export function checkContract(objects, muonps) {
     if (!isRole(workload.role)) continue;
     add(`${label}: flags and MUONPS_* variables exist for muonps ${workload.role}`,
       [...settings.problems, ...flagProblems(workload, settings, muonps)]);
-    add(`${label}: listen port = containerPort "grpc" = gRPC probe ports`, listenProblems(workload, settings));
+    add(`${label}: listen port = containerPort "grpc" = probe ports (gRPC; TCP under mutual TLS)`,
+      listenProblems(workload, settings));
     add(`${label}: metrics port = containerPort "metrics" = prometheus.io annotations`,
       metricsProblems(workload, settings));
     add(`${label}: threads match the CPU limit; requests and limits set`, resourceProblems(workload, settings));
@@ -43,6 +60,39 @@ export function checkContract(objects, muonps) {
     if (workload.role === 'shard') {
       add(`${label}: advertises its pod name under its headless Service`, advertiseProblems(workload, settings, cluster));
     }
+    add(`${label}: --cluster_secret_file from Secret ${kClusterSecret.secret} (key ${kClusterSecret.key})`,
+      secretFlagProblems(workload, settings, 'cluster_secret_file', kClusterSecret));
+    if (workload.role === 'coordinator') {
+      add(`${label}: --tokens_file from Secret ${kUserTokens.secret} (key ${kUserTokens.key})`,
+        secretFlagProblems(workload, settings, 'tokens_file', kUserTokens));
+    }
+    if (workload.role === 'coordinator' || workload.role === 'shard') {
+      add(`${label}: --checkpoint_root = the checkpoint volume's mount path`, checkpointRootProblems(workload, settings));
+    }
+    if (workload.role === 'worker') {
+      add(`${label}: --data_root covers the default job's data and the data volumes`,
+        dataRootProblems(workload, settings, defaultJob));
+    }
+    add(`${label}: TLS cert, key and CA from mounted Secrets${requireTls ? ' (this variant requires TLS)' : ''}`,
+      tlsProblems(workload, settings, requireTls));
+    add(`${label}: NetworkPolicies select it and admit only members, clients and Prometheus`,
+      networkPolicyProblems(workload, cluster));
+  }
+  add('every role speaks TLS, or none', tlsAgreementProblems(cluster));
+  add('a NetworkPolicy', cluster.byKind('NetworkPolicy').length > 0 ? [] : ['none: every pod may connect to every muonps port']);
+  for (const policy of cluster.byKind('NetworkPolicy')) {
+    add(`NetworkPolicy/${policy.metadata.name}: selects muonps pods, at ports they have`, policyObjectProblems(policy, cluster));
+  }
+  const certificates = cluster.byKind('Certificate').filter((c) => String(c.apiVersion).startsWith('cert-manager.io/'));
+  for (const certificate of certificates) {
+    add(`Certificate/${certificate.metadata.name}: its issuer is in the manifests`, issuerProblems(certificate, cluster));
+  }
+  if (certificates.length > 0) {
+    for (const workload of cluster.workloads.filter((w) => isRole(w.role))) {
+      add(`${workload.kind}/${workload.name}: its Certificate names what members dial`,
+        certificateProblems(workload, cluster, certificates));
+    }
+    add('member certificates share one issuer (one CA)', oneIssuerProblems(cluster, certificates));
   }
   add('coordinator and shards share a ReadWriteMany checkpoint volume', checkpointProblems(cluster));
   for (const service of cluster.byKind('Service')) {
@@ -187,7 +237,7 @@ class Settings {
     }
     const field = entry.valueFrom?.fieldRef?.fieldPath;
     if (field === 'metadata.name') return `${workload.name}-0`;
-    if (field === 'metadata.namespace') return 'muonps';
+    if (field === 'metadata.namespace') return workload.object.metadata?.namespace ?? 'muonps';
     const resource = entry.valueFrom?.resourceFieldRef?.resource;
     if (resource) {
       const limit = workload.container.resources?.limits?.[resource.replace(/^limits\./, '')];
@@ -255,6 +305,8 @@ function bindPort(settings, flag, problems) {
   return port;
 }
 
+// Probes: gRPC health checks on the listen port; under mutual TLS, where the
+// kubelet cannot present a client certificate, TCP connects to it.
 function listenProblems(workload, settings) {
   const problems = [];
   const port = bindPort(settings, 'listen', problems);
@@ -262,13 +314,23 @@ function listenProblems(workload, settings) {
   if (workload.containerPort('grpc') !== port) {
     problems.push(`containerPort "grpc" is ${workload.containerPort('grpc')}, muonps listens on ${port}`);
   }
+  const tls = usesTls(settings);
   for (const kind of ['readinessProbe', 'livenessProbe', 'startupProbe']) {
     const probe = workload.container[kind];
     if (!probe) {
       if (kind !== 'startupProbe') problems.push(`no ${kind}`);
       continue;
     }
-    if (!probe.grpc) {
+    if (tls) {
+      if (!probe.tcpSocket) {
+        problems.push(`${kind} is not a TCP probe (tcpSocket): under mutual TLS the kubelet's ` +
+          `${probe.grpc ? 'gRPC probe' : 'probe'} has no client certificate`);
+        continue;
+      }
+      const probed = typeof probe.tcpSocket.port === 'string'
+        ? workload.containerPort(probe.tcpSocket.port) : probe.tcpSocket.port;
+      if (probed !== port) problems.push(`${kind} connects to port ${probe.tcpSocket.port}, muonps listens on ${port}`);
+    } else if (!probe.grpc) {
       problems.push(`${kind} is not a gRPC probe (grpc.health.v1 says when muonps is ready)`);
     } else if (probe.grpc.port !== port) {
       problems.push(`${kind} checks port ${probe.grpc.port}, muonps listens on ${port}`);
@@ -509,4 +571,331 @@ function podMonitorProblems(monitor, cluster) {
     }
   }
   return problems;
+}
+
+// --- Secrets, roots, TLS -----------------------------------------------------
+
+// Where file `file` of the workload's container comes from: {secret, key,
+// optional} when from a Secret volume, else {problem}.
+function secretFile(workload, file) {
+  const mounts = (workload.container.volumeMounts ?? [])
+    .filter((m) => file === m.mountPath || file.startsWith(`${m.mountPath.replace(/\/+$/, '')}/`))
+    .sort((a, b) => b.mountPath.length - a.mountPath.length);
+  const mount = mounts[0];
+  if (!mount) return { problem: `${file} is on no volume mount` };
+  const volume = (workload.pod.volumes ?? []).find((v) => v.name === mount.name);
+  if (!volume) return { problem: `${file} is on mount ${mount.name}, which is no volume` };
+  if (!volume.secret) return { problem: `${file} is on volume ${mount.name}, not a Secret volume` };
+  let relative = file === mount.mountPath ? '' : file.slice(mount.mountPath.replace(/\/+$/, '').length + 1);
+  if (mount.subPath) {
+    if (relative !== '') return { problem: `${file} is under a subPath mount of a file` };
+    relative = mount.subPath;
+  }
+  if (relative === '') return { problem: `${file} is the mount ${mount.name} itself, not a file in it` };
+  let key = relative;
+  if (volume.secret.items) {
+    const item = volume.secret.items.find((i) => i.path === relative);
+    if (!item) return { problem: `Secret volume ${mount.name} projects no item at ${relative}` };
+    key = item.key;
+  }
+  return { secret: volume.secret.secretName, key, optional: volume.secret.optional === true };
+}
+
+// --flag (an argument; or its variable) names a file of Secret `expected`.
+function secretFlagProblems(workload, settings, flag, expected) {
+  const file = settings.get(flag);
+  if (file === undefined || file === '') return [`--${flag} is not set`];
+  const source = secretFile(workload, file);
+  if (source.problem) return [`--${flag}=${file}: ${source.problem}`];
+  const problems = [];
+  if (source.secret !== expected.secret || source.key !== expected.key) {
+    problems.push(`--${flag}=${file} is key ${source.key} of Secret ${source.secret}, not key ${expected.key} of ${expected.secret}`);
+  }
+  if (source.optional) problems.push(`the Secret volume of --${flag} is optional: the pod would start without it`);
+  return problems;
+}
+
+function normalizedPath(path) {
+  return path.length > 1 ? path.replace(/\/+$/, '') : path;
+}
+
+function isUnder(path, root) {
+  const p = normalizedPath(path);
+  const r = normalizedPath(root);
+  return p === r || p.startsWith(r === '/' ? '/' : `${r}/`);
+}
+
+// The checkpoint root is where the shared checkpoint claim is mounted,
+// writable.
+function checkpointRootProblems(workload, settings) {
+  const root = settings.get('checkpoint_root');
+  if (root === undefined || root === '') {
+    return ['--checkpoint_root is not set: jobs could neither checkpoint nor resume'];
+  }
+  const mount = (workload.container.volumeMounts ?? []).find((m) => normalizedPath(m.mountPath) === normalizedPath(root));
+  if (!mount) return [`--checkpoint_root=${root} is no volume mount's path`];
+  const volume = (workload.pod.volumes ?? []).find((v) => v.name === mount.name);
+  const problems = [];
+  if (!volume?.persistentVolumeClaim) problems.push(`--checkpoint_root=${root} is volume ${mount.name}, not the checkpoint claim`);
+  if (mount.readOnly) problems.push(`--checkpoint_root=${root} is mounted read-only`);
+  return problems;
+}
+
+// Jobs read data under --data_root: the default job's data.path must be
+// under one, and so must every data volume (any but scratch, Secrets and
+// ConfigMaps) the workers mount.
+function dataRootProblems(workload, settings, defaultJob) {
+  const value = settings.get('data_root');
+  if (value === undefined || value === '') return ['--data_root is not set: every job with a data.path would be refused'];
+  const roots = value.split(',').filter((root) => root !== '');
+  const problems = roots.filter((root) => !root.startsWith('/')).map((root) => `data root ${root} is not an absolute path`);
+  if (defaultJob.error) problems.push(`cannot read the default job: ${defaultJob.error}`);
+  const corpus = defaultJob.data?.path;
+  if (corpus && !roots.some((root) => isUnder(corpus, root))) {
+    problems.push(`the default job's data.path ${corpus} (muonps defaults) is under no --data_root`);
+  }
+  for (const mount of workload.container.volumeMounts ?? []) {
+    const volume = (workload.pod.volumes ?? []).find((v) => v.name === mount.name);
+    if (!volume || volume.emptyDir || volume.secret || volume.configMap || volume.downwardAPI || volume.projected) continue;
+    if (!roots.some((root) => isUnder(mount.mountPath, root))) {
+      problems.push(`data volume ${mount.name} at ${mount.mountPath} is under no --data_root`);
+    }
+  }
+  return problems;
+}
+
+function usesTls(settings) {
+  return kTlsFlags.some((flag) => (settings.get(flag) ?? '') !== '');
+}
+
+// The three TLS files, all or none (all when required), each from a mounted
+// Secret; the certificate and its key from the same one.
+function tlsProblems(workload, settings, requireTls) {
+  const given = kTlsFlags.filter((flag) => (settings.get(flag) ?? '') !== '');
+  if (given.length === 0) {
+    return requireTls ? [`no TLS: set ${kTlsFlags.map(envName).join(', ')}`] : [];
+  }
+  const problems = kTlsFlags.filter((flag) => !given.includes(flag))
+    .map((flag) => `${envName(flag)} is not set: muonps needs ${kTlsFlags.map(envName).join(', ')} together`);
+  const sources = {};
+  for (const flag of given) {
+    const source = secretFile(workload, settings.get(flag));
+    if (source.problem) problems.push(`${envName(flag)}: ${source.problem}`);
+    else sources[flag] = source;
+  }
+  if (sources.tls_cert && sources.tls_key && sources.tls_cert.secret !== sources.tls_key.secret) {
+    problems.push(`the certificate is in Secret ${sources.tls_cert.secret}, its key in ${sources.tls_key.secret}`);
+  }
+  return problems;
+}
+
+function tlsAgreementProblems(cluster) {
+  const roles = cluster.workloads.filter((w) => isRole(w.role));
+  const secured = roles.filter((w) => usesTls(new Settings(w, cluster)));
+  if (secured.length === 0 || secured.length === roles.length) return [];
+  return [`${secured.map((w) => w.name).join(', ')} speak TLS, ` +
+    `${roles.filter((w) => !secured.includes(w)).map((w) => w.name).join(', ')} do not: they cannot talk`];
+}
+
+// --- NetworkPolicies ---------------------------------------------------------
+
+// A NetworkPolicy's podSelector: empty selects every pod of the namespace.
+function policySelects(policy, labels) {
+  const selector = policy.spec?.podSelector ?? {};
+  const empty = Object.keys(selector.matchLabels ?? {}).length === 0 && (selector.matchExpressions ?? []).length === 0;
+  return empty || matches(selector, labels);
+}
+
+function ingressPolicies(cluster, workload) {
+  return cluster.byKind('NetworkPolicy').filter((policy) => {
+    const types = policy.spec?.policyTypes;
+    return (types === undefined || types.includes('Ingress')) && policySelects(policy, workload.podLabels);
+  });
+}
+
+// The container ports (numbers) a rule's `ports` admit on `workload`; null:
+// every port.
+function rulePorts(rule, workload, problems) {
+  if (!rule.ports || rule.ports.length === 0) return null;
+  const ports = [];
+  for (const entry of rule.ports) {
+    if (entry.port === undefined) return null;
+    const port = typeof entry.port === 'string' ? workload.containerPort(entry.port) : entry.port;
+    if (port === undefined) problems.push(`a rule names port "${entry.port}", which ${workload.name} does not have`);
+    else ports.push(port);
+  }
+  return ports;
+}
+
+// Whether a `from` peer admits pods labelled `labels`: in this namespace
+// (inNamespace) or in another.
+function peerAdmits(peer, labels, inNamespace) {
+  if (peer.ipBlock) return false;
+  if (!peer.namespaceSelector && !inNamespace) return false;
+  if (peer.namespaceSelector) {
+    const selector = peer.namespaceSelector;
+    const everyNamespace = Object.keys(selector.matchLabels ?? {}).length === 0 && (selector.matchExpressions ?? []).length === 0;
+    if (!everyNamespace && !inNamespace) return false;  // named namespaces: assume not these
+  }
+  return peer.podSelector === undefined || policySelects({ spec: { podSelector: peer.podSelector } }, labels);
+}
+
+function networkPolicyProblems(workload, cluster) {
+  const policies = ingressPolicies(cluster, workload);
+  if (policies.length === 0) return [`no NetworkPolicy selects ${workload.name}: any pod may connect to it`];
+  const problems = [];
+  const grpc = workload.containerPort('grpc');
+  const metrics = workload.containerPort('metrics');
+  const rules = policies.flatMap((policy) => (policy.spec.ingress ?? []).map((rule) => ({ policy, rule })));
+  const admitted = rules.map(({ policy, rule }) => ({ policy, rule, ports: rulePorts(rule, workload, problems) }));
+  // Who may reach `port`: some rule admits its port and a peer that admits.
+  const admits = (port, labels, inNamespace) => admitted.some(({ rule, ports }) =>
+    (ports === null || ports.includes(port)) &&
+    (!rule.from || rule.from.length === 0 || rule.from.some((peer) => peerAdmits(peer, labels, inNamespace))));
+  for (const { policy, rule, ports } of admitted) {
+    const where = `NetworkPolicy ${policy.metadata.name}`;
+    if (ports === null) problems.push(`${where} admits every port of ${workload.name}`);
+    for (const port of ports ?? []) {
+      if (port !== grpc && port !== metrics) problems.push(`${where} admits port ${port}, neither "grpc" nor "metrics"`);
+    }
+    if (!rule.from || rule.from.length === 0) {
+      problems.push(`${where} admits ${ports === null ? 'every port' : `port ${ports.join(', ')}`} from anywhere`);
+      continue;
+    }
+    for (const peer of rule.from) {
+      if (peer.ipBlock) problems.push(`${where} admits addresses ${peer.ipBlock.cidr}`);
+      if (peer.namespaceSelector && !peer.podSelector) problems.push(`${where} admits every pod of the namespaces it selects`);
+    }
+  }
+  for (const role of kDialledBy[workload.role] ?? []) {
+    for (const source of cluster.workloads.filter((w) => w.role === role)) {
+      if (!admits(grpc, source.podLabels, true)) problems.push(`does not admit ${source.name} (muonps ${role}) to its gRPC port ${grpc}`);
+    }
+  }
+  const client = admits(grpc, kClientLabels, true);
+  if (workload.role === 'coordinator' && !client) {
+    problems.push(`does not admit clients (pods labelled ${JSON.stringify(kClientLabels)}) to its gRPC port ${grpc}`);
+  }
+  if (workload.role !== 'coordinator' && client) {
+    problems.push(`admits clients (${JSON.stringify(kClientLabels)}) to its gRPC port: only the coordinator serves them`);
+  }
+  if (metrics !== undefined && !admits(metrics, kPrometheusLabels, false)) {
+    problems.push(`does not admit Prometheus (pods labelled ${JSON.stringify(kPrometheusLabels)}, any namespace) to its metrics port ${metrics}`);
+  }
+  // Any other pod of the namespace: only the coordinator's clients may be.
+  if (metrics !== undefined && admits(metrics, kUnrelatedLabels, true)) {
+    problems.push(`admits any pod of the namespace to its metrics port ${metrics}`);
+  }
+  return problems;
+}
+
+function policyObjectProblems(policy, cluster) {
+  const selected = cluster.workloads.filter((w) => isRole(w.role) && policySelects(policy, w.podLabels));
+  if (selected.length === 0) return ['selects no muonps pod'];
+  const problems = [];
+  for (const rule of policy.spec.ingress ?? []) {
+    for (const entry of rule.ports ?? []) {
+      if (typeof entry.port !== 'string') continue;
+      for (const workload of selected) {
+        if (workload.containerPort(entry.port) === undefined) problems.push(`${workload.name} has no port "${entry.port}"`);
+      }
+    }
+  }
+  return problems;
+}
+
+// --- cert-manager --------------------------------------------------------------
+
+// gRPC's check of a name against a certificate's DNS name: equal, or a
+// wildcard "*.rest" for one label followed by "rest" (which has a dot).
+function nameMatches(pattern, host) {
+  const p = pattern.toLowerCase();
+  const h = host.toLowerCase();
+  if (p === h) return true;
+  if (!p.startsWith('*.') || !p.slice(2).includes('.')) return false;
+  const dot = h.indexOf('.');
+  return dot > 0 && h.slice(dot + 1) === p.slice(2);
+}
+
+function issuerProblems(certificate, cluster) {
+  const ref = certificate.spec?.issuerRef ?? {};
+  if (!ref.name) return ['no issuerRef.name'];
+  if (ref.kind === 'ClusterIssuer' || (ref.group && ref.group !== 'cert-manager.io')) return [];
+  const issuer = cluster.objects.find((o) => o.kind === 'Issuer' && o.metadata?.name === ref.name &&
+    String(o.apiVersion).startsWith('cert-manager.io/'));
+  if (!issuer) return [`issuerRef names Issuer ${ref.name}, which is not in the manifests`];
+  const caSecret = issuer.spec?.ca?.secretName;
+  if (caSecret) {
+    const ca = cluster.byKind('Certificate').find((c) => c.spec?.secretName === caSecret);
+    if (ca && ca.spec.isCA !== true) return [`Issuer ${ref.name} signs with Secret ${caSecret}, whose Certificate is not isCA`];
+  }
+  return [];
+}
+
+// The hosts other members dial to reach `workload`: the coordinator at
+// --coordinator, a shard at its advertised name.
+function dialledHosts(workload, cluster) {
+  if (workload.role === 'coordinator') {
+    const hosts = new Set();
+    for (const member of cluster.workloads.filter((w) => w.role === 'shard' || w.role === 'worker')) {
+      const address = new Settings(member, cluster).get('coordinator');
+      if (address) hosts.add(splitAddress(address).host);
+    }
+    return [...hosts];
+  }
+  if (workload.role === 'shard') {
+    const address = new Settings(workload, cluster).get('advertise');
+    return address ? [splitAddress(address).host] : [];
+  }
+  return [];
+}
+
+// The Certificate that writes the Secret a role's --tls_cert comes from
+// must name every host members dial to reach it, and allow server and
+// client use.
+function certificateProblems(workload, cluster, certificates) {
+  const settings = new Settings(workload, cluster);
+  if (!usesTls(settings)) return [];
+  const problems = [];
+  let secretName;
+  for (const flag of kTlsFlags) {
+    const file = settings.get(flag);
+    if (!file) continue;
+    const source = secretFile(workload, file);
+    if (source.problem) continue;  // tlsProblems reports it
+    if (source.key !== kTlsKeys[flag]) {
+      problems.push(`${envName(flag)} is key ${source.key} of Secret ${source.secret}; cert-manager writes ${kTlsKeys[flag]}`);
+    }
+    if (flag === 'tls_cert') secretName = source.secret;
+  }
+  if (!secretName) return problems;
+  const certificate = certificates.find((c) => c.spec?.secretName === secretName);
+  if (!certificate) return [...problems, `no Certificate writes Secret ${secretName}`];
+  const names = certificate.spec.dnsNames ?? [];
+  for (const host of dialledHosts(workload, cluster)) {
+    if (!names.some((name) => nameMatches(name, host))) {
+      problems.push(`Certificate ${certificate.metadata.name} does not name ${host}, which members dial (dnsNames: ${JSON.stringify(names)})`);
+    }
+  }
+  const usages = certificate.spec.usages;
+  if (usages) {
+    for (const usage of ['server auth', 'client auth']) {
+      if (!usages.includes(usage)) problems.push(`Certificate ${certificate.metadata.name} lacks usage "${usage}": members both serve and dial`);
+    }
+  }
+  if (certificate.spec.isCA) problems.push(`Certificate ${certificate.metadata.name} is a CA certificate`);
+  return problems;
+}
+
+function oneIssuerProblems(cluster, certificates) {
+  const issuers = new Set();
+  for (const workload of cluster.workloads.filter((w) => isRole(w.role))) {
+    const settings = new Settings(workload, cluster);
+    const file = settings.get('tls_cert');
+    if (!file) continue;
+    const source = secretFile(workload, file);
+    const certificate = certificates.find((c) => c.spec?.secretName === source.secret);
+    if (certificate) issuers.add(`${certificate.spec.issuerRef?.kind ?? 'Issuer'}/${certificate.spec.issuerRef?.name}`);
+  }
+  return issuers.size <= 1 ? [] : [`member certificates come from ${[...issuers].join(', ')}: each must verify against every member's ca.crt`];
 }

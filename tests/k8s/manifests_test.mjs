@@ -5,7 +5,10 @@
 //      schema does not know (schema_check.mjs);
 //   3. the settings agree with the binary and with one another
 //      (contract_check.mjs): flags, MUONPS_* variables, ports, probes,
-//      addresses, selectors, volumes, security.
+//      addresses, selectors, volumes, security; the cluster secret, the
+//      user tokens, the checkpoint and data roots, the NetworkPolicies, and
+//      in the TLS variant (overlays/tls) mutual TLS on every role with TCP
+//      probes and certificates naming what members dial.
 // Self-tests first show that each checker rejects a broken manifest.
 //
 //   node tests/k8s/manifests_test.mjs REPO_ROOT MUONPS_BINARY [NODE_MODULES]
@@ -24,6 +27,8 @@ import { checkContract } from './contract_check.mjs';
 import { SchemaChecker } from './schema_check.mjs';
 
 const kSkipped = 77;
+// The variant whose every role must speak mutual TLS.
+const kTlsTarget = 'overlays/tls';
 
 function skip(reason) {
   console.log(`SKIPPED: ${reason}`);
@@ -56,6 +61,7 @@ const YAML = createRequire(path.join(nodeModules, 'index.js'))('yaml');
 
 let passed = 0;
 let failed = 0;
+let skipped = 0;
 
 // One named check: it passes when `problems` is empty.
 function check(name, problems) {
@@ -130,6 +136,21 @@ expectProblem('a misspelled PodMonitor field fails', await schemas.check({
   spec: { selector: { matchLabels: { a: 'b' } }, podMetricsEndpoints: [{ port: 'metrics', paht: '/metrics' }] },
 }), /^unknown field spec\.podMetricsEndpoints\[0\]\.paht$/);
 {
+  const certificate = {
+    apiVersion: 'cert-manager.io/v1',
+    kind: 'Certificate',
+    metadata: { name: 'x' },
+    spec: { secretName: 'x-tls', issuerRef: { name: 'ca' }, dnsName: ['x'] },
+  };
+  const missingPackage = schemas.missingOptionalPackage(certificate);
+  if (missingPackage) {
+    skipped++;
+    console.log(`skip self-test: a misspelled Certificate field fails: npm ${missingPackage} is not installed`);
+  } else {
+    expectProblem('a misspelled Certificate field fails', await schemas.check(certificate), /^unknown field spec\.dnsName$/);
+  }
+}
+{
   const env = muonps.environmentProblems(new Map([
     ['MUONPS_LISTEN', '0.0.0.0:7070'],
     ['MUONPS_NO_SUCH_FLAG', '1'],
@@ -142,6 +163,10 @@ expectProblem('a misspelled PodMonitor field fails', await schemas.check({
   expectProblem('a value the flag rejects fails', [...env.values()], /--min_shards rejects the value 'two'/);
   expectProblem('a flag of another command fails', [muonps.flagProblem('min_shards', 'worker')].filter(Boolean),
     /--min_shards is for coordinator/);
+  expectProblem('a flag of other commands fails', [muonps.flagProblem('checkpoint_root', 'worker')].filter(Boolean),
+    /--checkpoint_root is for coordinator\/shard/);
+  check('self-test: a flag of several commands passes for each',
+    ['coordinator', 'shard', 'worker'].map((role) => muonps.flagProblem('cluster_secret_file', role)).filter(Boolean));
 }
 
 // --- The manifests ---------------------------------------------------------
@@ -151,6 +176,8 @@ const overlays = path.join(k8s, 'overlays');
 const targets = ['base', ...fs.readdirSync(overlays).sort()
   .filter((name) => fs.existsSync(path.join(overlays, name, 'kustomization.yaml')))
   .map((name) => `overlays/${name}`)];
+
+check(`${kTlsTarget} exists (the TLS variant)`, targets.includes(kTlsTarget) ? [] : [`no ${kTlsTarget}/kustomization.yaml`]);
 
 const renders = new Map();  // target -> objects
 for (const target of targets) {
@@ -171,13 +198,95 @@ for (const target of targets) {
 
 for (const [target, objects] of renders) {
   for (const object of objects) {
-    check(`${target}: ${object.kind}/${object.metadata?.name} matches its schema`, await schemas.check(object));
+    const name = `${target}: ${object.kind}/${object.metadata?.name} matches its schema`;
+    const missingPackage = schemas.missingOptionalPackage(object);
+    if (missingPackage) {
+      skipped++;
+      console.log(`skip ${name}: npm ${missingPackage} is not installed in ${nodeModules}`);
+      continue;
+    }
+    check(name, await schemas.check(object));
   }
 }
 
-for (const [target, objects] of renders) {
-  for (const [name, problems] of checkContract(objects, muonps)) check(`${target}: ${name}`, problems);
+// --- The contract checkers, on broken copies of the rendered manifests -----
+
+// Every problem checkContract finds in `objects`, as "check: problem".
+function contractProblems(objects, options) {
+  return checkContract(objects, muonps, options)
+    .flatMap(([name, problems]) => problems.map((problem) => `${name}: ${problem}`));
 }
 
-console.log(`\n${passed} passed, ${failed} failed`);
+// A deep copy of `objects` changed by `edit(find)`, find(kind, name) giving
+// the copied object.
+function broken(objects, edit) {
+  const copy = structuredClone(objects);
+  edit((kind, name) => copy.find((o) => o.kind === kind && o.metadata?.name === name));
+  return copy;
+}
+
+const container = (object) => object.spec.template.spec.containers[0];
+const tlsRender = renders.get(kTlsTarget);
+if (tlsRender) {
+  const tls = { requireTls: true };
+  check('self-test: the TLS variant passes as it is', contractProblems(tlsRender, tls));
+  expectProblem('a worker without --cluster_secret_file fails', contractProblems(broken(tlsRender, (find) => {
+    const worker = container(find('Deployment', 'muonps-worker'));
+    worker.args = worker.args.filter((arg) => !arg.startsWith('--cluster_secret_file'));
+  }), tls), /muonps-worker: --cluster_secret_file .*: --cluster_secret_file is not set/);
+  expectProblem('a shard without the cluster secret volume fails', contractProblems(broken(tlsRender, (find) => {
+    const shard = find('StatefulSet', 'muonps-shard');
+    container(shard).volumeMounts = container(shard).volumeMounts.filter((m) => m.name !== 'cluster-secret');
+  }), tls), /muonps-shard: --cluster_secret_file .*is on no volume mount/);
+  expectProblem('a cluster secret from another Secret fails', contractProblems(broken(tlsRender, (find) => {
+    const coordinator = find('Deployment', 'muonps-coordinator');
+    coordinator.spec.template.spec.volumes.find((v) => v.name === 'cluster-secret').secret.secretName = 'other';
+  }), tls), /muonps-coordinator: --cluster_secret_file .*not key secret of muonps-cluster-secret/);
+  expectProblem('a coordinator without --tokens_file fails', contractProblems(broken(tlsRender, (find) => {
+    const coordinator = container(find('Deployment', 'muonps-coordinator'));
+    coordinator.args = coordinator.args.filter((arg) => !arg.startsWith('--tokens_file'));
+  }), tls), /muonps-coordinator: --tokens_file .*: --tokens_file is not set/);
+  expectProblem('a --checkpoint_root off the checkpoint volume fails', contractProblems(broken(tlsRender, (find) => {
+    const shard = container(find('StatefulSet', 'muonps-shard'));
+    shard.args = shard.args.map((arg) => (arg.startsWith('--checkpoint_root') ? '--checkpoint_root=/var/lib/muonps' : arg));
+  }), tls), /muonps-shard: --checkpoint_root .*not the checkpoint claim/);
+  expectProblem('workers without --data_root fail', contractProblems(broken(tlsRender, (find) => {
+    const worker = container(find('Deployment', 'muonps-worker'));
+    worker.args = worker.args.filter((arg) => !arg.startsWith('--data_root'));
+  }), tls), /muonps-worker: --data_root .*is not set/);
+  expectProblem('no NetworkPolicy fails', contractProblems(tlsRender.filter((o) => o.kind !== 'NetworkPolicy'), tls),
+    /^a NetworkPolicy: none/);
+  expectProblem('a NetworkPolicy that leaves out the shards fails', contractProblems(broken(tlsRender, (find) => {
+    const policy = find('NetworkPolicy', 'muonps');
+    policy.spec.podSelector.matchExpressions.find((e) => e.key === 'app.kubernetes.io/component').values = ['coordinator', 'worker'];
+  }), tls), /muonps-shard: NetworkPolicies .*: no NetworkPolicy selects muonps-shard/);
+  expectProblem('a NetworkPolicy open to everyone fails', contractProblems(broken(tlsRender, (find) => {
+    delete find('NetworkPolicy', 'muonps').spec.ingress[0].from;
+  }), tls), /NetworkPolicy muonps admits port 707\d from anywhere/);
+  expectProblem('a NetworkPolicy without Prometheus fails', contractProblems(broken(tlsRender, (find) => {
+    const policy = find('NetworkPolicy', 'muonps');
+    policy.spec.ingress = policy.spec.ingress.filter((rule) => !rule.ports?.some((p) => p.port === 'metrics'));
+  }), tls), /does not admit Prometheus/);
+  expectProblem('a TLS variant without MUONPS_TLS_CA fails', contractProblems(broken(tlsRender, (find) => {
+    const shard = container(find('StatefulSet', 'muonps-shard'));
+    shard.env = shard.env.filter((e) => e.name !== 'MUONPS_TLS_CA');
+  }), tls), /muonps-shard: TLS .*MUONPS_TLS_CA is not set/);
+  expectProblem('a TLS variant with gRPC probes fails', contractProblems(broken(tlsRender, (find) => {
+    const worker = container(find('Deployment', 'muonps-worker'));
+    delete worker.readinessProbe.tcpSocket;
+    worker.readinessProbe.grpc = { port: 7072 };
+  }), tls), /muonps-worker: listen port .*readinessProbe is not a TCP probe/);
+  expectProblem('the TLS variant without TLS fails', contractProblems(renders.get('base') ?? [], tls),
+    /muonps-coordinator: TLS .*no TLS: set MUONPS_TLS_CERT, MUONPS_TLS_KEY, MUONPS_TLS_CA/);
+  expectProblem('a shard certificate without the shards\' names fails', contractProblems(broken(tlsRender, (find) => {
+    find('Certificate', 'muonps-shard').spec.dnsNames = ['*.muonps-shard'];
+  }), tls), /Certificate muonps-shard does not name muonps-shard-0\.muonps-shard\./);
+}
+
+for (const [target, objects] of renders) {
+  const options = { requireTls: target === kTlsTarget };
+  for (const [name, problems] of checkContract(objects, muonps, options)) check(`${target}: ${name}`, problems);
+}
+
+console.log(`\n${passed} passed, ${failed} failed${skipped > 0 ? `, ${skipped} skipped` : ''}`);
 process.exit(failed === 0 ? 0 : 1);

@@ -1,7 +1,8 @@
 // Validates rendered Kubernetes objects against the API schemas of the npm
-// packages kubernetes-models (built-in kinds) and @kubernetes-models/* (CRDs,
-// here prometheus-operator's PodMonitor), and rejects fields the schema does
-// not know.
+// packages kubernetes-models (built-in kinds) and @kubernetes-models/* (CRDs:
+// prometheus-operator's PodMonitor; cert-manager's Issuer and Certificate
+// when @kubernetes-models/cert-manager is installed), and rejects fields the
+// schema does not know.
 //
 // Those packages ship their OpenAPI schemas compiled into ajv validators
 // that, like the API server's validation, ignore unknown properties. A
@@ -19,6 +20,11 @@ import { pathToFileURL } from 'node:url';
 // Where the model packages live: apiVersion "group/version" (or "v1") and
 // kind select `<package>/<group>/<version>/<Kind>.js`.
 const kModelPackages = ['kubernetes-models', '@kubernetes-models/prometheus-operator'];
+// Packages used when installed (API group -> package): without one, objects
+// of its groups are reported unchecked (skipped) rather than failing.
+const kOptionalModelPackages = new Map([
+  ['cert-manager.io', '@kubernetes-models/cert-manager'],
+]);
 
 export class SchemaChecker {
   // nodeModules: the node_modules directory holding kModelPackages.
@@ -29,15 +35,26 @@ export class SchemaChecker {
 
   // The model packages missing from nodeModules.
   missingPackages() {
-    return kModelPackages.filter(
-      (name) => !fs.existsSync(path.join(this.nodeModules, name, 'package.json')));
+    return kModelPackages.filter((name) => !this.installed(name));
+  }
+
+  installed(name) {
+    return fs.existsSync(path.join(this.nodeModules, name, 'package.json'));
+  }
+
+  // The optional package that would hold the schema of `object`, when it is
+  // not installed (the object cannot be checked); else null.
+  missingOptionalPackage(object) {
+    const group = String(object?.apiVersion ?? '').split('/').slice(0, -1).join('/');
+    const pkg = kOptionalModelPackages.get(group);
+    return pkg && !this.installed(pkg) ? pkg : null;
   }
 
   async model(apiVersion, kind) {
     const key = `${apiVersion}/${kind}`;
     if (!this.models.has(key)) {
       let found = null;
-      for (const pkg of kModelPackages) {
+      for (const pkg of [...kModelPackages, ...kOptionalModelPackages.values()]) {
         const file = path.join(this.nodeModules, pkg, ...apiVersion.split('/'), `${kind}.js`);
         if (!fs.existsSync(file)) continue;
         found = (await import(pathToFileURL(file).href))[kind] ?? null;

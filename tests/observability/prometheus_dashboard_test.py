@@ -417,7 +417,8 @@ def Run(binary, source_dir, prometheus_bin, promtool, work_dir):
         with open(local_log, "w") as log:
             processes["local"] = subprocess.Popen(
                 [binary, "local", "--metrics", "--shards", "2", "--workers", "2", "--log_dir", log_dir,
-                 job_file], stdout=log, stderr=subprocess.STDOUT, preexec_fn=DieWithParent)
+                 job_file], stdout=log, stderr=subprocess.STDOUT, preexec_fn=DieWithParent,
+                cwd=work_dir)  # local's default checkpoint and data root
         local = processes["local"]
         targets_file = os.path.join(log_dir, "prometheus_targets.json")
         WaitForFile(targets_file, local, local_log, STARTUP_TIMEOUT)

@@ -137,7 +137,8 @@ class CoordinatorClientTest(unittest.TestCase):
         cls.addClassCleanup(cls.StopCluster)
         port_file = os.path.join(WORK_DIR, "coordinator.port")
         cls.Spawn("coordinator", ["coordinator", "--listen", "127.0.0.1:0",
-                                  "--port_file", port_file, "--lease_seconds", "3"])
+                                  "--port_file", port_file, "--lease_seconds", "3",
+                                  "--checkpoint_root", WORK_DIR])
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not os.path.exists(port_file):
             cls.CheckAlive()
@@ -147,8 +148,10 @@ class CoordinatorClientTest(unittest.TestCase):
         with open(port_file) as f:
             cls.address = "127.0.0.1:%d" % int(f.read())
         cls.Spawn("shard", ["shard", "--coordinator", cls.address,
-                            "--listen", "127.0.0.1:0", "--threads", "1"])
-        cls.Spawn("worker", ["worker", "--coordinator", cls.address, "--threads", "1"])
+                            "--listen", "127.0.0.1:0", "--threads", "1",
+                            "--checkpoint_root", WORK_DIR])
+        cls.Spawn("worker", ["worker", "--coordinator", cls.address, "--threads", "1",
+                             "--data_root", WORK_DIR])
         cls.channel = grpc.insecure_channel(cls.address)
         cls.jobs = coordinator_pb2_grpc.JobServiceStub(cls.channel)
         cls.health = health_pb2_grpc.HealthStub(cls.channel)

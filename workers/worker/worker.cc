@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/confine.h"
 #include "common/numerics.h"
 #include "common/parallel.h"
 #include "common/status_macros.h"
@@ -20,7 +22,8 @@ namespace {
 // Errors a worker cannot fix by retrying: the job itself is wrong (its data
 // cannot be read, its gradients are refused as invalid).
 bool Permanent(const absl::Status& status) {
-  return status.code() == absl::StatusCode::kInvalidArgument;
+  return status.code() == absl::StatusCode::kInvalidArgument ||
+         status.code() == absl::StatusCode::kPermissionDenied;
 }
 
 }  // namespace
@@ -115,7 +118,23 @@ absl::Status Worker::Prepare(const v1::Task& task) {
   job->spec = task.spec();
   const v1::ModelConfig& mc = job->spec.model();
   const int T = mc.max_position_embeddings();
-  absl::StatusOr<TokenCorpus> corpus = LoadTokenCorpus(job->spec.data(), mc.vocab_size(), T);
+  // The path is confined before anything is opened, and a refusal says
+  // nothing about what exists outside the roots.
+  v1::DataConfig data = job->spec.data();
+  if (data.has_path()) {
+    absl::StatusOr<std::string> path = ConfinedPath(data.path(), options_.data_roots, "data.path");
+    if (!path.ok()) return path.status();
+    std::error_code ec;
+    const auto type = std::filesystem::status(*path, ec).type();
+    if (type != std::filesystem::file_type::regular &&
+        type != std::filesystem::file_type::directory &&
+        type != std::filesystem::file_type::not_found) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("data.path: ", data.path(), " is neither a file nor a directory"));
+    }
+    data.set_path(*path);
+  }
+  absl::StatusOr<TokenCorpus> corpus = LoadTokenCorpus(data, mc.vocab_size(), T);
   if (!corpus.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("data: ", corpus.status().message()));
   }
@@ -156,8 +175,8 @@ absl::Status Worker::Pull(const v1::Task& task) {
   auto pull_one = [&](int i) -> absl::Status {
     const v1::ShardRoute& route = task.shards(i);
     return PullParameters(
-        channels[i], layout, task.job_id(), task.version(), route.tensors_size(), 600.0,
-        options_.chunk_bytes, job_->params.data(),
+        channels[i], layout, task.job_id(), task.job_key(), task.version(), route.tensors_size(),
+        600.0, options_.chunk_bytes, job_->params.data(),
         absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PullParameters"));
   };
   std::vector<std::thread> threads;
@@ -180,6 +199,7 @@ absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count,
   target.step = task.version();
   target.first_slot = first_slot;
   target.slot_count = slot_count;
+  target.job_key = task.job_key();
   std::vector<grpc::Channel*> channels;
   for (const v1::ShardRoute& route : task.shards()) channels.push_back(Channel(route.address()));
   auto push_one = [&](int i) -> absl::Status {
@@ -300,6 +320,7 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
   report.set_step(task.version());
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(30.0));
+  membership_->Authenticate(&context);
   v1::ReportSlotsResponse response;
   absl::Status reported = FromGrpcStatus(
       membership_->stub()->ReportSlots(&context, report, &response), "coordinator: ReportSlots");
@@ -344,6 +365,7 @@ absl::Status Worker::RunEval(const v1::Task& task) {
   report.set_total_batches(batches);
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(30.0));
+  membership_->Authenticate(&context);
   v1::ReportEvalResponse response;
   absl::Status reported = FromGrpcStatus(
       membership_->stub()->ReportEval(&context, report, &response), "coordinator: ReportEval");
@@ -353,7 +375,8 @@ absl::Status Worker::RunEval(const v1::Task& task) {
 
 absl::Status Worker::Run(const std::atomic<bool>& stop) {
   membership_ = std::make_unique<Membership>(Membership::Kind::kWorker, options_.coordinator,
-                                             options_.address, options_.threads);
+                                             options_.address, options_.threads,
+                                             options_.cluster_secret, options_.memory_bytes);
   membership_->set_on_ended_jobs([this](const std::vector<std::string>& ids) {
     absl::MutexLock lock(&ended_mu_);
     ended_.insert(ids.begin(), ids.end());
@@ -369,6 +392,7 @@ absl::Status Worker::Run(const std::atomic<bool>& stop) {
     }
     grpc::ClientContext context;
     context.set_deadline(DeadlineIn(options_.task_wait_seconds + 10.0));
+    membership_->Authenticate(&context);
     v1::GetTaskRequest request;
     request.set_worker_id(membership_->member_id());
     request.set_wait_seconds(options_.task_wait_seconds);
@@ -396,6 +420,7 @@ absl::Status Worker::Run(const std::atomic<bool>& stop) {
     if (Permanent(st)) {
       grpc::ClientContext fail_context;
       fail_context.set_deadline(DeadlineIn(10.0));
+      membership_->Authenticate(&fail_context);
       v1::FailTaskRequest fail;
       fail.set_worker_id(membership_->member_id());
       fail.set_task_id(task.task_id());

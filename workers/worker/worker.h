@@ -59,6 +59,13 @@ struct WorkerOptions {
   // Peak FLOP/s of this worker's compute, for model FLOPs utilisation
   // (0 = unknown: the utilisation metric is not exported).
   double peak_flops = 0.0;
+  // Sent when registering (rpc/auth.h); empty: none.
+  std::string cluster_secret;
+  // What this worker may use, reported at registration (0: unknown).
+  int64_t memory_bytes = 0;
+  // A job's data.path must resolve under one of these (symlinks followed);
+  // a job without data.path reads the bundled default corpus.
+  std::vector<std::string> data_roots;
 };
 
 // Model FLOPs of one token's forward and backward: 6 x the parameters a token
