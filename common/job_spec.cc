@@ -153,6 +153,16 @@ absl::Status ValidateModelConfig(const v1::ModelConfig& m, absl::string_view p) 
 }
 
 absl::Status ValidateJobSpec(const v1::JobSpec& job) {
+  // Strings a caller chooses are bounded: they are kept, listed and logged.
+  if (job.name().size() > 128) {
+    return absl::InvalidArgumentError("name: longer than 128 bytes");
+  }
+  if (job.data().path().size() > 4096) {
+    return absl::InvalidArgumentError("data.path: longer than 4096 bytes");
+  }
+  if (job.checkpoint().dir().size() > 4096) {
+    return absl::InvalidArgumentError("checkpoint.dir: longer than 4096 bytes");
+  }
   MUONPS_RETURN_IF_ERROR(ValidateModelConfig(job.model()));
   const v1::OptimizerConfig& o = job.optimizer();
   MUONPS_RETURN_IF_ERROR(CheckOneOf("optimizer.name", o.name(), {"muon", "adamw"}));

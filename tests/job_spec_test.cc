@@ -4,7 +4,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <string>
+#include <vector>
 
 namespace muonps {
 namespace {
@@ -102,6 +104,28 @@ TEST(JobSpecTest, OutOfRangeValuesNameTheField) {
   EXPECT_THAT(Error(R"({"batch": {"slots": 0}})"), HasSubstr("batch.slots"));
   EXPECT_THAT(Error(R"({"data": {"sampling": "shuffled"}})"), HasSubstr("data.sampling"));
   EXPECT_THAT(Error(R"({"data": {"path": ""}})"), HasSubstr("data.path"));
+}
+
+TEST(JobSpecTest, CallerChosenStringsAreBounded) {
+  struct Case {
+    std::function<void(v1::JobSpec*)> edit;
+    const char* field;
+  };
+  for (const Case& c : std::vector<Case>{
+           {[](v1::JobSpec* j) { j->set_name(std::string(129, 'n')); }, "name"},
+           {[](v1::JobSpec* j) { j->mutable_data()->set_path(std::string(4097, 'p')); },
+            "data.path"},
+           {[](v1::JobSpec* j) { j->mutable_checkpoint()->set_dir(std::string(4097, 'd')); },
+            "checkpoint.dir"}}) {
+    v1::JobSpec job = DefaultJobSpec();
+    c.edit(&job);
+    const absl::Status st = ValidateJobSpec(job);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << c.field;
+    EXPECT_THAT(std::string(st.message()), HasSubstr(c.field));
+  }
+  v1::JobSpec job = DefaultJobSpec();
+  job.set_name(std::string(128, 'n'));
+  EXPECT_TRUE(ValidateJobSpec(job).ok());
 }
 
 TEST(JobSpecTest, RoundTripsThroughJson) {

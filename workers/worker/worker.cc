@@ -12,6 +12,7 @@
 #include "common/numerics.h"
 #include "common/parallel.h"
 #include "common/status_macros.h"
+#include "data/token_source.h"
 #include "rpc/rpc_util.h"
 #include "rpc/shard_client.h"
 #include "step/step.h"
@@ -122,7 +123,9 @@ absl::Status Worker::Prepare(const v1::Task& task) {
   // nothing about what exists outside the roots.
   v1::DataConfig data = job->spec.data();
   if (data.has_path()) {
-    absl::StatusOr<std::string> path = ConfinedPath(data.path(), options_.data_roots, "data.path");
+    std::vector<std::string> roots = options_.data_roots;
+    roots.push_back(kDefaultCorpusPath);  // the bundled corpus is always allowed
+    absl::StatusOr<std::string> path = ConfinedPath(data.path(), roots, "data.path");
     if (!path.ok()) return path.status();
     std::error_code ec;
     const auto type = std::filesystem::status(*path, ec).type();

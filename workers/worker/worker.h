@@ -63,8 +63,8 @@ struct WorkerOptions {
   std::string cluster_secret;
   // What this worker may use, reported at registration (0: unknown).
   int64_t memory_bytes = 0;
-  // A job's data.path must resolve under one of these (symlinks followed);
-  // a job without data.path reads the bundled default corpus.
+  // A job's data.path must resolve under one of these (symlinks followed)
+  // or under the bundled default corpus (kDefaultCorpusPath).
   std::vector<std::string> data_roots;
 };
 
