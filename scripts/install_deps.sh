@@ -40,6 +40,8 @@ TEST_PACKAGES=(
   # the formatter the Format test enforces (.clang-format), and clang with
   # its OpenMP runtime for the -Wthread-safety leg (scripts/sanitize.sh)
   clang-format clang-14 libomp-14-dev
+  # libFuzzer and the sanitizer runtimes for clang (scripts/fuzz.sh)
+  libclang-rt-14-dev
   # a real Prometheus server and promtool (metrics and dashboard tests), and
   # a YAML parser for the provisioning files
   prometheus python3-yaml
@@ -73,5 +75,10 @@ if [[ $RUNTIME_ONLY -eq 0 ]]; then
   if [[ ! -f "$BUF_PREFIX/node_modules/@kubernetes-models/prometheus-operator/package.json" ]]; then
     $SUDO npm install --silent --no-audit --no-fund --prefix "$BUF_PREFIX" \
       kubernetes-models@5.1.0 @kubernetes-models/prometheus-operator@6.0.0 yaml@2.9.1
+  fi
+  # cert-manager's Issuer and Certificate schemas (the TLS overlay).
+  if [[ ! -f "$BUF_PREFIX/node_modules/@kubernetes-models/cert-manager/package.json" ]]; then
+    $SUDO npm install --silent --no-audit --no-fund --prefix "$BUF_PREFIX" \
+      @kubernetes-models/cert-manager@6.0.0
   fi
 fi

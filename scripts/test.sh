@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the dependencies, builds, runs the whole test suite with ctest,
-# then the sanitizer and thread-safety legs (scripts/sanitize.sh).
+# then the sanitizer and thread-safety legs (scripts/sanitize.sh) and the
+# fuzzing leg (scripts/fuzz.sh).
 # This is the README's test command and what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,3 +12,6 @@ ctest --test-dir build --output-on-failure --timeout 1200 -j 1
 # lock annotations checked by clang's -Wthread-safety, and ThreadSanitizer
 # over the service and cluster suites.
 bash scripts/sanitize.sh asan tsa tsan
+# libFuzzer (clang, ASan + UBSan) on the parsers and decoders that read
+# hostile bytes, 60 s each from the committed corpus.
+bash scripts/fuzz.sh
