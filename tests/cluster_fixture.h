@@ -64,6 +64,7 @@ struct JobOptions {
   int total_steps = 20;
   int eval_every = 5;
   int every_steps = 0;  // checkpoint.every_steps
+  int keep_last = 0;    // checkpoint.keep_last
 };
 
 // A one-line description of a wait status, for messages.
@@ -175,10 +176,11 @@ class ClusterTest : public testing_util::TempDirTest {
       "schedule": {"total_steps": %d, "warmup_steps": 4},
       "data": {"path": "%s", "sampling": "random", "eval_every": %d, "eval_windows": 8},
       "batch": {"slots": 5, "micro_batch": 2},
-      "checkpoint": {"dir": "%s", "every_steps": %d, "keep_last": 0},
+      "checkpoint": {"dir": "%s", "every_steps": %d, "keep_last": %d},
       "seed": 11})",
                                            name, o.balancing, o.optimizer, o.total_steps, corpus_,
-                                           o.eval_every, CheckpointRoot(name), o.every_steps);
+                                           o.eval_every, CheckpointRoot(name), o.every_steps,
+                                           o.keep_last);
     return path;
   }
   std::string CheckpointRoot(const std::string& name) const { return Path(name + "-ckpt"); }

@@ -227,5 +227,38 @@ TEST_F(ClusterTest, LocalInterruptedCheckpointsAndLeavesNoProcessBehind) {
   ExpectSameCheckpoint(Train("train", /*until=*/state->step()), *newest);
 }
 
+// A job's checkpoint directory may hold directories muonps did not write:
+// pruning never counts or removes them, and publishing never replaces one.
+TEST_F(ClusterTest, CheckpointsNeverTouchDirectoriesMuonpsDidNotWrite) {
+  JobOptions o;
+  o.total_steps = 6;
+  o.every_steps = 2;
+  o.keep_last = 1;
+  WriteJob("cluster", o);
+  const std::string foreign = CheckpointOf("cluster", 1);
+  fs::create_directories(foreign);
+  std::ofstream(foreign + "/precious") << "not muonps's";
+  Local("cluster", 1, 1);
+  EXPECT_TRUE(fs::exists(foreign + "/precious"));
+  EXPECT_TRUE(fs::exists(CheckpointOf("cluster", 6)));
+  EXPECT_FALSE(fs::exists(CheckpointOf("cluster", 2)));  // pruned: muonps wrote it
+  EXPECT_FALSE(fs::exists(CheckpointOf("cluster", 4)));
+
+  // A directory of the name the next checkpoint would take: the job fails
+  // saying so, and the directory is as it was.
+  WriteJob("taken", o);
+  const std::string taken = CheckpointOf("taken", 2);
+  fs::create_directories(taken);
+  std::ofstream(taken + "/precious") << "not muonps's";
+  const int status = Run("local-taken", {"local", Path("taken.json"), "--shards=1", "--workers=1",
+                                         "--threads=1", "--log_dir=" + Path("local-taken"),
+                                         "--checkpoint_root=" + Root(), "--data_root=" + Root()});
+  EXPECT_NE(status, 0);
+  EXPECT_NE(ReadWholeFile(Path("local-taken.log")).find("was not written by muonps"),
+            std::string::npos)
+      << ReadWholeFile(Path("local-taken.log"));
+  EXPECT_EQ(ReadWholeFile(taken + "/precious"), "not muonps's");
+}
+
 }  // namespace
 }  // namespace muonps
