@@ -79,6 +79,7 @@ int RunProcess(const std::vector<std::string>& argv, const std::string& out,
     close(err_fd);
     std::vector<std::string> copy = argv;
     std::vector<char*> args;
+    args.reserve(copy.size() + 1);
     for (std::string& a : copy) args.push_back(a.data());
     args.push_back(nullptr);
     execv(args[0], args.data());
@@ -215,6 +216,7 @@ int Run() {
   std::printf("%-34s %8.1f ms/step\n", "train (1 process)", train_s * 1e3);
   for (size_t k = 1; k < setups.size(); ++k) {
     std::vector<double> ratios;
+    ratios.reserve(static_cast<size_t>(reps));
     for (int r = 0; r < reps; ++r) ratios.push_back(seconds[k][r] / seconds[0][r]);
     const auto [lo, hi] = std::minmax_element(ratios.begin(), ratios.end());
     const double s = Median(seconds[k]);

@@ -403,6 +403,7 @@ int Run(int reps) {
   }
 
   std::vector<double> both;
+  both.reserve(static_cast<size_t>(reps));
   for (int i = 0; i < reps; ++i) both.push_back(figures.push[i] + figures.pull[i]);
   const double tcp_gbs = static_cast<double>(tcp_bytes) / Median(figures.tcp) * 1e-9;
   PrintLine("raw TCP (64 MiB, 1 MiB writes)", figures.tcp, tcp_bytes, 0.0);

@@ -137,7 +137,7 @@ class TensorFiles {
       }
       file = files_.emplace(entry->second, std::move(*opened)).first;
     }
-    const absl::Status read = file->second.ReadInto(key, shape, out);
+    absl::Status read = file->second.ReadInto(key, shape, out);
     if (absl::IsNotFound(read)) {
       return absl::NotFoundError(
           absl::StrFormat("%s, although %s maps it there", read.message(), index_path_));
@@ -202,6 +202,7 @@ std::vector<fs::path> ListCheckpointDirs(const std::string& root) {
   }
   std::sort(found.begin(), found.end());
   std::vector<fs::path> dirs;
+  dirs.reserve(found.size());
   for (auto& [step, path] : found) dirs.push_back(std::move(path));
   return dirs;
 }
@@ -494,7 +495,7 @@ absl::Status PublishStagingDir(const std::string& staging, const std::string& fi
   }
   fs::rename(staging, final_dir, ec);
   if (ec) {
-    const absl::Status error = FsError("cannot rename checkpoint into", final_dir, ec);
+    absl::Status error = FsError("cannot rename checkpoint into", final_dir, ec);
     if (replacing) fs::rename(old, final_dir, ec);  // put the previous one back
     return error;
   }

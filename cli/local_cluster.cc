@@ -68,6 +68,7 @@ class LocalCluster {
         close(fd);
       }
       std::vector<char*> argv;
+      argv.reserve(args.size() + 1);
       for (std::string& a : args) argv.push_back(a.data());
       argv.push_back(nullptr);
       execv(exe.c_str(), argv.data());
@@ -181,7 +182,7 @@ int LocalCommand(const std::vector<std::string>& args) {
     const std::string file = absl::StrCat(log_dir, "/", name, ".metrics_port");
     std::filesystem::remove(file);
     metric_files.emplace_back(role, file);
-    flags.push_back("--metrics_listen=127.0.0.1:0");
+    flags.emplace_back("--metrics_listen=127.0.0.1:0");
     flags.push_back("--metrics_port_file=" + file);
     return flags;
   };
@@ -209,7 +210,7 @@ int LocalCommand(const std::vector<std::string>& args) {
       CheckpointRootFromFlags().empty() ? cwd : CheckpointRootFromFlags();
   std::vector<std::string> data_roots = DataRootsFromFlags();
   if (data_roots.empty()) data_roots.push_back(cwd);
-  data_roots.push_back(kDefaultCorpusPath);
+  data_roots.emplace_back(kDefaultCorpusPath);
   const std::vector<std::string> member_flags = {"--cluster_secret_file=" + secret_file};
   const std::vector<std::string> storage_flags = {"--checkpoint_root=" + checkpoint_root};
   const std::vector<std::string> data_flags = {"--data_root=" + absl::StrJoin(data_roots, ",")};

@@ -14,7 +14,7 @@ namespace {
 
 std::string FormatDuration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--";
-  const int64_t s = static_cast<int64_t>(seconds + 0.5);
+  const int64_t s = static_cast<int64_t>(std::llround(seconds));
   if (s >= 3600) return absl::StrFormat("%d:%02d:%02d", s / 3600, (s / 60) % 60, s % 60);
   return absl::StrFormat("%02d:%02d", s / 60, s % 60);
 }

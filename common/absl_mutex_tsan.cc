@@ -14,8 +14,8 @@
 // here rather than in abseil: abseil evaluates a waiter's condition on the
 // thread that unlocks, inside the library, where no annotation can order it.
 // Here the waiting thread evaluates its own condition with the lock held,
-// unlocks, sleeps until that mutex is next unlocked (or 100 ms pass), and
-// locks again. The semantics are abseil's: the condition holds when an
+// unlocks, sleeps until another thread next unlocks that mutex (or 100 ms
+// pass), and locks again. The semantics are abseil's: the condition holds when an
 // untimed wait returns, a timed wait returns the condition's value at its
 // deadline, and the mutex is held in the same mode on return.
 //
@@ -108,6 +108,32 @@ bool __real__ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE(Co
                                                                               Mutex* mu,
                                                                               Time deadline);
 
+}  // extern "C"
+
+namespace {
+
+// Unlocks that do not wake the waiters (WakeWaiters): for a waiter that has
+// only evaluated its condition. Waking the others there would have the
+// waiters wake each other in turn, and take the lock, for as long as they
+// wait.
+void UnlockQuietly(Mutex* mu) {
+  __tsan_mutex_pre_unlock(mu, 0);
+  __real__ZN4absl7debian35Mutex6UnlockEv(mu);
+  __tsan_mutex_post_unlock(mu, 0);
+}
+
+void ReaderUnlockQuietly(Mutex* mu) {
+  auto it = std::find(t_reader_held.begin(), t_reader_held.end(), mu);
+  if (it != t_reader_held.end()) t_reader_held.erase(it);
+  __tsan_mutex_pre_unlock(mu, __tsan_mutex_read_lock);
+  __real__ZN4absl7debian35Mutex12ReaderUnlockEv(mu);
+  __tsan_mutex_post_unlock(mu, __tsan_mutex_read_lock);
+}
+
+}  // namespace
+
+extern "C" {
+
 // --- Locks and unlocks: abseil's, annotated ---------------------------------
 
 void __wrap__ZN4absl7debian35Mutex4LockEv(Mutex* mu) {
@@ -117,9 +143,7 @@ void __wrap__ZN4absl7debian35Mutex4LockEv(Mutex* mu) {
 }
 
 void __wrap__ZN4absl7debian35Mutex6UnlockEv(Mutex* mu) {
-  __tsan_mutex_pre_unlock(mu, 0);
-  __real__ZN4absl7debian35Mutex6UnlockEv(mu);
-  __tsan_mutex_post_unlock(mu, 0);
+  UnlockQuietly(mu);
   WakeWaiters(mu);
 }
 
@@ -139,11 +163,7 @@ void __wrap__ZN4absl7debian35Mutex10ReaderLockEv(Mutex* mu) {
 }
 
 void __wrap__ZN4absl7debian35Mutex12ReaderUnlockEv(Mutex* mu) {
-  auto it = std::find(t_reader_held.begin(), t_reader_held.end(), mu);
-  if (it != t_reader_held.end()) t_reader_held.erase(it);
-  __tsan_mutex_pre_unlock(mu, __tsan_mutex_read_lock);
-  __real__ZN4absl7debian35Mutex12ReaderUnlockEv(mu);
-  __tsan_mutex_post_unlock(mu, __tsan_mutex_read_lock);
+  ReaderUnlockQuietly(mu);
   WakeWaiters(mu);
 }
 
@@ -181,18 +201,22 @@ void LockIn(Mutex* mu, bool reader) {
   }
 }
 
-void UnlockIn(Mutex* mu, bool reader) {
+void UnlockIn(Mutex* mu, bool reader, bool wake) {
   if (reader) {
-    __wrap__ZN4absl7debian35Mutex12ReaderUnlockEv(mu);
+    ReaderUnlockQuietly(mu);
   } else {
-    __wrap__ZN4absl7debian35Mutex6UnlockEv(mu);
+    UnlockQuietly(mu);
   }
+  if (wake) WakeWaiters(mu);
 }
 
 // With `mu` held (as a reader when `reader`): waits until `cond` holds or
 // `deadline` passes, and returns cond's value then, with `mu` held as before.
 bool WaitFor(Mutex* mu, bool reader, const Condition& cond, Time deadline) {
   Stripe& stripe = StripeOf(mu);
+  // The first unlock ends the caller's own critical section, which may have
+  // changed what other waiters wait for; later ones follow a mere look.
+  bool wake = true;
   while (true) {
     if (cond.Eval()) return true;
     const Time now = absl::Now();
@@ -201,7 +225,8 @@ bool WaitFor(Mutex* mu, bool reader, const Condition& cond, Time deadline) {
     // Read before unlocking: an unlock after ours bumps it, so the futex
     // returns at once instead of sleeping through the change.
     const uint32_t seen = stripe.generation.load(std::memory_order_relaxed);
-    UnlockIn(mu, reader);
+    UnlockIn(mu, reader, wake);
+    wake = false;
     const timespec nap = absl::ToTimespec(std::min(deadline - now, absl::Milliseconds(100)));
     syscall(SYS_futex, reinterpret_cast<uint32_t*>(&stripe.generation), FUTEX_WAIT_PRIVATE, seen,
             &nap, nullptr, 0);

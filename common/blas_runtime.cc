@@ -88,13 +88,13 @@ absl::Status CheckBlasRuntime() {
 
 std::vector<std::string> RunnableBlasCores() {
   std::vector<std::string> cores;
-  if (CpuHas("sse3")) cores.push_back("Prescott");
-  if (CpuHas("avx")) cores.push_back("Sandybridge");
+  if (CpuHas("sse3")) cores.emplace_back("Prescott");
+  if (CpuHas("avx")) cores.emplace_back("Sandybridge");
   if (CpuHas("avx2") && CpuHas("fma")) {
-    cores.push_back("Haswell");
-    cores.push_back("Zen");
+    cores.emplace_back("Haswell");
+    cores.emplace_back("Zen");
   }
-  if (CpuHas("avx512")) cores.push_back("SkylakeX");
+  if (CpuHas("avx512")) cores.emplace_back("SkylakeX");
   return cores;
 }
 

@@ -15,10 +15,13 @@
   } while (0)
 
 // `MUONPS_ASSIGN_OR_RETURN(auto x, StatusOrExpr());`
+// `lhs` may be a declaration, so it cannot be put in parentheses.
+// NOLINTBEGIN(bugprone-macro-parentheses)
 #define MUONPS_ASSIGN_OR_RETURN(lhs, expr)                       \
   auto MUONPS_STATUS_CONCAT(_muonps_or_, __LINE__) = (expr);     \
   if (!MUONPS_STATUS_CONCAT(_muonps_or_, __LINE__).ok())         \
     return MUONPS_STATUS_CONCAT(_muonps_or_, __LINE__).status(); \
   lhs = std::move(*MUONPS_STATUS_CONCAT(_muonps_or_, __LINE__))
+// NOLINTEND(bugprone-macro-parentheses)
 
 #endif  // MUONPS_COMMON_STATUS_MACROS_H_

@@ -61,6 +61,7 @@ absl::Status LoadText(const std::string& path, bool is_directory, std::vector<in
       ++unreadable;
       continue;
     }
+    // NOLINTNEXTLINE(bugprone-not-null-terminated-result): memchr looks for a byte only.
     if (std::memchr(bytes->data(), '\0', bytes->size()) != nullptr) {
       ++binary;
       continue;

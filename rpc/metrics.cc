@@ -201,7 +201,7 @@ prometheus::Histogram::BucketBoundaries FineLatencyBuckets() {
 }
 
 absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
-    const std::string& address, std::shared_ptr<prometheus::Registry> registry) {
+    const std::string& address, const std::shared_ptr<prometheus::Registry>& registry) {
   std::unique_ptr<MetricsEndpoint> endpoint(new MetricsEndpoint());
   try {
     endpoint->exposer_ = std::make_unique<prometheus::Exposer>(address, 2);

@@ -26,7 +26,7 @@ class MetricsEndpoint {
   // `address` is host:port; port 0 picks a free port. UNAVAILABLE when the
   // address cannot be bound.
   static absl::StatusOr<std::unique_ptr<MetricsEndpoint>> Start(
-      const std::string& address, std::shared_ptr<prometheus::Registry> registry);
+      const std::string& address, const std::shared_ptr<prometheus::Registry>& registry);
   int port() const { return port_; }
 
  private:

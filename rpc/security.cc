@@ -147,9 +147,9 @@ absl::Status CheckMaterial(const TransportSecurityFiles& files, const TransportS
 
 absl::StatusOr<TransportSecurity> LoadTransportSecurity(const TransportSecurityFiles& files) {
   std::vector<std::string> missing;
-  if (files.cert.empty()) missing.push_back("--tls_cert");
-  if (files.key.empty()) missing.push_back("--tls_key");
-  if (files.ca.empty()) missing.push_back("--tls_ca");
+  if (files.cert.empty()) missing.emplace_back("--tls_cert");
+  if (files.key.empty()) missing.emplace_back("--tls_key");
+  if (files.ca.empty()) missing.emplace_back("--tls_ca");
   if (missing.size() == 3) {
     if (!files.server_name.empty()) {
       return absl::InvalidArgumentError(

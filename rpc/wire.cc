@@ -149,7 +149,7 @@ absl::Status DecodePush(google::protobuf::io::ZeroCopyInputStream* stream, const
   using Request = v1::PushGradientsRequest;
   CodedInputStream in(stream);
   in.SetTotalBytesLimit(std::numeric_limits<int>::max());
-  const absl::Status malformed = absl::InvalidArgumentError("malformed PushGradientsRequest");
+  absl::Status malformed = absl::InvalidArgumentError("malformed PushGradientsRequest");
   PushFields fields;
   bool begun = false;
   while (uint32_t tag = in.ReadTag()) {

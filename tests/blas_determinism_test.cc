@@ -170,11 +170,12 @@ TEST(BlasDeterminismTest, NewtonSchulzOnEveryShapeOfTheDefaultModel) {
   ASSERT_GE(shapes.size(), 4u);
   for (const auto& [rows, cols] : shapes) {
     const std::vector<float> g = Random(int64_t{rows} * cols, absl::StrCat("g", rows, "x", cols));
-    ExpectSameEverywhere(absl::StrCat("NewtonSchulz ", rows, "x", cols), [&] {
-      std::vector<float> out(g.size());
-      NewtonSchulz(out.data(), g.data(), rows, cols, 5);
-      return out;
-    });
+    ExpectSameEverywhere(absl::StrCat("NewtonSchulz ", rows, "x", cols),
+                         [&, rows = rows, cols = cols] {
+                           std::vector<float> out(g.size());
+                           NewtonSchulz(out.data(), g.data(), rows, cols, 5);
+                           return out;
+                         });
   }
 }
 
@@ -191,7 +192,7 @@ TEST(BlasDeterminismTest, LinearAndAttentionOpsOfTheDefaultModel) {
     const std::vector<float> inp = Random(int64_t{N} * ic, "inp");
     const std::vector<float> w = Random(int64_t{oc} * ic, "w", 0.02);
     const std::vector<float> dout = Random(int64_t{N} * oc, "dout");
-    ExpectSameEverywhere(absl::StrCat("matmul ", N, "x", ic, "->", oc), [&] {
+    ExpectSameEverywhere(absl::StrCat("matmul ", N, "x", ic, "->", oc), [&, ic = ic, oc = oc] {
       std::vector<float> out(int64_t{N} * oc), dinp(inp.size(), 0.0f), dw(w.size(), 0.0f);
       matmul_forward(out.data(), inp.data(), w.data(), N, ic, oc);
       matmul_backward(dinp.data(), dw.data(), dout.data(), inp.data(), w.data(), N, ic, oc);

@@ -186,7 +186,7 @@ class ShardedCheckpointTest : public testing_util::TempDirTest,
 
   // Writes state_ as `count` shards to Path(name); returns the path.
   std::string WriteShards(const std::string& name, int count) {
-    const std::string dir = Path(name);
+    std::string dir = Path(name);
     const absl::Status written =
         WriteSharded(dir, layout_, optimizer(), Slices(layout_, state_), state_.trainer, count);
     EXPECT_TRUE(written.ok()) << written;
@@ -245,7 +245,7 @@ TEST_P(ShardedCheckpointTest, ASubsetOfTensorsReadsBackFromEitherLayout) {
     std::vector<std::string> got;
     for (const auto& [name, tensor] : *tensors) {
       got.push_back(name);
-      ExpectSameTensor(tensor, expected.at(name), dir + ": " + name);
+      ExpectSameTensor(tensor, expected.at(name), absl::StrCat(dir, ": ", name));
     }
     EXPECT_THAT(got, UnorderedElementsAreArray(names)) << dir;
   }
@@ -317,7 +317,7 @@ TEST_P(ShardedCheckpointTest, IndexIsTheHuggingFaceFormat) {
     uint64_t file_bytes = 0;
     for (int k = 1; k <= kCount; ++k) {
       const std::string file = absl::StrFormat("%s-%05d-of-%05d.safetensors", kind, k, kCount);
-      absl::StatusOr<SafetensorsFile> opened = SafetensorsFile::Open(dir + "/" + file);
+      absl::StatusOr<SafetensorsFile> opened = SafetensorsFile::Open(absl::StrCat(dir, "/", file));
       ASSERT_TRUE(opened.ok()) << opened.status();
       EXPECT_EQ(opened->names(), keys_by_file[file]) << file;
       EXPECT_EQ(opened->metadata().at("format"), "pt");
@@ -345,7 +345,7 @@ class ShardedCheckpointRefusalTest : public ShardedCheckpointTest {
 
   // A copy of the good checkpoint to damage.
   std::string Copy(const std::string& name) {
-    const std::string dir = Path(name);
+    std::string dir = Path(name);
     fs::copy(good_, dir, fs::copy_options::recursive);
     return dir;
   }
@@ -409,7 +409,7 @@ TEST_P(ShardedCheckpointRefusalTest, TensorAbsentFromTheFileItsIndexNamesIsNamed
   nlohmann::json index = LoadIndex(dir, "optimizer");
   // Point the first optimizer key at the other shard.
   auto entry = index["weight_map"].begin();
-  const std::string key = entry.key();
+  const std::string& key = entry.key();
   const std::string other = entry.value() == "optimizer-00001-of-00002.safetensors"
                                 ? "optimizer-00002-of-00002.safetensors"
                                 : "optimizer-00001-of-00002.safetensors";

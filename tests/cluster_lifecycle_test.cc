@@ -99,7 +99,7 @@ TEST_F(ClusterTest, ShardOnAnotherBlasKernelIsRefusedByNameOrBitIdentical) {
       if (core != own_core) same.push_back(core);
       continue;
     }
-    SCOPED_TRACE(core + " against " + own_core);
+    SCOPED_TRACE(absl::StrCat(core, " against ", own_core));
     ChildProcess& shard = StartShard(100 + refused, {"--blas_core=" + core});
     EXPECT_EQ(Finish(shard, 30.0), 1) << ReadWholeFile(shard.err_path());
     const std::string log = ReadWholeFile(shard.err_path());

@@ -24,7 +24,7 @@ constexpr char kFortunes[] = "/usr/share/games/fortunes";
 class DataTest : public testing_util::TempDirTest {
  protected:
   std::string Write(const std::string& name, const std::string& bytes) {
-    const std::string path = Path(name);
+    std::string path = Path(name);
     fs::create_directories(fs::path(path).parent_path());
     std::ofstream(path, std::ios::binary) << bytes;
     return path;
@@ -287,7 +287,7 @@ TEST(BatchSamplerTest, RandomWindowsAreDeterministicAndInRange) {
       EXPECT_EQ(tg_a, tg_s);
       if (in_a != in_o) ++differing;
       for (int row = 0; row < micro_batch; ++row) {
-        const int32_t start = in_a[static_cast<size_t>(row * T)];
+        const int32_t start = in_a[static_cast<size_t>(row) * T];
         // Offsets lie in [0, n - T): the window's last target is in range.
         ASSERT_GE(start, 0);
         ASSERT_LE(start + T, 99);

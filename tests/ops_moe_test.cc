@@ -30,6 +30,7 @@ TEST(Ops, DispatchBackwardMatchesFiniteDifferences) {
   };
   loss();
   for (int p = 0; p < P; ++p) {
+    // NOLINTNEXTLINE(bugprone-suspicious-memory-comparison): the test wants bit-identical floats.
     EXPECT_EQ(0, std::memcmp(&xe[p * C], &x[plan.token[p] * C], sizeof(float) * C));
   }
   const std::vector<float> base = Random(N * C, 132);

@@ -494,7 +494,9 @@ TEST(OptimizerDeterminism, AdamWAndSumOfSquaresBitIdenticalAcrossThreadCounts) {
   double ss_one = 0.0, ss_two = 0.0;
   const std::vector<float> one = run(1, &ss_one);
   const std::vector<float> two = run(2, &ss_two);
+  // NOLINTNEXTLINE(bugprone-suspicious-memory-comparison): the test wants bit-identical floats.
   EXPECT_EQ(std::memcmp(one.data(), two.data(), kN * sizeof(float)), 0);
+  // NOLINTNEXTLINE(bugprone-suspicious-memory-comparison): the test wants a bit-identical double.
   EXPECT_EQ(std::memcmp(&ss_one, &ss_two, sizeof(double)), 0);
 }
 

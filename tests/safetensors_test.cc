@@ -25,7 +25,7 @@ class SafetensorsTest : public testing_util::TempDirTest {
  protected:
   // Writes `bytes` to `name` in the test directory and returns the path.
   std::string WriteRaw(const std::string& name, const std::string& bytes) {
-    const std::string path = Path(name);
+    std::string path = Path(name);
     EXPECT_TRUE(WriteFileAtomically(path, bytes).ok());
     return path;
   }

@@ -304,6 +304,7 @@ TEST_F(ShardServiceTest, PrefixPushesMatchPerSlotPushesBitForBit) {
   for (int64_t step = 0; step < 3; ++step) {
     SCOPED_TRACE(absl::StrCat("step ", step));
     std::vector<std::vector<Grad>> g;
+    g.reserve(static_cast<size_t>(kSlots));
     for (int s = 0; s < kSlots; ++s) g.push_back(SlotGradients(*layout_, owned, step, s));
     for (int s = kSlots - 1; s >= 0; --s) {
       ASSERT_TRUE(Push(shard_->stub.get(), PushMessages({"job-a", step, s, 1}, g[s])).ok());

@@ -297,6 +297,7 @@ TEST_F(ShardStateTest, SlotRangesAreCountedOnceAndNeverOverlap) {
   ASSERT_TRUE(single->ApplyStep(0, 0.01, 0.5, {}).ok());
   absl::StatusOr<std::vector<float>> pa = prefix->Parameter(w), pb = single->Parameter(w);
   ASSERT_TRUE(pa.ok() && pb.ok());
+  // NOLINTNEXTLINE(bugprone-suspicious-memory-comparison): the test wants bit-identical floats.
   EXPECT_EQ(std::memcmp(pa->data(), pb->data(), n * sizeof(float)), 0);
 }
 

@@ -53,7 +53,7 @@ TEST_P(TrainerTest, SameJobSameSeedIsBitIdentical) {
   const TrainingState b = RunJob(job);
   ExpectBitIdentical(a.params, b.params, "parameters");
   // And training did change the parameters.
-  v1::JobSpec zero = job;
+  const v1::JobSpec& zero = job;
   absl::StatusOr<std::unique_ptr<Trainer>> fresh = Trainer::Create(zero, {});
   ASSERT_TRUE(fresh.ok());
   EXPECT_NE(std::memcmp(a.params.data(), (*fresh)->state().params.data(),

@@ -73,6 +73,7 @@ TEST(WireTest, PushMessageReadsAsTheGeneratedClassWroteIt) {
   EXPECT_THAT(parsed.chunk().shape(), ::testing::ElementsAre(2, 2));
   EXPECT_EQ(parsed.chunk().dtype(), "F32");
   ASSERT_EQ(parsed.chunk().data().size(), 16u);
+  // NOLINTNEXTLINE(bugprone-suspicious-memory-comparison): the test wants bit-identical floats.
   EXPECT_EQ(std::memcmp(parsed.chunk().data().data(), values.data(), 16), 0);
 
   // And the decoder reads what the generated class writes.

@@ -29,6 +29,7 @@ namespace {
 absl::Status ForEachShard(int n, const std::function<absl::Status(int)>& fn) {
   std::vector<absl::Status> status(static_cast<size_t>(n));
   std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) threads.emplace_back([&, i] { status[i] = fn(i); });
   for (std::thread& t : threads) t.join();
   for (const absl::Status& st : status) {

@@ -124,7 +124,7 @@ absl::Status Worker::Prepare(const v1::Task& task) {
   v1::DataConfig data = job->spec.data();
   if (data.has_path()) {
     std::vector<std::string> roots = options_.data_roots;
-    roots.push_back(kDefaultCorpusPath);  // the bundled corpus is always allowed
+    roots.emplace_back(kDefaultCorpusPath);  // the bundled corpus is always allowed
     absl::StatusOr<std::string> path = ConfinedPath(data.path(), roots, "data.path");
     if (!path.ok()) return path.status();
     std::error_code ec;
@@ -183,6 +183,7 @@ absl::Status Worker::Pull(const v1::Task& task) {
         absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PullParameters"));
   };
   std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) threads.emplace_back([&, i] { status[i] = pull_one(i); });
   for (std::thread& t : threads) t.join();
   for (const absl::Status& st : status) MUONPS_RETURN_IF_ERROR(st);
@@ -213,6 +214,7 @@ absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count,
         absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PushGradients"));
   };
   std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) threads.emplace_back([&, i] { status[i] = push_one(i); });
   for (std::thread& t : threads) t.join();
   for (const absl::Status& st : status) MUONPS_RETURN_IF_ERROR(st);
