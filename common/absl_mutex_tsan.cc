@@ -15,9 +15,9 @@
 // thread that unlocks, inside the library, where no annotation can order it.
 // Here the waiting thread evaluates its own condition with the lock held,
 // unlocks, sleeps until another thread next unlocks that mutex (or 100 ms
-// pass), and locks again. The semantics are abseil's: the condition holds when an
-// untimed wait returns, a timed wait returns the condition's value at its
-// deadline, and the mutex is held in the same mode on return.
+// pass), and locks again. The semantics are abseil's: the condition holds
+// when an untimed wait returns, a timed wait returns the condition's value
+// at its deadline, and the mutex is held in the same mode on return.
 //
 // The names are those of Debian's libabsl 20220623 (inline namespace
 // debian3): another abseil fails the static_assert below, and a renamed

@@ -31,11 +31,12 @@ for leg in "${legs[@]}"; do
       cmake -S . -B build-asan "${common[@]}" -DMUONPS_WERROR=ON -DMUONPS_SANITIZE=address,undefined \
         -DCMAKE_CXX_FLAGS=-g1 > /dev/null
       cmake --build build-asan -j "$(nproc)"
-      # Unit and service suites; the whole-cluster, learning-curve and
-      # external-tool tests run in the main leg.
+      # Unit and service suites; the whole-cluster (process) tests, TLS
+      # clusters included, the learning-curve and external-tool tests run in
+      # the main leg.
       ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
         ctest --test-dir build-asan --output-on-failure --timeout 1200 -j 1 \
-        -E 'ClusterTest|ClusterLayoutTest|LearningTest|ModelReferenceTest|PythonClient|KubernetesManifests|PrometheusDashboard|ProtoLint|Format|Layering|BlasKernels'
+        -E 'ClusterTest|ClusterLayoutTest|TlsTest|LearningTest|ModelReferenceTest|PythonClient|KubernetesManifests|PrometheusDashboard|ProtoLint|Format|Layering|BlasKernels'
       ;;
     tsa)
       cmake -S . -B build-tsa "${common[@]}" -DMUONPS_BUILD_TESTS=OFF \
@@ -47,7 +48,7 @@ for leg in "${legs[@]}"; do
       # The suites by name (a suite may move between test files); the test
       # binaries to build are the files that define them.
       suites='ShardServiceTest|CoordinatorTest|GrpcServerTest|ClusterTest|ClusterLayoutTest'
-      mapfile -t binaries < <(grep -lE "^TEST(_F|_P)?\(($suites)[A-Za-z0-9_]*," tests/*_test.cc |
+      mapfile -t binaries < <(grep -lE "^TEST(_F|_P)?\\((${suites})[A-Za-z0-9_]*," tests/*_test.cc |
         xargs -n 1 basename | sed 's/\.cc$//')
       [[ ${#binaries[@]} -gt 0 ]] || { echo "tsan: no test file defines $suites" >&2; exit 1; }
       cmake -S . -B build-tsan "${common[@]}" -DMUONPS_WERROR=ON -DMUONPS_SANITIZE=thread \
@@ -59,14 +60,15 @@ for leg in "${legs[@]}"; do
       # unnoticed. halt_on_error stops a process at its first report;
       # ignore_noninstrumented_modules leaves the memcpy, free, epoll and
       # other libc calls made inside the uninstrumented gRPC, protobuf,
-      # abseil and libstdc++ libraries to those libraries.
+      # abseil and libstdc++ libraries to those libraries; history_size=4
+      # keeps both stacks of a report over longer runs (4 MiB per thread).
       reports="$PWD/build-tsan/tsan-reports"
       rm -rf "$reports"
       mkdir -p "$reports"
       status=0
-      TSAN_OPTIONS="halt_on_error=1:exitcode=66:second_deadlock_stack=1:ignore_noninstrumented_modules=1:suppressions=$PWD/tests/tsan.supp:log_path=$reports/tsan" \
+      TSAN_OPTIONS="halt_on_error=1:exitcode=66:second_deadlock_stack=1:history_size=4:ignore_noninstrumented_modules=1:suppressions=$PWD/tests/tsan.supp:log_path=$reports/tsan" \
         ctest --test-dir build-tsan --output-on-failure --timeout 1200 -j 1 \
-        -R "^([A-Za-z0-9_]+/)?($suites)[A-Za-z0-9_]*\\." || status=$?
+        -R "^([A-Za-z0-9_]+/)?(${suites})[A-Za-z0-9_]*\\." || status=$?
       if compgen -G "$reports/tsan.*" > /dev/null; then
         for f in "$reports"/tsan.*; do
           echo "---- $f"
