@@ -10,6 +10,7 @@
 #include "checkpoint/checkpoint.h"
 #include "common/job_spec.h"
 #include "rpc/metrics.h"
+#include "rpc/reaction_order.h"
 #include "rpc/rpc_util.h"
 #include "rpc/tensor_stream.h"
 #include "rpc/wire.h"
@@ -168,14 +169,17 @@ class ShardServiceImpl::PushReactor final : public grpc::ServerReadReactor<grpc:
   PushReactor(ShardServiceImpl* service, grpc::CallbackServerContext* context,
               grpc::ByteBuffer* response)
       : session_(service), response_(response) {
+    ReactionOrder::Scope scope(&order_);
     // An unauthorized push is refused; its messages are only drained.
     if (absl::Status st = service->Authorize(*context, /*worker_call=*/true); !st.ok()) {
       (void)session_.Fail(st);
     }
+    order_.Leave();
     StartRead(&buffer_);
   }
 
   void OnReadDone(bool ok) override {
+    ReactionOrder::Scope scope(&order_);
     if (!ok) {  // the client closed its side (or the call ended)
       v1::PushGradientsResponse response;
       const grpc::Status status = session_.Finish(&response);
@@ -183,15 +187,20 @@ class ShardServiceImpl::PushReactor final : public grpc::ServerReadReactor<grpc:
         grpc::Slice slice(response.SerializeAsString());
         *response_ = grpc::ByteBuffer(&slice, 1);
       }
+      order_.Leave();
       Finish(status);
       return;
     }
     if (!session_.failed()) Decode();
     buffer_.Clear();
+    order_.Leave();
     StartRead(&buffer_);
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    order_.Enter();
+    delete this;
+  }
 
  private:
   void Decode() {
@@ -215,6 +224,7 @@ class ShardServiceImpl::PushReactor final : public grpc::ServerReadReactor<grpc:
   PushSession session_;
   grpc::ByteBuffer* response_;
   grpc::ByteBuffer buffer_;
+  ReactionOrder order_;
 };
 
 grpc::ServerReadReactor<grpc::ByteBuffer>* ShardServiceImpl::PushGradients(
