@@ -6,7 +6,8 @@
 #            recovery): the unit and service suites
 #   tsa      clang 14 with -Wthread-safety -Werror=thread-safety: every
 #            ABSL_GUARDED_BY / ABSL_EXCLUSIVE_LOCKS_REQUIRED annotation
-#            checked (compile only)
+#            checked (compile only, -O0: nothing runs, so nothing is
+#            optimised)
 #   tsan     GCC with ThreadSanitizer (MUONPS_SANITIZE=thread): the service
 #            and cluster suites, with the muonps processes the cluster tests
 #            start instrumented too. Any report, in a test or in one of its
@@ -40,7 +41,7 @@ for leg in "${legs[@]}"; do
       ;;
     tsa)
       cmake -S . -B build-tsa "${common[@]}" -DMUONPS_BUILD_TESTS=OFF \
-        -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 \
+        -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 -DCMAKE_CXX_FLAGS_RELEASE=-O0 \
         "-DCMAKE_CXX_FLAGS=-Wthread-safety -Werror=thread-safety" > /dev/null
       cmake --build build-tsa -j "$(nproc)"
       ;;

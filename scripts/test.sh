@@ -5,13 +5,18 @@
 # This is the README's test command and what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$SECONDS
 bash scripts/install_deps.sh
+echo "install: $((SECONDS - start)) s"
 bash scripts/build.sh
+echo "build: $((SECONDS - start)) s"
 ctest --test-dir build --output-on-failure --timeout 1200 -j 1
-# The checking legs: ASan + UBSan over the unit and service suites and the
-# lock annotations checked by clang's -Wthread-safety. (The ThreadSanitizer
-# leg, scripts/sanitize.sh tsan, runs on its own: it is not yet clean.)
-bash scripts/sanitize.sh asan tsa
+echo "main suite: $((SECONDS - start)) s"
+# The checking legs: ASan + UBSan over the unit and service suites, the
+# lock annotations checked by clang's -Wthread-safety, and ThreadSanitizer
+# over the service and cluster suites.
+bash scripts/sanitize.sh asan tsa tsan
 # libFuzzer (clang, ASan + UBSan) on the parsers and decoders that read
 # hostile bytes, 60 s each from the committed corpus.
 bash scripts/fuzz.sh
+echo "test command: passed in $((SECONDS - start)) s"
