@@ -6,12 +6,14 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "cli/progress.h"
 #include "cli/security_flags.h"
 #include "cli/tls_flags.h"
@@ -125,17 +127,64 @@ static StepReport ToStepReport(const v1::Job& job) {
   return r;
 }
 
+namespace {
+
+// Prints one watch event (one JSON line with `json`).
+void ShowEvent(const v1::WatchJobResponse& event, bool json, ProgressDisplay& display,
+               bool& begun) {
+  const v1::Job& job = event.job();
+  if (json) {
+    std::cout << OneLineJson(event) << std::endl;
+    return;
+  }
+  if (event.missed() > 0) {
+    display.Abort();
+    std::fprintf(stderr, "(%lld event(s) not shown: the coordinator no longer holds them)\n",
+                 static_cast<long long>(event.missed()));
+  }
+  switch (event.kind()) {
+    case v1::JOB_EVENT_KIND_SNAPSHOT:
+    case v1::JOB_EVENT_KIND_STATE:
+      display.Abort();
+      std::fprintf(stderr, "%s (%s): %s%s%s\n", job.job_id().c_str(), job.name().c_str(),
+                   StateName(job.state()), job.error().empty() ? "" : ": ", job.error().c_str());
+      break;
+    case v1::JOB_EVENT_KIND_PLACEMENT: {
+      display.Abort();
+      std::vector<v1::ShardPlacement> shards(job.placement().begin(), job.placement().end());
+      std::fprintf(stderr, "placement from step %lld:\n%s",
+                   static_cast<long long>(job.start_step()), FormatPlacement(shards).c_str());
+      begun = false;
+      break;
+    }
+    case v1::JOB_EVENT_KIND_STEP:
+      if (!begun) {
+        display.Begin(job.start_step(), job.progress().total_steps());
+        begun = true;
+      }
+      display.Step(ToStepReport(job));
+      break;
+    case v1::JOB_EVENT_KIND_CHECKPOINT:
+      display.Abort();
+      std::fprintf(stderr, "checkpoint: %s\n", job.last_checkpoint().c_str());
+      break;
+    case v1::JOB_EVENT_KIND_RECOVERY:
+      display.Abort();
+      std::fprintf(stderr, "recovered (%d so far): %s\n", job.recoveries(),
+                   job.last_recovery().c_str());
+      break;
+    default:
+      break;
+  }
+}
+
+}  // namespace
+
 absl::StatusOr<v1::Job> Watch(const std::string& job_id, bool json,
-                              const std::function<void()>& poll) {
+                              const std::function<void()>& poll, std::optional<int64_t> after_seq) {
   auto stub = JobStub();
-  grpc::ClientContext context;
   absl::StatusOr<std::string> token = ClientTokenFromFlags();
   if (!token.ok()) return token.status();
-  AttachToken(&context, *token);
-  v1::WatchJobRequest request;
-  request.set_job_id(job_id);
-  std::unique_ptr<grpc::ClientReader<v1::WatchJobResponse>> reader =
-      stub->WatchJob(&context, request);
   std::atomic<bool> done{false};
   std::thread poller;
   if (poll) {
@@ -150,46 +199,45 @@ absl::StatusOr<v1::Job> Watch(const std::string& job_id, bool json,
   v1::WatchJobResponse event;
   v1::Job last;
   bool begun = false;
-  while (reader->Read(&event)) {
-    last = event.job();
-    if (json) {
-      std::cout << OneLineJson(event) << std::endl;
-      continue;
+  // Once the watch has begun, a lost coordinator (restarted, rescheduled) is
+  // waited for (10 minutes at most) and the watch resumes after the last
+  // event received.
+  std::optional<absl::Time> lost_since;
+  grpc::Status finished;
+  while (true) {
+    grpc::ClientContext context;
+    AttachToken(&context, *token);
+    v1::WatchJobRequest request;
+    request.set_job_id(job_id);
+    if (after_seq.has_value()) request.set_after_seq(*after_seq);
+    std::unique_ptr<grpc::ClientReader<v1::WatchJobResponse>> reader =
+        stub->WatchJob(&context, request);
+    while (reader->Read(&event)) {
+      lost_since.reset();
+      after_seq = event.seq();
+      last = event.job();
+      ShowEvent(event, json, display, begun);
     }
-    switch (event.kind()) {
-      case v1::JOB_EVENT_KIND_SNAPSHOT:
-      case v1::JOB_EVENT_KIND_STATE:
-        display.Abort();
-        std::fprintf(stderr, "%s (%s): %s%s%s\n", last.job_id().c_str(), last.name().c_str(),
-                     StateName(last.state()), last.error().empty() ? "" : ": ",
-                     last.error().c_str());
-        break;
-      case v1::JOB_EVENT_KIND_PLACEMENT: {
-        std::vector<v1::ShardPlacement> shards(last.placement().begin(), last.placement().end());
-        std::fprintf(stderr, "placement from step %lld:\n%s",
-                     static_cast<long long>(last.start_step()), FormatPlacement(shards).c_str());
-        break;
-      }
-      case v1::JOB_EVENT_KIND_STEP:
-        if (!begun) {
-          display.Begin(last.start_step(), last.progress().total_steps());
-          begun = true;
-        }
-        display.Step(ToStepReport(last));
-        break;
-      case v1::JOB_EVENT_KIND_CHECKPOINT:
-        display.Abort();
-        std::fprintf(stderr, "checkpoint: %s\n", last.last_checkpoint().c_str());
-        break;
-      default:
-        break;
+    finished = reader->Finish();
+    if (finished.ok() || finished.error_code() != grpc::StatusCode::UNAVAILABLE ||
+        !after_seq.has_value() || Ended(last.state())) {
+      break;
     }
+    const absl::Time now = absl::Now();
+    if (!lost_since.has_value()) {
+      lost_since = now;
+      display.Abort();
+      std::fprintf(stderr, "coordinator %s unavailable (%s); reconnecting\n",
+                   CoordinatorAddress().c_str(), finished.error_message().c_str());
+    }
+    if (now - *lost_since > absl::Minutes(10)) break;
+    std::this_thread::sleep_for(std::chrono::seconds(1));
   }
   done.store(true);
   if (poller.joinable()) poller.join();
   display.Abort();
-  absl::Status st = WithTlsHint(FromGrpcStatus(
-      reader->Finish(), absl::StrCat("coordinator ", CoordinatorAddress(), ": WatchJob")));
+  absl::Status st = WithTlsHint(
+      FromGrpcStatus(finished, absl::StrCat("coordinator ", CoordinatorAddress(), ": WatchJob")));
   if (!st.ok()) return st;
   if (!json && Ended(last.state())) {
     const v1::JobProgress& p = last.progress();
@@ -203,6 +251,9 @@ absl::StatusOr<v1::Job> Watch(const std::string& job_id, bool json,
                  last.started_at() > 0 ? last.ended_at() - last.started_at() : 0.0);
     if (!last.last_checkpoint().empty())
       std::fprintf(stderr, "checkpoint: %s\n", last.last_checkpoint().c_str());
+    if (last.recoveries() > 0)
+      std::fprintf(stderr, "recoveries: %d, steps computed again: %lld\n", last.recoveries(),
+                   static_cast<long long>(last.steps_lost()));
   }
   return last;
 }

@@ -6,6 +6,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -23,9 +24,13 @@ absl::Status Call(const std::function<grpc::Status(grpc::ClientContext*)>& rpc, 
 absl::StatusOr<std::string> Submit(const v1::JobSpec& spec, const std::string& resume);
 // Streams the job's events until it ends, printing them (JSON lines with
 // `json`, else a progress display on stderr); `poll`, when given, runs every
-// 100 ms meanwhile on another thread. Returns the final job.
+// 100 ms meanwhile on another thread. Starts with a snapshot of the job, or
+// with the events after `after_seq` when set (-1: every event the
+// coordinator holds). Reconnects, resuming after the last event received,
+// when the coordinator goes away mid-watch. Returns the final job.
 absl::StatusOr<v1::Job> Watch(const std::string& job_id, bool json,
-                              const std::function<void()>& poll = nullptr);
+                              const std::function<void()>& poll = nullptr,
+                              std::optional<int64_t> after_seq = std::nullopt);
 // Exit status of a watched job: 0 succeeded, 1 failed, 4 cancelled.
 int ExitStatusOf(v1::JobState state);
 // One line of protobuf JSON (proto field names).

@@ -50,7 +50,14 @@ ABSL_FLAG(double, lease_seconds, 3.0,
           "Coordinator: a member's lease after its last heartbeat. Env MUONPS_LEASE_SECONDS");
 ABSL_FLAG(double, heartbeat_seconds, 0.5,
           "Coordinator: how often members heartbeat. Env MUONPS_HEARTBEAT_SECONDS");
+ABSL_FLAG(std::string, state_dir, "",
+          "Coordinator: directory of its job store (coordinator.db, SQLite): jobs outlive the "
+          "process and a restarted coordinator continues the running one (empty: jobs live in "
+          "memory only). Env MUONPS_STATE_DIR");
 ABSL_FLAG(std::string, port_file, "", "Write the bound port to this file once serving");
+ABSL_FLAG(int64_t, after_seq, -2,
+          "watch: start with the events after this sequence number (-1: every event the "
+          "coordinator still holds) instead of a snapshot of the job");
 ABSL_FLAG(bool, json, false, "Client commands: print JSON for scripts");
 ABSL_FLAG(int, shards, 1, "local: optimizer shards to start");
 ABSL_FLAG(int, workers, 1, "local: workers to start");
@@ -157,6 +164,12 @@ int ServeCoordinator() {
     options.checkpoint_root = CheckpointRootFromFlags();
     options.max_queued_jobs = MaxQueuedJobsFromFlags();
     options.task_timeout_seconds = TaskTimeoutFromFlags();
+    if (const std::string dir = absl::GetFlag(FLAGS_state_dir); !dir.empty()) {
+      absl::StatusOr<std::unique_ptr<JobStore>> store = JobStore::Open(dir);
+      if (!store.ok()) return Fail(store.status());
+      options.store = std::move(*store);
+      LogLine(absl::StrCat("coordinator: job store ", options.store->path()));
+    }
   }
   if (options.lease_seconds <= options.heartbeat_seconds || options.heartbeat_seconds <= 0) {
     return Fail(absl::InvalidArgumentError(
@@ -334,7 +347,10 @@ int WatchCommand(const std::vector<std::string>& args) {
     std::fprintf(stderr, "usage: muonps watch JOB_ID [--coordinator HOST:PORT] [--json]\n");
     return 2;
   }
-  absl::StatusOr<v1::Job> job = Watch(args[0], absl::GetFlag(FLAGS_json));
+  const int64_t after = absl::GetFlag(FLAGS_after_seq);
+  if (after < -2) return Fail(absl::InvalidArgumentError("--after_seq: must be -1 or more"));
+  absl::StatusOr<v1::Job> job = Watch(args[0], absl::GetFlag(FLAGS_json), nullptr,
+                                      after == -2 ? std::nullopt : std::optional<int64_t>(after));
   if (!job.ok()) return Fail(job.status());
   return ExitStatusOf(job->state());
 }
@@ -444,7 +460,8 @@ const std::vector<std::string>& EnvironmentFlags() {
                                    "data_root",
                                    "memory_limit",
                                    "max_queued_jobs",
-                                   "task_timeout_seconds"};
+                                   "task_timeout_seconds",
+                                   "state_dir"};
   return *flags;
 }
 

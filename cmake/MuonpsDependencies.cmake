@@ -6,6 +6,7 @@ find_package(OpenMP REQUIRED COMPONENTS CXX)
 find_package(Protobuf REQUIRED)
 find_package(gRPC CONFIG REQUIRED)
 find_package(absl CONFIG REQUIRED)
+find_package(SQLite3 REQUIRED)  # the coordinator's job store (services/coordinator/job_store.h)
 find_package(OpenSSL REQUIRED)  # rpc/security.cc checks TLS certificates at start-up
 find_package(nlohmann_json 3.10 CONFIG REQUIRED)
 find_package(prometheus-cpp CONFIG REQUIRED)

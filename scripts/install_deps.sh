@@ -27,6 +27,8 @@ PACKAGES=(
   # RPC, serialization, utilities
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev nlohmann-json3-dev
+  # the coordinator's durable job store (--state_dir)
+  libsqlite3-dev
   # metrics: the /metrics endpoint of every service
   prometheus-cpp-dev
   # linear algebra: OpenBLAS's OpenMP build; common/gemm.h keeps every call

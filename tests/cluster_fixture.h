@@ -292,9 +292,11 @@ class ClusterTest : public testing_util::TempDirTest {
     return path;
   }
 
-  // Starts the coordinator with short leases; returns its address.
-  std::string StartCoordinator(int min_shards, std::vector<std::string> extra = {}) {
-    const std::string port_file = Path("coordinator.port");
+  // Starts the coordinator with short leases; returns its address. A later
+  // --listen in `extra` wins over the free port; `name` names its log.
+  std::string StartCoordinator(int min_shards, std::vector<std::string> extra = {},
+                               const std::string& name = "coordinator") {
+    const std::string port_file = Path(name + ".port");
     std::vector<std::string> args = {"coordinator",
                                      "--listen=127.0.0.1:0",
                                      "--port_file=" + port_file,
@@ -304,7 +306,7 @@ class ClusterTest : public testing_util::TempDirTest {
                                      "--checkpoint_root=" + Root(),
                                      "--cluster_secret_file=" + SecretFile()};
     args.insert(args.end(), extra.begin(), extra.end());
-    ChildProcess& c = Start("coordinator", args);
+    ChildProcess& c = Start(name, args);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
     int port = 0;
     while (port <= 0 && !c.Exited() && std::chrono::steady_clock::now() < deadline) {
@@ -317,11 +319,14 @@ class ClusterTest : public testing_util::TempDirTest {
     return coordinator_;
   }
   ChildProcess& StartShard(int i, std::vector<std::string> extra = {}) {
+    return StartShard(absl::StrCat("shard-", i), std::move(extra));
+  }
+  ChildProcess& StartShard(const std::string& name, std::vector<std::string> extra) {
     std::vector<std::string> args = {
         "shard",       "--listen=127.0.0.1:0",        "--coordinator=" + coordinator_,
         "--threads=1", "--checkpoint_root=" + Root(), "--cluster_secret_file=" + SecretFile()};
     args.insert(args.end(), extra.begin(), extra.end());
-    return Start(absl::StrCat("shard-", i), args);
+    return Start(name, args);
   }
   // `muonps numerics --json` with --blas_core=CORE (default when empty): the
   // profile a member started that way would send.

@@ -63,12 +63,16 @@ TEST_F(ShardServiceTest, LoadJobHoldsOneJobAtATime) {
   ASSERT_TRUE(LoadJob(*shard_, LoadRequest("job-a")).ok());
   ASSERT_TRUE(PushSlot(*shard_, "job-a", 0, 0).ok());
 
-  // The same load again is acknowledged and keeps the state (the pushed slot).
+  // The same load again (a coordinator taking the job over) is acknowledged
+  // and keeps the tensors and their version; the step in flight starts
+  // over, so the slot pushed before counts anew, and once only.
   v1::LoadJobResponse response;
   grpc::Status again = LoadJob(*shard_, LoadRequest("job-a"), &response);
   EXPECT_TRUE(again.ok()) << Describe(again);
   EXPECT_EQ(response.version(), 0);
   v1::PushGradientsResponse push;
+  ASSERT_TRUE(PushSlot(*shard_, "job-a", 0, 0, &push).ok());
+  EXPECT_TRUE(push.counted());
   ASSERT_TRUE(PushSlot(*shard_, "job-a", 0, 0, &push).ok());
   EXPECT_FALSE(push.counted());
 
@@ -209,6 +213,35 @@ TEST_F(ShardServiceTest, PullWaitsForTheNextVersion) {
   Pulled old = Pull(shard_->stub.get(), *layout_, "job-a", 0);
   EXPECT_EQ(old.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << Describe(old.status);
   EXPECT_THAT(old.status.error_message(), HasSubstr("version"));
+}
+
+// A coordinator that takes the job over (a repeated load) continues from
+// the step the shard holds; one that asks for `reload` (it refused the
+// shards' state: they were at different steps) gets the job afresh, never a
+// mix of the two.
+TEST_F(ShardServiceTest, ARepeatedLoadKeepsTheStepAndReloadStartsAfresh) {
+  ASSERT_TRUE(LoadJob(*shard_, LoadRequest("job-a")).ok());
+  for (int s = 0; s < kSlots; ++s) ASSERT_TRUE(PushSlot(*shard_, "job-a", 0, s).ok());
+  ASSERT_TRUE(Apply(*shard_, "job-a", 0, 0.01, 0.5, {{1, 2, 3, 4}}).ok());
+  const Pulled applied = Pull(shard_->stub.get(), *layout_, "job-a", 1);
+  ASSERT_TRUE(applied.status.ok()) << Describe(applied.status);
+
+  v1::LoadJobRequest again = LoadRequest("job-a");
+  again.set_job_key("a-new-run");
+  v1::LoadJobResponse response;
+  ASSERT_TRUE(LoadJob(*shard_, again, &response).ok());
+  EXPECT_EQ(response.version(), 1);
+  const Pulled kept = Pull(shard_->stub.get(), *layout_, "job-a", 1);
+  ASSERT_TRUE(kept.status.ok()) << Describe(kept.status);
+  for (const auto& [name, values] : applied.tensors) {
+    EXPECT_TRUE(SameBits(kept.tensors.at(name), values)) << name;
+  }
+
+  again.set_reload(true);
+  again.set_replace(true);
+  ASSERT_TRUE(LoadJob(*shard_, again, &response).ok());
+  EXPECT_EQ(response.version(), 0);
+  ExpectValues(*shard_, "job-a", 0, InitialValues());
 }
 
 TEST_F(ShardServiceTest, DroppingTheJobEndsAWaitingPull) {

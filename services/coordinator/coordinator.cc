@@ -149,9 +149,20 @@ Coordinator::Metrics::Metrics(prometheus::Registry& r)
           "Registrations refused because the member's numerics differ from the cluster's")),
       step_seconds(NewHistogram(r, "muonps_job_step_duration_seconds",
                                 "Wall time of an optimizer step, including its evaluation")),
-      global_seconds(NewHistogram(
-          r, "muonps_job_global_step_duration_seconds",
-          "Time from the last slot report to every shard having applied the update")) {}
+      global_seconds(
+          NewHistogram(r, "muonps_job_global_step_duration_seconds",
+                       "Time from the last slot report to every shard having applied the update")),
+      recoveries(prometheus::BuildCounter()
+                     .Name("muonps_coordinator_recoveries_total")
+                     .Help("Jobs recovered without a person, by the role whose loss caused it "
+                           "(shard, coordinator)")
+                     .Register(r)),
+      steps_lost(NewCounter(r, "muonps_coordinator_steps_lost_total",
+                            "Optimizer steps computed again because of a recovery")),
+      recovery_seconds(NewHistogram(r, "muonps_coordinator_recovery_seconds",
+                                    "Seconds from a loss being noticed to the job running again")),
+      store_errors(NewCounter(r, "muonps_coordinator_store_errors_total",
+                              "Writes to the job store (--state_dir) that failed")) {}
 
 void Coordinator::UpdateJobGaugesLocked() {
   std::map<v1::JobState, int> counts;
@@ -180,6 +191,8 @@ Coordinator::Coordinator(const CoordinatorOptions& options)
       cluster_service_(std::make_unique<ClusterServiceImpl>(this)) {
   {
     absl::MutexLock lock(&mu_);
+    for (const char* role : {"shard", "coordinator"}) metrics_.recoveries.Add({{"role", role}});
+    RestoreLocked();
     UpdateJobGaugesLocked();
   }
   runner_ = std::thread([this] { RunnerLoop(); });
@@ -208,9 +221,53 @@ void Coordinator::EmitLocked(JobRecord& record, v1::JobEventKind kind) {
   v1::WatchJobResponse event;
   event.set_kind(kind);
   *event.mutable_job() = record.job;
+  event.set_seq(record.events_total);
+  PersistLocked(record, &event);
   record.events.push_back(std::move(event));
   while (record.events.size() > kMaxEvents) record.events.pop_front();
   ++record.events_total;
+}
+
+void Coordinator::PersistLocked(const JobRecord& record, const v1::WatchJobResponse* event) {
+  if (options_.store == nullptr) return;
+  absl::Status st = options_.store->Save(record.seq, record.job, record.cancel_requested, event,
+                                         record.events_total, kMaxEvents);
+  if (!st.ok()) {
+    metrics_.store_errors.Increment();
+    Log(absl::StrCat("job store: ", st.message()));
+  }
+}
+
+void Coordinator::RestoreLocked() {
+  if (options_.store == nullptr) return;
+  absl::StatusOr<std::vector<StoredJob>> stored = options_.store->Load(kMaxEvents);
+  if (!stored.ok()) {
+    Log(absl::StrCat("job store: ", stored.status().message()));
+    return;
+  }
+  std::string interrupted;
+  for (StoredJob& s : *stored) {
+    const std::string id = s.job.job_id();
+    JobRecord& record = jobs_[id];
+    record.seq = s.seq;
+    record.job = std::move(s.job);
+    record.cancel_requested = s.cancel_requested;
+    record.events.assign(std::make_move_iterator(s.events.begin()),
+                         std::make_move_iterator(s.events.end()));
+    record.events_total = s.events_total;
+    job_order_.push_back(id);
+    next_job_ = std::max(next_job_, s.seq + 1);
+    if (record.job.state() == v1::JOB_STATE_QUEUED) queue_.push_back(id);
+    if (record.job.state() == v1::JOB_STATE_RUNNING) {
+      // One job runs at a time; it goes first.
+      record.interrupted = true;
+      queue_.push_front(id);
+      interrupted = id;
+    }
+  }
+  Log(absl::StrCat("job store ", options_.store->path(), ": ", stored->size(), " job(s), ",
+                   queue_.size(), " to run", interrupted.empty() ? "" : ", continuing ",
+                   interrupted));
 }
 
 void Coordinator::SetStateLocked(JobRecord& record, v1::JobState state, const std::string& error) {
@@ -255,6 +312,12 @@ void Coordinator::ForgetOldJobsLocked() {
        it != job_order_.end() && ended > static_cast<size_t>(options_.max_jobs_remembered);) {
     const JobRecord& record = jobs_.at(*it);
     if (Ended(record.job.state()) && record.watchers == 0) {
+      if (options_.store != nullptr) {
+        if (absl::Status st = options_.store->Forget(*it); !st.ok()) {
+          metrics_.store_errors.Increment();
+          Log(absl::StrCat("job store: ", st.message()));
+        }
+      }
       jobs_.erase(*it);
       it = job_order_.erase(it);
       --ended;
@@ -312,8 +375,10 @@ grpc::Status Coordinator::SubmitJob(const grpc::ServerContext& context,
                   absl::StrCat("the queue is full (", queue_.size(),
                                " jobs; --max_queued_jobs): submit again when one has started"));
   }
-  const std::string id = absl::StrFormat("%s-%06d", job_prefix_, next_job_++);
+  const int64_t seq = next_job_++;
+  const std::string id = absl::StrFormat("%s-%06d", job_prefix_, seq);
   JobRecord& record = jobs_[id];
+  record.seq = seq;
   record.job.set_job_id(id);
   record.job.set_name(spec.name());
   record.job.set_owner(user->name);
@@ -376,6 +441,7 @@ grpc::Status Coordinator::CancelJob(const grpc::ServerContext& context,
     SetStateLocked(record, v1::JOB_STATE_CANCELLED, "cancelled while queued");
   } else {
     record.cancel_requested = true;
+    PersistLocked(record, nullptr);
   }
   *response->mutable_job() = record.job;
   return grpc::Status::OK;
@@ -397,11 +463,22 @@ grpc::Status Coordinator::WatchJob(grpc::ServerContext* context, const v1::Watch
                     absl::StrCat("too many watchers (", watchers_, " in all, ", (*record)->watchers,
                                  " on this job): try again later"));
     }
+    const int64_t total = (*record)->events_total;
+    if (request.has_after_seq() && (request.after_seq() < -1 || request.after_seq() >= total)) {
+      return Refuse(absl::StatusCode::kOutOfRange,
+                    absl::StrCat("after_seq: ", request.after_seq(), " is not an event of job ",
+                                 request.job_id(), " (its events are 0..", total - 1, ")"));
+    }
     ++watchers_;
     ++(*record)->watchers;
-    first.set_kind(v1::JOB_EVENT_KIND_SNAPSHOT);
-    *first.mutable_job() = (*record)->job;
-    next = (*record)->events_total;
+    if (request.has_after_seq()) {
+      next = request.after_seq() + 1;
+    } else {
+      first.set_kind(v1::JOB_EVENT_KIND_SNAPSHOT);
+      *first.mutable_job() = (*record)->job;
+      first.set_seq(total - 1);
+      next = total;
+    }
   }
   // The job stays remembered while watched (ForgetOldJobsLocked).
   struct Release {
@@ -413,8 +490,10 @@ grpc::Status Coordinator::WatchJob(grpc::ServerContext* context, const v1::Watch
       --c->jobs_.at(job_id).watchers;
     }
   } release{this, request.job_id()};
-  if (!writer->Write(first)) return grpc::Status::OK;
-  if (Ended(first.job().state())) return grpc::Status::OK;
+  if (!request.has_after_seq()) {
+    if (!writer->Write(first)) return grpc::Status::OK;
+    if (Ended(first.job().state())) return grpc::Status::OK;
+  }
   while (true) {
     std::vector<v1::WatchJobResponse> batch;
     bool ended = false;
@@ -430,6 +509,9 @@ grpc::Status Coordinator::WatchJob(grpc::ServerContext* context, const v1::Watch
       for (int64_t e = std::max(next, oldest); e < record.events_total; ++e) {
         batch.push_back(record.events[static_cast<size_t>(e - oldest)]);
       }
+      // A watcher that fell behind the events held is told how many it
+      // missed, never skipped silently.
+      if (!batch.empty() && oldest > next) batch.front().set_missed(oldest - next);
       next = record.events_total;
       ended = Ended(record.job.state());
     }

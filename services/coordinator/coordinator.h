@@ -39,6 +39,7 @@
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 #include "rpc/auth.h"
+#include "services/coordinator/job_store.h"
 
 namespace muonps {
 
@@ -78,6 +79,15 @@ struct CoordinatorOptions {
   // Directory under which every checkpoint.dir and resume_from must resolve
   // (symlinks followed). Empty: jobs may neither write nor read checkpoints.
   std::string checkpoint_root;
+  // Where jobs outlive the coordinator (job_store.h; --state_dir). The
+  // coordinator takes up the jobs it holds: queued ones queue again in
+  // their order, ended ones are listed, and a running one continues on its
+  // own, from the shards' current step when they still hold it, else from
+  // its last checkpoint. Null: jobs live in memory only.
+  std::shared_ptr<JobStore> store;
+  // A running job recovers from a lost shard (or coordinator) at most this
+  // many times in a row without completing a step, then fails.
+  int max_recoveries_without_progress = 8;
 };
 
 class Coordinator {
@@ -117,8 +127,12 @@ class Coordinator {
     absl::Time delivered_at;
   };
   struct JobRecord {
+    int64_t seq = 0;  // submission order; the job id's sequence number
     v1::Job job;
     bool cancel_requested = false;
+    // Running when the coordinator stopped: it continues from the shards'
+    // state or its last checkpoint.
+    bool interrupted = false;
     std::deque<v1::WatchJobResponse> events;  // the latest kMaxEvents
     int64_t events_total = 0;                 // events ever appended
     int watchers = 0;                         // WatchJob streams open on it
@@ -192,7 +206,13 @@ class Coordinator {
   void RunJob(const std::string& job_id);
   void ExpireMembersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<const Member*> LiveLocked(bool shards) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Appends an event to the job's log (and the store, with the job).
   void EmitLocked(JobRecord& record, v1::JobEventKind kind) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Writes the job to the store without an event (e.g. a cancel request).
+  void PersistLocked(const JobRecord& record, const v1::WatchJobResponse* event)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Takes up the jobs of options_.store.
+  void RestoreLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SetStateLocked(JobRecord& record, v1::JobState state, const std::string& error)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Log(const std::string& line);
@@ -205,12 +225,19 @@ class Coordinator {
         &learning_rate, &load_ratio, &workers, &shards, &step_workers;
     prometheus::Counter &tokens, &steps, &reassignments, &refused_members;
     prometheus::Histogram &step_seconds, &global_seconds;
+    // Recoveries by the role whose loss caused them (shard, coordinator),
+    // the steps they recomputed, the seconds from loss to running again.
+    prometheus::Family<prometheus::Counter>& recoveries;
+    prometheus::Counter& steps_lost;
+    prometheus::Histogram& recovery_seconds;
+    prometheus::Counter& store_errors;
   };
   void UpdateJobGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const CoordinatorOptions options_;
   std::shared_ptr<prometheus::Registry> registry_;
   Metrics metrics_;
+  const absl::Time started_ = absl::Now();
   const std::string job_prefix_;  // "job-", the start time and a nonce, see Job.job_id
   std::unique_ptr<JobServiceImpl> job_service_;
   std::unique_ptr<ClusterServiceImpl> cluster_service_;

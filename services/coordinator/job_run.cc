@@ -1,7 +1,10 @@
 // Coordinator::JobRun: one job from placement to its end (see the step
 // described in coordinator.h). Each method is one stage of the run; the
 // quantities of the step itself come from step/step.h.
+#include "services/coordinator/job_run.h"
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <map>
@@ -12,20 +15,18 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "checkpoint/checkpoint.h"
 #include "common/model_layout.h"
 #include "common/numerics.h"
 #include "common/status_macros.h"
 #include "rpc/auth.h"
 #include "rpc/rpc_util.h"
-#include "services/coordinator/coordinator.h"
 #include "services/coordinator/placement.h"
 #include "step/step.h"
 
 namespace muonps {
-namespace {
 
-// Runs fn(i) for i in [0, n) on n threads; the first error by index wins.
 absl::Status ForEachShard(int n, const std::function<absl::Status(int)>& fn) {
   std::vector<absl::Status> status(static_cast<size_t>(n));
   std::vector<std::thread> threads;
@@ -38,95 +39,41 @@ absl::Status ForEachShard(int n, const std::function<absl::Status(int)>& fn) {
   return absl::OkStatus();
 }
 
-}  // namespace
-
-class Coordinator::JobRun {
- public:
-  JobRun(Coordinator* c, std::string job_id) : c_(c), job_id_(std::move(job_id)) {}
-
-  // Runs the job to its end, or puts it back at the head of the queue when a
-  // shard left between dequeuing and placement.
-  void Run();
-
- private:
-  // What the slots of one step add up to.
-  struct SlotSums {
-    double loss = 0.0;
-    std::unique_ptr<ExpertLoads> loads;
-    int workers_used = 0;
-  };
-
-  // Snapshot of the job and the live shards; false when too few shards.
-  bool Prepare();
-  // Places the tensors and connects to the shards.
-  void Place();
-  std::string ShardCall(int i, const char* rpc) const {
-    return absl::StrCat("shard ", shards_[i].id, " (", shards_[i].address, "): ", rpc);
-  }
-  // A call to shard i: its deadline, and the shard's member secret, without
-  // which it accepts no call from the coordinator.
-  void SetUp(grpc::ClientContext* context, int i) const {
-    context->set_deadline(DeadlineIn(c_->options_.shard_rpc_seconds));
-    context->AddMetadata(kMemberSecretHeader, shards_[i].secret);
-  }
-  void DropAll();
-  // Ends the job: drops it on the shards, frees the members, sets `state`.
-  void Finish(v1::JobState state, const std::string& error);
-  // Loads the tensors (from the checkpoint when resuming); sets start_step_.
-  absl::Status Load();
-  // Marks the job running, with its placement and numerics.
-  void Started();
-  // Waits until `done` holds, the job is cancelled (when `cancellable`), a
-  // task failed, a shard lost its lease, or the coordinator shuts down.
-  // Returns the reason to stop, or OK.
-  absl::Status WaitFor(const std::function<bool()>& done, bool cancellable = true);
-  // Plans `count_hint` tasks (at most one per live worker, at least one).
-  void Plan(int64_t version, bool eval, int count_hint) ABSL_EXCLUSIVE_LOCKS_REQUIRED(c_->mu_);
-  // 2. Every slot of step `step`, reported, summed in slot order.
-  absl::StatusOr<SlotSums> CollectSlots(int64_t step);
-  // 3. The global gradient norm: per-tensor sums of squares in layout order.
-  absl::StatusOr<double> GlobalNorm(int64_t step);
-  absl::Status Apply(int64_t step, double lr, double coef, const ExpertLoads& loads);
-  // 4. The validation loss after step `done`.
-  absl::Status Evaluate(int64_t done);
-  // Progress, events and metrics of a completed step.
-  void Publish(int64_t done, absl::Time step_start, absl::Time reported, absl::Time applied,
-               double loss, double norm, double lr, const SlotSums& sums);
-  absl::Status Checkpoint(int64_t version);
-  // Ends the job after a stop at `version`: a checkpoint first when cancelled
-  // after steps were run.
-  void Stop(const absl::Status& why, int64_t version);
-
-  Coordinator* const c_;
-  const std::string job_id_;
-  v1::JobSpec spec_;
-  std::string resume_;
-  std::string owner_;  // the user the job runs for
-  // Given to the shards and the workers of this run only: pushes and pulls
-  // carry it.
-  const std::string job_key_ = RandomHex(16);
-  std::vector<Member> shards_;
-  std::unique_ptr<ModelLayout> layout_;
-  int n_ = 0;
-  Placement placement_;
-  std::vector<std::unique_ptr<v1::ShardService::Stub>> stubs_;
-  std::vector<v1::ShardRoute> routes_;
-  v1::NumericsProfile checkpoint_numerics_;
-  int64_t start_step_ = 0, total_ = 0, global_tokens_ = 0;
-  int slots_ = 0;
-  absl::Time started_;
-  std::optional<double> last_val_;
-  int64_t val_step_ = 0;
-};
-
 void Coordinator::RunJob(const std::string& job_id) { JobRun(this, job_id).Run(); }
 
 bool Coordinator::JobRun::Prepare() {
   absl::MutexLock lock(&c_->mu_);
   const JobRecord& record = c_->jobs_.at(job_id_);
   spec_ = record.job.spec();
-  resume_ = record.job.resume_from();
+  resume_ = record.job.last_checkpoint().empty() ? record.job.resume_from()
+                                                 : record.job.last_checkpoint();
   owner_ = record.job.owner();
+  interrupted_ = record.interrupted;
+  if (interrupted_ && record.job.placement_size() > 0) {
+    // The shards that held the job register again at their next heartbeat:
+    // wait for them (a while) to continue from their state, in their order.
+    std::vector<std::string> addresses;
+    for (const v1::ShardPlacement& p : record.job.placement()) addresses.push_back(p.address());
+    auto all_back = [&]() ABSL_SHARED_LOCKS_REQUIRED(c_->mu_) {
+      if (c_->shutdown_) return true;
+      for (const std::string& a : addresses) {
+        bool found = false;
+        for (const Member* m : c_->LiveLocked(true)) found = found || m->address == a;
+        if (!found) return false;
+      }
+      return true;
+    };
+    c_->mu_.AwaitWithDeadline(absl::Condition(&all_back),
+                              c_->started_ + absl::Seconds(2 * c_->options_.lease_seconds));
+    if (all_back()) {
+      for (const std::string& a : addresses) {
+        for (const Member* m : c_->LiveLocked(true)) {
+          if (m->address == a) shards_.push_back(*m);
+        }
+      }
+      return !c_->shutdown_;
+    }
+  }
   for (const Member* m : c_->LiveLocked(true)) shards_.push_back(*m);
   if (static_cast<int>(shards_.size()) < std::max(1, c_->options_.min_shards)) {
     c_->queue_.push_front(job_id_);  // a shard left meanwhile: wait for it again
@@ -179,7 +126,7 @@ void Coordinator::JobRun::Finish(v1::JobState state, const std::string& error) {
   c_->Log(absl::StrCat(job_id_, " ", v1::JobState_Name(state), error.empty() ? "" : ": ", error));
 }
 
-absl::Status Coordinator::JobRun::Load() {
+absl::Status Coordinator::JobRun::Load(bool adopt) {
   std::vector<int64_t> versions(static_cast<size_t>(n_), 0);
   std::vector<v1::NumericsProfile> numerics(static_cast<size_t>(n_));
   MUONPS_RETURN_IF_ERROR(ForEachShard(n_, [&](int i) {
@@ -191,10 +138,10 @@ absl::Status Coordinator::JobRun::Load() {
     *request.mutable_tensors() = placement_.shards[i].tensors();
     request.set_resume_from(resume_);
     request.set_replace(true);
+    request.set_reload(!adopt);
     request.set_job_key(job_key_);
     v1::LoadJobResponse response;
-    absl::Status st =
-        FromGrpcStatus(stubs_[i]->LoadJob(&context, request, &response), ShardCall(i, "LoadJob"));
+    absl::Status st = ShardStatus(stubs_[i]->LoadJob(&context, request, &response), i, "LoadJob");
     versions[i] = response.version();
     numerics[i] = response.checkpoint_numerics();
     return st;
@@ -203,6 +150,15 @@ absl::Status Coordinator::JobRun::Load() {
   checkpoint_numerics_ = numerics[0];
   for (int i = 1; i < n_; ++i) {
     if (versions[i] != start_step_) {
+      if (adopt) {
+        // Never merge steps: a shard behind the others (restarted, or
+        // stopped before the last update) makes every shard load afresh.
+        c_->Log(absl::StrCat(job_id_, ": shard ", shards_[i].id, " holds step ", versions[i],
+                             ", shard ", shards_[0].id, " step ", start_step_,
+                             ": their state is refused; loading ",
+                             resume_.empty() ? std::string("afresh") : resume_));
+        return Load(false);
+      }
       return absl::FailedPreconditionError(absl::StrCat("shards resumed at different steps (",
                                                         start_step_, " and ", versions[i], ")"));
     }
@@ -221,7 +177,8 @@ void Coordinator::JobRun::Started() {
     *record.job.mutable_placement() = {placement_.shards.begin(), placement_.shards.end()};
     record.job.set_start_step(start_step_);
     *record.job.mutable_numerics() = LocalNumerics();
-    if (!resume_.empty() && !SameNumerics(checkpoint_numerics_, LocalNumerics())) {
+    if (!started_once_ && !resume_.empty() &&
+        !SameNumerics(checkpoint_numerics_, LocalNumerics())) {
       const std::string note = ResumeNumericsNote(checkpoint_numerics_);
       record.job.add_notes(note);
       c_->Log(absl::StrCat(job_id_, ": ", note));
@@ -230,9 +187,13 @@ void Coordinator::JobRun::Started() {
     for (auto& [id, m] : c_->members_) {
       if (m.shard) m.job_id = job_id_;
     }
-    c_->SetStateLocked(record, v1::JOB_STATE_RUNNING, "");
+    record.interrupted = false;
+    if (record.job.state() != v1::JOB_STATE_RUNNING) {
+      c_->SetStateLocked(record, v1::JOB_STATE_RUNNING, "");
+    }
     c_->EmitLocked(record, v1::JOB_EVENT_KIND_PLACEMENT);
   }
+  started_once_ = true;
   c_->Log(absl::StrCat(job_id_, " (", spec_.name(), ") running from step ", start_step_, " of ",
                        total_, " on ", n_, " shard(s):\n", FormatPlacement(placement_.shards)));
   started_ = absl::Now();
@@ -248,9 +209,11 @@ absl::Status Coordinator::JobRun::WaitFor(const std::function<bool()>& done, boo
     if (!c_->step_->failure.empty()) return absl::InternalError(c_->step_->failure);
     for (const Member& s : shards_) {
       if (c_->members_.count(s.id) == 0) {
+        shard_lost_ = true;
+        absl::MutexLock lost(&lost_mu_);
+        lost_ids_.emplace(s.id, absl::Now());
         return absl::UnavailableError(
-            absl::StrCat("shard ", s.id, " (", s.address,
-                         ") stopped heartbeating; resume from the last checkpoint"));
+            absl::StrCat("shard ", s.id, " (", s.address, ") stopped heartbeating"));
       }
     }
     if (done()) return absl::OkStatus();
@@ -347,8 +310,8 @@ absl::StatusOr<double> Coordinator::JobRun::GlobalNorm(int64_t step) {
     request.set_job_id(job_id_);
     request.set_step(step);
     v1::GetGradientSquaresResponse response;
-    absl::Status s = FromGrpcStatus(stubs_[i]->GetGradientSquares(&context, request, &response),
-                                    ShardCall(i, "GetGradientSquares"));
+    absl::Status s = ShardStatus(stubs_[i]->GetGradientSquares(&context, request, &response), i,
+                                 "GetGradientSquares");
     absl::MutexLock lock(&squares_mu);
     for (const v1::TensorSquares& t : response.tensors()) squares[t.name()] = t.sum_of_squares();
     return s;
@@ -381,8 +344,7 @@ absl::Status Coordinator::JobRun::Apply(int64_t step, double lr, double coef,
     request.set_clip_coef(coef);
     loads.ToProto(request.mutable_expert_load());
     v1::ApplyStepResponse response;
-    return FromGrpcStatus(stubs_[i]->ApplyStep(&context, request, &response),
-                          ShardCall(i, "ApplyStep"));
+    return ShardStatus(stubs_[i]->ApplyStep(&context, request, &response), i, "ApplyStep");
   });
 }
 
@@ -484,8 +446,8 @@ absl::Status Coordinator::JobRun::Checkpoint(int64_t version) {
     request.set_shard_count(n_);
     request.set_version(version);
     v1::SaveCheckpointResponse response;
-    return FromGrpcStatus(stubs_[i]->SaveCheckpoint(&context, request, &response),
-                          ShardCall(i, "SaveCheckpoint"));
+    return ShardStatus(stubs_[i]->SaveCheckpoint(&context, request, &response), i,
+                       "SaveCheckpoint");
   }));
   v1::TrainerState trainer;
   trainer.set_step(version);
@@ -521,57 +483,6 @@ void Coordinator::JobRun::Stop(const absl::Status& why, int64_t version) {
                           : absl::StrCat("cancelled; the checkpoint failed: ", st.message()));
   }
   return Finish(v1::JOB_STATE_FAILED, std::string(why.message()));
-}
-
-void Coordinator::JobRun::Run() {
-  if (!Prepare()) return;
-  Place();
-  // 1. Load the tensors on the shards.
-  if (absl::Status st = Load(); !st.ok())
-    return Finish(v1::JOB_STATE_FAILED, std::string(st.message()));
-  Started();
-  for (int64_t step = start_step_; step < total_; ++step) {
-    const absl::Time step_start = absl::Now();
-    // 2. Slot gradients.
-    absl::StatusOr<SlotSums> sums = CollectSlots(step);
-    if (!sums.ok()) return Stop(sums.status(), step);
-    // 3. Global quantities, in the trainer's order.
-    const absl::Time reported = absl::Now();
-    absl::StatusOr<double> norm = GlobalNorm(step);
-    if (!norm.ok()) return Stop(norm.status(), step);
-    const double coef = ClipCoefficient(spec_.optimizer().max_grad_norm(), *norm);
-    const double lr = StepLearningRate(spec_, step);
-    bool cancel_now = false;
-    {
-      absl::MutexLock lock(&c_->mu_);
-      cancel_now = c_->jobs_.at(job_id_).cancel_requested;
-    }
-    if (cancel_now) return Stop(absl::CancelledError("cancelled"), step);
-    // A failed apply may have updated some shards: the job cannot go on.
-    if (absl::Status st = Apply(step, lr, coef, *sums->loads); !st.ok()) {
-      return Finish(v1::JOB_STATE_FAILED, std::string(st.message()));
-    }
-    const int64_t done = step + 1;
-    const absl::Time applied = absl::Now();
-    // 4. Validation.
-    const int eval_every = spec_.data().eval_every();
-    if ((eval_every > 0 && done % eval_every == 0) || done == total_) {
-      if (absl::Status st = Evaluate(done); !st.ok()) return Stop(st, done);
-    }
-    Publish(done, step_start, reported, applied, sums->loss, *norm, lr, *sums);
-    const int every = spec_.checkpoint().every_steps();
-    if (every > 0 && done % every == 0 && done < total_) {
-      if (absl::Status st = Checkpoint(done); !st.ok()) {
-        return Finish(v1::JOB_STATE_FAILED, absl::StrCat("checkpoint: ", st.message()));
-      }
-    }
-  }
-  if (total_ > start_step_) {
-    if (absl::Status st = Checkpoint(total_); !st.ok()) {
-      return Finish(v1::JOB_STATE_FAILED, absl::StrCat("checkpoint: ", st.message()));
-    }
-  }
-  Finish(v1::JOB_STATE_SUCCEEDED, "");
 }
 
 }  // namespace muonps

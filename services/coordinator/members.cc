@@ -81,6 +81,20 @@ grpc::Status Coordinator::Register(const grpc::ServerContext& context, bool shar
     return Refuse(absl::StatusCode::kFailedPrecondition, std::string(st.message()));
   }
   absl::MutexLock lock(&mu_);
+  if (shard) {
+    // Only one process serves an address: a shard registering at the
+    // address of a member is that member restarted (a Kubernetes pod keeps
+    // its name), and the old registration is gone without waiting for its
+    // lease.
+    for (auto it = members_.begin(); it != members_.end();) {
+      if (it->second.shard && it->second.address == address) {
+        Log(absl::StrCat(it->first, " (", address, ") replaced by a new registration"));
+        it = members_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
   // Unguessable ids, unique across coordinator restarts: a member of an
   // earlier coordinator never holds an id of this one.
   const std::string id = absl::StrCat(shard ? "shard-" : "worker-", RandomHex(6));

@@ -25,6 +25,8 @@ namespace muonps {
 class ShardServiceImpl::PushSession {
  public:
   explicit PushSession(ShardServiceImpl* service) : service_(service) {}
+  // The job's load the push was authorized under (Authorize).
+  void set_run(int64_t run) { run_ = run; }
 
   using Fields = PushFields;
 
@@ -137,7 +139,7 @@ class ShardServiceImpl::PushSession {
       }
     }
     absl::StatusOr<bool> counted =
-        state_->AddGradients(fields_.step, fields_.slot, fields_.slot_count, grads);
+        state_->AddGradients(fields_.step, fields_.slot, fields_.slot_count, grads, run_);
     if (!counted.ok()) return ToGrpcStatus(counted.status());
     response->set_counted(*counted);
     response->set_tensors(static_cast<int32_t>(grads.size()));
@@ -153,6 +155,7 @@ class ShardServiceImpl::PushSession {
   bool first_ = true;
   Fields fields_;
   std::shared_ptr<ShardState> state_;
+  int64_t run_ = -1;
   std::map<std::string, std::vector<float>> buffers_;
   std::unique_ptr<TensorAssembler> current_;
   char* last_ = nullptr;  // the chunk being received
@@ -171,9 +174,11 @@ class ShardServiceImpl::PushReactor final : public grpc::ServerReadReactor<grpc:
       : session_(service), response_(response) {
     ReactionOrder::Scope scope(&order_);
     // An unauthorized push is refused; its messages are only drained.
-    if (absl::Status st = service->Authorize(*context, /*worker_call=*/true); !st.ok()) {
+    int64_t run = 0;
+    if (absl::Status st = service->Authorize(*context, /*worker_call=*/true, &run); !st.ok()) {
       (void)session_.Fail(st);
     }
+    session_.set_run(run);
     order_.Leave();
     StartRead(&buffer_);
   }

@@ -115,9 +115,10 @@ void ShardServiceImpl::ConfineCheckpoints(const std::vector<std::string>& roots)
   checkpoint_roots_ = roots;
 }
 
-absl::Status ShardServiceImpl::Authorize(const grpc::ServerContextBase& context,
-                                         bool worker_call) const {
+absl::Status ShardServiceImpl::Authorize(const grpc::ServerContextBase& context, bool worker_call,
+                                         int64_t* run) const {
   absl::MutexLock lock(&mu_);
+  if (run != nullptr) *run = run_;
   if (!require_secret_ && member_secret_.empty()) return absl::OkStatus();
   if (member_secret_.empty()) {
     return absl::UnavailableError("this shard has not registered with its coordinator yet");
@@ -158,10 +159,15 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext* context,
   {
     absl::MutexLock lock(&mu_);
     if (state_ != nullptr) {
-      if (job_id_ == request->job_id() && tensors_ == tensors &&
+      if (!request->reload() && job_id_ == request->job_id() && tensors_ == tensors &&
           google::protobuf::util::MessageDifferencer::Equals(state_->job(), spec)) {
+        // A repeated load (a restarted coordinator taking the job over):
+        // the state stays; the run's key is the new one, and the step in
+        // flight starts over.
+        job_key_ = request->job_key();
+        state_->StartGeneration(++run_);
         response->set_version(version_);
-        return grpc::Status::OK;  // a repeated load
+        return grpc::Status::OK;
       }
       if (!request->replace()) {
         return Refuse(absl::StatusCode::kFailedPrecondition,
@@ -207,6 +213,7 @@ absl::Status ShardServiceImpl::Install(const std::string& job_id, const std::str
     return absl::FailedPreconditionError(
         absl::StrCat("this shard holds job ", job_id_, "; drop it first"));
   }
+  state->StartGeneration(++run_);
   job_id_ = job_id;
   job_key_ = job_key;
   tensors_ = tensors;

@@ -74,7 +74,11 @@ class ShardServiceImpl final
  private:
   // OK when the caller may make a call: the coordinator (the member
   // secret), or for a push or pull (`worker_call`) the held job's workers.
-  absl::Status Authorize(const grpc::ServerContextBase& context, bool worker_call) const;
+  // `run`, when given, receives the number of the job's current load (see
+  // ShardState::StartGeneration), so a push authorized before a new load is
+  // refused when it adds its gradients.
+  absl::Status Authorize(const grpc::ServerContextBase& context, bool worker_call,
+                         int64_t* run = nullptr) const;
   // Whether ConfineCheckpoints was called; `path` confined to the roots then.
   bool Confined() const;
   absl::StatusOr<std::string> CheckpointPath(const std::string& path,
@@ -111,6 +115,7 @@ class ShardServiceImpl final
   std::vector<std::string> tensors_ ABSL_GUARDED_BY(mu_);  // as loaded
   std::shared_ptr<ShardState> state_ ABSL_GUARDED_BY(mu_);
   int64_t version_ ABSL_GUARDED_BY(mu_) = 0;  // mirrors state_->version() for waits
+  int64_t run_ ABSL_GUARDED_BY(mu_) = 0;      // loads of jobs so far
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   bool timer_stop_ ABSL_GUARDED_BY(mu_) = false;
   bool require_secret_ ABSL_GUARDED_BY(mu_) = false;

@@ -144,7 +144,8 @@ int64_t ShardState::Visit(
 }
 
 absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int slot_count,
-                                              const std::vector<Gradient>& grads) {
+                                              const std::vector<Gradient>& grads,
+                                              int64_t generation) {
   const int slots = job_.batch().slots();
   if (slot_count < 1 || first_slot < 0 || first_slot + slot_count > slots) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -156,6 +157,10 @@ absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int 
         first_slot, " with slot_count ", slot_count));
   }
   absl::MutexLock lock(&mu_);
+  if (generation >= 0 && generation != generation_) {
+    return absl::AbortedError(
+        "the job was loaded again since this push began: the push belongs to an earlier run");
+  }
   // Check everything first: a refused push changes nothing.
   std::vector<Tensor*> targets;
   int repeats = 0;
@@ -350,6 +355,18 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
       }
     }
   }
+  ClearGradientsLocked();
+  ++version_;
+  return absl::OkStatus();
+}
+
+void ShardState::StartGeneration(int64_t generation) {
+  absl::MutexLock lock(&mu_);
+  generation_ = generation;
+  ClearGradientsLocked();
+}
+
+void ShardState::ClearGradientsLocked() {
   for (auto& [name, t] : tensors_) {
     for (auto& [first, entry] : t.received) {
       spare_[static_cast<int64_t>(entry.second.size())].push_back(std::move(entry.second));
@@ -358,8 +375,6 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
     std::fill(t.covered_by.begin(), t.covered_by.end(), -1);
   }
   summed_ = false;
-  ++version_;
-  return absl::OkStatus();
 }
 
 }  // namespace muonps

@@ -91,8 +91,10 @@ class ShardState {
   //                       range overlapping a different one already counted
   //   INVALID_ARGUMENT    slot range out of bounds or multi-slot not from 0,
   //                       wrong element count, NaN / Inf, a tensor twice
+  //   ABORTED             `generation` (>= 0) is not the current one: the
+  //                       push began in an earlier run of the job
   absl::StatusOr<bool> AddGradients(int64_t step, int first_slot, int slot_count,
-                                    const std::vector<Gradient>& grads);
+                                    const std::vector<Gradient>& grads, int64_t generation = -1);
   // One tensor, one slot (AddGradients with a single entry).
   absl::StatusOr<bool> AddSlotGradient(int64_t step, int slot, const std::string& name,
                                        const float* grad, int64_t numel) {
@@ -102,6 +104,12 @@ class ShardState {
   // unspecified): one kept from an earlier step when there is one, so the
   // steady state allocates, zero-fills and page-faults nothing.
   std::vector<float> TakeBuffer(int64_t numel);
+
+  // Begins run `generation` of the job (the shard service numbers each load
+  // of a job, a coordinator taking over a job it holds included): the
+  // gradients received for the current step are forgotten, since the new
+  // run plans its slots afresh (perhaps split otherwise).
+  void StartGeneration(int64_t generation);
 
   // Whether every slot of every owned trainable tensor is in.
   bool GradientsComplete() const;
@@ -143,6 +151,7 @@ class ShardState {
   };
   ShardState(const v1::JobSpec& job);
   absl::Status SumSlotsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ClearGradientsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const v1::JobSpec job_;
   const ModelLayout layout_;
@@ -150,6 +159,7 @@ class ShardState {
   std::map<std::string, Tensor> tensors_ ABSL_GUARDED_BY(mu_);
   std::vector<std::string> order_;  // owned names in layout order
   int64_t version_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;  // StartGeneration
   // Gradient buffers of applied steps, by size, for TakeBuffer.
   std::map<int64_t, std::vector<std::vector<float>>> spare_ ABSL_GUARDED_BY(mu_);
   bool summed_ ABSL_GUARDED_BY(mu_) = false;

@@ -1,0 +1,216 @@
+// Coordinator::JobRun, continued: the loop over the stages of job_run.cc,
+// and recovery without a person. A shard found lost (a call failing as a
+// dead or restarted process does, or its lease lapsing) sends the run back
+// to placement on the live shards, every tensor loaded from the job's last
+// checkpoint; a coordinator restarted on its job store first asks the
+// shards that held the job to keep their state (LoadJob without reload), and
+// continues from their step when they all hold the same one.
+#include <algorithm>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/status_macros.h"
+#include "rpc/rpc_util.h"
+#include "services/coordinator/job_run.h"
+
+namespace muonps {
+
+absl::Status Coordinator::JobRun::ShardStatus(const grpc::Status& status, int i, const char* rpc) {
+  switch (status.error_code()) {
+    case grpc::StatusCode::UNAVAILABLE:        // gone, or restarted and not registered yet
+    case grpc::StatusCode::DEADLINE_EXCEEDED:  // hung
+    case grpc::StatusCode::UNAUTHENTICATED:    // restarted: registered with a new secret
+    case grpc::StatusCode::NOT_FOUND:          // restarted: no longer holds the job
+    case grpc::StatusCode::ABORTED:
+      shard_lost_ = true;
+      break;
+    default:
+      return FromGrpcStatus(status, ShardCall(i, rpc));
+  }
+  {
+    absl::MutexLock lock(&lost_mu_);
+    lost_ids_.emplace(shards_[i].id, absl::Now());
+  }
+  return FromGrpcStatus(status, ShardCall(i, rpc));
+}
+
+bool Coordinator::JobRun::ShardLost(const absl::Status& st) const {
+  return !st.ok() && !absl::IsCancelled(st) && shard_lost_;
+}
+
+bool Coordinator::JobRun::ShuttingDown() const {
+  absl::MutexLock lock(&c_->mu_);
+  return c_->shutdown_;
+}
+
+void Coordinator::JobRun::Interrupted() {
+  // With a job store the job stays RUNNING there, and the shards keep its
+  // state: the next coordinator continues it. Without, it ends here.
+  if (c_->options_.store != nullptr) {
+    c_->Log(absl::StrCat(job_id_, " interrupted by the shutdown; the next coordinator on ",
+                         c_->options_.store->path(), " continues it"));
+    return;
+  }
+  Finish(v1::JOB_STATE_FAILED, "coordinator shut down");
+}
+
+bool Coordinator::JobRun::AwaitShards() {
+  absl::MutexLock lock(&c_->mu_);
+  c_->step_.reset();  // the step in flight is planned again
+  const int need = std::max(1, c_->options_.min_shards);
+  // A shard that failed is left out until it heartbeats again (a passing
+  // fault); a dead one never does: its lease expires, and its restarted
+  // process registers anew.
+  std::map<std::string, absl::Time> lost;
+  {
+    absl::MutexLock lost_lock(&lost_mu_);
+    lost.swap(lost_ids_);
+  }
+  std::vector<const Member*> usable;
+  auto ready = [&]() ABSL_SHARED_LOCKS_REQUIRED(c_->mu_) {
+    usable.clear();
+    for (const Member* m : c_->LiveLocked(true)) {
+      auto it = lost.find(m->id);
+      if (it == lost.end() || m->last_seen > it->second) usable.push_back(m);
+    }
+    return c_->shutdown_ || c_->jobs_.at(job_id_).cancel_requested ||
+           static_cast<int>(usable.size()) >= need;
+  };
+  while (!ready()) c_->mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Milliseconds(200));
+  if (c_->shutdown_ || c_->jobs_.at(job_id_).cancel_requested) return false;
+  shards_.clear();
+  for (const Member* m : usable) shards_.push_back(*m);
+  stubs_.clear();
+  routes_.clear();
+  job_key_ = RandomHex(16);
+  const JobRecord& record = c_->jobs_.at(job_id_);
+  resume_ = record.job.last_checkpoint().empty() ? record.job.resume_from()
+                                                 : record.job.last_checkpoint();
+  shard_lost_ = false;
+  return true;
+}
+
+void Coordinator::JobRun::Recovered(const std::string& role, const std::string& why,
+                                    int64_t lost_step, absl::Time lost_at) {
+  const int64_t lost = std::max<int64_t>(0, lost_step - start_step_);
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - lost_at);
+  const std::string how = absl::StrCat(why, "; recovered in ", absl::StrFormat("%.1f", seconds),
+                                       " s on ", n_, " shard(s), continuing from step ",
+                                       start_step_, ", ", lost, " step(s) to compute again");
+  {
+    absl::MutexLock lock(&c_->mu_);
+    JobRecord& record = c_->jobs_.at(job_id_);
+    record.job.set_recoveries(record.job.recoveries() + 1);
+    record.job.set_steps_lost(record.job.steps_lost() + lost);
+    record.job.set_last_recovery(how);
+    record.job.set_last_recovery_seconds(seconds);
+    c_->EmitLocked(record, v1::JOB_EVENT_KIND_RECOVERY);
+  }
+  Metrics& m = c_->metrics_;
+  m.recoveries.Add({{"role", role}}).Increment();
+  m.steps_lost.Increment(static_cast<double>(lost));
+  m.recovery_seconds.Observe(seconds);
+  c_->Log(absl::StrCat(job_id_, " recovered (", role, "): ", how));
+}
+
+absl::Status Coordinator::JobRun::Steps(int64_t* reached) {
+  *reached = start_step_;
+  for (int64_t step = start_step_; step < total_; ++step) {
+    const absl::Time step_start = absl::Now();
+    // 2. Slot gradients.
+    absl::StatusOr<SlotSums> sums = CollectSlots(step);
+    if (!sums.ok()) return sums.status();
+    // 3. Global quantities, in the trainer's order.
+    const absl::Time reported = absl::Now();
+    absl::StatusOr<double> norm = GlobalNorm(step);
+    if (!norm.ok()) return norm.status();
+    const double coef = ClipCoefficient(spec_.optimizer().max_grad_norm(), *norm);
+    const double lr = StepLearningRate(spec_, step);
+    {
+      absl::MutexLock lock(&c_->mu_);
+      if (c_->jobs_.at(job_id_).cancel_requested) return absl::CancelledError("cancelled");
+    }
+    // A failed apply may have updated some shards: the job cannot go on
+    // from them (a recovery loads every shard again).
+    MUONPS_RETURN_IF_ERROR(Apply(step, lr, coef, *sums->loads));
+    const int64_t done = step + 1;
+    *reached = done;
+    const absl::Time applied = absl::Now();
+    // 4. Validation.
+    const int eval_every = spec_.data().eval_every();
+    if ((eval_every > 0 && done % eval_every == 0) || done == total_) {
+      MUONPS_RETURN_IF_ERROR(Evaluate(done));
+    }
+    Publish(done, step_start, reported, applied, sums->loss, *norm, lr, *sums);
+    const int every = spec_.checkpoint().every_steps();
+    if (every > 0 && done % every == 0 && done < total_) {
+      if (absl::Status st = Checkpoint(done); !st.ok()) {
+        return absl::Status(st.code(), absl::StrCat("checkpoint: ", st.message()));
+      }
+    }
+  }
+  if (total_ > start_step_) {
+    if (absl::Status st = Checkpoint(total_); !st.ok()) {
+      return absl::Status(st.code(), absl::StrCat("checkpoint: ", st.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Coordinator::JobRun::Run() {
+  if (!Prepare()) return;
+  // What is being recovered from, if anything.
+  std::string role, why;
+  absl::Time lost_at = c_->started_;
+  int64_t lost_step = 0;
+  if (interrupted_) {
+    role = "coordinator";
+    why = "the coordinator restarted";
+    absl::MutexLock lock(&c_->mu_);
+    lost_step = c_->jobs_.at(job_id_).job.progress().step();
+  }
+  bool adopt = interrupted_;
+  int attempts = 0;
+  while (true) {
+    Place();
+    // 1. Load the tensors on the shards.
+    absl::Status st = Load(adopt);
+    int64_t reached = lost_step;
+    if (st.ok()) {
+      if (!role.empty()) Recovered(role, why, lost_step, lost_at);
+      Started();
+      st = Steps(&reached);
+      if (st.ok()) return Finish(v1::JOB_STATE_SUCCEEDED, "");
+      if (ShuttingDown()) return Interrupted();
+      if (!ShardLost(st)) return Stop(st, reached);
+      if (reached > start_step_) attempts = 0;
+    } else if (ShuttingDown()) {
+      return Interrupted();
+    } else if (!ShardLost(st)) {
+      return Finish(v1::JOB_STATE_FAILED, std::string(st.message()));
+    }
+    // A shard went away: place the job on the live shards again.
+    if (++attempts > c_->options_.max_recoveries_without_progress) {
+      return Finish(v1::JOB_STATE_FAILED,
+                    absl::StrCat("gave up after ", attempts - 1,
+                                 " recoveries without a completed step: ", st.message()));
+    }
+    role = "shard";
+    why = std::string(st.message());
+    lost_at = absl::Now();
+    lost_step = std::max(lost_step, reached);
+    c_->Log(absl::StrCat(job_id_, ": ", why, "; recovering"));
+    if (!AwaitShards()) {
+      if (ShuttingDown()) return Interrupted();
+      return Stop(absl::CancelledError("cancelled"), start_step_);
+    }
+    adopt = false;
+    // Not a busy loop when shards fail again at once.
+    absl::SleepFor(absl::Milliseconds(100) * std::min(attempts, 10));
+  }
+}
+
+}  // namespace muonps

@@ -1,0 +1,246 @@
+// Recovery without a person, against real processes: a shard SIGKILLed in
+// the middle of a job, a coordinator SIGKILLed while one job runs and
+// another is queued, and a seeded chaos run that SIGKILLs random processes
+// and restarts them as Kubernetes would. Each job must end SUCCEEDED with a
+// final checkpoint equal, bit for bit, to `muonps train` of the same job.
+#include <gmock/gmock.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <random>
+
+#include "muonps/v1/coordinator.grpc.pb.h"
+#include "rpc/rpc_util.h"
+#include "tests/cluster_fixture.h"
+
+namespace muonps {
+namespace {
+
+// The RECOVERY events among `events`.
+std::vector<v1::Job> Recoveries(const std::vector<v1::WatchJobResponse>& events) {
+  std::vector<v1::Job> out;
+  for (const v1::WatchJobResponse& e : events) {
+    if (e.kind() == v1::JOB_EVENT_KIND_RECOVERY) out.push_back(e.job());
+  }
+  return out;
+}
+
+// A shard SIGKILLed at step 6 of 30 (checkpoints every 4 steps): once its
+// lease lapses the coordinator places the tensors on the live shards (the
+// survivor and a replacement), loads them from the checkpoint of step 4 and
+// goes on; nobody resubmits anything.
+TEST_F(ClusterTest, ShardSigkilledMidJobIsRecoveredBitIdentically) {
+  JobOptions o;
+  o.total_steps = 30;
+  o.every_steps = 4;
+  WriteJob("train", o);
+  WriteJob("cluster", o);
+  StartCoordinator(/*min_shards=*/2);
+  StartShard(0);
+  ChildProcess& doomed = StartShard(1);
+  StartWorker("worker-a");
+  StartWorker("worker-b");
+  const std::string id = Submit("cluster");
+  ChildProcess& watch = Watch(id);
+  const v1::Job at6 = WaitForStep(watch, watch.out_path(), 6);
+  ASSERT_EQ(at6.state(), v1::JOB_STATE_RUNNING);
+  doomed.Signal(SIGKILL);
+  ASSERT_TRUE(doomed.Wait(10.0).has_value());
+  StartShard(2);  // the replacement, as a StatefulSet restarts the pod
+
+  EXPECT_EQ(Finish(watch), 0) << ReadWholeFile(watch.err_path());
+  const v1::Job job = Status(id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error();
+  EXPECT_GE(job.recoveries(), 1);
+  EXPECT_LE(job.steps_lost(), 4 * job.recoveries()) << job.last_recovery();
+  EXPECT_THAT(job.last_recovery(), testing::HasSubstr("recovered in"));
+  const std::vector<v1::Job> recoveries = Recoveries(ReadEvents(watch.out_path()));
+  ASSERT_FALSE(recoveries.empty()) << "no RECOVERY event in the watch";
+  EXPECT_GT(recoveries.front().last_recovery_seconds(), 0.0);
+  ExpectSameCheckpoint(Train("train"), CheckpointOf("cluster", o.total_steps));
+}
+
+// The coordinator SIGKILLed at step 8 of 30 while a second job is queued,
+// and started again on the same address and --state_dir: the running job
+// continues by itself from the shards' own state (no step lost, unless the
+// kill fell inside an ApplyStep, when it goes back to the last checkpoint),
+// the watcher reconnects and sees it to the end, and the queued job runs
+// next. Both equal `muonps train` bit for bit.
+TEST_F(ClusterTest, CoordinatorSigkilledContinuesItsJobsFromTheStore) {
+  JobOptions o;
+  o.total_steps = 30;
+  o.every_steps = 4;
+  WriteJob("train", o);
+  WriteJob("first", o);
+  WriteJob("second", o);
+  const std::string state = "--state_dir=" + Path("state");
+  StartCoordinator(/*min_shards=*/2, {state}, "coordinator-1");
+  ChildProcess* coordinator = children_.back().get();
+  const std::string address = coordinator_;
+  StartShard(0);
+  StartShard(1);
+  StartWorker("worker-a");
+  StartWorker("worker-b");
+  const std::string first = Submit("first");
+  const std::string second = Submit("second");
+  ChildProcess& watch = Watch(first);
+  const v1::Job at8 = WaitForStep(watch, watch.out_path(), 8);
+  ASSERT_EQ(at8.state(), v1::JOB_STATE_RUNNING);
+  coordinator->Signal(SIGKILL);
+  ASSERT_TRUE(coordinator->Wait(10.0).has_value());
+  StartCoordinator(/*min_shards=*/2, {state, "--listen=" + address}, "coordinator-2");
+  ASSERT_EQ(coordinator_, address);
+
+  EXPECT_EQ(Finish(watch), 0) << ReadWholeFile(watch.err_path());
+  EXPECT_THAT(ReadWholeFile(watch.err_path()), testing::HasSubstr("reconnecting"));
+  const v1::Job job = Status(first);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error();
+  EXPECT_EQ(job.recoveries(), 1) << job.last_recovery();
+  EXPECT_LE(job.steps_lost(), 4) << job.last_recovery();
+  EXPECT_THAT(job.last_recovery(), testing::HasSubstr("the coordinator restarted"));
+  // No event skipped across the reconnect: sequence numbers follow on.
+  const std::vector<v1::WatchJobResponse> events = ReadEvents(watch.out_path());
+  for (size_t i = 2; i < events.size(); ++i) {
+    EXPECT_EQ(events[i].seq(), events[i - 1].seq() + 1) << "event " << i;
+    EXPECT_EQ(events[i].missed(), 0);
+  }
+  ASSERT_EQ(Recoveries(events).size(), 1u);
+
+  ChildProcess& watch_second = Watch(second);
+  EXPECT_EQ(Finish(watch_second), 0) << ReadWholeFile(watch_second.err_path());
+  EXPECT_EQ(Status(second).state(), v1::JOB_STATE_SUCCEEDED);
+  const std::string want = Train("train");
+  ExpectSameCheckpoint(want, CheckpointOf("first", o.total_steps));
+  ExpectSameCheckpoint(want, CheckpointOf("second", o.total_steps));
+}
+
+// An environment variable as a number, or `fallback`.
+int64_t EnvOr(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::strtoll(v, nullptr, 10) : fallback;
+}
+
+// A chaos run, seeded (MUONPS_CHAOS_SEED, default 1) so that a failure can be
+// replayed: one job on 3 shards and 3 workers while a driver SIGKILLs a
+// random process (worker, shard or coordinator, the role drawn first) at a
+// random moment once the job has moved on since the last kill, at least
+// MUONPS_CHAOS_KILLS (default 12) times, restarting each at once as
+// Kubernetes would (the coordinator on its address and --state_dir, the
+// others on new ports). The job must end SUCCEEDED, its final model and
+// optimizer tensors equal to the undisturbed `muonps train`. Prints a table
+// of kills by role, steps lost and recovery seconds.
+class ClusterChaosTest : public ClusterTest {};
+
+TEST_F(ClusterChaosTest, RandomKillsLeaveTheBitsUnchanged) {
+  const uint64_t seed = static_cast<uint64_t>(EnvOr("MUONPS_CHAOS_SEED", 1));
+  const int kills = static_cast<int>(EnvOr("MUONPS_CHAOS_KILLS", 12));
+  std::mt19937_64 rng(seed);
+  JobOptions o;
+  o.total_steps = 40 * std::max(kills, 1);
+  o.every_steps = 5;
+  o.eval_every = 20;
+  WriteJob("train", o);
+  WriteJob("chaos", o);
+  const std::string state = "--state_dir=" + Path("state");
+  StartCoordinator(/*min_shards=*/3, {state}, "coordinator-0");
+  const std::string address = coordinator_;
+  std::map<std::string, ChildProcess*> procs;  // role-index -> running process
+  procs["coordinator"] = children_.back().get();
+  for (int i = 0; i < 3; ++i) procs[absl::StrCat("shard-", i)] = &StartShard(i);
+  for (int i = 0; i < 3; ++i) {
+    procs[absl::StrCat("worker-", i)] = &StartWorker(absl::StrCat("worker-", i));
+  }
+  const std::string id = Submit("chaos");
+  std::map<std::string, int> killed;  // by role
+  std::map<std::string, int> restarts;
+  int64_t last_step = -1;
+  int recoveries_seen = 0;
+  std::vector<double> recovery_seconds;
+  // Polled in-process (a `muonps status` per poll would pile up processes).
+  auto job_now = [&] {
+    auto stub = v1::JobService::NewStub(MakeChannel(address));
+    grpc::ClientContext context;
+    context.set_deadline(DeadlineIn(5.0));
+    v1::GetJobRequest request;
+    request.set_job_id(id);
+    v1::GetJobResponse response;
+    const grpc::Status status = stub->GetJob(&context, request, &response);
+    // While the coordinator restarts: running, no progress.
+    if (!status.ok()) response.mutable_job()->set_state(v1::JOB_STATE_RUNNING);
+    // Each recovery's duration, as the polls see them.
+    if (response.job().recoveries() > recoveries_seen) {
+      recoveries_seen = response.job().recoveries();
+      recovery_seconds.push_back(response.job().last_recovery_seconds());
+    }
+    return response.job();
+  };
+  const auto begin = std::chrono::steady_clock::now();
+  for (int k = 0; k < kills; ++k) {
+    // Wait until the job has moved on by a few steps since the last kill.
+    v1::Job job;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(90);
+    while (true) {
+      job = job_now();
+      if (Ended(job.state()) ||
+          (job.state() == v1::JOB_STATE_RUNNING && job.progress().step() >= last_step + 3)) {
+        break;
+      }
+      ASSERT_LT(std::chrono::steady_clock::now(), deadline)
+          << "no progress after kill " << k << ": " << job.DebugString();
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    ASSERT_FALSE(Ended(job.state()))
+        << "the job ended after " << k << " of " << kills << " kills: " << job.error();
+    last_step = job.progress().step();
+    std::this_thread::sleep_for(
+        std::chrono::milliseconds(std::uniform_int_distribution<int>(0, 1500)(rng)));
+    const char* roles[] = {"coordinator", "shard", "worker"};
+    const std::string role = roles[std::uniform_int_distribution<int>(0, 2)(rng)];
+    const std::string victim =
+        role == "coordinator"
+            ? role
+            : absl::StrCat(role, "-", std::uniform_int_distribution<int>(0, 2)(rng));
+    ChildProcess* p = procs[victim];
+    ASSERT_FALSE(p->Exited()) << victim << " died by itself: " << DescribeStatus(p->status());
+    p->Signal(SIGKILL);
+    ASSERT_TRUE(p->Wait(10.0).has_value());
+    ++killed[role];
+    const std::string name = absl::StrCat(victim, "-r", ++restarts[victim]);
+    if (role == "coordinator") {
+      StartCoordinator(3, {state, "--listen=" + address}, name);
+      ASSERT_EQ(coordinator_, address);
+      procs[victim] = children_.back().get();
+    } else if (role == "shard") {
+      procs[victim] = &StartShard(name, {});
+    } else {
+      procs[victim] = &StartWorker(name);
+    }
+  }
+  // The job runs to its end.
+  v1::Job job;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(300);
+  while (!Ended((job = job_now()).state())) {
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << job.DebugString();
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error();
+
+  std::sort(recovery_seconds.begin(), recovery_seconds.end());
+  const double median =
+      recovery_seconds.empty() ? 0.0 : recovery_seconds[recovery_seconds.size() / 2];
+  std::printf(
+      "chaos seed %llu: %d kills in %.0f s (coordinator %d, shard %d, worker %d); "
+      "%d recoveries, %lld steps computed again of %d; recovery seconds median %.1f, max "
+      "%.1f\n",
+      static_cast<unsigned long long>(seed), kills, seconds, killed["coordinator"], killed["shard"],
+      killed["worker"], job.recoveries(), static_cast<long long>(job.steps_lost()), o.total_steps,
+      median, recovery_seconds.empty() ? 0.0 : recovery_seconds.back());
+  EXPECT_GE(job.recoveries(), killed["coordinator"]) << "every coordinator restart is a recovery";
+  ExpectSameCheckpoint(Train("train"), CheckpointOf("chaos", o.total_steps));
+}
+
+}  // namespace
+}  // namespace muonps
