@@ -37,7 +37,7 @@ for leg in "${legs[@]}"; do
       # the main leg.
       ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
         ctest --test-dir build-asan --output-on-failure --timeout 1200 -j 1 \
-        -E 'ClusterTest|ClusterLayoutTest|TlsTest|LearningTest|ModelReferenceTest|PythonClient|KubernetesManifests|PrometheusDashboard|ProtoLint|Format|Layering|BlasKernels'
+        -E 'ClusterTest|ClusterLayoutTest|ClusterChaosTest|TlsTest|LearningTest|ModelReferenceTest|PythonClient|KubernetesManifests|PrometheusDashboard|ProtoLint|Format|Layering|BlasKernels'
       ;;
     tsa)
       cmake -S . -B build-tsa "${common[@]}" -DMUONPS_BUILD_TESTS=OFF \

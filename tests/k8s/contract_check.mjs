@@ -101,7 +101,8 @@ export function checkContract(objects, muonps, { requireTls = false } = {}) {
   for (const budget of cluster.byKind('PodDisruptionBudget')) {
     add(`PodDisruptionBudget/${budget.metadata.name}: selects one workload`, budgetSelectionProblems(budget, cluster));
   }
-  add('coordinator and shards have budgets allowing no disruption', budgetProblems(cluster));
+  add('shards have budgets allowing no disruption; the coordinator, a job store on a claim or one',
+    budgetProblems(cluster));
   const monitors = cluster.byKind('PodMonitor');
   if (monitors.length === 0) add('a PodMonitor', ['none']);
   for (const monitor of monitors) {
@@ -544,9 +545,25 @@ function budgetSelectionProblems(budget, cluster) {
 }
 
 // The coordinator and the shards hold a running job's state in memory.
+// Whether the workload's --state_dir (the coordinator's job store) lies on
+// a PersistentVolumeClaim mount, so that a replaced pod finds its jobs.
+function stateOnClaim(workload, cluster) {
+  const dir = new Settings(workload, cluster).get('state_dir');
+  if (!dir) return false;
+  const mount = (workload.container.volumeMounts ?? [])
+    .filter((m) => dir === m.mountPath || dir.startsWith(`${m.mountPath.replace(/\/+$/, '')}/`))
+    .sort((a, b) => b.mountPath.length - a.mountPath.length)[0];
+  const volume = mount && (workload.pod.volumes ?? []).find((v) => v.name === mount.name);
+  return Boolean(volume?.persistentVolumeClaim);
+}
+
+// An evicted shard costs the steps since the last checkpoint: shards need a
+// budget that allows no disruption. A coordinator with its job store on a
+// claim continues its job when replaced; without, it needs one too.
 function budgetProblems(cluster) {
   const problems = [];
   for (const workload of cluster.workloads.filter((w) => w.role === 'coordinator' || w.role === 'shard')) {
+    if (workload.role === 'coordinator' && stateOnClaim(workload, cluster)) continue;
     const budgets = cluster.byKind('PodDisruptionBudget').filter((b) => cluster.selected(b.spec.selector).includes(workload));
     const strict = budgets.some((b) => b.spec.maxUnavailable === 0 || b.spec.minAvailable === workload.replicas ||
       b.spec.minAvailable === '100%');
