@@ -54,6 +54,9 @@ ABSL_FLAG(std::string, state_dir, "",
           "Coordinator: directory of its job store (coordinator.db, SQLite): jobs outlive the "
           "process and a restarted coordinator continues the running one (empty: jobs live in "
           "memory only). Env MUONPS_STATE_DIR");
+ABSL_FLAG(double, drain_seconds, 120.0,
+          "shard: on SIGTERM, wait this long at most for the coordinator to hand the held job "
+          "to the other shards before exiting. Env MUONPS_DRAIN_SECONDS");
 ABSL_FLAG(std::string, port_file, "", "Write the bound port to this file once serving");
 ABSL_FLAG(int64_t, after_seq, -2,
           "watch: start with the events after this sequence number (-1: every event the "
@@ -264,6 +267,19 @@ int ServeShard() {
     return Fail(st);
   }
   WaitForSignal();
+  if (refused.ok() && !service.job_id().empty()) {
+    // Hand the job over before leaving (a rolling update, a node drain):
+    // the coordinator checkpoints at the next step boundary, loads the job
+    // on the other shards and drops it here. A second signal, or
+    // --drain_seconds, ends the wait.
+    LogLine(absl::StrCat("muonps shard: leaving; handing job ", service.job_id(),
+                         " over at the next step boundary"));
+    membership.SetDraining();
+    const absl::Time deadline = absl::Now() + absl::Seconds(absl::GetFlag(FLAGS_drain_seconds));
+    while (!service.job_id().empty() && SignalCount() < 2 && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(100));
+    }
+  }
   LogLine("muonps shard: shutting down");
   membership.Stop();
   registering.join();
@@ -461,7 +477,8 @@ const std::vector<std::string>& EnvironmentFlags() {
                                    "memory_limit",
                                    "max_queued_jobs",
                                    "task_timeout_seconds",
-                                   "state_dir"};
+                                   "state_dir",
+                                   "drain_seconds"};
   return *flags;
 }
 

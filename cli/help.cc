@@ -47,7 +47,7 @@ const std::vector<CommandHelp>& Commands() {
        "shard --coordinator HOST:PORT [--listen HOST:PORT] [--advertise HOST:PORT]",
        "Run an optimizer shard: holds whole tensors and their optimizer state, applies steps.",
        {"coordinator", "advertise", "threads", "cluster_secret_file", "checkpoint_root",
-        "memory_limit", MUONPS_SERVICE_FLAGS}},
+        "memory_limit", "drain_seconds", MUONPS_SERVICE_FLAGS}},
       {"worker",
        "worker --coordinator HOST:PORT [--threads N]",
        "Run a stateless worker: pulls parameters, computes slots, pushes gradients.",

@@ -232,7 +232,10 @@ int LocalCommand(const std::vector<std::string>& args) {
     const std::string name = absl::StrCat("shard-", i);
     absl::Status st = cluster.Spawn(
         name, with(with(with({"shard", "--listen=127.0.0.1:0", "--coordinator=" + coordinator,
-                              absl::StrCat("--threads=", cores)},
+                              absl::StrCat("--threads=", cores),
+                              // stopped together with its coordinator:
+                              // nothing to hand a job over to
+                              "--drain_seconds=0"},
                              metrics_flags(name, "shard")),
                         member_flags),
                    storage_flags));

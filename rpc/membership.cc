@@ -100,6 +100,11 @@ void Membership::Stop() {
   if (heartbeat_.joinable()) heartbeat_.join();
 }
 
+void Membership::SetDraining() {
+  absl::MutexLock lock(&mu_);
+  draining_ = true;
+}
+
 std::string Membership::member_id() const {
   absl::MutexLock lock(&mu_);
   return member_id_;
@@ -130,18 +135,21 @@ void Membership::set_on_ended_jobs(std::function<void(const std::vector<std::str
 void Membership::HeartbeatLoop() {
   while (true) {
     std::string id;
+    bool draining = false;
     {
       absl::MutexLock lock(&mu_);
       const bool stop =
           mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Seconds(heartbeat_seconds_));
       if (stop) return;
       id = member_id_;
+      draining = draining_;
     }
     grpc::ClientContext context;
     context.set_deadline(DeadlineIn(5.0));
     Authenticate(&context);
     v1::HeartbeatRequest request;
     request.set_member_id(id);
+    request.set_draining(draining);
     v1::HeartbeatResponse response;
     const grpc::Status status = stub_->Heartbeat(&context, request, &response);
     if (status.error_code() == grpc::StatusCode::NOT_FOUND) {

@@ -39,6 +39,9 @@ class Membership {
   absl::Status Start(double timeout_seconds);
   // Stops heartbeats (the lease then lapses at the coordinator).
   void Stop();
+  // Tells the coordinator, from the next heartbeat on, that this member is
+  // leaving (HeartbeatRequest.draining).
+  void SetDraining();
 
   // The current member id (changes when registering again).
   std::string member_id() const;
@@ -72,6 +75,7 @@ class Membership {
   std::function<void(const std::string&, const std::string&)> on_registered_ ABSL_GUARDED_BY(mu_);
   double heartbeat_seconds_ ABSL_GUARDED_BY(mu_) = 0.5;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
   std::function<void(const std::vector<std::string>&)> on_ended_ ABSL_GUARDED_BY(mu_);
   std::thread heartbeat_;
 };

@@ -115,6 +115,38 @@ TEST_F(ClusterTest, CoordinatorSigkilledContinuesItsJobsFromTheStore) {
   ExpectSameCheckpoint(want, CheckpointOf("second", o.total_steps));
 }
 
+// SIGTERM to a shard (a rolling update): it tells the coordinator it is
+// leaving, the coordinator checkpoints at the next step boundary, loads the
+// job on the other shards from that checkpoint and drops it on the leaving
+// one, which then exits 0. No step is computed again.
+TEST_F(ClusterTest, ShardSigtermHandsItsTensorsOverWithoutLosingAStep) {
+  JobOptions o;
+  o.total_steps = 30;
+  WriteJob("train", o);
+  WriteJob("cluster", o);
+  StartCoordinator(/*min_shards=*/2);
+  StartShard(0);
+  ChildProcess& leaving = StartShard(1);
+  StartShard(2);  // spare
+  StartWorker("worker-a");
+  StartWorker("worker-b");
+  const std::string id = Submit("cluster");
+  ChildProcess& watch = Watch(id);
+  const v1::Job at6 = WaitForStep(watch, watch.out_path(), 6);
+  ASSERT_EQ(at6.state(), v1::JOB_STATE_RUNNING);
+  leaving.Signal(SIGTERM);
+  EXPECT_EQ(Finish(leaving, 60.0), 0) << ReadWholeFile(leaving.err_path());
+  EXPECT_THAT(ReadWholeFile(leaving.err_path()), testing::HasSubstr("handing job"));
+
+  EXPECT_EQ(Finish(watch), 0) << ReadWholeFile(watch.err_path());
+  const v1::Job job = Status(id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error();
+  EXPECT_EQ(job.recoveries(), 1) << job.last_recovery();
+  EXPECT_EQ(job.steps_lost(), 0) << job.last_recovery();
+  EXPECT_THAT(job.last_recovery(), testing::HasSubstr("is leaving"));
+  ExpectSameCheckpoint(Train("train"), CheckpointOf("cluster", o.total_steps));
+}
+
 // An environment variable as a number, or `fallback`.
 int64_t EnvOr(const char* name, int64_t fallback) {
   const char* v = std::getenv(name);

@@ -118,6 +118,7 @@ class Coordinator {
     absl::Time last_seen;
     int64_t order = 0;  // registration order
     std::string job_id;
+    bool draining = false;  // leaving (HeartbeatRequest.draining): no new work
   };
   struct TaskRecord {
     v1::Task task;

@@ -57,6 +57,38 @@ void Coordinator::JobRun::Interrupted() {
   Finish(v1::JOB_STATE_FAILED, "coordinator shut down");
 }
 
+std::string Coordinator::JobRun::Leaving() const {
+  absl::MutexLock lock(&c_->mu_);
+  for (const Member& s : shards_) {
+    auto it = c_->members_.find(s.id);
+    if (it != c_->members_.end() && it->second.draining) {
+      return absl::StrCat("shard ", s.id, " (", s.address, ")");
+    }
+  }
+  return "";
+}
+
+void Coordinator::JobRun::DropLeaving() {
+  std::vector<bool> leaving(shards_.size(), false);
+  {
+    absl::MutexLock lock(&c_->mu_);
+    for (size_t i = 0; i < shards_.size(); ++i) {
+      auto it = c_->members_.find(shards_[i].id);
+      leaving[i] = it != c_->members_.end() && it->second.draining;
+    }
+  }
+  for (size_t i = 0; i < shards_.size() && i < stubs_.size(); ++i) {
+    if (!leaving[i]) continue;
+    grpc::ClientContext context;
+    context.set_deadline(DeadlineIn(10.0));
+    context.AddMetadata(kMemberSecretHeader, shards_[i].secret);
+    v1::DropJobRequest request;
+    request.set_job_id(job_id_);
+    v1::DropJobResponse response;
+    (void)stubs_[i]->DropJob(&context, request, &response);
+  }
+}
+
 bool Coordinator::JobRun::AwaitShards() {
   absl::MutexLock lock(&c_->mu_);
   c_->step_.reset();  // the step in flight is planned again
@@ -146,10 +178,18 @@ absl::Status Coordinator::JobRun::Steps(int64_t* reached) {
     }
     Publish(done, step_start, reported, applied, sums->loss, *norm, lr, *sums);
     const int every = spec_.checkpoint().every_steps();
-    if (every > 0 && done % every == 0 && done < total_) {
+    const bool due = every > 0 && done % every == 0 && done < total_;
+    const std::string leaving = done < total_ ? Leaving() : std::string();
+    // A shard that is leaving hands its tensors over through a checkpoint
+    // of this step: nothing is computed again.
+    if (due || (!leaving.empty() && !spec_.checkpoint().dir().empty())) {
       if (absl::Status st = Checkpoint(done); !st.ok()) {
         return absl::Status(st.code(), absl::StrCat("checkpoint: ", st.message()));
       }
+    }
+    if (!leaving.empty()) {
+      shard_lost_ = true;
+      return absl::UnavailableError(absl::StrCat(leaving, " is leaving"));
     }
   }
   if (total_ > start_step_) {
@@ -203,6 +243,7 @@ void Coordinator::JobRun::Run() {
     lost_at = absl::Now();
     lost_step = std::max(lost_step, reached);
     c_->Log(absl::StrCat(job_id_, ": ", why, "; recovering"));
+    DropLeaving();
     if (!AwaitShards()) {
       if (ShuttingDown()) return Interrupted();
       return Stop(absl::CancelledError("cancelled"), start_step_);

@@ -70,6 +70,12 @@ class Coordinator::JobRun {
   // Leaves the job to the next coordinator when there is a job store (the
   // shards keep its state), else ends it as failed.
   void Interrupted();
+  // The first of the job's shards that is leaving (draining), described;
+  // empty when none.
+  std::string Leaving() const;
+  // Drops the job on the shards that are leaving: their tensors are in the
+  // checkpoint the others load.
+  void DropLeaving();
   // Records a recovery: event, job fields, metrics, log.
   void Recovered(const std::string& role, const std::string& why, int64_t lost_step,
                  absl::Time lost_at);

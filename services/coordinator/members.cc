@@ -144,6 +144,10 @@ grpc::Status Coordinator::Heartbeat(const grpc::ServerContext& context,
     return st;
   }
   it->second.last_seen = absl::Now();
+  if (request.draining() && !it->second.draining) {
+    it->second.draining = true;
+    Log(absl::StrCat(it->first, " (", it->second.address, ") is leaving"));
+  }
   for (const std::string& id : ended_recently_) response->add_ended_job_ids(id);
   return grpc::Status::OK;
 }
@@ -366,7 +370,7 @@ grpc::Status Coordinator::FailTask(const grpc::ServerContext& context,
 std::vector<const Coordinator::Member*> Coordinator::LiveLocked(bool shards) const {
   std::vector<const Member*> out;
   for (const auto& [id, m] : members_) {
-    if (m.shard == shards) out.push_back(&m);
+    if (m.shard == shards && !m.draining) out.push_back(&m);
   }
   std::sort(out.begin(), out.end(),
             [](const Member* a, const Member* b) { return a->order < b->order; });
