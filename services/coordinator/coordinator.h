@@ -206,7 +206,7 @@ class Coordinator {
   // Runs one job to its end; returns the final state and message.
   void RunJob(const std::string& job_id);
   void ExpireMembersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  std::vector<const Member*> LiveLocked(bool shards) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<const Member*> LiveLocked(bool shards) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Appends an event to the job's log (and the store, with the job).
   void EmitLocked(JobRecord& record, v1::JobEventKind kind) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Writes the job to the store without an event (e.g. a cancel request).
