@@ -58,6 +58,8 @@ TEST_F(ClusterTest, ShardSigkilledMidJobIsRecoveredBitIdentically) {
   const std::vector<v1::Job> recoveries = Recoveries(ReadEvents(watch.out_path()));
   ASSERT_FALSE(recoveries.empty()) << "no RECOVERY event in the watch";
   EXPECT_GT(recoveries.front().last_recovery_seconds(), 0.0);
+  std::printf("shard SIGKILL at step %lld: %s\n", static_cast<long long>(at6.progress().step()),
+              job.last_recovery().c_str());
   ExpectSameCheckpoint(Train("train"), CheckpointOf("cluster", o.total_steps));
 }
 
@@ -99,6 +101,7 @@ TEST_F(ClusterTest, CoordinatorSigkilledContinuesItsJobsFromTheStore) {
   EXPECT_EQ(job.recoveries(), 1) << job.last_recovery();
   EXPECT_LE(job.steps_lost(), 4) << job.last_recovery();
   EXPECT_THAT(job.last_recovery(), testing::HasSubstr("the coordinator restarted"));
+  std::printf("coordinator SIGKILL: %s\n", job.last_recovery().c_str());
   // No event skipped across the reconnect: sequence numbers follow on.
   const std::vector<v1::WatchJobResponse> events = ReadEvents(watch.out_path());
   for (size_t i = 2; i < events.size(); ++i) {
@@ -127,13 +130,16 @@ TEST_F(ClusterTest, ShardSigtermHandsItsTensorsOverWithoutLosingAStep) {
   StartCoordinator(/*min_shards=*/2);
   StartShard(0);
   ChildProcess& leaving = StartShard(1);
-  StartShard(2);  // spare
   StartWorker("worker-a");
   StartWorker("worker-b");
   const std::string id = Submit("cluster");
   ChildProcess& watch = Watch(id);
   const v1::Job at6 = WaitForStep(watch, watch.out_path(), 6);
   ASSERT_EQ(at6.state(), v1::JOB_STATE_RUNNING);
+  // A spare that registers after the job started: the leaving shard is
+  // surely one of the job's two.
+  ChildProcess& spare = StartShard(2);
+  WaitForLog(spare, "registered as");
   leaving.Signal(SIGTERM);
   EXPECT_EQ(Finish(leaving, 60.0), 0) << ReadWholeFile(leaving.err_path());
   EXPECT_THAT(ReadWholeFile(leaving.err_path()), testing::HasSubstr("handing job"));
@@ -144,6 +150,7 @@ TEST_F(ClusterTest, ShardSigtermHandsItsTensorsOverWithoutLosingAStep) {
   EXPECT_EQ(job.recoveries(), 1) << job.last_recovery();
   EXPECT_EQ(job.steps_lost(), 0) << job.last_recovery();
   EXPECT_THAT(job.last_recovery(), testing::HasSubstr("is leaving"));
+  std::printf("shard SIGTERM: %s\n", job.last_recovery().c_str());
   ExpectSameCheckpoint(Train("train"), CheckpointOf("cluster", o.total_steps));
 }
 
