@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checking legs of the test command (scripts/test.sh runs all three), each
+# The checking legs (scripts/test.sh runs asan and tsa; tsan runs on its own), each
 # in a build directory of its own (Release with line tables, no benchmarks, no
 # CUDA):
 #   asan     GCC with ASan + UBSan (MUONPS_SANITIZE=address,undefined, no
