@@ -78,14 +78,7 @@ void Coordinator::JobRun::DropLeaving() {
     }
   }
   for (size_t i = 0; i < shards_.size() && i < stubs_.size(); ++i) {
-    if (!leaving[i]) continue;
-    grpc::ClientContext context;
-    context.set_deadline(DeadlineIn(10.0));
-    context.AddMetadata(kMemberSecretHeader, shards_[i].secret);
-    v1::DropJobRequest request;
-    request.set_job_id(job_id_);
-    v1::DropJobResponse response;
-    (void)stubs_[i]->DropJob(&context, request, &response);
+    if (leaving[i]) DropOn(static_cast<int>(i));
   }
 }
 

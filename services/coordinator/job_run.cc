@@ -101,15 +101,19 @@ void Coordinator::JobRun::Place() {
   global_tokens_ = StepScalesOf(spec_).global_tokens;
 }
 
+void Coordinator::JobRun::DropOn(int i) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineIn(10.0));
+  context.AddMetadata(kMemberSecretHeader, shards_[i].secret);
+  v1::DropJobRequest request;
+  request.set_job_id(job_id_);
+  v1::DropJobResponse response;
+  (void)stubs_[i]->DropJob(&context, request, &response);
+}
+
 void Coordinator::JobRun::DropAll() {
   (void)ForEachShard(n_, [&](int i) {
-    grpc::ClientContext context;
-    context.set_deadline(DeadlineIn(10.0));
-    context.AddMetadata(kMemberSecretHeader, shards_[i].secret);
-    v1::DropJobRequest request;
-    request.set_job_id(job_id_);
-    v1::DropJobResponse response;
-    (void)stubs_[i]->DropJob(&context, request, &response);
+    DropOn(i);
     return absl::OkStatus();
   });
 }

@@ -88,6 +88,8 @@ class Coordinator::JobRun {
     context->set_deadline(DeadlineIn(c_->options_.shard_rpc_seconds));
     context->AddMetadata(kMemberSecretHeader, shards_[i].secret);
   }
+  // Drops the job on shard i (best effort, 10 s deadline).
+  void DropOn(int i);
   void DropAll();
   // Ends the job: drops it on the shards, frees the members, sets `state`.
   void Finish(v1::JobState state, const std::string& error);
