@@ -143,9 +143,10 @@ class ClusterTest : public testing_util::TempDirTest {
     if (HasFailure()) {
       for (auto& child : children_) {
         std::string log = ReadWholeFile(child->err_path());
-        if (log.size() > 3000) log = "..." + log.substr(log.size() - 3000);
-        std::fprintf(stderr, "---- %s (%s)\n%s\n", child->command().c_str(),
-                     DescribeStatus(child->status()).c_str(), log.c_str());
+        const size_t skip = log.size() > 3000 ? log.size() - 3000 : 0;
+        std::fprintf(stderr, "---- %s (%s)\n%s%s\n", child->command().c_str(),
+                     DescribeStatus(child->status()).c_str(), skip > 0 ? "..." : "",
+                     log.c_str() + skip);
       }
       // The services `muonps local` started log into its --log_dir.
       std::error_code ec;
