@@ -16,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 #include "common/atomic_file.h"
+#include "common/failpoint.h"
 #include "common/job_spec.h"
 #include "common/safetensors.h"
 #include "common/status_macros.h"
@@ -235,27 +236,44 @@ absl::Status WriteCheckpointShard(
     const std::string& dir, int index, int count, const ModelLayout& layout,
     const std::string& optimizer_name,
     const std::vector<std::pair<const TensorInfo*, const TensorState*>>& tensors) {
+  std::vector<std::pair<const TensorInfo*, TensorStateView>> views;
+  views.reserve(tensors.size());
+  for (const auto& [info, tensor] : tensors) {
+    TensorStateView v;
+    if (tensor != nullptr) {
+      v = TensorStateView{&tensor->value, &tensor->momentum, &tensor->exp_avg, &tensor->exp_avg_sq};
+    }
+    views.emplace_back(info, v);
+  }
+  return WriteCheckpointShard(dir, index, count, layout, optimizer_name, views);
+}
+
+absl::Status WriteCheckpointShard(
+    const std::string& dir, int index, int count, const ModelLayout& layout,
+    const std::string& optimizer_name,
+    const std::vector<std::pair<const TensorInfo*, TensorStateView>>& tensors) {
   if (count < 1 || count > kMaxShards || index < 0 || index >= count) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "checkpoint shard %d of %d: need 0 <= index < count <= %d", index, count, kMaxShards));
   }
   // The shard's tensors in layout order, as layout indices.
-  std::vector<std::pair<int, const TensorState*>> owned;
+  std::vector<std::pair<int, const TensorStateView*>> owned;
   for (const auto& [info, tensor] : tensors) {
     const int i = info == nullptr ? -1 : layout.Index(info->name);
-    if (i < 0 || tensor == nullptr) {
+    if (i < 0 || tensor.value == nullptr || tensor.momentum == nullptr ||
+        tensor.exp_avg == nullptr || tensor.exp_avg_sq == nullptr) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "checkpoint shard %d: tensor '%s' is not in the model layout or has no state", index,
           info == nullptr ? "(null)" : info->name));
     }
-    owned.emplace_back(i, tensor);
+    owned.emplace_back(i, &tensor);
   }
   std::sort(owned.begin(), owned.end());
 
   std::vector<TensorRef> params, opt;
   for (size_t k = 0; k < owned.size(); ++k) {
     const TensorInfo& t = layout.tensors()[owned[k].first];
-    const TensorState& s = *owned[k].second;
+    const TensorStateView& s = *owned[k].second;
     if (k > 0 && owned[k - 1].first == owned[k].first) {
       return absl::InvalidArgumentError(
           absl::StrFormat("checkpoint shard %d: tensor '%s' given twice", index, t.name));
@@ -265,10 +283,11 @@ absl::Status WriteCheckpointShard(
       return absl::InvalidArgumentError(absl::StrFormat(
           "checkpoint shard %d: '%s' has %d floats, expected %d", index, key, v.size(), t.numel));
     };
-    MUONPS_RETURN_IF_ERROR(check_size(t.name, s.value));
-    params.push_back({t.name, t.shape, s.value.data()});
+    MUONPS_RETURN_IF_ERROR(check_size(t.name, *s.value));
+    params.push_back({t.name, t.shape, s.value->data()});
     for (const StateEntry& e : OptimizerState(t, optimizer_name)) {
-      const std::vector<float>& v = *StateVectors(s)[e.buffer];
+      const std::vector<float>& v =
+          *std::array{s.momentum, s.exp_avg, s.exp_avg_sq}[static_cast<size_t>(e.buffer)];
       MUONPS_RETURN_IF_ERROR(check_size(e.key, v));
       opt.push_back({e.key, t.shape, v.data()});
     }
@@ -276,6 +295,7 @@ absl::Status WriteCheckpointShard(
   const std::map<std::string, std::string> meta = {{"format", "pt"}, {"producer", "muonps"}};
   MUONPS_RETURN_IF_ERROR(
       WriteSafetensors(PathIn(dir, ShardFileName(kModel, index, count)), params, meta));
+  FailPoint("checkpoint.shard_file");
   return WriteSafetensors(PathIn(dir, ShardFileName(kOptimizer, index, count)), opt, meta);
 }
 

@@ -73,6 +73,15 @@ struct TensorState {
   std::vector<float> value, momentum, exp_avg, exp_avg_sq;
 };
 
+// The same, borrowed: what a writer reads without copying (every pointer
+// set; a vector the optimizer does not keep may be empty).
+struct TensorStateView {
+  const std::vector<float>* value = nullptr;
+  const std::vector<float>* momentum = nullptr;
+  const std::vector<float>* exp_avg = nullptr;
+  const std::vector<float>* exp_avg_sq = nullptr;
+};
+
 // Writes shard `index` (0-based) of `count` into the existing directory `dir`:
 // model-{index+1:05}-of-{count:05}.safetensors and
 // optimizer-{index+1:05}-of-{count:05}.safetensors, each fsynced.
@@ -85,6 +94,10 @@ absl::Status WriteCheckpointShard(
     const std::string& dir, int index, int count, const ModelLayout& layout,
     const std::string& optimizer_name,
     const std::vector<std::pair<const TensorInfo*, const TensorState*>>& tensors);
+absl::Status WriteCheckpointShard(
+    const std::string& dir, int index, int count, const ModelLayout& layout,
+    const std::string& optimizer_name,
+    const std::vector<std::pair<const TensorInfo*, TensorStateView>>& tensors);
 
 // Writes model.safetensors.index.json and optimizer.safetensors.index.json
 // (owner[name] = 0-based index of the shard holding tensor `name`, for every

@@ -9,15 +9,18 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <thread>
 #include <vector>
 
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cli/client.h"
@@ -26,6 +29,7 @@
 #include "cli/tls_flags.h"
 #include "common/job_spec.h"
 #include "common/parallel.h"
+#include "common/status_macros.h"
 #include "data/token_source.h"
 #include "rpc/auth.h"
 
@@ -40,6 +44,14 @@ ABSL_DECLARE_FLAG(bool, metrics);
 namespace muonps {
 namespace {
 
+// How `local` restarts a service that died, as Kubernetes restarts a pod's
+// container: after a delay that doubles with each restart in the last
+// minute, up to a cap; a service that dies more often than that is left
+// down and the job stopped.
+constexpr auto kFirstRestartDelay = std::chrono::milliseconds(500);
+constexpr auto kMaxRestartDelay = std::chrono::seconds(8);
+constexpr int kMaxRestartsPerMinute = 6;
+
 class LocalCluster {
  public:
   explicit LocalCluster(std::string log_dir) : log_dir_(std::move(log_dir)) {}
@@ -49,33 +61,28 @@ class LocalCluster {
   // process group (Ctrl-C reaches only `local`), killed if `local` dies.
   absl::Status Spawn(const std::string& name, std::vector<std::string> args) {
     const std::string exe = std::filesystem::read_symlink("/proc/self/exe").string();
-    const std::string log = absl::StrCat(log_dir_, "/", name, ".log");
     args.insert(args.begin(), exe);
     // Every member speaks the transport `local` itself was given.
     for (std::string& flag : TlsFlagsForChildren()) args.push_back(std::move(flag));
     for (std::string& flag : SecurityFlagsForChildren()) args.push_back(std::move(flag));
-    const pid_t parent = getpid();
-    const pid_t pid = fork();
-    if (pid < 0) return absl::InternalError("fork failed");
-    if (pid == 0) {
-      setpgid(0, 0);
-      prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (getppid() != parent) _exit(1);
-      const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      if (fd >= 0) {
-        dup2(fd, 1);
-        dup2(fd, 2);
-        close(fd);
-      }
-      std::vector<char*> argv;
-      argv.reserve(args.size() + 1);
-      for (std::string& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execv(exe.c_str(), argv.data());
-      _exit(127);
-    }
-    children_.push_back({name, pid, log});
+    Child child;
+    child.name = name;
+    child.args = std::move(args);
+    child.log = absl::StrCat(log_dir_, "/", name, ".log");
+    MUONPS_RETURN_IF_ERROR(Start(child, /*append=*/false));
+    children_.push_back(std::move(child));
     return absl::OkStatus();
+  }
+
+  // Replaces the flag `--NAME=...` of child `name` for its restarts (a
+  // coordinator comes back on the port its members know).
+  void SetRestartFlag(const std::string& name, const std::string& flag, const std::string& value) {
+    for (Child& c : children_) {
+      if (c.name != name) continue;
+      for (std::string& a : c.args) {
+        if (absl::StartsWith(a, "--" + flag + "=")) a = absl::StrCat("--", flag, "=", value);
+      }
+    }
   }
 
   // Reads a port file written by a child, waiting up to `seconds`.
@@ -99,17 +106,49 @@ class LocalCluster {
       int status = 0;
       if (waitpid(c.pid, &status, WNOHANG) == c.pid) {
         c.exited = true;
-        std::ifstream in(c.log);
-        std::stringstream text;
-        text << in.rdbuf();
-        std::string tail = text.str();
-        if (tail.size() > 2000) tail = tail.substr(tail.size() - 2000);
-        return absl::InternalError(absl::StrCat(c.name, " exited (status ", status, "); its log ",
-                                                c.log, " ends:\n", tail));
+        return Exited(c, status);
       }
     }
     return absl::OkStatus();
   }
+
+  // Restarts the children that exited, each after its delay (see
+  // kFirstRestartDelay); an error naming a child that exited more than
+  // kMaxRestartsPerMinute times in the last minute. Called from one thread.
+  absl::Status Supervise() {
+    const auto now = std::chrono::steady_clock::now();
+    for (Child& c : children_) {
+      if (!c.exited) {
+        int status = 0;
+        if (waitpid(c.pid, &status, WNOHANG) != c.pid) continue;
+        c.exited = true;
+        while (!c.restarts.empty() && now - c.restarts.front() > std::chrono::minutes(1)) {
+          c.restarts.pop_front();
+        }
+        if (static_cast<int>(c.restarts.size()) >= kMaxRestartsPerMinute) {
+          c.given_up = true;
+          return absl::UnavailableError(absl::StrCat(Exited(c, status).message(), "\n(",
+                                                     c.restarts.size(),
+                                                     " restarts in the last minute: left down)"));
+        }
+        auto delay = kFirstRestartDelay * (1 << c.restarts.size());
+        if (delay > kMaxRestartDelay) delay = kMaxRestartDelay;
+        c.restart_at = now + delay;
+        std::fprintf(stderr, "\nmuonps local: %s exited (%s); restarting it in %.1f s\n",
+                     c.name.c_str(), Describe(status).c_str(),
+                     std::chrono::duration<double>(delay).count());
+      } else if (!c.given_up && c.restart_at.has_value() && now >= *c.restart_at) {
+        c.restart_at.reset();
+        c.restarts.push_back(now);
+        if (absl::Status st = Start(c, /*append=*/true); !st.ok()) return st;
+        ++restarts_;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // Restarts so far (Supervise).
+  int restarts() const { return restarts_; }
 
   // SIGTERM to every child, SIGKILL to those still running after 10 s.
   void Stop() {
@@ -136,12 +175,66 @@ class LocalCluster {
  private:
   struct Child {
     std::string name;
-    pid_t pid;
+    std::vector<std::string> args;  // argv, the executable first
+    pid_t pid = -1;
     std::string log;
     bool exited = false;
+    bool given_up = false;
+    std::optional<std::chrono::steady_clock::time_point> restart_at;
+    std::deque<std::chrono::steady_clock::time_point> restarts;  // in the last minute
   };
+
+  // Forks and execs `c`; its log is truncated first, or appended to on a
+  // restart.
+  absl::Status Start(Child& c, bool append) {
+    const pid_t parent = getpid();
+    std::vector<char*> argv;
+    argv.reserve(c.args.size() + 1);
+    for (std::string& a : c.args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    const pid_t pid = fork();
+    if (pid < 0) return absl::InternalError("fork failed");
+    if (pid == 0) {
+      setpgid(0, 0);
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != parent) _exit(1);
+      const int fd = open(c.log.c_str(), O_WRONLY | O_CREAT | (append ? O_APPEND : O_TRUNC), 0644);
+      if (fd >= 0) {
+        dup2(fd, 1);
+        dup2(fd, 2);
+        close(fd);
+      }
+      if (append) {
+        static const char kMark[] = "---- muonps local: restarted\n";
+        (void)!write(2, kMark, sizeof(kMark) - 1);
+      }
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+    c.pid = pid;
+    c.exited = false;
+    return absl::OkStatus();
+  }
+
+  static std::string Describe(int status) {
+    if (WIFSIGNALED(status)) return absl::StrCat("killed by signal ", WTERMSIG(status));
+    if (WIFEXITED(status)) return absl::StrCat("exit status ", WEXITSTATUS(status));
+    return absl::StrCat("status ", status);
+  }
+
+  static absl::Status Exited(const Child& c, int status) {
+    std::ifstream in(c.log);
+    std::stringstream text;
+    text << in.rdbuf();
+    std::string tail = text.str();
+    if (tail.size() > 2000) tail = tail.substr(tail.size() - 2000);
+    return absl::InternalError(absl::StrCat(c.name, " exited (", Describe(status), "); its log ",
+                                            c.log, " ends:\n", tail));
+  }
+
   std::string log_dir_;
   std::vector<Child> children_;
+  int restarts_ = 0;
 };
 
 }  // namespace
@@ -172,6 +265,12 @@ int LocalCommand(const std::vector<std::string>& args) {
   const int cores = NumThreads();
   InstallSignalHandlers();
   LocalCluster cluster(log_dir);
+  // The coordinator's job store lives as long as this cluster: a store left
+  // by an earlier `local` in the same directory is removed.
+  for (const char* file : {"coordinator.db", "coordinator.db-wal", "coordinator.db-shm"}) {
+    std::error_code ec;
+    std::filesystem::remove(absl::StrCat(log_dir, "/coordinator-state/", file), ec);
+  }
   const std::string port_file = log_dir + "/coordinator.port";
   std::filesystem::remove(port_file);
   const bool with_metrics = absl::GetFlag(FLAGS_metrics);
@@ -217,7 +316,9 @@ int LocalCommand(const std::vector<std::string>& args) {
   if (absl::Status st = cluster.Spawn(
           "coordinator",
           with(with(with({"coordinator", "--listen=127.0.0.1:0", "--port_file=" + port_file,
-                          absl::StrCat("--min_shards=", shards)},
+                          absl::StrCat("--min_shards=", shards),
+                          // a restarted coordinator continues the job
+                          "--state_dir=" + log_dir + "/coordinator-state"},
                          metrics_flags("coordinator", "coordinator")),
                     member_flags),
                storage_flags));
@@ -227,6 +328,7 @@ int LocalCommand(const std::vector<std::string>& args) {
   absl::StatusOr<int> port = cluster.WaitPort(port_file, "coordinator", 30.0);
   if (!port.ok()) return Fail(port.status());
   const std::string coordinator = absl::StrCat("127.0.0.1:", *port);
+  cluster.SetRestartFlag("coordinator", "listen", coordinator);
   absl::SetFlag(&FLAGS_coordinator, coordinator);
   for (int i = 0; i < shards; ++i) {
     const std::string name = absl::StrCat("shard-", i);
@@ -322,10 +424,12 @@ int LocalCommand(const std::vector<std::string>& args) {
                    id->c_str());
       cancel();
     }
-    // A service of this cluster died (nothing restarts it here): stop the
-    // job with a checkpoint instead of waiting for it forever.
+    // A service of this cluster died: it is restarted and the job recovers
+    // (a shard's tensors move, a coordinator continues from its store). One
+    // that keeps dying is left down and the job cancelled with a checkpoint
+    // instead of waiting for it forever.
     if (!lost.load()) {
-      absl::Status alive = cluster.CheckAlive();
+      absl::Status alive = cluster.Supervise();
       if (!alive.ok()) {
         lost.store(true);
         std::fprintf(stderr, "\nmuonps local: %s\nmuonps local: cancelling %s\n",

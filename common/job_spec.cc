@@ -114,6 +114,7 @@ void FillJobDefaults(v1::JobSpec* job) {
   if (!c->has_dir()) c->set_dir("");
   if (!c->has_every_steps()) c->set_every_steps(0);
   if (!c->has_keep_last()) c->set_keep_last(0);
+  if (!c->has_background()) c->set_background(true);
 }
 
 absl::Status ValidateModelConfig(const v1::ModelConfig& m, absl::string_view p) {

@@ -534,8 +534,15 @@ TEST_P(ShardedCheckpointRefusalTest, WritersRefuseIncompleteInput) {
       WriteCheckpointShard(dir, 0, 1, layout_, optimizer(),
                            {{&head, &tensors.at(head.name)}, {&head, &tensors.at(head.name)}});
   EXPECT_THAT(std::string(written.message()), HasSubstr("given twice"));
-  written = WriteCheckpointShard(dir, 1, 1, layout_, optimizer(), {});
+  written = WriteCheckpointShard(dir, 1, 1, layout_, optimizer(),
+                                 std::vector<std::pair<const TensorInfo*, TensorStateView>>{});
   EXPECT_TRUE(absl::IsInvalidArgument(written)) << written;
+  // A borrowed state with a vector missing.
+  TensorStateView partial{&tensors.at(head.name).value, nullptr, &tensors.at(head.name).exp_avg,
+                          &tensors.at(head.name).exp_avg_sq};
+  written = WriteCheckpointShard(dir, 0, 1, layout_, optimizer(), {{&head, partial}});
+  EXPECT_TRUE(absl::IsInvalidArgument(written)) << written;
+  EXPECT_THAT(std::string(written.message()), HasSubstr("has no state"));
 }
 
 INSTANTIATE_TEST_SUITE_P(Muon, ShardedCheckpointRefusalTest, ::testing::Values("muon"));

@@ -190,10 +190,12 @@ class ClusterTest : public testing_util::TempDirTest {
   }
 
   // Starts `muonps ARGS...` with stdout in NAME.out and stderr in NAME.log.
-  ChildProcess& Start(const std::string& name, std::vector<std::string> args) {
+  // `env` ("NAME=VALUE") is added to its environment.
+  ChildProcess& Start(const std::string& name, std::vector<std::string> args,
+                      std::vector<std::string> env = {}) {
     args.insert(args.begin(), MUONPS_BINARY);
-    children_.push_back(
-        std::make_unique<ChildProcess>(std::move(args), Path(name + ".out"), Path(name + ".log")));
+    children_.push_back(std::make_unique<ChildProcess>(std::move(args), Path(name + ".out"),
+                                                       Path(name + ".log"), std::move(env)));
     EXPECT_GT(children_.back()->pid(), 0) << "fork failed";
     return *children_.back();
   }
@@ -322,12 +324,13 @@ class ClusterTest : public testing_util::TempDirTest {
   ChildProcess& StartShard(int i, std::vector<std::string> extra = {}) {
     return StartShard(absl::StrCat("shard-", i), std::move(extra));
   }
-  ChildProcess& StartShard(const std::string& name, std::vector<std::string> extra) {
+  ChildProcess& StartShard(const std::string& name, std::vector<std::string> extra,
+                           std::vector<std::string> env = {}) {
     std::vector<std::string> args = {
         "shard",       "--listen=127.0.0.1:0",        "--coordinator=" + coordinator_,
         "--threads=1", "--checkpoint_root=" + Root(), "--cluster_secret_file=" + SecretFile()};
     args.insert(args.end(), extra.begin(), extra.end());
-    return Start(name, args);
+    return Start(name, args, std::move(env));
   }
   // `muonps numerics --json` with --blas_core=CORE (default when empty): the
   // profile a member started that way would send.

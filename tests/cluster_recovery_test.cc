@@ -63,6 +63,108 @@ TEST_F(ClusterTest, ShardSigkilledMidJobIsRecoveredBitIdentically) {
   ExpectSameCheckpoint(Train("train"), CheckpointOf("cluster", o.total_steps));
 }
 
+// Two shard deaths timing alone would reach only by chance, placed by fail
+// points (common/failpoint.h): one shard SIGKILLs itself in the middle of an
+// ApplyStep (its other tensors not yet updated, while the other shard
+// applied the whole step), its replacement between the files of its part of
+// a checkpoint written in the background. Neither half-updated state nor the
+// half-written checkpoint is used: each recovery loads the last published
+// checkpoint, and the job ends with the bits of an undisturbed run.
+TEST_F(ClusterTest, ShardKilledInsideApplyStepThenInsideACheckpointWrite) {
+  JobOptions o;
+  o.total_steps = 36;
+  o.every_steps = 4;
+  WriteJob("train", o);
+  WriteJob("cluster", o);
+  StartCoordinator(/*min_shards=*/2);
+  StartShard(0);
+  // The 40th tensor update: in the apply of step 2 at the latest (the model
+  // has more than 20 trainable tensors, which two shards share).
+  ChildProcess& in_apply = StartShard("shard-1", {}, {"MUONPS_FAILPOINTS=shard.apply_tensor@40"});
+  StartWorker("worker-a");
+  StartWorker("worker-b");
+  const std::string id = Submit("cluster");
+  ChildProcess& watch = Watch(id);
+  ASSERT_TRUE(in_apply.Wait(60.0).has_value()) << "the fail point in ApplyStep was not reached";
+  EXPECT_THAT(ReadWholeFile(in_apply.err_path()),
+              testing::HasSubstr("fail point shard.apply_tensor"));
+  // Its replacement dies writing the first checkpoint part it is asked for.
+  ChildProcess& in_write = StartShard("shard-2", {}, {"MUONPS_FAILPOINTS=checkpoint.shard_file@1"});
+  ASSERT_TRUE(in_write.Wait(60.0).has_value()) << "the fail point in a checkpoint was not reached";
+  EXPECT_THAT(ReadWholeFile(in_write.err_path()),
+              testing::HasSubstr("fail point checkpoint.shard_file"));
+  StartShard(3);
+
+  EXPECT_EQ(Finish(watch), 0) << ReadWholeFile(watch.err_path());
+  const v1::Job job = Status(id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error();
+  EXPECT_GE(job.recoveries(), 2) << job.last_recovery();
+  std::printf(
+      "shard killed in ApplyStep, then in a checkpoint write: %d recoveries, %lld steps "
+      "lost; %s\n",
+      job.recoveries(), static_cast<long long>(job.steps_lost()), job.last_recovery().c_str());
+  ExpectSameCheckpoint(Train("train"), CheckpointOf("cluster", o.total_steps));
+}
+
+// The pid of a `muonps ROLE` process of the `local` cluster with log
+// directory `log_dir`; -1 if none.
+pid_t LocalService(const std::string& log_dir, const std::string& role) {
+  int port = 0;
+  std::ifstream(log_dir + "/coordinator.port") >> port;
+  const std::string needle = role == "coordinator" ? "--port_file=" + log_dir + "/coordinator.port"
+                                                   : absl::StrCat("--coordinator=127.0.0.1:", port);
+  for (pid_t pid : testing_util::ProcessesMentioning(needle)) {
+    const std::string cmdline = ReadWholeFile(absl::StrCat("/proc/", pid, "/cmdline"));
+    const size_t first = cmdline.find('\0');
+    if (first != std::string::npos &&
+        cmdline.compare(first + 1, role.size() + 1, std::string(role) + '\0') == 0) {
+      return pid;
+    }
+  }
+  return -1;
+}
+
+// `muonps local` restarts its services as Kubernetes restarts pods: a shard
+// and then the coordinator SIGKILLed mid-job come back by themselves, the
+// job recovers (its tensors placed again, the coordinator continuing from
+// its store), and local exits 0 with the bits of an undisturbed run.
+TEST_F(ClusterTest, LocalRestartsTheServicesThatDie) {
+  JobOptions o;
+  o.total_steps = 40;
+  o.every_steps = 4;
+  WriteJob("train", o);
+  WriteJob("cluster", o);
+  const std::string log_dir = Path("local-cluster");
+  ChildProcess& local = Start(
+      "local", {"local", Path("cluster.json"), "--shards=2", "--workers=2", "--threads=1", "--json",
+                "--log_dir=" + log_dir, "--checkpoint_root=" + Root(), "--data_root=" + Root()});
+  const v1::Job at5 = WaitForStep(local, local.out_path(), 5);
+  ASSERT_EQ(at5.state(), v1::JOB_STATE_RUNNING);
+  const pid_t shard = LocalService(log_dir, "shard");
+  ASSERT_GT(shard, 0) << "no shard of the local cluster found";
+  ASSERT_EQ(kill(shard, SIGKILL), 0);
+  const v1::Job recovered = WaitForStep(local, local.out_path(), at5.progress().step() + 6);
+  ASSERT_EQ(recovered.state(), v1::JOB_STATE_RUNNING);
+  EXPECT_GE(recovered.recoveries(), 1);
+  const pid_t coordinator = LocalService(log_dir, "coordinator");
+  ASSERT_GT(coordinator, 0) << "no coordinator of the local cluster found";
+  ASSERT_EQ(kill(coordinator, SIGKILL), 0);
+
+  EXPECT_EQ(Finish(local), 0) << ReadWholeFile(local.err_path());
+  const std::string log = ReadWholeFile(local.err_path());
+  EXPECT_THAT(log, testing::HasSubstr("shard-"));
+  EXPECT_THAT(log, testing::HasSubstr("coordinator exited (killed by signal 9); restarting it"));
+  const std::vector<v1::WatchJobResponse> events = ReadEvents(local.out_path());
+  ASSERT_FALSE(events.empty());
+  const v1::Job& job = events.back().job();
+  EXPECT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error();
+  EXPECT_GE(job.recoveries(), 2) << job.last_recovery();
+  std::printf("local, shard and coordinator SIGKILLed: %d recoveries, %lld steps lost; %s\n",
+              job.recoveries(), static_cast<long long>(job.steps_lost()),
+              job.last_recovery().c_str());
+  ExpectSameCheckpoint(Train("train"), CheckpointOf("cluster", o.total_steps));
+}
+
 // The coordinator SIGKILLed at step 8 of 30 while a second job is queued,
 // and started again on the same address and --state_dir: the running job
 // continues by itself from the shards' own state (no step lost, unless the

@@ -37,13 +37,22 @@ class ChildProcess {
   // `out_path` and stderr to `err_path` (the same file when equal; "" =
   // /dev/null). The child gets SIGKILL when the test process dies.
   // Returns a child that is not running (pid() < 0) when fork fails.
-  ChildProcess(std::vector<std::string> argv, std::string out_path, std::string err_path)
-      : argv_(std::move(argv)), out_path_(std::move(out_path)), err_path_(std::move(err_path)) {
+  // `env` ("NAME=VALUE") is added to this process's environment.
+  ChildProcess(std::vector<std::string> argv, std::string out_path, std::string err_path,
+               std::vector<std::string> env = {})
+      : argv_(std::move(argv)),
+        out_path_(std::move(out_path)),
+        err_path_(std::move(err_path)),
+        env_(std::move(env)) {
     // Everything the child needs is prepared before fork: between fork and
     // exec a child of a threaded process may only make async-signal-safe calls.
     std::vector<char*> args;
     for (std::string& a : argv_) args.push_back(a.data());
     args.push_back(nullptr);
+    std::vector<char*> envp;
+    for (char** e = environ; *e != nullptr; ++e) envp.push_back(*e);
+    for (std::string& e : env_) envp.push_back(e.data());
+    envp.push_back(nullptr);
     const char* out = out_path_.empty() ? "/dev/null" : out_path_.c_str();
     const char* err = err_path_.empty() ? "/dev/null" : err_path_.c_str();
     const bool same = out_path_ == err_path_;
@@ -58,7 +67,7 @@ class ChildProcess {
     if (err_fd >= 0) dup2(err_fd, 2);
     if (out_fd > 2) close(out_fd);
     if (!same && err_fd > 2) close(err_fd);
-    execv(args[0], args.data());
+    execve(args[0], args.data(), envp.data());
     _exit(127);
   }
   ChildProcess(const ChildProcess&) = delete;
@@ -116,6 +125,7 @@ class ChildProcess {
 
   std::vector<std::string> argv_;
   std::string out_path_, err_path_;
+  std::vector<std::string> env_;
   pid_t pid_ = -1;
   std::optional<int> status_;
 };

@@ -333,5 +333,79 @@ TEST_F(ShardServiceTest, SaveCheckpointReadsBackBitForBit) {
   ExpectValues(*resumed, "job-b", 1, ReferenceValues(*reference));
 }
 
+// A background checkpoint answers once the shard holds its snapshot; the
+// next step runs meanwhile; a second call for the same part waits for the
+// write and reports it; the files hold the snapshot's version.
+TEST_F(ShardServiceTest, ABackgroundCheckpointHoldsItsVersionWhileTheNextStepRuns) {
+  std::vector<std::string> all;
+  for (const TensorInfo& t : layout_->tensors()) all.push_back(t.name);
+  ASSERT_TRUE(LoadJob(*shard_, LoadRequest("job-a", all)).ok());
+  std::unique_ptr<ShardState> reference = Reference(all);
+  const std::vector<std::vector<int64_t>> loads = {{4, 0, 2, 2}};
+  auto run_step = [&](int64_t step, bool on_reference) {
+    for (int s = 0; s < kSlots; ++s) {
+      ASSERT_TRUE(PushSlot(*shard_, "job-a", step, s, nullptr, all).ok());
+      if (on_reference)
+        AddToReference(*reference, step, s, 1, SlotGradients(*layout_, all, step, s));
+    }
+    ASSERT_TRUE(Apply(*shard_, "job-a", step, 0.01, 0.9, loads).ok());
+    if (on_reference) {
+      ASSERT_TRUE(reference->ApplyStep(step, 0.01, 0.9, loads).ok());
+    }
+  };
+  run_step(0, true);
+  const std::string step_dir = Path("step-00000001"), other_dir = Path("other");
+  std::filesystem::create_directories(step_dir);
+  std::filesystem::create_directories(other_dir);
+  auto save = [&](const std::string& dir, int64_t version, bool background,
+                  v1::SaveCheckpointResponse* response) {
+    grpc::ClientContext context;
+    v1::SaveCheckpointRequest request;
+    request.set_job_id("job-a");
+    request.set_dir(dir);
+    request.set_shard_index(0);
+    request.set_shard_count(1);
+    request.set_version(version);
+    request.set_background(background);
+    return shard_->stub->SaveCheckpoint(&context, request, response);
+  };
+  v1::SaveCheckpointResponse started, finished, refused;
+  grpc::Status wrong = save(step_dir, 0, true, &refused);
+  EXPECT_EQ(wrong.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << Describe(wrong);
+  grpc::Status status = save(step_dir, 1, true, &started);
+  ASSERT_TRUE(status.ok()) << Describe(status);
+  run_step(1, false);  // the shard is at version 2 now
+  status = save(step_dir, 1, false, &finished);
+  ASSERT_TRUE(status.ok()) << Describe(status);
+  EXPECT_EQ(finished.bytes(), started.bytes());
+  // Another directory at version 1 is a new write: the shard is elsewhere.
+  status = save(other_dir, 1, false, &refused);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << Describe(status);
+
+  std::map<std::string, int> owner;
+  for (const std::string& name : all) owner[name] = 0;
+  v1::TrainerState trainer;
+  trainer.set_step(1);
+  *trainer.mutable_job() = job_;
+  ASSERT_TRUE(
+      WriteCheckpointIndex(step_dir, 1, *layout_, job_.optimizer().name(), owner, trainer).ok());
+  absl::StatusOr<std::map<std::string, TensorState>> read =
+      ReadCheckpointTensors(step_dir, *layout_, job_.model(), job_.optimizer().name(), all);
+  ASSERT_TRUE(read.ok()) << read.status();
+  int64_t bytes = 0;
+  reference->Visit([&](const TensorInfo& info, const std::vector<float>& value,
+                       const std::vector<float>& momentum, const std::vector<float>& exp_avg,
+                       const std::vector<float>& exp_avg_sq) {
+    const TensorState& got = read->at(info.name);
+    EXPECT_TRUE(SameBits(got.value, value)) << info.name;
+    EXPECT_TRUE(SameBits(got.momentum, momentum)) << info.name;
+    EXPECT_TRUE(SameBits(got.exp_avg, exp_avg)) << info.name;
+    EXPECT_TRUE(SameBits(got.exp_avg_sq, exp_avg_sq)) << info.name;
+    bytes += static_cast<int64_t>(
+        (value.size() + momentum.size() + exp_avg.size() + exp_avg_sq.size()) * sizeof(float));
+  });
+  EXPECT_EQ(started.bytes(), bytes);
+}
+
 }  // namespace
 }  // namespace muonps

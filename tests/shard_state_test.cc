@@ -232,6 +232,76 @@ TEST_F(ShardStateTest, BadPushesAreRefusedAndChangeNothing) {
   EXPECT_EQ(shard.version(), 1);
 }
 
+bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+}
+
+// A snapshot keeps its version's values and optimizer state while the next
+// steps update the shard (copy on write), and taking one changes no bit of
+// what the shard computes.
+TEST_F(ShardStateTest, ASnapshotKeepsItsVersionWhileStepsGoOn) {
+  const v1::JobSpec job = Job("muon", "aux_free_bias");
+  const std::vector<std::string> names = {"model.layers.0.self_attn.q_proj.weight",  // Muon
+                                          "model.norm.weight"};                      // AdamW
+  auto make = [&] {
+    absl::StatusOr<std::unique_ptr<ShardState>> created = ShardState::Create(job, names);
+    EXPECT_TRUE(created.ok()) << created.status();
+    return std::move(*created);
+  };
+  auto step = [&](ShardState& shard, int64_t s) {
+    for (int slot = 0; slot < 3; ++slot) {
+      for (const std::string& name : names) {
+        const TensorInfo* info = shard.layout().Find(name);
+        std::vector<float> g(info->numel);
+        for (size_t i = 0; i < g.size(); ++i) {
+          g[i] = 0.01f * static_cast<float>((i * 7 + slot * 3 + s) % 11) - 0.05f;
+        }
+        ASSERT_TRUE(shard.AddSlotGradient(s, slot, name, g.data(), info->numel).ok());
+      }
+    }
+    ASSERT_TRUE(shard.ApplyStep(s, 0.01, 1.0, {}).ok());
+  };
+  using State = std::map<std::string, std::vector<std::vector<float>>>;
+  auto state_of = [](const ShardState& shard) {
+    State out;
+    shard.Visit([&](const TensorInfo& info, const std::vector<float>& value,
+                    const std::vector<float>& momentum, const std::vector<float>& exp_avg,
+                    const std::vector<float>& exp_avg_sq) {
+      out[info.name] = {value, momentum, exp_avg, exp_avg_sq};
+    });
+    return out;
+  };
+  std::unique_ptr<ShardState> shard = make(), plain = make();
+  step(*shard, 0);
+  step(*plain, 0);
+  const State at1 = state_of(*shard);
+  ShardState::StateSnapshot snapshot = shard->TakeSnapshot();
+  EXPECT_EQ(snapshot.version, 1);
+  ASSERT_EQ(snapshot.tensors.size(), names.size());
+  step(*shard, 1);
+  step(*plain, 1);
+  int64_t bytes = 0;
+  for (const ShardState::StateSnapshot::Entry& e : snapshot.tensors) {
+    const std::vector<std::vector<float>>& want = at1.at(e.info->name);
+    EXPECT_TRUE(SameBits(*e.value, want[0])) << e.info->name;
+    EXPECT_TRUE(SameBits(*e.momentum, want[1])) << e.info->name;
+    EXPECT_TRUE(SameBits(*e.exp_avg, want[2])) << e.info->name;
+    EXPECT_TRUE(SameBits(*e.exp_avg_sq, want[3])) << e.info->name;
+    bytes += static_cast<int64_t>(
+        (want[0].size() + want[1].size() + want[2].size() + want[3].size()) * sizeof(float));
+  }
+  EXPECT_EQ(snapshot.bytes(), bytes);
+  // The shard went on: step 2's state, the same as a shard never snapshotted.
+  const State at2 = state_of(*shard), want2 = state_of(*plain);
+  for (const auto& [name, buffers] : want2) {
+    for (size_t b = 0; b < buffers.size(); ++b) {
+      EXPECT_TRUE(SameBits(at2.at(name)[b], buffers[b])) << name << " buffer " << b;
+    }
+    EXPECT_FALSE(SameBits(at2.at(name)[0], at1.at(name)[0])) << name;
+  }
+}
+
 TEST_F(ShardStateTest, SlotRangesAreCountedOnceAndNeverOverlap) {
   const v1::JobSpec job = Job("muon", "aux_free_bias");  // 3 slots
   const std::string w = "model.layers.0.self_attn.q_proj.weight";

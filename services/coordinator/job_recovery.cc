@@ -142,6 +142,16 @@ void Coordinator::JobRun::Recovered(const std::string& role, const std::string& 
 }
 
 absl::Status Coordinator::JobRun::Steps(int64_t* reached) {
+  absl::Status st = RunSteps(reached);
+  // The placement changes only after the checkpoint in the background is done.
+  absl::Status written = AwaitCheckpoint();
+  if (st.ok() && !written.ok()) {
+    return absl::Status(written.code(), absl::StrCat("checkpoint: ", written.message()));
+  }
+  return st;
+}
+
+absl::Status Coordinator::JobRun::RunSteps(int64_t* reached) {
   *reached = start_step_;
   for (int64_t step = start_step_; step < total_; ++step) {
     const absl::Time step_start = absl::Now();
@@ -176,7 +186,8 @@ absl::Status Coordinator::JobRun::Steps(int64_t* reached) {
     // A shard that is leaving hands its tensors over through a checkpoint
     // of this step: nothing is computed again.
     if (due || (!leaving.empty() && !spec_.checkpoint().dir().empty())) {
-      if (absl::Status st = Checkpoint(done); !st.ok()) {
+      const bool background = leaving.empty() && spec_.checkpoint().background();
+      if (absl::Status st = Checkpoint(done, background); !st.ok()) {
         return absl::Status(st.code(), absl::StrCat("checkpoint: ", st.message()));
       }
     }

@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -434,40 +435,62 @@ void Coordinator::JobRun::Publish(int64_t done, absl::Time step_start, absl::Tim
   m.global_seconds.Observe(absl::ToDoubleSeconds(applied - reported));
 }
 
-absl::Status Coordinator::JobRun::Checkpoint(int64_t version) {
+absl::Status Coordinator::JobRun::Checkpoint(int64_t version, bool background) {
+  MUONPS_RETURN_IF_ERROR(AwaitCheckpoint());
   const std::string& root = spec_.checkpoint().dir();
   if (root.empty()) return absl::OkStatus();
   const std::string final_dir = absl::StrCat(root, "/", CheckpointName(version));
   const CheckpointWriter writer{owner_, job_id_};
   MUONPS_ASSIGN_OR_RETURN(const std::string staging, CreateStagingDir(final_dir, writer));
-  MUONPS_RETURN_IF_ERROR(ForEachShard(n_, [&](int i) {
-    grpc::ClientContext context;
-    SetUp(&context, i);
-    v1::SaveCheckpointRequest request;
-    request.set_job_id(job_id_);
-    request.set_dir(staging);
-    request.set_shard_index(i);
-    request.set_shard_count(n_);
-    request.set_version(version);
-    v1::SaveCheckpointResponse response;
-    return ShardStatus(stubs_[i]->SaveCheckpoint(&context, request, &response), i,
-                       "SaveCheckpoint");
-  }));
+  // Every shard writes its part; in the background, each answers once it
+  // holds a snapshot of `version`, and a second call waits for the write.
+  auto save = [this, staging, version](bool in_background) {
+    return ForEachShard(n_, [&](int i) {
+      grpc::ClientContext context;
+      SetUp(&context, i);
+      v1::SaveCheckpointRequest request;
+      request.set_job_id(job_id_);
+      request.set_dir(staging);
+      request.set_shard_index(i);
+      request.set_shard_count(n_);
+      request.set_version(version);
+      request.set_background(in_background);
+      v1::SaveCheckpointResponse response;
+      return ShardStatus(stubs_[i]->SaveCheckpoint(&context, request, &response), i,
+                         "SaveCheckpoint");
+    });
+  };
+  MUONPS_RETURN_IF_ERROR(save(background));
   v1::TrainerState trainer;
   trainer.set_step(version);
   *trainer.mutable_job() = spec_;
   trainer.set_tokens_seen(version * global_tokens_);
   trainer.set_last_val_loss(last_val_.value_or(std::nan("")));
   *trainer.mutable_numerics() = LocalNumerics();
-  MUONPS_RETURN_IF_ERROR(WriteCheckpointIndex(staging, n_, *layout_, spec_.optimizer().name(),
-                                              placement_.owner, trainer));
-  MUONPS_RETURN_IF_ERROR(PublishStagingDir(staging, final_dir, writer));
-  PruneCheckpoints(root, spec_.checkpoint().keep_last(), owner_);
-  absl::MutexLock lock(&c_->mu_);
-  JobRecord& record = c_->jobs_.at(job_id_);
-  record.job.set_last_checkpoint(final_dir);
-  c_->EmitLocked(record, v1::JOB_EVENT_KIND_CHECKPOINT);
+  // The index, then the directory published under its final name.
+  auto publish = [this, save, background, staging, final_dir, writer,
+                  trainer = std::move(trainer)]() -> absl::Status {
+    if (background) MUONPS_RETURN_IF_ERROR(save(false));
+    MUONPS_RETURN_IF_ERROR(WriteCheckpointIndex(staging, n_, *layout_, spec_.optimizer().name(),
+                                                placement_.owner, trainer));
+    MUONPS_RETURN_IF_ERROR(PublishStagingDir(staging, final_dir, writer));
+    PruneCheckpoints(spec_.checkpoint().dir(), spec_.checkpoint().keep_last(), owner_);
+    absl::MutexLock lock(&c_->mu_);
+    JobRecord& record = c_->jobs_.at(job_id_);
+    record.job.set_last_checkpoint(final_dir);
+    c_->EmitLocked(record, v1::JOB_EVENT_KIND_CHECKPOINT);
+    return absl::OkStatus();
+  };
+  if (!background) return publish();
+  checkpoint_thread_ =
+      std::thread([this, publish = std::move(publish)] { checkpoint_status_ = publish(); });
   return absl::OkStatus();
+}
+
+absl::Status Coordinator::JobRun::AwaitCheckpoint() {
+  if (!checkpoint_thread_.joinable()) return absl::OkStatus();
+  checkpoint_thread_.join();
+  return std::exchange(checkpoint_status_, absl::OkStatus());
 }
 
 void Coordinator::JobRun::Stop(const absl::Status& why, int64_t version) {

@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -33,6 +34,9 @@ absl::Status ForEachShard(int n, const std::function<absl::Status(int)>& fn);
 class Coordinator::JobRun {
  public:
   JobRun(Coordinator* c, std::string job_id) : c_(c), job_id_(std::move(job_id)) {}
+  ~JobRun() { AwaitCheckpoint().IgnoreError(); }
+  JobRun(const JobRun&) = delete;
+  JobRun& operator=(const JobRun&) = delete;
 
   // Runs the job to its end, or puts it back at the head of the queue when a
   // shard left between dequeuing and placement. A lost shard (or a restarted
@@ -56,6 +60,7 @@ class Coordinator::JobRun {
   // Runs steps start_step_.. to the end (the final checkpoint included);
   // `reached` is the last step whose update every shard applied.
   absl::Status Steps(int64_t* reached);
+  absl::Status RunSteps(int64_t* reached);
   // After a loss: waits for enough live shards (false when the job was
   // cancelled or the coordinator shuts down meanwhile), then takes them as
   // the job's shards with a new job key, to be placed and loaded again.
@@ -116,7 +121,14 @@ class Coordinator::JobRun {
   // Progress, events and metrics of a completed step.
   void Publish(int64_t done, absl::Time step_start, absl::Time reported, absl::Time applied,
                double loss, double norm, double lr, const SlotSums& sums);
-  absl::Status Checkpoint(int64_t version);
+  // Writes and publishes the checkpoint of step `version` (after waiting for
+  // the one in the background, if any). With `background`, returns once every
+  // shard holds a snapshot of `version`; the parts are written while the next
+  // steps run, and the directory published when all are durable
+  // (AwaitCheckpoint).
+  absl::Status Checkpoint(int64_t version, bool background = false);
+  // Waits for the checkpoint written in the background, if any: its outcome.
+  absl::Status AwaitCheckpoint();
   // Ends the job after a stop at `version`: a checkpoint first when cancelled
   // after steps were run.
   void Stop(const absl::Status& why, int64_t version);
@@ -152,6 +164,10 @@ class Coordinator::JobRun {
   absl::Time started_;
   std::optional<double> last_val_;
   int64_t val_step_ = 0;
+  // Publishes the checkpoint written in the background; reads the placement,
+  // which stays as it is until it is joined (AwaitCheckpoint).
+  std::thread checkpoint_thread_;
+  absl::Status checkpoint_status_;  // its outcome, read after the join
 };
 
 }  // namespace muonps

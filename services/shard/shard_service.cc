@@ -8,8 +8,10 @@
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <future>
 #include <limits>
 #include <map>
+#include <optional>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -17,6 +19,7 @@
 #include "checkpoint/checkpoint.h"
 #include "common/confine.h"
 #include "common/job_spec.h"
+#include "common/status_macros.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "rpc/auth.h"
 #include "rpc/metrics.h"
@@ -346,34 +349,72 @@ grpc::Status ShardServiceImpl::SaveCheckpoint(grpc::ServerContext* context,
                   absl::StrCat("dir: ", request->dir(),
                                " is not a checkpoint staging directory muonps created"));
   }
-  // Copies under the state's lock, written without it.
-  std::vector<TensorState> copies;
-  std::vector<const TensorInfo*> infos;
-  const int64_t version =
-      (*state)->Visit([&](const TensorInfo& info, const std::vector<float>& value,
-                          const std::vector<float>& momentum, const std::vector<float>& exp_avg,
-                          const std::vector<float>& exp_avg_sq) {
-        infos.push_back(&info);
-        copies.push_back(TensorState{value, momentum, exp_avg, exp_avg_sq});
-      });
-  if (version != request->version()) {
+  const std::shared_ptr<ShardState> held = *state;
+  const int index = request->shard_index(), count = request->shard_count();
+  // The outcome of a background write of this directory and version.
+  if (!request->background()) {
+    std::optional<std::shared_future<absl::StatusOr<int64_t>>> pending;
+    {
+      absl::MutexLock lock(&write_mu_);
+      if (write_.has_value() && write_->job_id == request->job_id() && write_->dir == *dir &&
+          write_->version == request->version() && write_->index == index &&
+          write_->count == count) {
+        pending = write_->done;
+      }
+    }
+    if (pending.has_value()) {
+      const absl::StatusOr<int64_t>& written = pending->get();
+      if (!written.ok()) return ToGrpcStatus(written.status());
+      response->set_bytes(*written);
+      return grpc::Status::OK;
+    }
+  }
+  // Every tensor at one version, shared, not copied: the next steps update
+  // copies of what the write still reads.
+  ShardState::StateSnapshot snapshot = held->TakeSnapshot();
+  if (snapshot.version != request->version()) {
     return Refuse(absl::StatusCode::kFailedPrecondition,
                   absl::StrCat("version: checkpoint asked at version ", request->version(),
-                               ", the shard is at ", version));
+                               ", the shard is at ", snapshot.version));
   }
-  std::vector<std::pair<const TensorInfo*, const TensorState*>> tensors;
-  int64_t bytes = 0;
-  for (size_t i = 0; i < infos.size(); ++i) {
-    tensors.emplace_back(infos[i], &copies[i]);
-    const TensorState& c = copies[i];
-    bytes += static_cast<int64_t>(
-        (c.value.size() + c.momentum.size() + c.exp_avg.size() + c.exp_avg_sq.size()) *
-        sizeof(float));
+  const int64_t bytes = snapshot.bytes();
+  auto write = [held, index, count, path = *dir,
+                held_snapshot = std::move(snapshot)]() mutable -> absl::StatusOr<int64_t> {
+    // Released when the write ends: from then on steps update in place.
+    const ShardState::StateSnapshot snapshot = std::move(held_snapshot);
+    std::vector<std::pair<const TensorInfo*, TensorStateView>> tensors;
+    tensors.reserve(snapshot.tensors.size());
+    for (const ShardState::StateSnapshot::Entry& e : snapshot.tensors) {
+      tensors.emplace_back(e.info, TensorStateView{e.value.get(), e.momentum.get(), e.exp_avg.get(),
+                                                   e.exp_avg_sq.get()});
+    }
+    MUONPS_RETURN_IF_ERROR(WriteCheckpointShard(path, index, count, held->layout(),
+                                                held->job().optimizer().name(), tensors));
+    return snapshot.bytes();
+  };
+  if (!request->background()) {
+    absl::StatusOr<int64_t> written = write();
+    if (!written.ok()) return ToGrpcStatus(written.status());
+    response->set_bytes(*written);
+    return grpc::Status::OK;
   }
-  absl::Status st =
-      WriteCheckpointShard(*dir, request->shard_index(), request->shard_count(), (*state)->layout(),
-                           (*state)->job().optimizer().name(), tensors);
-  if (!st.ok()) return ToGrpcStatus(st);
+  // One write in the background at a time: a new one waits for the last.
+  std::optional<CheckpointWrite> last;
+  {
+    absl::MutexLock lock(&write_mu_);
+    last.swap(write_);
+  }
+  if (last.has_value()) last->done.wait();
+  CheckpointWrite next{request->job_id(),
+                       *dir,
+                       request->version(),
+                       index,
+                       count,
+                       std::async(std::launch::async, std::move(write)).share()};
+  {
+    absl::MutexLock lock(&write_mu_);
+    write_ = std::move(next);
+  }
   response->set_bytes(bytes);
   return grpc::Status::OK;
 }

@@ -6,6 +6,7 @@
 #ifndef MUONPS_SERVICES_SHARD_SHARD_SERVICE_H_
 #define MUONPS_SERVICES_SHARD_SHARD_SERVICE_H_
 
+#include <future>
 #include <memory>
 #include <optional>
 #include <set>
@@ -122,6 +123,17 @@ class ShardServiceImpl final
   std::string member_secret_ ABSL_GUARDED_BY(mu_);
   std::string job_key_ ABSL_GUARDED_BY(mu_);  // of the held job
   std::optional<std::vector<std::string>> checkpoint_roots_ ABSL_GUARDED_BY(mu_);
+  // The checkpoint part written in the background (SaveCheckpoint with
+  // `background`), at most one: whose it is and its outcome (bytes written).
+  // Destroying the last copy of `done` waits for the write.
+  struct CheckpointWrite {
+    std::string job_id, dir;
+    int64_t version = 0;
+    int index = 0, count = 0;
+    std::shared_future<absl::StatusOr<int64_t>> done;
+  };
+  absl::Mutex write_mu_;
+  std::optional<CheckpointWrite> write_ ABSL_GUARDED_BY(write_mu_);
 };
 
 }  // namespace muonps

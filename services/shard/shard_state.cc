@@ -6,6 +6,7 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "common/failpoint.h"
 #include "common/parallel.h"
 #include "optim/grad_norm.h"
 #include "optim/tensor_update.h"
@@ -29,13 +30,16 @@ absl::StatusOr<std::unique_ptr<ShardState>> ShardState::Create(
     Tensor& t = shard->tensors_[name];
     t.info = info;
     t.value = std::make_shared<std::vector<float>>(info->numel);
+    t.momentum = std::make_shared<std::vector<float>>();
+    t.exp_avg = std::make_shared<std::vector<float>>();
+    t.exp_avg_sq = std::make_shared<std::vector<float>>();
     InitTensor(*info, job.seed(), job.model().initializer_range(), t.value->data());
     if (info->trainable()) {
       if (UsesMuon(*info, job.optimizer().name())) {
-        t.momentum.assign(info->numel, 0.0f);
+        t.momentum->assign(info->numel, 0.0f);
       } else {
-        t.exp_avg.assign(info->numel, 0.0f);
-        t.exp_avg_sq.assign(info->numel, 0.0f);
+        t.exp_avg->assign(info->numel, 0.0f);
+        t.exp_avg_sq->assign(info->numel, 0.0f);
       }
       t.covered_by.assign(job.batch().slots(), -1);
     }
@@ -63,10 +67,10 @@ absl::Status ShardState::Restore(const std::string& name, std::vector<float> val
     }
     return absl::OkStatus();
   };
-  for (const auto& [v, now, what] :
-       {std::tuple(&value, t.value.get(), "parameter"),
-        std::tuple(&momentum, &t.momentum, "momentum"), std::tuple(&exp_avg, &t.exp_avg, "exp_avg"),
-        std::tuple(&exp_avg_sq, &t.exp_avg_sq, "exp_avg_sq")}) {
+  for (const auto& [v, now, what] : {std::tuple(&value, t.value.get(), "parameter"),
+                                     std::tuple(&momentum, t.momentum.get(), "momentum"),
+                                     std::tuple(&exp_avg, t.exp_avg.get(), "exp_avg"),
+                                     std::tuple(&exp_avg_sq, t.exp_avg_sq.get(), "exp_avg_sq")}) {
     if (absl::Status st = check(*v, *now, what); !st.ok()) return st;
   }
   if (!t.received.empty()) {
@@ -74,9 +78,9 @@ absl::Status ShardState::Restore(const std::string& name, std::vector<float> val
         absl::StrCat("tensor ", name, ": cannot restore after gradients arrived"));
   }
   t.value = std::make_shared<std::vector<float>>(std::move(value));
-  t.momentum = std::move(momentum);
-  t.exp_avg = std::move(exp_avg);
-  t.exp_avg_sq = std::move(exp_avg_sq);
+  t.momentum = std::make_shared<std::vector<float>>(std::move(momentum));
+  t.exp_avg = std::make_shared<std::vector<float>>(std::move(exp_avg));
+  t.exp_avg_sq = std::make_shared<std::vector<float>>(std::move(exp_avg_sq));
   return absl::OkStatus();
 }
 
@@ -138,9 +142,31 @@ int64_t ShardState::Visit(
   absl::MutexLock lock(&mu_);
   for (const std::string& name : order_) {
     const Tensor& t = tensors_.at(name);
-    visit(*t.info, *t.value, t.momentum, t.exp_avg, t.exp_avg_sq);
+    visit(*t.info, *t.value, *t.momentum, *t.exp_avg, *t.exp_avg_sq);
   }
   return version_;
+}
+
+ShardState::StateSnapshot ShardState::TakeSnapshot() const {
+  StateSnapshot out;
+  absl::MutexLock lock(&mu_);
+  out.version = version_;
+  out.tensors.reserve(order_.size());
+  for (const std::string& name : order_) {
+    const Tensor& t = tensors_.at(name);
+    out.tensors.push_back({t.info, t.value, t.momentum, t.exp_avg, t.exp_avg_sq});
+  }
+  return out;
+}
+
+int64_t ShardState::StateSnapshot::bytes() const {
+  int64_t n = 0;
+  for (const Entry& e : tensors) {
+    n += static_cast<int64_t>(
+        (e.value->size() + e.momentum->size() + e.exp_avg->size() + e.exp_avg_sq->size()) *
+        sizeof(float));
+  }
+  return n;
 }
 
 absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int slot_count,
@@ -316,12 +342,16 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
   RunTensorUpdates(infos, oc.name(), [&](size_t k) {
     Tensor& t = *trainable[k];
     const auto start = std::chrono::steady_clock::now();
-    // A pull may still be streaming this version: update a copy then.
-    if (t.value.use_count() > 1) t.value = std::make_shared<std::vector<float>>(*t.value);
+    // A pull may still be streaming this version, or a checkpoint writing
+    // it: update a copy then.
+    for (auto* buffer : {&t.value, &t.momentum, &t.exp_avg, &t.exp_avg_sq}) {
+      if (buffer->use_count() > 1) *buffer = std::make_shared<std::vector<float>>(**buffer);
+    }
+    FailPoint("shard.apply_tensor");
     std::vector<float> before;
     if (stats != nullptr) before = *t.value;
-    UpdateTensor(*t.info, update, t.value->data(), t.momentum.data(), t.exp_avg.data(),
-                 t.exp_avg_sq.data(), t.grad.data());
+    UpdateTensor(*t.info, update, t.value->data(), t.momentum->data(), t.exp_avg->data(),
+                 t.exp_avg_sq->data(), t.grad.data());
     seconds[k] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (stats != nullptr) {
       double sq = 0.0;

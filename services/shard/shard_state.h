@@ -68,6 +68,22 @@ class ShardState {
           const TensorInfo&, const std::vector<float>& value, const std::vector<float>& momentum,
           const std::vector<float>& exp_avg, const std::vector<float>& exp_avg_sq)>& visit) const;
 
+  // Every owned tensor's values and optimizer state at one version, shared,
+  // not copied: an update while the snapshot is held writes new buffers
+  // (copy on write), so a checkpoint is written from it while the next steps
+  // run. Taking one costs a few pointer copies under the lock.
+  struct StateSnapshot {
+    struct Entry {
+      const TensorInfo* info = nullptr;
+      Snapshot value, momentum, exp_avg, exp_avg_sq;  // never null; empty if not kept
+    };
+    int64_t version = 0;
+    std::vector<Entry> tensors;  // layout order
+    // Bytes of values and state together.
+    int64_t bytes() const;
+  };
+  StateSnapshot TakeSnapshot() const;
+
   // One gradient of one tensor for `step`: of slot `first_slot` alone
   // (slot_count 1), or the left-to-right float32 sum of slots
   // 0..slot_count-1 (only from slot 0: that sum is exactly the prefix the
@@ -141,8 +157,8 @@ class ShardState {
  private:
   struct Tensor {
     const TensorInfo* info;
-    std::shared_ptr<std::vector<float>> value;  // shared with pulls in flight
-    std::vector<float> momentum, exp_avg, exp_avg_sq;
+    // Shared with pulls and snapshots in flight (copy on write); never null.
+    std::shared_ptr<std::vector<float>> value, momentum, exp_avg, exp_avg_sq;
     // Received gradients by first slot: a single slot, or the prefix sum of
     // slots [0, count) at key 0. `covered_by[s]` = key covering slot s, -1 none.
     std::map<int, std::pair<int, std::vector<float>>> received;
