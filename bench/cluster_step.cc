@@ -46,7 +46,8 @@
 ABSL_FLAG(int, steps, 30, "Steps of each run (the job's schedule.total_steps)");
 ABSL_FLAG(int, warmup, 5, "Leading steps of each run left out of its median");
 ABSL_FLAG(int, reps, 3,
-          "Rounds of (train, 1+1, 2+2, 2+2 with a checkpoint every 10 steps); medians over rounds "
+          "Rounds of (train, 1+1, 2+2, 2+2 with a checkpoint every 10 steps in the background and "
+          "waited for); medians over rounds "
           "are reported");
 ABSL_FLAG(int, threads, 0, "--threads for every run (0 = the binary's default, all cores)");
 ABSL_FLAG(std::string, binary, MUONPS_BINARY, "The muonps binary to run");
@@ -154,7 +155,11 @@ StepTimes ParseWatchJson(const std::string& text, double* wall) {
 // steps warmup+1 .. steps-1.
 RunFigures RunOnce(const Setup& setup, const std::string& binary, const std::string& job_path,
                    const std::string& dir, int round, int steps, int warmup, int threads) {
-  const std::string tag = absl::StrCat(dir, "/", setup.name, "-", round);
+  std::string file_name = setup.name;  // "2+2 ckpt/10" -> "2+2_ckpt_10"
+  for (char& c : file_name) {
+    if (c == ' ' || c == '/') c = '_';
+  }
+  const std::string tag = absl::StrCat(dir, "/", file_name, "-", round);
   const std::string out = tag + ".out", err = tag + ".err";
   std::vector<std::string> argv = {binary};
   std::string jsonl;

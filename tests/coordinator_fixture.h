@@ -179,8 +179,10 @@ class CoordinatorTest : public testing_util::TempDirTest {
     options.shard_rpc_seconds = 60.0;
     if (configure) configure(&options);
     coordinator_ = std::make_unique<Coordinator>(options);
-    absl::StatusOr<std::unique_ptr<GrpcServer>> server =
-        GrpcServer::Start({}, {coordinator_->job_service(), coordinator_->cluster_service()});
+    GrpcServerOptions server_options;
+    server_options.address = coordinator_address_;
+    absl::StatusOr<std::unique_ptr<GrpcServer>> server = GrpcServer::Start(
+        server_options, {coordinator_->job_service(), coordinator_->cluster_service()});
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = std::move(*server);
     if (serving) server_->SetServing(true);
@@ -325,6 +327,9 @@ class CoordinatorTest : public testing_util::TempDirTest {
     return *job;
   }
 
+  // Where StartCoordinator listens (a restarted coordinator on the address
+  // its members know).
+  std::string coordinator_address_ = "127.0.0.1:0";
   std::unique_ptr<Coordinator> coordinator_;
   std::unique_ptr<GrpcServer> server_;
   std::unique_ptr<v1::JobService::Stub> jobs_;

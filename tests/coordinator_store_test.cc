@@ -25,6 +25,21 @@ class CoordinatorStoreTest : public CoordinatorTest {
     coordinator_.reset();
     server_.reset();
   }
+  // The job as the store holds it (no coordinator running).
+  v1::Job GetStoredJob(const std::string& id) {
+    absl::StatusOr<std::unique_ptr<JobStore>> store = JobStore::Open(Path("state"));
+    EXPECT_TRUE(store.ok()) << store.status();
+    if (!store.ok()) return {};
+    absl::StatusOr<std::vector<StoredJob>> jobs = (*store)->Load(16);
+    EXPECT_TRUE(jobs.ok()) << jobs.status();
+    if (jobs.ok()) {
+      for (const StoredJob& j : *jobs) {
+        if (j.job.job_id() == id) return j.job;
+      }
+    }
+    ADD_FAILURE() << "no stored job " << id;
+    return {};
+  }
   std::vector<v1::Job> List() {
     grpc::ClientContext context;
     v1::ListJobsResponse response;
@@ -88,6 +103,97 @@ TEST_F(CoordinatorStoreTest, JobsOutliveTheCoordinator) {
   // leaves the third queued.
   ASSERT_TRUE(Cancel(ids[0]).ok());
   EXPECT_EQ(GetJob(ids[2]).state(), v1::JOB_STATE_QUEUED);
+}
+
+// A restarted coordinator takes the running job up from the shards only when
+// they all hold the same step. Here one shard went back to an older step
+// while no coordinator ran (as a shard restored from an older state would):
+// its state is refused, not merged, every shard loads the last checkpoint,
+// and the job ends with the single-process trainer's bits.
+TEST_F(CoordinatorStoreTest, AShardBackAtAnOlderStepIsRefusedNotMerged) {
+  auto start = [&] {
+    absl::StatusOr<std::unique_ptr<JobStore>> store = JobStore::Open(Path("state"));
+    ASSERT_TRUE(store.ok()) << store.status();
+    std::shared_ptr<JobStore> shared = std::move(*store);
+    StartCoordinator(0.1, 3.0, /*min_shards=*/2, true,
+                     [&](CoordinatorOptions* o) { o->store = shared; });
+  };
+  start();
+  coordinator_address_ = server_->address();
+  StartShards(2);
+  StartWorkers(2);
+  const v1::JobSpec spec = TinyJob(24, Path("cluster"));  // checkpoints every 2 steps
+  std::string id;
+  ASSERT_TRUE(Submit(spec, &id).ok());
+  ASSERT_TRUE(WaitFor([&] { return GetJob(id).progress().step() >= 5; }, 60.0));
+  StopCoordinator();
+  const v1::Job stopped = GetStoredJob(id);
+  ASSERT_EQ(stopped.state(), v1::JOB_STATE_RUNNING);
+  ASSERT_FALSE(stopped.last_checkpoint().empty());
+  const int64_t at = stopped.progress().step();
+
+  // Shard 1 goes back to step 2 (it keeps its tensors, with the state of
+  // the checkpoint of step 2).
+  ASSERT_EQ(stopped.placement_size(), 2);
+  const std::string secret = "test-secret";
+  shards_[1]->service.SetMemberSecret(secret);
+  auto stub = v1::ShardService::NewStub(MakeChannel(shards_[1]->server->address()));
+  grpc::ClientContext context;
+  context.AddMetadata(kMemberSecretHeader, secret);
+  v1::LoadJobRequest back;
+  back.set_job_id(id);
+  *back.mutable_spec() = stopped.spec();
+  for (const v1::ShardPlacement& p : stopped.placement()) {
+    if (p.address() == shards_[1]->server->address()) *back.mutable_tensors() = p.tensors();
+  }
+  ASSERT_GT(back.tensors_size(), 0);
+  back.set_resume_from(Path("cluster/step-00000002"));
+  back.set_replace(true);
+  back.set_reload(true);
+  back.set_job_key("stale");
+  v1::LoadJobResponse loaded;
+  const grpc::Status status = stub->LoadJob(&context, back, &loaded);
+  ASSERT_TRUE(status.ok()) << Describe(status);
+  ASSERT_EQ(loaded.version(), 2);
+  ASSERT_GT(at, 2);
+
+  start();
+  ASSERT_TRUE(WaitFor([&] { return GetJob(id).state() != v1::JOB_STATE_RUNNING; }, 120.0));
+  const v1::Job job = GetJob(id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error();
+  EXPECT_GE(job.recoveries(), 1);
+  // Loaded from a checkpoint, not from the shards' steps: some steps again.
+  EXPECT_THAT(job.last_recovery(), testing::Not(testing::HasSubstr(" 0 step(s) to compute")))
+      << job.last_recovery();
+  std::printf("shard 1 back at step 2, shard 0 at step %lld: %s\n", static_cast<long long>(at),
+              job.last_recovery().c_str());
+
+  // The same job in one process.
+  v1::JobSpec single = spec;
+  single.mutable_checkpoint()->set_dir(Path("trainer"));
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(single, {});
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  absl::StatusOr<TrainSummary> summary = (*trainer)->Run();
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  const ModelLayout layout(spec.model());
+  auto read = [&](const std::string& dir) {
+    TrainingState state;
+    for (auto* v : {&state.params, &state.momentum, &state.exp_avg, &state.exp_avg_sq}) {
+      v->assign(static_cast<size_t>(layout.total_floats()), 0.0f);
+    }
+    absl::Status st = ReadCheckpoint(dir, layout, spec.model(), spec.optimizer().name(), &state);
+    EXPECT_TRUE(st.ok()) << dir << ": " << st;
+    return state;
+  };
+  const TrainingState got = read(job.last_checkpoint()), want = read(summary->last_checkpoint);
+  EXPECT_EQ(got.trainer.step(), 24);
+  for (auto [a, b] : {std::pair{&got.params, &want.params},
+                      {&got.momentum, &want.momentum},
+                      {&got.exp_avg, &want.exp_avg},
+                      {&got.exp_avg_sq, &want.exp_avg_sq}}) {
+    ASSERT_EQ(a->size(), b->size());
+    EXPECT_EQ(std::memcmp(a->data(), b->data(), a->size() * sizeof(float)), 0);
+  }
 }
 
 }  // namespace
