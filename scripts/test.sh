@@ -12,11 +12,11 @@ bash scripts/build.sh
 echo "build: $((SECONDS - start)) s"
 ctest --test-dir build --output-on-failure --timeout 1200 -j 1
 echo "main suite: $((SECONDS - start)) s"
-# The checking legs: ASan + UBSan over the unit and service suites and the
-# lock annotations checked by clang's -Wthread-safety. (The ThreadSanitizer
-# leg, scripts/sanitize.sh tsan, runs on its own: reports inside the
-# uninstrumented gRPC still appear now and then, see tests/tsan.supp.)
-bash scripts/sanitize.sh asan tsa
+# The checking legs: ASan + UBSan over the unit and service suites, the
+# lock annotations checked by clang's -Wthread-safety, and ThreadSanitizer
+# over the service and cluster suites.
+bash scripts/sanitize.sh asan tsa tsan
+echo "sanitizer legs: $((SECONDS - start)) s"
 # libFuzzer (clang, ASan + UBSan) on the parsers and decoders that read
 # hostile bytes, 60 s each from the committed corpus.
 bash scripts/fuzz.sh
