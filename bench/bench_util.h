@@ -2,9 +2,15 @@
 #ifndef MUONPS_BENCH_BENCH_UTIL_H_
 #define MUONPS_BENCH_BENCH_UTIL_H_
 
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -21,6 +27,48 @@ inline double Median(std::vector<double> v) {
 [[noreturn]] inline void Die(const char* program, const std::string& what) {
   std::fprintf(stderr, "%s: %s\n", program, what.c_str());
   std::exit(1);
+}
+
+// The whole file at `path` ("" when unreadable).
+inline std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// The last `bytes` of `text`.
+inline std::string Tail(const std::string& text, size_t bytes) {
+  return text.size() <= bytes ? text : text.substr(text.size() - bytes);
+}
+
+// Starts argv[0] with arguments argv[1..], stdout and stderr into files;
+// its pid, or -1 when fork fails.
+inline pid_t StartProcess(const std::vector<std::string>& argv, const std::string& out,
+                          const std::string& err) {
+  std::vector<std::string> copy = argv;
+  std::vector<char*> args;
+  args.reserve(copy.size() + 1);
+  for (std::string& a : copy) args.push_back(a.data());
+  args.push_back(nullptr);
+  const pid_t pid = fork();
+  if (pid != 0) return pid;
+  const int out_fd = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  const int err_fd = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (out_fd < 0 || err_fd < 0) _exit(126);
+  dup2(out_fd, 1);
+  dup2(err_fd, 2);
+  close(out_fd);
+  close(err_fd);
+  execv(args[0], args.data());
+  _exit(127);
+}
+
+// Waits for `pid`: its exit status, or 128 + the signal that ended it.
+inline int WaitProcess(pid_t pid) {
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
 }  // namespace muonps

@@ -60,41 +60,12 @@ constexpr double kGoalRatio = 1.15;
 
 [[noreturn]] void Die(const std::string& what) { muonps::Die("cluster_step", what); }
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-std::string Tail(const std::string& text, size_t bytes) {
-  return text.size() <= bytes ? text : text.substr(text.size() - bytes);
-}
-
 // Runs argv[0] with `args`, stdout and stderr into files; returns the exit status.
 int RunProcess(const std::vector<std::string>& argv, const std::string& out,
                const std::string& err) {
-  const pid_t pid = fork();
+  const pid_t pid = StartProcess(argv, out, err);
   if (pid < 0) Die("fork failed");
-  if (pid == 0) {
-    const int out_fd = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    const int err_fd = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (out_fd < 0 || err_fd < 0) _exit(126);
-    dup2(out_fd, 1);
-    dup2(err_fd, 2);
-    close(out_fd);
-    close(err_fd);
-    std::vector<std::string> copy = argv;
-    std::vector<char*> args;
-    args.reserve(copy.size() + 1);
-    for (std::string& a : copy) args.push_back(a.data());
-    args.push_back(nullptr);
-    execv(args[0], args.data());
-    _exit(127);
-  }
-  int status = 0;
-  waitpid(pid, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return WaitProcess(pid);
 }
 
 // One way of running the job: in one process (shards == 0) or as a cluster,

@@ -41,8 +41,10 @@ for leg in "${legs[@]}"; do
           binaries+=("$(basename "$f" .cc)")
         fi
       done
+      # -O1, as the ASan documentation advises: about half of -O3's compile
+      # time, and the suites it runs take about a minute either way.
       cmake -S . -B build-asan "${common[@]}" -DMUONPS_WERROR=ON -DMUONPS_SANITIZE=address,undefined \
-        -DCMAKE_CXX_FLAGS=-g1 > /dev/null
+        -DCMAKE_CXX_FLAGS=-g1 "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -DNDEBUG" > /dev/null
       cmake --build build-asan -j "$(nproc)" --target muonps "${binaries[@]}"
       ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
         ctest --test-dir build-asan --output-on-failure --timeout 1200 -j 1 \
