@@ -249,6 +249,14 @@ class ClusterTest : public testing_util::TempDirTest {
     EXPECT_EQ(Run("local-" + name, args), 0) << ReadWholeFile(Path("local-" + name + ".log"));
   }
 
+  // `muonps local --json` of job NAME on 2 shards and 2 workers with its
+  // logs in `log_dir`, left running.
+  ChildProcess& StartLocal(const std::string& name, const std::string& log_dir) {
+    return Start("local", {"local", Path(name + ".json"), "--shards=2", "--workers=2",
+                           "--threads=1", "--json", "--log_dir=" + log_dir,
+                           "--checkpoint_root=" + Root(), "--data_root=" + Root()});
+  }
+
   // Reads a checkpoint (either layout) completely.
   static TrainingState ReadState(const std::string& dir, const v1::JobSpec& spec) {
     const ModelLayout layout(spec.model());

@@ -199,9 +199,7 @@ TEST_F(ClusterTest, LocalInterruptedCheckpointsAndLeavesNoProcessBehind) {
   WriteJob("train", o);
   WriteJob("cluster", o);
   const std::string log_dir = Path("local-cluster");
-  ChildProcess& local = Start(
-      "local", {"local", Path("cluster.json"), "--shards=2", "--workers=2", "--threads=1", "--json",
-                "--log_dir=" + log_dir, "--checkpoint_root=" + Root(), "--data_root=" + Root()});
+  ChildProcess& local = StartLocal("cluster", log_dir);
   const v1::Job at3 = WaitForStep(local, local.out_path(), 3);
   ASSERT_EQ(at3.state(), v1::JOB_STATE_RUNNING);
   const std::vector<pid_t> running = LocalClusterProcesses(log_dir);

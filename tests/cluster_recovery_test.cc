@@ -135,9 +135,7 @@ TEST_F(ClusterTest, LocalRestartsTheServicesThatDie) {
   WriteJob("train", o);
   WriteJob("cluster", o);
   const std::string log_dir = Path("local-cluster");
-  ChildProcess& local = Start(
-      "local", {"local", Path("cluster.json"), "--shards=2", "--workers=2", "--threads=1", "--json",
-                "--log_dir=" + log_dir, "--checkpoint_root=" + Root(), "--data_root=" + Root()});
+  ChildProcess& local = StartLocal("cluster", log_dir);
   const v1::Job at5 = WaitForStep(local, local.out_path(), 5);
   ASSERT_EQ(at5.state(), v1::JOB_STATE_RUNNING);
   const pid_t shard = LocalService(log_dir, "shard");

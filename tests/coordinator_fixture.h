@@ -296,6 +296,19 @@ class CoordinatorTest : public testing_util::TempDirTest {
     return reader->Finish();
   }
 
+  // Every tensor and optimizer buffer of the checkpoint in `dir` (either
+  // layout) of a job like `spec`.
+  static TrainingState ReadWholeCheckpoint(const std::string& dir, const v1::JobSpec& spec) {
+    const ModelLayout layout(spec.model());
+    TrainingState state;
+    for (auto* v : {&state.params, &state.momentum, &state.exp_avg, &state.exp_avg_sq}) {
+      v->assign(static_cast<size_t>(layout.total_floats()), 0.0f);
+    }
+    absl::Status st = ReadCheckpoint(dir, layout, spec.model(), spec.optimizer().name(), &state);
+    EXPECT_TRUE(st.ok()) << dir << ": " << st;
+    return state;
+  }
+
   // A tiny job on a text corpus in the test's directory: 4 slots of 2
   // sequences of 16 tokens; validation every 2 steps; checkpoints every 2
   // steps (and at the end) under `checkpoint_dir` when set.

@@ -81,19 +81,8 @@ TEST_F(CoordinatorTest, TrainsATinyJobToTheTrainersBits) {
   EXPECT_EQ(job.progress().val_loss(), *summary->final_val_loss);
 
   const ModelLayout layout(spec.model());
-  auto read = [&](const std::string& dir) {
-    TrainingState state;
-    const size_t n = static_cast<size_t>(layout.total_floats());
-    state.params.assign(n, 0.0f);
-    state.momentum.assign(n, 0.0f);
-    state.exp_avg.assign(n, 0.0f);
-    state.exp_avg_sq.assign(n, 0.0f);
-    absl::Status st = ReadCheckpoint(dir, layout, spec.model(), spec.optimizer().name(), &state);
-    EXPECT_TRUE(st.ok()) << dir << ": " << st;
-    return state;
-  };
-  const TrainingState distributed = read(job.last_checkpoint());
-  const TrainingState reference = read(summary->last_checkpoint);
+  const TrainingState distributed = ReadWholeCheckpoint(job.last_checkpoint(), spec);
+  const TrainingState reference = ReadWholeCheckpoint(summary->last_checkpoint, spec);
   EXPECT_EQ(distributed.trainer.step(), 3);
   EXPECT_EQ(reference.trainer.step(), 3);
   EXPECT_EQ(distributed.trainer.tokens_seen(), reference.trainer.tokens_seen());

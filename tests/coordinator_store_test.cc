@@ -175,17 +175,8 @@ TEST_F(CoordinatorStoreTest, AShardBackAtAnOlderStepIsRefusedNotMerged) {
   ASSERT_TRUE(trainer.ok()) << trainer.status();
   absl::StatusOr<TrainSummary> summary = (*trainer)->Run();
   ASSERT_TRUE(summary.ok()) << summary.status();
-  const ModelLayout layout(spec.model());
-  auto read = [&](const std::string& dir) {
-    TrainingState state;
-    for (auto* v : {&state.params, &state.momentum, &state.exp_avg, &state.exp_avg_sq}) {
-      v->assign(static_cast<size_t>(layout.total_floats()), 0.0f);
-    }
-    absl::Status st = ReadCheckpoint(dir, layout, spec.model(), spec.optimizer().name(), &state);
-    EXPECT_TRUE(st.ok()) << dir << ": " << st;
-    return state;
-  };
-  const TrainingState got = read(job.last_checkpoint()), want = read(summary->last_checkpoint);
+  const TrainingState got = ReadWholeCheckpoint(job.last_checkpoint(), spec),
+                      want = ReadWholeCheckpoint(summary->last_checkpoint, spec);
   EXPECT_EQ(got.trainer.step(), 24);
   for (auto [a, b] : {std::pair{&got.params, &want.params},
                       {&got.momentum, &want.momentum},

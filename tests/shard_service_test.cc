@@ -258,6 +258,35 @@ TEST_F(ShardServiceTest, DroppingTheJobEndsAWaitingPull) {
 // ---------------------------------------------------------------------------
 // PushGradients
 
+// Indexes the one-shard checkpoint part in `dir` (step 1) and expects every
+// tensor and optimizer buffer in it to equal `reference`'s, bit for bit;
+// `bytes` receives the bytes of those values and buffers.
+void ExpectCheckpointPartEquals(const std::string& dir, const v1::JobSpec& job,
+                                const ModelLayout& layout, const std::vector<std::string>& all,
+                                const ShardState& reference, int64_t* bytes) {
+  std::map<std::string, int> owner;
+  for (const std::string& name : all) owner[name] = 0;
+  v1::TrainerState trainer;
+  trainer.set_step(1);
+  *trainer.mutable_job() = job;
+  ASSERT_TRUE(WriteCheckpointIndex(dir, 1, layout, job.optimizer().name(), owner, trainer).ok());
+  absl::StatusOr<std::map<std::string, TensorState>> read =
+      ReadCheckpointTensors(dir, layout, job.model(), job.optimizer().name(), all);
+  ASSERT_TRUE(read.ok()) << read.status();
+  *bytes = 0;
+  reference.Visit([&](const TensorInfo& info, const std::vector<float>& value,
+                      const std::vector<float>& momentum, const std::vector<float>& exp_avg,
+                      const std::vector<float>& exp_avg_sq) {
+    const TensorState& got = read->at(info.name);
+    EXPECT_TRUE(SameBits(got.value, value)) << info.name;
+    EXPECT_TRUE(SameBits(got.momentum, momentum)) << info.name;
+    EXPECT_TRUE(SameBits(got.exp_avg, exp_avg)) << info.name;
+    EXPECT_TRUE(SameBits(got.exp_avg_sq, exp_avg_sq)) << info.name;
+    *bytes += static_cast<int64_t>(
+        (value.size() + momentum.size() + exp_avg.size() + exp_avg_sq.size()) * sizeof(float));
+  });
+}
+
 TEST_F(ShardServiceTest, SaveCheckpointReadsBackBitForBit) {
   // One shard owns the whole model, so its file is a complete checkpoint.
   std::vector<std::string> all;
@@ -296,29 +325,9 @@ TEST_F(ShardServiceTest, SaveCheckpointReadsBackBitForBit) {
   ASSERT_TRUE(save(0, 1, 1, &response).ok());
   EXPECT_TRUE(std::filesystem::exists(step_dir + "/model-00001-of-00001.safetensors"));
   EXPECT_TRUE(std::filesystem::exists(step_dir + "/optimizer-00001-of-00001.safetensors"));
-  std::map<std::string, int> owner;
-  for (const std::string& name : all) owner[name] = 0;
-  v1::TrainerState trainer;
-  trainer.set_step(1);
-  *trainer.mutable_job() = job_;
-  ASSERT_TRUE(
-      WriteCheckpointIndex(step_dir, 1, *layout_, job_.optimizer().name(), owner, trainer).ok());
-
-  absl::StatusOr<std::map<std::string, TensorState>> read =
-      ReadCheckpointTensors(step_dir, *layout_, job_.model(), job_.optimizer().name(), all);
-  ASSERT_TRUE(read.ok()) << read.status();
   int64_t bytes = 0;
-  reference->Visit([&](const TensorInfo& info, const std::vector<float>& value,
-                       const std::vector<float>& momentum, const std::vector<float>& exp_avg,
-                       const std::vector<float>& exp_avg_sq) {
-    const TensorState& got = read->at(info.name);
-    EXPECT_TRUE(SameBits(got.value, value)) << info.name;
-    EXPECT_TRUE(SameBits(got.momentum, momentum)) << info.name;
-    EXPECT_TRUE(SameBits(got.exp_avg, exp_avg)) << info.name;
-    EXPECT_TRUE(SameBits(got.exp_avg_sq, exp_avg_sq)) << info.name;
-    bytes += static_cast<int64_t>(
-        (value.size() + momentum.size() + exp_avg.size() + exp_avg_sq.size()) * sizeof(float));
-  });
+  ASSERT_NO_FATAL_FAILURE(
+      ExpectCheckpointPartEquals(step_dir, job_, *layout_, all, *reference, &bytes));
   EXPECT_EQ(response.bytes(), bytes);
 
   // A second shard resumes from it at version 1 with the same values.
@@ -382,28 +391,9 @@ TEST_F(ShardServiceTest, ABackgroundCheckpointHoldsItsVersionWhileTheNextStepRun
   status = save(other_dir, 1, false, &refused);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << Describe(status);
 
-  std::map<std::string, int> owner;
-  for (const std::string& name : all) owner[name] = 0;
-  v1::TrainerState trainer;
-  trainer.set_step(1);
-  *trainer.mutable_job() = job_;
-  ASSERT_TRUE(
-      WriteCheckpointIndex(step_dir, 1, *layout_, job_.optimizer().name(), owner, trainer).ok());
-  absl::StatusOr<std::map<std::string, TensorState>> read =
-      ReadCheckpointTensors(step_dir, *layout_, job_.model(), job_.optimizer().name(), all);
-  ASSERT_TRUE(read.ok()) << read.status();
   int64_t bytes = 0;
-  reference->Visit([&](const TensorInfo& info, const std::vector<float>& value,
-                       const std::vector<float>& momentum, const std::vector<float>& exp_avg,
-                       const std::vector<float>& exp_avg_sq) {
-    const TensorState& got = read->at(info.name);
-    EXPECT_TRUE(SameBits(got.value, value)) << info.name;
-    EXPECT_TRUE(SameBits(got.momentum, momentum)) << info.name;
-    EXPECT_TRUE(SameBits(got.exp_avg, exp_avg)) << info.name;
-    EXPECT_TRUE(SameBits(got.exp_avg_sq, exp_avg_sq)) << info.name;
-    bytes += static_cast<int64_t>(
-        (value.size() + momentum.size() + exp_avg.size() + exp_avg_sq.size()) * sizeof(float));
-  });
+  ASSERT_NO_FATAL_FAILURE(
+      ExpectCheckpointPartEquals(step_dir, job_, *layout_, all, *reference, &bytes));
   EXPECT_EQ(started.bytes(), bytes);
 }
 
