@@ -115,6 +115,9 @@ void FillJobDefaults(v1::JobSpec* job) {
   if (!c->has_every_steps()) c->set_every_steps(0);
   if (!c->has_keep_last()) c->set_keep_last(0);
   if (!c->has_background()) c->set_background(true);
+
+  v1::RecoveryConfig* r = job->mutable_recovery();
+  if (!r->has_replicas()) r->set_replicas(1);
 }
 
 absl::Status ValidateModelConfig(const v1::ModelConfig& m, absl::string_view p) {
@@ -198,6 +201,14 @@ absl::Status ValidateJobSpec(const v1::JobSpec& job) {
   const v1::CheckpointConfig& c = job.checkpoint();
   MUONPS_RETURN_IF_ERROR(CheckRange("checkpoint.every_steps", c.every_steps(), 0, 100000000));
   MUONPS_RETURN_IF_ERROR(CheckRange("checkpoint.keep_last", c.keep_last(), 0, 1000000));
+
+  const v1::RecoveryConfig& r = job.recovery();
+  MUONPS_RETURN_IF_ERROR(CheckRange("recovery.replicas", r.replicas(), 1, kMaxReplicas));
+  if (r.replicas() > 1 && c.dir().empty()) {
+    return absl::InvalidArgumentError(
+        "recovery.replicas: more than 1 needs checkpoint.dir (the survivors of a lost shard "
+        "hand its tensors over through a checkpoint)");
+  }
   return absl::OkStatus();
 }
 

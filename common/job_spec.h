@@ -15,6 +15,9 @@
 
 namespace muonps {
 
+// The most copies of a tensor's state recovery.replicas may ask for.
+inline constexpr int kMaxReplicas = 3;
+
 // The default job: the default model on the default corpus.
 v1::JobSpec DefaultJobSpec();
 

@@ -65,6 +65,7 @@ struct JobOptions {
   int eval_every = 5;
   int every_steps = 0;  // checkpoint.every_steps
   int keep_last = 0;    // checkpoint.keep_last
+  int replicas = 1;     // recovery.replicas
 };
 
 // A one-line description of a wait status, for messages.
@@ -178,10 +179,11 @@ class ClusterTest : public testing_util::TempDirTest {
       "data": {"path": "%s", "sampling": "random", "eval_every": %d, "eval_windows": 8},
       "batch": {"slots": 5, "micro_batch": 2},
       "checkpoint": {"dir": "%s", "every_steps": %d, "keep_last": %d},
+      "recovery": {"replicas": %d},
       "seed": 11})",
                                            name, o.balancing, o.optimizer, o.total_steps, corpus_,
                                            o.eval_every, CheckpointRoot(name), o.every_steps,
-                                           o.keep_last);
+                                           o.keep_last, o.replicas);
     return path;
   }
   std::string CheckpointRoot(const std::string& name) const { return Path(name + "-ckpt"); }

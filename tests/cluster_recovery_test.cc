@@ -254,6 +254,90 @@ TEST_F(ClusterTest, ShardSigtermHandsItsTensorsOverWithoutLosingAStep) {
   ExpectSameCheckpoint(Train("train"), CheckpointOf("cluster", o.total_steps));
 }
 
+// With recovery.replicas 2 each tensor has a copy on the next shard of a
+// ring (placement.h), updated every step. Two shards SIGKILLed together
+// that are not neighbours in the ring (the placement's first and third of
+// four) leave a copy of every tensor: the two survivors write a checkpoint
+// of the step they hold and the job continues from it on them, computing no
+// step again, to the bits of an undisturbed run.
+TEST_F(ClusterTest, TwoShardsKilledAtOnceLoseNoStepWithTwoCopies) {
+  JobOptions o;
+  o.total_steps = 30;
+  o.every_steps = 10;
+  o.replicas = 2;
+  WriteJob("train", o);
+  WriteJob("cluster", o);
+  StartCoordinator(/*min_shards=*/2);
+  std::vector<ChildProcess*> shards;
+  for (int i = 0; i < 4; ++i) shards.push_back(&StartShard(i));
+  // All four registered before the job is placed.
+  for (ChildProcess* s : shards) WaitForLog(*s, "registered as");
+  StartWorker("worker-a");
+  StartWorker("worker-b");
+  const std::string id = Submit("cluster");
+  ChildProcess& watch = Watch(id);
+  const v1::Job at6 = WaitForStep(watch, watch.out_path(), 6);
+  ASSERT_EQ(at6.state(), v1::JOB_STATE_RUNNING);
+  ASSERT_EQ(at6.placement_size(), 4);
+  std::vector<ChildProcess*> doomed;
+  for (int k : {0, 2}) {
+    const v1::ShardPlacement& p = at6.placement(k);
+    EXPECT_GT(p.replicas_size(), 0);
+    for (ChildProcess* s : shards) {
+      if (ReadWholeFile(s->err_path()).find("registered as " + p.shard_id() + ",") !=
+          std::string::npos) {
+        doomed.push_back(s);
+      }
+    }
+  }
+  ASSERT_EQ(doomed.size(), 2u);
+  for (ChildProcess* s : doomed) s->Signal(SIGKILL);
+  for (ChildProcess* s : doomed) ASSERT_TRUE(s->Wait(10.0).has_value());
+
+  EXPECT_EQ(Finish(watch), 0) << ReadWholeFile(watch.err_path());
+  const v1::Job job = Status(id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error();
+  EXPECT_GE(job.recoveries(), 1);
+  EXPECT_EQ(job.steps_lost(), 0) << job.last_recovery();
+  EXPECT_THAT(job.last_recovery(), testing::HasSubstr("the surviving copies hold step"));
+  std::printf("two shards SIGKILLed at once, 2 copies: %s\n", job.last_recovery().c_str());
+  ExpectSameCheckpoint(Train("train"), CheckpointOf("cluster", o.total_steps));
+}
+
+// A shard with a copy of each of its tensors elsewhere SIGKILLs itself in
+// the middle of an ApplyStep (a fail point): the others applied the step,
+// so the survivors hold the step after the one the coordinator saw end, and
+// the job continues from there without computing any step again.
+TEST_F(ClusterTest, ShardKilledInsideApplyStepLosesNoStepWithTwoCopies) {
+  JobOptions o;
+  o.total_steps = 24;
+  o.every_steps = 10;
+  o.replicas = 2;
+  WriteJob("train", o);
+  WriteJob("cluster", o);
+  StartCoordinator(/*min_shards=*/2);
+  std::vector<ChildProcess*> shards = {&StartShard(0), &StartShard(1)};
+  // The 100th tensor update: in the apply of step 3 or so.
+  shards.push_back(&StartShard("shard-2", {}, {"MUONPS_FAILPOINTS=shard.apply_tensor@100"}));
+  for (ChildProcess* s : shards) WaitForLog(*s, "registered as");
+  StartWorker("worker-a");
+  StartWorker("worker-b");
+  const std::string id = Submit("cluster");
+  ChildProcess& watch = Watch(id);
+  ASSERT_TRUE(shards[2]->Wait(60.0).has_value()) << "the fail point in ApplyStep was not reached";
+  EXPECT_THAT(ReadWholeFile(shards[2]->err_path()),
+              testing::HasSubstr("fail point shard.apply_tensor"));
+
+  EXPECT_EQ(Finish(watch), 0) << ReadWholeFile(watch.err_path());
+  const v1::Job job = Status(id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error();
+  EXPECT_GE(job.recoveries(), 1);
+  EXPECT_EQ(job.steps_lost(), 0) << job.last_recovery();
+  EXPECT_THAT(job.last_recovery(), testing::HasSubstr("the surviving copies hold step"));
+  std::printf("shard killed inside ApplyStep, 2 copies: %s\n", job.last_recovery().c_str());
+  ExpectSameCheckpoint(Train("train"), CheckpointOf("cluster", o.total_steps));
+}
+
 // An environment variable as a number, or `fallback`.
 int64_t EnvOr(const char* name, int64_t fallback) {
   const char* v = std::getenv(name);

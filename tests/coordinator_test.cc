@@ -5,10 +5,49 @@
 // and a whole in-process cluster (coordinator, two ShardServiceImpl servers
 // registered through Membership, two Workers) trains a tiny job to the same
 // bits as the single-process Trainer.
+#include <set>
+
+#include "services/coordinator/placement.h"
 #include "tests/coordinator_fixture.h"
 
 namespace muonps {
 namespace {
+
+// ---------------------------------------------------------------------------
+// Placement
+
+// With copies > 1 every tensor's holders are its owner and the next shards
+// in a ring, all distinct; a shard's replicas are exactly the tensors owned
+// by its predecessors; copies are capped by the shard count; the owned
+// tensors (and so the checkpoint layout) do not depend on the copies.
+TEST(PlacementTest, ReplicasFollowTheirOwnerAroundTheRing) {
+  const v1::JobSpec job = DefaultJobSpec();
+  const ModelLayout layout(job.model());
+  for (int n : {1, 2, 3, 4}) {
+    const Placement single = PlaceTensors(layout, job.optimizer(), n);
+    for (int copies : {1, 2, 3}) {
+      SCOPED_TRACE(absl::StrCat(n, " shards, ", copies, " copies"));
+      const Placement p = PlaceTensors(layout, job.optimizer(), n, copies);
+      EXPECT_EQ(p.owner, single.owner);
+      const int expect = std::min(n, copies);
+      std::vector<std::set<std::string>> replicas(static_cast<size_t>(n));
+      for (int s = 0; s < n; ++s) {
+        replicas[s] = {p.shards[s].replicas().begin(), p.shards[s].replicas().end()};
+        EXPECT_EQ(static_cast<int>(replicas[s].size()), p.shards[s].replicas_size());
+      }
+      for (const TensorInfo& t : layout.tensors()) {
+        const std::vector<int>& holders = p.holders.at(t.name);
+        ASSERT_EQ(static_cast<int>(holders.size()), expect) << t.name;
+        EXPECT_EQ(holders[0], p.owner.at(t.name));
+        EXPECT_EQ(std::set<int>(holders.begin(), holders.end()).size(), holders.size());
+        for (int k = 0; k < n; ++k) {
+          const bool replica = k >= 1 && k < expect;
+          EXPECT_EQ(replicas[(holders[0] + k) % n].count(t.name), replica ? 1u : 0u) << t.name;
+        }
+      }
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------
 // Refusals

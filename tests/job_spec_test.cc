@@ -52,6 +52,7 @@ TEST(JobSpecTest, EmptyObjectGivesTheDocumentedDefaults) {
   EXPECT_EQ(o.adam_beta2(), 0.95);
   EXPECT_EQ(o.adam_eps(), 1e-8);
   EXPECT_EQ(job->data().path(), "/usr/share/games/fortunes");
+  EXPECT_EQ(job->recovery().replicas(), 1);
 }
 
 TEST(JobSpecTest, ExplicitZerosAndFalseAreKept) {
@@ -104,6 +105,13 @@ TEST(JobSpecTest, OutOfRangeValuesNameTheField) {
   EXPECT_THAT(Error(R"({"batch": {"slots": 0}})"), HasSubstr("batch.slots"));
   EXPECT_THAT(Error(R"({"data": {"sampling": "shuffled"}})"), HasSubstr("data.sampling"));
   EXPECT_THAT(Error(R"({"data": {"path": ""}})"), HasSubstr("data.path"));
+  EXPECT_THAT(Error(R"({"recovery": {"replicas": 0}})"), HasSubstr("recovery.replicas"));
+  EXPECT_THAT(Error(R"({"recovery": {"replicas": 4}, "checkpoint": {"dir": "c"}})"),
+              HasSubstr("recovery.replicas"));
+  // The survivors of a lost shard hand its tensors over through a checkpoint.
+  EXPECT_THAT(Error(R"({"recovery": {"replicas": 2}})"), HasSubstr("checkpoint.dir"));
+  EXPECT_TRUE(
+      ParseJobSpecJson(R"({"recovery": {"replicas": 3}, "checkpoint": {"dir": "c"}})").ok());
 }
 
 TEST(JobSpecTest, CallerChosenStringsAreBounded) {

@@ -342,6 +342,124 @@ TEST_F(ShardServiceTest, SaveCheckpointReadsBackBitForBit) {
   ExpectValues(*resumed, "job-b", 1, ReferenceValues(*reference));
 }
 
+// A replica (recovery.replicas > 1) is held like an owned tensor: it takes
+// its gradients and its update, bit for bit as a shard owning it would; but
+// a pull serves it only when it is named, and a checkpoint writes it only
+// when SaveCheckpoint names it (a survivor writing a lost shard's part).
+TEST_F(ShardServiceTest, AReplicaIsUpdatedLikeItsOwnerButServedAndWrittenOnlyWhenNamed) {
+  // The shard owns every other tensor of the model and holds a replica of
+  // the rest.
+  std::vector<std::string> owned, replicas, held;
+  for (size_t i = 0; i < layout_->tensors().size(); ++i) {
+    (i % 2 == 0 ? owned : replicas).push_back(layout_->tensors()[i].name);
+    held.push_back(layout_->tensors()[i].name);
+  }
+  // A tensor both owned and replicated, or one the model lacks, is refused.
+  v1::LoadJobRequest twice = LoadRequest("job-a", owned);
+  twice.add_replicas(owned[0]);
+  grpc::Status refused = LoadJob(*shard_, twice);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << Describe(refused);
+  EXPECT_THAT(refused.error_message(), HasSubstr(owned[0]));
+  v1::LoadJobRequest unknown = LoadRequest("job-a", owned);
+  unknown.add_replicas("model.layers.9.self_attn.q_proj.weight");
+  refused = LoadJob(*shard_, unknown);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::NOT_FOUND) << Describe(refused);
+  EXPECT_EQ(shard_->service.job_id(), "");
+
+  v1::LoadJobRequest request = LoadRequest("job-a", owned);
+  for (const std::string& name : replicas) request.add_replicas(name);
+  ASSERT_TRUE(LoadJob(*shard_, request).ok());
+  // Unnamed, a pull brings the owned tensors only, in layout order.
+  Pulled pulled = Pull(shard_->stub.get(), *layout_, "job-a", 0);
+  ASSERT_TRUE(pulled.status.ok()) << Describe(pulled.status);
+  EXPECT_EQ(pulled.order, owned);
+
+  // Pushes carry every held tensor; the step applies to all of them, as on
+  // a shard that owns them all.
+  std::unique_ptr<ShardState> reference = Reference(held);
+  for (int s = 0; s < kSlots; ++s) {
+    ASSERT_TRUE(PushSlot(*shard_, "job-a", 0, s, nullptr, held).ok());
+    AddToReference(*reference, 0, s, 1, SlotGradients(*layout_, held, 0, s));
+  }
+  std::vector<std::pair<std::string, double>> squares;
+  ASSERT_TRUE(Squares(*shard_, "job-a", 0, &squares).ok());
+  absl::StatusOr<std::vector<std::pair<std::string, double>>> expected =
+      reference->GradientSquares();
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  EXPECT_EQ(squares, *expected);
+  const std::vector<std::vector<int64_t>> loads = {{4, 0, 2, 2}};
+  ASSERT_TRUE(Apply(*shard_, "job-a", 0, 0.01, 0.9, loads).ok());
+  ASSERT_TRUE(reference->ApplyStep(0, 0.01, 0.9, loads).ok());
+  const std::map<std::string, std::vector<float>> values = ReferenceValues(*reference);
+  pulled = Pull(shard_->stub.get(), *layout_, "job-a", 1, replicas);
+  ASSERT_TRUE(pulled.status.ok()) << Describe(pulled.status);
+  EXPECT_EQ(pulled.order, replicas);
+  for (const std::string& name : replicas) {
+    EXPECT_TRUE(SameBits(pulled.tensors[name], values.at(name))) << name;
+  }
+
+  // SaveCheckpoint: the owned tensors by default, the named ones when named.
+  const std::string step_dir = Path("step-00000001");
+  std::filesystem::create_directories(step_dir);
+  auto save = [&](int index, const std::vector<std::string>& tensors,
+                  v1::SaveCheckpointResponse* response) {
+    grpc::ClientContext context;
+    v1::SaveCheckpointRequest save_request;
+    save_request.set_job_id("job-a");
+    save_request.set_dir(step_dir);
+    save_request.set_shard_index(index);
+    save_request.set_shard_count(2);
+    save_request.set_version(1);
+    for (const std::string& name : tensors) save_request.add_tensors(name);
+    return shard_->stub->SaveCheckpoint(&context, save_request, response);
+  };
+  v1::SaveCheckpointResponse response;
+  grpc::Status not_held = save(1, {replicas[0], "model.layers.9.mlp.gate.weight"}, &response);
+  EXPECT_EQ(not_held.error_code(), grpc::StatusCode::NOT_FOUND) << Describe(not_held);
+  EXPECT_THAT(not_held.error_message(), HasSubstr("model.layers.9.mlp.gate.weight"));
+  grpc::Status repeated = save(1, {replicas[0], replicas[0]}, &response);
+  EXPECT_EQ(repeated.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << Describe(repeated);
+  EXPECT_TRUE(std::filesystem::is_empty(step_dir));
+
+  // Bytes of values and state of `names` in the reference.
+  auto bytes_of = [&](const std::vector<std::string>& names) {
+    int64_t bytes = 0;
+    reference->Visit([&](const TensorInfo& info, const std::vector<float>& value,
+                         const std::vector<float>& momentum, const std::vector<float>& exp_avg,
+                         const std::vector<float>& exp_avg_sq) {
+      if (std::find(names.begin(), names.end(), info.name) == names.end()) return;
+      bytes += static_cast<int64_t>(
+          (value.size() + momentum.size() + exp_avg.size() + exp_avg_sq.size()) * sizeof(float));
+    });
+    return bytes;
+  };
+  ASSERT_TRUE(save(0, {}, &response).ok());
+  EXPECT_EQ(response.bytes(), bytes_of(owned));
+  ASSERT_TRUE(save(1, replicas, &response).ok());
+  EXPECT_EQ(response.bytes(), bytes_of(replicas));
+  // The two parts make the whole checkpoint, equal to the reference.
+  std::map<std::string, int> part;
+  for (const std::string& name : owned) part[name] = 0;
+  for (const std::string& name : replicas) part[name] = 1;
+  v1::TrainerState trainer;
+  trainer.set_step(1);
+  *trainer.mutable_job() = job_;
+  ASSERT_TRUE(
+      WriteCheckpointIndex(step_dir, 2, *layout_, job_.optimizer().name(), part, trainer).ok());
+  absl::StatusOr<std::map<std::string, TensorState>> read =
+      ReadCheckpointTensors(step_dir, *layout_, job_.model(), job_.optimizer().name(), held);
+  ASSERT_TRUE(read.ok()) << read.status();
+  reference->Visit([&](const TensorInfo& info, const std::vector<float>& value,
+                       const std::vector<float>& momentum, const std::vector<float>& exp_avg,
+                       const std::vector<float>& exp_avg_sq) {
+    const TensorState& got = read->at(info.name);
+    EXPECT_TRUE(SameBits(got.value, value)) << info.name;
+    EXPECT_TRUE(SameBits(got.momentum, momentum)) << info.name;
+    EXPECT_TRUE(SameBits(got.exp_avg, exp_avg)) << info.name;
+    EXPECT_TRUE(SameBits(got.exp_avg_sq, exp_avg_sq)) << info.name;
+  });
+}
+
 // A background checkpoint answers once the shard holds its snapshot; the
 // next step runs meanwhile; a second call for the same part waits for the
 // write and reports it; the files hold the snapshot's version.

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "checkpoint/checkpoint.h"
 #include "common/status_macros.h"
 #include "rpc/rpc_util.h"
 #include "services/coordinator/job_run.h"
@@ -116,6 +117,62 @@ bool Coordinator::JobRun::AwaitShards() {
                                                  : record.job.last_checkpoint();
   shard_lost_ = false;
   return true;
+}
+
+absl::StatusOr<int64_t> Coordinator::JobRun::SaveFromSurvivors() {
+  absl::Status last;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    std::vector<bool> alive(static_cast<size_t>(n_), false);
+    {
+      absl::MutexLock lock(&c_->mu_);
+      absl::MutexLock lost(&lost_mu_);
+      for (int i = 0; i < n_; ++i) {
+        alive[i] = lost_ids_.count(shards_[i].id) == 0 && c_->members_.count(shards_[i].id) != 0;
+      }
+    }
+    CheckpointParts parts;
+    std::vector<int> part_of(static_cast<size_t>(n_), -1);
+    for (const TensorInfo& t : layout_->tensors()) {
+      int from = -1;
+      for (int h : placement_.holders.at(t.name)) {
+        if (alive[h]) {
+          from = h;
+          break;
+        }
+      }
+      if (from < 0) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("every copy of ", t.name, " was on a lost shard"));
+      }
+      if (part_of[from] < 0) {
+        part_of[from] = static_cast<int>(parts.shards.size());
+        parts.shards.push_back(from);
+        parts.tensors.emplace_back();
+      }
+      parts.tensors[part_of[from]].push_back(t.name);
+      parts.owner[t.name] = part_of[from];
+    }
+    const int64_t version = at_version_[parts.shards[0]];
+    for (int i : parts.shards) {
+      if (at_version_[i] != version) {
+        return absl::FailedPreconditionError(absl::StrCat("the survivors hold different steps (",
+                                                          version, " and ", at_version_[i], ")"));
+      }
+    }
+    {
+      // Nothing to write when the last checkpoint already holds this step.
+      absl::MutexLock lock(&c_->mu_);
+      const std::string& last_checkpoint = c_->jobs_.at(job_id_).job.last_checkpoint();
+      if (!last_checkpoint.empty() &&
+          last_checkpoint == absl::StrCat(spec_.checkpoint().dir(), "/", CheckpointName(version))) {
+        return version;
+      }
+    }
+    last = Checkpoint(version, /*background=*/false, std::move(parts));
+    if (last.ok()) return version;
+    if (!ShardLost(last)) return last;
+  }
+  return last;
 }
 
 void Coordinator::JobRun::Recovered(const std::string& role, const std::string& why,
@@ -223,6 +280,8 @@ void Coordinator::JobRun::Run() {
     // 1. Load the tensors on the shards.
     absl::Status st = Load(adopt);
     int64_t reached = lost_step;
+    // Whether the shards held the job's state when it was lost.
+    const bool started = st.ok();
     if (st.ok()) {
       if (!role.empty()) Recovered(role, why, lost_step, lost_at);
       Started();
@@ -247,6 +306,18 @@ void Coordinator::JobRun::Run() {
     lost_at = absl::Now();
     lost_step = std::max(lost_step, reached);
     c_->Log(absl::StrCat(job_id_, ": ", why, "; recovering"));
+    if (spec_.recovery().replicas() > 1 && started) {
+      // The survivors' copies hold every tensor of the step they reached:
+      // the job continues from there, through a checkpoint of it.
+      absl::StatusOr<int64_t> saved = SaveFromSurvivors();
+      if (saved.ok()) {
+        lost_step = std::max(lost_step, *saved);
+        absl::StrAppend(&why, "; the surviving copies hold step ", *saved);
+      } else {
+        absl::StrAppend(&why, "; no recovery from the copies (", saved.status().message(), ")");
+      }
+      c_->Log(absl::StrCat(job_id_, ": ", why));
+    }
     DropLeaving();
     if (!AwaitShards()) {
       if (ShuttingDown()) return Interrupted();

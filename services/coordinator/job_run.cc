@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
@@ -86,7 +87,8 @@ bool Coordinator::JobRun::Prepare() {
 void Coordinator::JobRun::Place() {
   layout_ = std::make_unique<ModelLayout>(spec_.model());
   n_ = static_cast<int>(shards_.size());
-  placement_ = PlaceTensors(*layout_, spec_.optimizer(), n_);
+  placement_ = PlaceTensors(*layout_, spec_.optimizer(), n_, spec_.recovery().replicas());
+  at_version_.assign(static_cast<size_t>(n_), -1);
   for (int i = 0; i < n_; ++i) {
     placement_.shards[i].set_shard_id(shards_[i].id);
     placement_.shards[i].set_address(shards_[i].address);
@@ -95,6 +97,7 @@ void Coordinator::JobRun::Place() {
     route.set_shard_id(shards_[i].id);
     route.set_address(shards_[i].address);
     *route.mutable_tensors() = placement_.shards[i].tensors();
+    *route.mutable_replicas() = placement_.shards[i].replicas();
     routes_.push_back(std::move(route));
   }
   total_ = spec_.schedule().total_steps();
@@ -141,6 +144,7 @@ absl::Status Coordinator::JobRun::Load(bool adopt) {
     request.set_job_id(job_id_);
     *request.mutable_spec() = spec_;
     *request.mutable_tensors() = placement_.shards[i].tensors();
+    *request.mutable_replicas() = placement_.shards[i].replicas();
     request.set_resume_from(resume_);
     request.set_replace(true);
     request.set_reload(!adopt);
@@ -153,6 +157,7 @@ absl::Status Coordinator::JobRun::Load(bool adopt) {
   }));
   start_step_ = versions[0];
   checkpoint_numerics_ = numerics[0];
+  at_version_ = versions;
   for (int i = 1; i < n_; ++i) {
     if (versions[i] != start_step_) {
       if (adopt) {
@@ -307,6 +312,7 @@ absl::StatusOr<Coordinator::JobRun::SlotSums> Coordinator::JobRun::CollectSlots(
 
 absl::StatusOr<double> Coordinator::JobRun::GlobalNorm(int64_t step) {
   std::map<std::string, double> squares;
+  std::string disagree;
   absl::Mutex squares_mu;
   MUONPS_RETURN_IF_ERROR(ForEachShard(n_, [&](int i) {
     grpc::ClientContext context;
@@ -318,9 +324,21 @@ absl::StatusOr<double> Coordinator::JobRun::GlobalNorm(int64_t step) {
     absl::Status s = ShardStatus(stubs_[i]->GetGradientSquares(&context, request, &response), i,
                                  "GetGradientSquares");
     absl::MutexLock lock(&squares_mu);
-    for (const v1::TensorSquares& t : response.tensors()) squares[t.name()] = t.sum_of_squares();
+    for (const v1::TensorSquares& t : response.tensors()) {
+      // Every copy of a tensor sums the same slot gradients in the same
+      // order: copies that differ in a bit are a fault, not a choice.
+      const double sq = t.sum_of_squares();
+      auto [it, first] = squares.emplace(t.name(), sq);
+      if (!first && std::memcmp(&it->second, &sq, sizeof(double)) != 0) {
+        disagree = t.name();
+      }
+    }
     return s;
   }));
+  if (!disagree.empty()) {
+    return absl::InternalError(
+        absl::StrCat("the copies of ", disagree, " hold different gradients at step ", step + 1));
+  }
   double sq = 0.0;
   for (const TensorInfo& t : layout_->tensors()) {
     if (!t.trainable()) continue;
@@ -349,7 +367,9 @@ absl::Status Coordinator::JobRun::Apply(int64_t step, double lr, double coef,
     request.set_clip_coef(coef);
     loads.ToProto(request.mutable_expert_load());
     v1::ApplyStepResponse response;
-    return ShardStatus(stubs_[i]->ApplyStep(&context, request, &response), i, "ApplyStep");
+    const grpc::Status st = stubs_[i]->ApplyStep(&context, request, &response);
+    if (st.ok()) at_version_[i] = step + 1;
+    return ShardStatus(st, i, "ApplyStep");
   });
 }
 
@@ -436,25 +456,37 @@ void Coordinator::JobRun::Publish(int64_t done, absl::Time step_start, absl::Tim
 }
 
 absl::Status Coordinator::JobRun::Checkpoint(int64_t version, bool background) {
+  CheckpointParts parts;
+  for (int i = 0; i < n_; ++i) parts.shards.push_back(i);
+  parts.tensors.resize(static_cast<size_t>(n_));
+  parts.owner = placement_.owner;
+  return Checkpoint(version, background, std::move(parts));
+}
+
+absl::Status Coordinator::JobRun::Checkpoint(int64_t version, bool background,
+                                             CheckpointParts parts) {
   MUONPS_RETURN_IF_ERROR(AwaitCheckpoint());
   const std::string& root = spec_.checkpoint().dir();
   if (root.empty()) return absl::OkStatus();
   const std::string final_dir = absl::StrCat(root, "/", CheckpointName(version));
   const CheckpointWriter writer{owner_, job_id_};
   MUONPS_ASSIGN_OR_RETURN(const std::string staging, CreateStagingDir(final_dir, writer));
+  const int count = static_cast<int>(parts.shards.size());
   // Every shard writes its part; in the background, each answers once it
   // holds a snapshot of `version`, and a second call waits for the write.
-  auto save = [this, staging, version](bool in_background) {
-    return ForEachShard(n_, [&](int i) {
+  auto save = [this, staging, version, parts](bool in_background) {
+    return ForEachShard(static_cast<int>(parts.shards.size()), [&](int k) {
+      const int i = parts.shards[k];
       grpc::ClientContext context;
       SetUp(&context, i);
       v1::SaveCheckpointRequest request;
       request.set_job_id(job_id_);
       request.set_dir(staging);
-      request.set_shard_index(i);
-      request.set_shard_count(n_);
+      request.set_shard_index(k);
+      request.set_shard_count(static_cast<int32_t>(parts.shards.size()));
       request.set_version(version);
       request.set_background(in_background);
+      *request.mutable_tensors() = {parts.tensors[k].begin(), parts.tensors[k].end()};
       v1::SaveCheckpointResponse response;
       return ShardStatus(stubs_[i]->SaveCheckpoint(&context, request, &response), i,
                          "SaveCheckpoint");
@@ -468,11 +500,11 @@ absl::Status Coordinator::JobRun::Checkpoint(int64_t version, bool background) {
   trainer.set_last_val_loss(last_val_.value_or(std::nan("")));
   *trainer.mutable_numerics() = LocalNumerics();
   // The index, then the directory published under its final name.
-  auto publish = [this, save, background, staging, final_dir, writer,
-                  trainer = std::move(trainer)]() -> absl::Status {
+  auto publish = [this, save, background, staging, final_dir, writer, count,
+                  owner = std::move(parts.owner), trainer = std::move(trainer)]() -> absl::Status {
     if (background) MUONPS_RETURN_IF_ERROR(save(false));
-    MUONPS_RETURN_IF_ERROR(WriteCheckpointIndex(staging, n_, *layout_, spec_.optimizer().name(),
-                                                placement_.owner, trainer));
+    MUONPS_RETURN_IF_ERROR(
+        WriteCheckpointIndex(staging, count, *layout_, spec_.optimizer().name(), owner, trainer));
     MUONPS_RETURN_IF_ERROR(PublishStagingDir(staging, final_dir, writer));
     PruneCheckpoints(spec_.checkpoint().dir(), spec_.checkpoint().keep_last(), owner_);
     absl::MutexLock lock(&c_->mu_);

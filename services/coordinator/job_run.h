@@ -127,6 +127,22 @@ class Coordinator::JobRun {
   // steps run, and the directory published when all are durable
   // (AwaitCheckpoint).
   absl::Status Checkpoint(int64_t version, bool background = false);
+  // Who writes which part of a checkpoint: part k by shard `shards[k]`, the
+  // tensors `tensors[k]` (empty: the ones it owns); `owner` maps each tensor
+  // to its part.
+  struct CheckpointParts {
+    std::vector<int> shards;
+    std::vector<std::vector<std::string>> tensors;
+    std::map<std::string, int> owner;
+  };
+  absl::Status Checkpoint(int64_t version, bool background, CheckpointParts parts);
+  // After a shard loss, with recovery.replicas > 1: the shards still alive
+  // write a checkpoint of the step they hold, each tensor from one of its
+  // surviving copies, so the recovery loses no step. Returns that step; an
+  // error when some tensor lost every copy, the survivors hold different
+  // steps, or the write failed (a survivor lost meanwhile: tried again
+  // without it, twice).
+  absl::StatusOr<int64_t> SaveFromSurvivors();
   // Waits for the checkpoint written in the background, if any: its outcome.
   absl::Status AwaitCheckpoint();
   // Ends the job after a stop at `version`: a checkpoint first when cancelled
@@ -158,6 +174,10 @@ class Coordinator::JobRun {
   Placement placement_;
   std::vector<std::unique_ptr<v1::ShardService::Stub>> stubs_;
   std::vector<v1::ShardRoute> routes_;
+  // The version each shard is known to hold: loaded, then advanced by each
+  // ApplyStep it answered (a shard lost inside an apply leaves the others
+  // one step ahead of `reached`).
+  std::vector<int64_t> at_version_;
   v1::NumericsProfile checkpoint_numerics_;
   int64_t start_step_ = 0, total_ = 0, global_tokens_ = 0;
   int slots_ = 0;

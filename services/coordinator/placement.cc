@@ -13,8 +13,8 @@ double NewtonSchulzFlops(int64_t rows, int64_t cols, int ns_steps) {
   return ns_steps * (4.0 * m * m * n + 2.0 * m * m * m);
 }
 
-Placement PlaceTensors(const ModelLayout& layout, const v1::OptimizerConfig& optimizer,
-                       int shards) {
+Placement PlaceTensors(const ModelLayout& layout, const v1::OptimizerConfig& optimizer, int shards,
+                       int copies) {
   Placement placement;
   placement.shards.resize(static_cast<size_t>(std::max(1, shards)));
   const int n = static_cast<int>(placement.shards.size());
@@ -57,10 +57,17 @@ Placement PlaceTensors(const ModelLayout& layout, const v1::OptimizerConfig& opt
     if (has_state) adam[best] += 2 * bytes(i);
     params[best] += bytes(i);
   }
+  copies = std::max(1, std::min(copies, n));
   for (int i = 0; i < static_cast<int>(layout.tensors().size()); ++i) {
     const std::string& name = layout.tensors()[i].name;
     placement.shards[owner[i]].add_tensors(name);
     placement.owner[name] = owner[i];
+    std::vector<int>& holders = placement.holders[name];
+    for (int k = 0; k < copies; ++k) {
+      const int s = (owner[i] + k) % n;
+      holders.push_back(s);
+      if (k > 0) placement.shards[s].add_replicas(name);
+    }
   }
   for (int s = 0; s < n; ++s) {
     placement.shards[s].set_ns_gflop(ns[s] * 1e-9);
@@ -71,12 +78,16 @@ Placement PlaceTensors(const ModelLayout& layout, const v1::OptimizerConfig& opt
 }
 
 std::string FormatPlacement(const std::vector<v1::ShardPlacement>& shards) {
-  std::string out = absl::StrFormat("%-10s %-21s %8s %14s %12s %10s\n", "shard", "address",
-                                    "tensors", "NS GFLOP/step", "AdamW MiB", "param MiB");
+  bool replicas = false;
+  for (const v1::ShardPlacement& s : shards) replicas = replicas || s.replicas_size() > 0;
+  std::string out = absl::StrFormat("%-10s %-21s %8s %14s %12s %10s", "shard", "address", "tensors",
+                                    "NS GFLOP/step", "AdamW MiB", "param MiB");
+  out += replicas ? absl::StrFormat(" %9s\n", "replicas") : "\n";
   for (const v1::ShardPlacement& s : shards) {
-    absl::StrAppendFormat(&out, "%-10s %-21s %8d %14.3f %12.2f %10.2f\n", s.shard_id(), s.address(),
+    absl::StrAppendFormat(&out, "%-10s %-21s %8d %14.3f %12.2f %10.2f", s.shard_id(), s.address(),
                           s.tensors_size(), s.ns_gflop(), s.adamw_state_bytes() / 1048576.0,
                           s.parameter_bytes() / 1048576.0);
+    out += replicas ? absl::StrFormat(" %9d\n", s.replicas_size()) : "\n";
   }
   return out;
 }

@@ -19,10 +19,14 @@
 namespace muonps {
 
 struct Placement {
-  // Per shard: owned tensor names in layout order and the work they bring.
+  // Per shard: owned tensor names in layout order and the work they bring,
+  // and the tensors it holds a replica of.
   std::vector<v1::ShardPlacement> shards;
   // Tensor name -> shard index.
   std::map<std::string, int> owner;
+  // Tensor name -> the shards holding a copy of its state: the owner first,
+  // then its replicas.
+  std::map<std::string, std::vector<int>> holders;
 };
 
 // Newton-Schulz work of one step on a rows x cols matrix, in FLOP: per
@@ -30,9 +34,15 @@ struct Placement {
 // m = min(rows, cols), n = max(rows, cols).
 double NewtonSchulzFlops(int64_t rows, int64_t cols, int ns_steps);
 
-// `shards` >= 1. Fills ShardPlacement.tensors and the three cost figures;
-// shard ids and addresses are left to the caller.
-Placement PlaceTensors(const ModelLayout& layout, const v1::OptimizerConfig& optimizer, int shards);
+// `shards` >= 1. Fills ShardPlacement.tensors and the three cost figures
+// (of the owned tensors); shard ids and addresses are left to the caller.
+// With `copies` > 1, each tensor also has a replica on the next copies - 1
+// shards after its owner, in a ring (shard i holds the replicas of shards
+// i-1, i-2, ...): shards that are not within copies - 1 of each other in the
+// ring never share a tensor, so losing them together loses no state. At
+// most `shards` copies.
+Placement PlaceTensors(const ModelLayout& layout, const v1::OptimizerConfig& optimizer, int shards,
+                       int copies = 1);
 
 // A table, one line per shard: tensors, NS GFLOP/step, AdamW state MiB,
 // parameter MiB.

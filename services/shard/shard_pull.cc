@@ -58,6 +58,7 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
     if (state_ != State::kWaiting) return;
     if (!error_.ok()) return FinishLocked(ToGrpcStatus(error_));
     std::shared_ptr<ShardState> shard;
+    std::vector<std::string> names;
     {
       absl::MutexLock service_lock(&service_->mu_);
       if (service_->shutdown_) {
@@ -76,9 +77,15 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
                          " s; the shard is at version ", service_->version_)));
       }
       shard = service_->state_;
+      // Unnamed: the owned tensors (a replica is served only when named).
+      names = request_.tensors().empty()
+                  ? service_->served_
+                  : std::vector<std::string>(request_.tensors().begin(), request_.tensors().end());
     }
-    const std::vector<std::string> names(request_.tensors().begin(), request_.tensors().end());
-    absl::StatusOr<int64_t> version = shard->Parameters(names, &values_);
+    // A shard that owns nothing streams nothing (Parameters reads an empty
+    // list as every tensor held).
+    absl::StatusOr<int64_t> version =
+        names.empty() ? shard->version() : shard->Parameters(names, &values_);
     if (!version.ok()) return FinishLocked(ToGrpcStatus(version.status()));
     if (*version != request_.version()) {
       return FinishLocked(Refuse(absl::StatusCode::kFailedPrecondition,

@@ -5,6 +5,7 @@
 
 #include <grpcpp/support/proto_buffer_reader.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
@@ -12,6 +13,7 @@
 #include <limits>
 #include <map>
 #include <optional>
+#include <set>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -157,12 +159,14 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext* context,
     return Refuse(absl::StatusCode::kInvalidArgument, "job_id: must not be empty");
   }
   const std::vector<std::string> tensors(request->tensors().begin(), request->tensors().end());
+  const std::vector<std::string> replicas(request->replicas().begin(), request->replicas().end());
   v1::JobSpec spec = request->spec();
   FillJobDefaults(&spec);
   {
     absl::MutexLock lock(&mu_);
     if (state_ != nullptr) {
       if (!request->reload() && job_id_ == request->job_id() && tensors_ == tensors &&
+          replicas_ == replicas &&
           google::protobuf::util::MessageDifferencer::Equals(state_->job(), spec)) {
         // A repeated load (a restarted coordinator taking the job over):
         // the state stays; the run's key is the new one, and the step in
@@ -179,7 +183,11 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext* context,
     }
   }
   if (absl::Status st = ValidateJobSpec(spec); !st.ok()) return ToGrpcStatus(st);
-  absl::StatusOr<std::unique_ptr<ShardState>> created = ShardState::Create(spec, tensors);
+  // Owned and replicated tensors are held alike; ShardState refuses a name
+  // the model lacks and one given twice (in either list or both).
+  std::vector<std::string> held = tensors;
+  held.insert(held.end(), replicas.begin(), replicas.end());
+  absl::StatusOr<std::unique_ptr<ShardState>> created = ShardState::Create(spec, held);
   if (!created.ok()) return ToGrpcStatus(created.status());
   std::shared_ptr<ShardState> state = std::move(*created);
   if (!request->resume_from().empty()) {
@@ -189,8 +197,8 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext* context,
     if (!dir.ok()) return ToGrpcStatus(dir.status());
     absl::StatusOr<v1::TrainerState> trainer = ReadTrainerState(*dir);
     if (!trainer.ok()) return ToGrpcStatus(trainer.status());
-    absl::StatusOr<std::map<std::string, TensorState>> values = ReadCheckpointTensors(
-        *dir, state->layout(), spec.model(), spec.optimizer().name(), tensors);
+    absl::StatusOr<std::map<std::string, TensorState>> values =
+        ReadCheckpointTensors(*dir, state->layout(), spec.model(), spec.optimizer().name(), held);
     if (!values.ok()) return ToGrpcStatus(values.status());
     for (auto& [name, v] : *values) {
       absl::Status st = state->Restore(name, std::move(v.value), std::move(v.momentum),
@@ -200,8 +208,8 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext* context,
     state->set_version(trainer->step());
     *response->mutable_checkpoint_numerics() = trainer->numerics();
   }
-  absl::Status installed =
-      Install(request->job_id(), request->job_key(), tensors, std::move(state), request->replace());
+  absl::Status installed = Install(request->job_id(), request->job_key(), tensors, replicas,
+                                   std::move(state), request->replace());
   if (!installed.ok()) return ToGrpcStatus(installed);
   response->set_version(version());
   WakePulls();
@@ -210,6 +218,7 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext* context,
 
 absl::Status ShardServiceImpl::Install(const std::string& job_id, const std::string& job_key,
                                        const std::vector<std::string>& tensors,
+                                       const std::vector<std::string>& replicas,
                                        std::shared_ptr<ShardState> state, bool replace) {
   absl::MutexLock lock(&mu_);
   if (state_ != nullptr && !replace) {
@@ -220,6 +229,12 @@ absl::Status ShardServiceImpl::Install(const std::string& job_id, const std::str
   job_id_ = job_id;
   job_key_ = job_key;
   tensors_ = tensors;
+  replicas_ = replicas;
+  served_.clear();
+  const std::set<std::string> owned(tensors.begin(), tensors.end());
+  for (const std::string& name : state->owned()) {
+    if (owned.count(name) != 0) served_.push_back(name);
+  }
   version_ = state->version();
   int64_t params = 0, optimizer_state = 0;
   state->Visit([&](const TensorInfo&, const std::vector<float>& value,
@@ -229,7 +244,7 @@ absl::Status ShardServiceImpl::Install(const std::string& job_id, const std::str
     optimizer_state += static_cast<int64_t>((momentum.size() + exp_avg.size() + exp_avg_sq.size()) *
                                             sizeof(float));
   });
-  metrics_.tensors.Set(static_cast<double>(tensors.size()));
+  metrics_.tensors.Set(static_cast<double>(tensors.size() + replicas.size()));
   metrics_.parameter_bytes.Set(static_cast<double>(params));
   metrics_.state_bytes.Set(static_cast<double>(optimizer_state));
   metrics_.version.Set(static_cast<double>(version_));
@@ -246,6 +261,8 @@ grpc::Status ShardServiceImpl::DropJob(grpc::ServerContext* context,
       job_id_.clear();
       job_key_.clear();
       tensors_.clear();
+      replicas_.clear();
+      served_.clear();
       state_.reset();
       version_ = 0;
       metrics_.tensors.Set(0);
@@ -369,6 +386,23 @@ grpc::Status ShardServiceImpl::SaveCheckpoint(grpc::ServerContext* context,
       return grpc::Status::OK;
     }
   }
+  // The tensors to write: those named (each held, once), else the owned ones.
+  std::set<std::string> wanted;
+  if (request->tensors().empty()) {
+    absl::MutexLock lock(&mu_);
+    wanted.insert(tensors_.begin(), tensors_.end());
+  } else {
+    for (const std::string& name : request->tensors()) {
+      if (!held->Owns(name)) {
+        return Refuse(absl::StatusCode::kNotFound,
+                      absl::StrCat("tensors: ", name, " is not held by this shard"));
+      }
+      if (!wanted.insert(name).second) {
+        return Refuse(absl::StatusCode::kInvalidArgument,
+                      absl::StrCat("tensors: ", name, " named twice"));
+      }
+    }
+  }
   // Every tensor at one version, shared, not copied: the next steps update
   // copies of what the write still reads.
   ShardState::StateSnapshot snapshot = held->TakeSnapshot();
@@ -377,6 +411,11 @@ grpc::Status ShardServiceImpl::SaveCheckpoint(grpc::ServerContext* context,
                   absl::StrCat("version: checkpoint asked at version ", request->version(),
                                ", the shard is at ", snapshot.version));
   }
+  snapshot.tensors.erase(std::remove_if(snapshot.tensors.begin(), snapshot.tensors.end(),
+                                        [&](const ShardState::StateSnapshot::Entry& e) {
+                                          return wanted.count(e.info->name) == 0;
+                                        }),
+                         snapshot.tensors.end());
   const int64_t bytes = snapshot.bytes();
   auto write = [held, index, count, path = *dir,
                 held_snapshot = std::move(snapshot)]() mutable -> absl::StatusOr<int64_t> {

@@ -92,7 +92,8 @@ class ShardServiceImpl final
   class PullReactor;
   // Makes `state` the held job (replacing another one only with `replace`).
   absl::Status Install(const std::string& job_id, const std::string& job_key,
-                       const std::vector<std::string>& tensors, std::shared_ptr<ShardState> state,
+                       const std::vector<std::string>& tensors,
+                       const std::vector<std::string>& replicas, std::shared_ptr<ShardState> state,
                        bool replace);
   // Pulls in progress: woken when the version, the job or shutdown changes,
   // and by a timer for their deadlines; finished ones are deleted there.
@@ -113,7 +114,9 @@ class ShardServiceImpl final
 
   mutable absl::Mutex mu_;
   std::string job_id_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::string> tensors_ ABSL_GUARDED_BY(mu_);  // as loaded
+  std::vector<std::string> tensors_ ABSL_GUARDED_BY(mu_);   // owned, as loaded
+  std::vector<std::string> replicas_ ABSL_GUARDED_BY(mu_);  // replicated, as loaded
+  std::vector<std::string> served_ ABSL_GUARDED_BY(mu_);    // owned, in layout order
   std::shared_ptr<ShardState> state_ ABSL_GUARDED_BY(mu_);
   int64_t version_ ABSL_GUARDED_BY(mu_) = 0;  // mirrors state_->version() for waits
   int64_t run_ ABSL_GUARDED_BY(mu_) = 0;      // loads of jobs so far

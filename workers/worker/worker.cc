@@ -208,7 +208,9 @@ absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count,
   for (const v1::ShardRoute& route : task.shards()) channels.push_back(Channel(route.address()));
   auto push_one = [&](int i) -> absl::Status {
     const v1::ShardRoute& route = task.shards(i);
-    const std::vector<std::string> tensors(route.tensors().begin(), route.tensors().end());
+    // Its own tensors and its replicas: every copy applies the same update.
+    std::vector<std::string> tensors(route.tensors().begin(), route.tensors().end());
+    tensors.insert(tensors.end(), route.replicas().begin(), route.replicas().end());
     return PushGradients(
         channels[i], layout, tensors, target, grads, options_.chunk_bytes,
         absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PushGradients"));
