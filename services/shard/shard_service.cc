@@ -187,7 +187,7 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext* context,
   // the model lacks and one given twice (in either list or both).
   std::vector<std::string> held = tensors;
   held.insert(held.end(), replicas.begin(), replicas.end());
-  absl::StatusOr<std::unique_ptr<ShardState>> created = ShardState::Create(spec, held);
+  absl::StatusOr<std::unique_ptr<ShardState>> created = ShardState::Create(spec, tensors, replicas);
   if (!created.ok()) return ToGrpcStatus(created.status());
   std::shared_ptr<ShardState> state = std::move(*created);
   if (!request->resume_from().empty()) {
@@ -405,17 +405,12 @@ grpc::Status ShardServiceImpl::SaveCheckpoint(grpc::ServerContext* context,
   }
   // Every tensor at one version, shared, not copied: the next steps update
   // copies of what the write still reads.
-  ShardState::StateSnapshot snapshot = held->TakeSnapshot();
+  ShardState::StateSnapshot snapshot = held->TakeSnapshot(wanted);
   if (snapshot.version != request->version()) {
     return Refuse(absl::StatusCode::kFailedPrecondition,
                   absl::StrCat("version: checkpoint asked at version ", request->version(),
                                ", the shard is at ", snapshot.version));
   }
-  snapshot.tensors.erase(std::remove_if(snapshot.tensors.begin(), snapshot.tensors.end(),
-                                        [&](const ShardState::StateSnapshot::Entry& e) {
-                                          return wanted.count(e.info->name) == 0;
-                                        }),
-                         snapshot.tensors.end());
   const int64_t bytes = snapshot.bytes();
   auto write = [held, index, count, path = *dir,
                 held_snapshot = std::move(snapshot)]() mutable -> absl::StatusOr<int64_t> {

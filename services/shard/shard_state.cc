@@ -17,11 +17,32 @@ namespace muonps {
 
 ShardState::ShardState(const v1::JobSpec& job) : job_(job), layout_(job.model()) {}
 
+ShardState::~ShardState() {
+  absl::MutexLock lock(&mu_);
+  AwaitReplicasLocked();
+}
+
+void ShardState::AwaitReplicasLocked() const {
+  if (replicas_pending_.valid()) replicas_pending_.wait();
+}
+
+bool ShardState::AnyReplicaLocked(const std::vector<std::string>& names) const {
+  for (const std::string& name : names) {
+    auto it = tensors_.find(name);
+    if (it != tensors_.end() && it->second.replica) return true;
+  }
+  return false;
+}
+
 absl::StatusOr<std::unique_ptr<ShardState>> ShardState::Create(
-    const v1::JobSpec& job, const std::vector<std::string>& owned) {
+    const v1::JobSpec& job, const std::vector<std::string>& owned,
+    const std::vector<std::string>& replicas) {
   std::unique_ptr<ShardState> shard(new ShardState(job));
   absl::MutexLock lock(&shard->mu_);
-  for (const std::string& name : owned) {
+  std::vector<std::string> held = owned;
+  held.insert(held.end(), replicas.begin(), replicas.end());
+  for (size_t k = 0; k < held.size(); ++k) {
+    const std::string& name = held[k];
     const TensorInfo* info = shard->layout_.Find(name);
     if (info == nullptr) return absl::NotFoundError(absl::StrCat("no tensor named ", name));
     if (shard->tensors_.count(name) != 0) {
@@ -29,6 +50,7 @@ absl::StatusOr<std::unique_ptr<ShardState>> ShardState::Create(
     }
     Tensor& t = shard->tensors_[name];
     t.info = info;
+    t.replica = k >= owned.size();
     t.value = std::make_shared<std::vector<float>>(info->numel);
     t.momentum = std::make_shared<std::vector<float>>();
     t.exp_avg = std::make_shared<std::vector<float>>();
@@ -54,6 +76,7 @@ absl::Status ShardState::Restore(const std::string& name, std::vector<float> val
                                  std::vector<float> momentum, std::vector<float> exp_avg,
                                  std::vector<float> exp_avg_sq) {
   absl::MutexLock lock(&mu_);
+  AwaitReplicasLocked();
   auto it = tensors_.find(name);
   if (it == tensors_.end()) {
     return absl::NotFoundError(absl::StrCat("tensor ", name, " is not on this shard"));
@@ -111,6 +134,7 @@ std::vector<const TensorInfo*> ShardState::Trainable() const {
 
 absl::StatusOr<std::vector<float>> ShardState::Parameter(const std::string& name) const {
   absl::MutexLock lock(&mu_);
+  AwaitReplicasLocked();
   auto it = tensors_.find(name);
   if (it == tensors_.end())
     return absl::NotFoundError(absl::StrCat("tensor ", name, " is not on this shard"));
@@ -122,6 +146,8 @@ absl::StatusOr<int64_t> ShardState::Parameters(
     std::vector<std::pair<const TensorInfo*, Snapshot>>* out) const {
   absl::MutexLock lock(&mu_);
   const std::vector<std::string>& wanted = names.empty() ? order_ : names;
+  // A pull of owned tensors does not wait for the replicas' update.
+  if (AnyReplicaLocked(wanted)) AwaitReplicasLocked();
   for (const std::string& name : wanted) {
     if (tensors_.count(name) == 0) {
       return absl::NotFoundError(absl::StrCat("tensor ", name, " is not on this shard"));
@@ -140,6 +166,7 @@ int64_t ShardState::Visit(
                              const std::vector<float>&, const std::vector<float>&,
                              const std::vector<float>&)>& visit) const {
   absl::MutexLock lock(&mu_);
+  AwaitReplicasLocked();
   for (const std::string& name : order_) {
     const Tensor& t = tensors_.at(name);
     visit(*t.info, *t.value, *t.momentum, *t.exp_avg, *t.exp_avg_sq);
@@ -148,11 +175,16 @@ int64_t ShardState::Visit(
 }
 
 ShardState::StateSnapshot ShardState::TakeSnapshot() const {
+  return TakeSnapshot(std::set<std::string>(order_.begin(), order_.end()));
+}
+
+ShardState::StateSnapshot ShardState::TakeSnapshot(const std::set<std::string>& only) const {
   StateSnapshot out;
   absl::MutexLock lock(&mu_);
+  if (AnyReplicaLocked({only.begin(), only.end()})) AwaitReplicasLocked();
   out.version = version_;
-  out.tensors.reserve(order_.size());
   for (const std::string& name : order_) {
+    if (only.count(name) == 0) continue;
     const Tensor& t = tensors_.at(name);
     out.tensors.push_back({t.info, t.value, t.momentum, t.exp_avg, t.exp_avg_sq});
   }
@@ -299,6 +331,7 @@ absl::Status ShardState::SumSlotsLocked() {
 
 absl::StatusOr<std::vector<std::pair<std::string, double>>> ShardState::GradientSquares() {
   absl::MutexLock lock(&mu_);
+  AwaitReplicasLocked();  // the summed gradients are rewritten
   if (absl::Status st = SumSlotsLocked(); !st.ok()) return st;
   std::vector<std::pair<std::string, double>> out;
   for (const std::string& name : order_) {
@@ -313,6 +346,7 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
                                    const std::vector<std::vector<int64_t>>& loads,
                                    ApplyStats* stats) {
   absl::MutexLock lock(&mu_);
+  AwaitReplicasLocked();
   if (step != version_) {
     return absl::FailedPreconditionError(
         absl::StrCat("apply for step ", step, ", shard is at step ", version_));
@@ -325,28 +359,32 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
   }
   if (absl::Status st = SumSlotsLocked(); !st.ok()) return st;
   const v1::OptimizerConfig& oc = job_.optimizer();
-  std::vector<Tensor*> trainable;
-  std::vector<const TensorInfo*> infos;
+  std::vector<Tensor*> trainable, replicas;
+  std::vector<const TensorInfo*> infos, replica_infos;
   for (const std::string& name : order_) {
     Tensor& t = tensors_.at(name);
     if (!t.info->trainable()) continue;
-    trainable.push_back(&t);
-    infos.push_back(t.info);
+    (t.replica ? replicas : trainable).push_back(&t);
+    (t.replica ? replica_infos : infos).push_back(t.info);
   }
-  if (ClipApplies(clip_coef)) {
+  const bool clip = ClipApplies(clip_coef);
+  if (clip) {
     for (Tensor* t : trainable)
       Scale(t->grad.data(), t->info->numel, static_cast<float>(clip_coef));
   }
   const OptimizerStep update = MakeOptimizerStep(oc, lr, step);
+  // A pull may still be streaming this version, or a checkpoint writing it:
+  // update a copy then.
+  auto copy_if_shared = [](Tensor& t) {
+    for (auto* buffer : {&t.value, &t.momentum, &t.exp_avg, &t.exp_avg_sq}) {
+      if (buffer->use_count() > 1) *buffer = std::make_shared<std::vector<float>>(**buffer);
+    }
+  };
   std::vector<double> seconds(trainable.size(), 0.0), update_sq(trainable.size(), 0.0);
   RunTensorUpdates(infos, oc.name(), [&](size_t k) {
     Tensor& t = *trainable[k];
     const auto start = std::chrono::steady_clock::now();
-    // A pull may still be streaming this version, or a checkpoint writing
-    // it: update a copy then.
-    for (auto* buffer : {&t.value, &t.momentum, &t.exp_avg, &t.exp_avg_sq}) {
-      if (buffer->use_count() > 1) *buffer = std::make_shared<std::vector<float>>(**buffer);
-    }
+    copy_if_shared(t);
     FailPoint("shard.apply_tensor");
     std::vector<float> before;
     if (stats != nullptr) before = *t.value;
@@ -387,6 +425,25 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
   }
   ClearGradientsLocked();
   ++version_;
+  if (!replicas.empty()) {
+    // The same arithmetic on the replicas, on a thread of their own.
+    replicas_pending_ =
+        std::async(std::launch::async, [replicas = std::move(replicas),
+                                        replica_infos = std::move(replica_infos), clip, clip_coef,
+                                        update, optimizer = oc.name(), copy_if_shared] {
+          if (clip) {
+            for (Tensor* t : replicas)
+              Scale(t->grad.data(), t->info->numel, static_cast<float>(clip_coef));
+          }
+          RunTensorUpdates(replica_infos, optimizer, [&](size_t k) {
+            Tensor& t = *replicas[k];
+            copy_if_shared(t);
+            FailPoint("shard.apply_tensor");
+            UpdateTensor(*t.info, update, t.value->data(), t.momentum->data(), t.exp_avg->data(),
+                         t.exp_avg_sq->data(), t.grad.data());
+          });
+        }).share();
+  }
   return absl::OkStatus();
 }
 

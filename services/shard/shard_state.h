@@ -10,8 +10,10 @@
 
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -29,8 +31,15 @@ class ShardState {
   // Takes ownership of the named tensors of the job's model (validated job,
   // defaults filled), initialised from (seed, name). NOT_FOUND for a name the
   // model does not have, INVALID_ARGUMENT for a repeated one.
-  static absl::StatusOr<std::unique_ptr<ShardState>> Create(const v1::JobSpec& job,
-                                                            const std::vector<std::string>& owned);
+  // `replicas` are held like owned tensors, but their updates run after
+  // ApplyStep returns (ApplyStep).
+  static absl::StatusOr<std::unique_ptr<ShardState>> Create(
+      const v1::JobSpec& job, const std::vector<std::string>& owned,
+      const std::vector<std::string>& replicas = {});
+  // Waits for the replicas' update in flight, if any.
+  ~ShardState();
+  ShardState(const ShardState&) = delete;
+  ShardState& operator=(const ShardState&) = delete;
 
   // Replaces an owned tensor's values and optimizer state (from a
   // checkpoint); a state vector must be empty or hold numel values, as the
@@ -83,6 +92,9 @@ class ShardState {
     int64_t bytes() const;
   };
   StateSnapshot TakeSnapshot() const;
+  // The same for the held tensors among `only` (waiting for the replicas'
+  // update only when it names one).
+  StateSnapshot TakeSnapshot(const std::set<std::string>& only) const;
 
   // One gradient of one tensor for `step`: of slot `first_slot` alone
   // (slot_count 1), or the left-to-right float32 sum of slots
@@ -150,6 +162,10 @@ class ShardState {
   // AdamW update at lr, and the router-bias update by `loads` (empty: none).
   // InvalidArgument, with nothing changed, for loads of another shape than
   // the model's MoE layers x experts (step/step.h, ExpertLoads).
+  // The replicas' updates run on a thread of their own after it returns,
+  // off the step's critical path (nobody pulls a replica): every method
+  // that reads a replica's values or state, or the next step's gradients,
+  // waits for them first. `stats` covers the owned tensors.
   absl::Status ApplyStep(int64_t step, double lr, double clip_coef,
                          const std::vector<std::vector<int64_t>>& loads,
                          ApplyStats* stats = nullptr);
@@ -164,7 +180,13 @@ class ShardState {
     std::map<int, std::pair<int, std::vector<float>>> received;
     std::vector<int> covered_by;
     std::vector<float> grad;  // summed, once complete
+    bool replica = false;     // held as a copy of another shard's tensor
   };
+  // Waits for the replicas' update of the last step, if still running.
+  void AwaitReplicasLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether any of `names` is a replica.
+  bool AnyReplicaLocked(const std::vector<std::string>& names) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   ShardState(const v1::JobSpec& job);
   absl::Status SumSlotsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ClearGradientsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -179,6 +201,10 @@ class ShardState {
   // Gradient buffers of applied steps, by size, for TakeBuffer.
   std::map<int64_t, std::vector<std::vector<float>>> spare_ ABSL_GUARDED_BY(mu_);
   bool summed_ ABSL_GUARDED_BY(mu_) = false;
+  // The replicas' update of the last step (ApplyStep); it touches only
+  // their values, state and summed gradients, which nothing else reads or
+  // writes until it is done.
+  std::shared_future<void> replicas_pending_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace muonps
