@@ -45,6 +45,7 @@
 #include "common/blas_runtime.h"
 #include "common/job_spec.h"
 #include "nlohmann/json.hpp"
+#include "services/coordinator/cluster_plan.h"
 
 ABSL_FLAG(int, steps, 30, "Steps of each run (the job's schedule.total_steps)");
 ABSL_FLAG(int, warmup, 5, "Leading steps of each run left out of its median");
@@ -249,6 +250,13 @@ int Run() {
         absl::StrCat("local ", setups[k].shards, " shard(s) + ", setups[k].workers, " worker(s)");
     std::printf("%-34s %8.1f ms/step  ratio to train %.2f (per round %.2f .. %.2f)", label.c_str(),
                 s * 1e3, ratio, *lo, *hi);
+    // `muonps plan`'s prediction for the same shape on this machine's cores.
+    absl::StatusOr<ClusterPlan> plan =
+        PlanCluster(job, LocalPlanOptions(setups[k].workers, setups[k].shards));
+    if (plan.ok()) {
+      std::printf("  plan %.1f ms (measured / plan %.2f)", plan->serial_seconds * 1e3,
+                  s / plan->serial_seconds);
+    }
     if (setups[k].shards == 1 && setups[k].workers == 1) {
       std::printf("  goal <= %.2f: %s", kGoalRatio, ratio <= kGoalRatio ? "met" : "NOT MET");
     }

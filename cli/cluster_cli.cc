@@ -62,8 +62,8 @@ ABSL_FLAG(int64_t, after_seq, -2,
           "watch: start with the events after this sequence number (-1: every event the "
           "coordinator still holds) instead of a snapshot of the job");
 ABSL_FLAG(bool, json, false, "Client commands: print JSON for scripts");
-ABSL_FLAG(int, shards, 1, "local: optimizer shards to start");
-ABSL_FLAG(int, workers, 1, "local: workers to start");
+ABSL_FLAG(int, shards, 1, "local: optimizer shards to start; plan: shards of the cluster");
+ABSL_FLAG(int, workers, 1, "local: workers to start; plan: workers of the cluster");
 ABSL_FLAG(std::string, log_dir, "",
           "local: directory for the services' logs (default: a new /tmp/muonps-local-*)");
 ABSL_FLAG(int64_t, crash_after_pushes, 0,

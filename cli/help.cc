@@ -77,7 +77,16 @@ const std::vector<CommandHelp>& Commands() {
        "validate JOB.json",
        "Check a job file; print it with every default filled in.",
        {}},
-      {"defaults", "defaults", "Print the default job as JSON.", {}},
+      {"defaults",
+       "defaults [--preset default|small]",
+       "Print the default job, or a preset, as JSON.",
+       {"preset"}},
+      {"plan",
+       "plan JOB.json --workers N --shards M [--link_gbps B] [--worker_gflops F]",
+       "What the job costs on a cluster of that shape: bytes pulled and pushed and compute per "
+       "worker, memory and Newton-Schulz per shard, step time with and without overlap, and the "
+       "bottleneck.",
+       {"workers", "shards", "link_gbps", "worker_gflops", "shard_gflops"}},
       {"numerics",
        "numerics [--json] [--blas_core CORE]",
        "This machine's numerics: BLAS kernel, fingerprint, and the kernels the CPU can run. "

@@ -26,6 +26,7 @@
 #include "common/job_spec.h"
 #include "common/numerics.h"
 #include "common/parallel.h"
+#include "services/coordinator/cluster_plan.h"
 #include "trainer/trainer.h"
 
 ABSL_FLAG(std::string, resume, "",
@@ -43,6 +44,18 @@ ABSL_FLAG(std::string, blas_core, "portable",
           "Intel and AMD members agree bit for bit), native (OpenBLAS's choice for this CPU), or "
           "a kernel name (Haswell, Zen, SkylakeX, Sandybridge, ...). Members of one cluster must "
           "compute alike: the coordinator refuses any other");
+
+ABSL_FLAG(std::string, preset, "default", "defaults: the preset to print (default, small)");
+ABSL_FLAG(double, link_gbps, 0.0,
+          "plan: each process's network link in Gbit/s per direction (0 = the loopback rate "
+          "measured on the development machine)");
+ABSL_FLAG(double, worker_gflops, 0.0,
+          "plan: a worker's float32 GFLOP/s in forward and backward (0 = measured on the "
+          "development machine)");
+ABSL_FLAG(double, shard_gflops, 0.0,
+          "plan: a shard's GFLOP/s in Newton-Schulz (0 = measured on the development machine)");
+ABSL_DECLARE_FLAG(int, shards);
+ABSL_DECLARE_FLAG(int, workers);
 
 namespace muonps {
 namespace {
@@ -137,6 +150,25 @@ int Validate(const std::vector<std::string>& args) {
   return 0;
 }
 
+int Plan(const std::vector<std::string>& args) {
+  if (args.size() != 1) {
+    std::fprintf(stderr, "usage: muonps plan JOB.json --workers N --shards M\n");
+    return 2;
+  }
+  absl::StatusOr<v1::JobSpec> job = LoadJobSpecFile(args[0]);
+  if (!job.ok()) return Fail(job.status());
+  PlanOptions options;
+  options.workers = absl::GetFlag(FLAGS_workers);
+  options.shards = absl::GetFlag(FLAGS_shards);
+  options.link_gbps = absl::GetFlag(FLAGS_link_gbps);
+  options.worker_gflops = absl::GetFlag(FLAGS_worker_gflops);
+  options.shard_gflops = absl::GetFlag(FLAGS_shard_gflops);
+  absl::StatusOr<ClusterPlan> plan = PlanCluster(*job, options);
+  if (!plan.ok()) return Fail(plan.status());
+  std::cout << FormatPlan(*job, *plan);
+  return 0;
+}
+
 }  // namespace
 }  // namespace muonps
 
@@ -171,9 +203,12 @@ int main(int argc, char** argv) {
   if (command == "validate") return muonps::Validate(args);
   if (command == "numerics") return muonps::Numerics();
   if (command == "defaults") {
-    std::cout << muonps::ToJson(muonps::DefaultJobSpec());
+    absl::StatusOr<muonps::v1::JobSpec> job = muonps::PresetJobSpec(absl::GetFlag(FLAGS_preset));
+    if (!job.ok()) return muonps::Fail(job.status());
+    std::cout << muonps::ToJson(*job);
     return 0;
   }
+  if (command == "plan") return muonps::Plan(args);
   if (const int status = muonps::RunClusterCommand(command, args); status >= 0) return status;
   if (command == "version") {
     std::printf("muonps %s (BLAS core %s, numerics fingerprint %s)\n", muonps::MuonpsVersion(),

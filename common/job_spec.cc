@@ -75,6 +75,30 @@ v1::JobSpec DefaultJobSpec() {
   return job;
 }
 
+absl::StatusOr<v1::JobSpec> PresetJobSpec(absl::string_view name) {
+  v1::JobSpec job;
+  if (name == "small") {
+    // 8 layers of width 512, the first dense, the others 32 routed experts
+    // (4 per token) and a shared one: 57 M parameters, 19 M of them in the
+    // products of each token.
+    job.set_name("small");
+    v1::ModelConfig* m = job.mutable_model();
+    m->set_hidden_size(512);
+    m->set_num_hidden_layers(8);
+    m->set_num_attention_heads(8);
+    m->set_intermediate_size(2048);
+    m->set_n_routed_experts(32);
+    m->set_num_experts_per_tok(4);
+    m->set_n_shared_experts(1);
+    m->set_moe_intermediate_size(128);
+  } else if (name != "default") {
+    return absl::NotFoundError(
+        absl::StrCat("preset: no preset named \"", name, "\" (default, small)"));
+  }
+  FillJobDefaults(&job);
+  return job;
+}
+
 void FillJobDefaults(v1::JobSpec* job) {
   if (!job->has_name()) job->set_name("muonps");
   if (!job->has_seed()) job->set_seed(1234);

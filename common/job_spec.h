@@ -21,6 +21,12 @@ inline constexpr int kMaxReplicas = 3;
 // The default job: the default model on the default corpus.
 v1::JobSpec DefaultJobSpec();
 
+// A named starting point for a job, defaults filled: "default" (the default
+// job) or "small" (57 M parameters with 32 routed experts, still
+// trainable on a CPU at a few seconds per step). NotFound naming the
+// presets for any other name.
+absl::StatusOr<v1::JobSpec> PresetJobSpec(absl::string_view name);
+
 // Fills every absent field of `job` with its default (explicit values are kept).
 void FillJobDefaults(v1::JobSpec* job);
 

@@ -7,6 +7,7 @@
 // bits as the single-process Trainer.
 #include <set>
 
+#include "services/coordinator/cluster_plan.h"
 #include "services/coordinator/placement.h"
 #include "tests/coordinator_fixture.h"
 
@@ -47,6 +48,94 @@ TEST(PlacementTest, ReplicasFollowTheirOwnerAroundTheRing) {
       }
     }
   }
+}
+
+// `muonps plan`: the byte and memory figures against a count of the layout
+// done here tensor by tensor, the compute against a FLOP count written out
+// by hand for a tiny model, and the phases' times against their rates.
+TEST(PlanTest, FiguresMatchAnIndependentCountOfTheModel) {
+  absl::StatusOr<v1::JobSpec> job = ParseJobSpecJson(R"({
+    "model": {"vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "max_position_embeddings": 8, "first_k_dense_replace": 1,
+              "intermediate_size": 24, "n_routed_experts": 4, "num_experts_per_tok": 2,
+              "n_shared_experts": 1, "moe_intermediate_size": 8},
+    "batch": {"slots": 4, "micro_batch": 2},
+    "checkpoint": {"dir": "c"}, "recovery": {"replicas": 2}})");
+  ASSERT_TRUE(job.ok()) << job.status();
+  PlanOptions options;
+  options.workers = 3;
+  options.shards = 2;
+  options.link_gbps = 8.0;  // 1e9 bytes/s
+  options.worker_gflops = 2.0;
+  options.shard_gflops = 4.0;
+  absl::StatusOr<ClusterPlan> plan = PlanCluster(*job, options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+
+  // Products per token: attention 4 x 16 x 16 per layer; the dense MLP 3 x
+  // 24 x 16; the MoE layer's router 4 x 16, shared expert 3 x 8 x 16 and 2
+  // of 4 routed experts of 3 x 8 x 16 each; the head 32 x 16.
+  const double activated =
+      2 * 4 * 16 * 16 + 3 * 24 * 16 + 4 * 16 + 3 * 8 * 16 + 2 * 3 * 8 * 16 + 32 * 16;
+  EXPECT_EQ(plan->activated, static_cast<int64_t>(activated));
+  // Forward 2 FLOP per weight plus 2 x 2 x T x C per layer; backward twice.
+  EXPECT_DOUBLE_EQ(plan->flops_per_token, 3.0 * (2.0 * activated + 2 * 4.0 * 8 * 16));
+  EXPECT_EQ(plan->tokens_per_step, 4 * 2 * 8);
+  EXPECT_EQ(plan->tokens_per_worker, 2 * 2 * 8);  // 4 slots on 3 workers: 2 on the busiest
+  EXPECT_DOUBLE_EQ(plan->compute_seconds, 32 * plan->flops_per_token / 2e9);
+
+  const ModelLayout layout(job->model());
+  int64_t params = 0, memory = 0;
+  for (const TensorInfo& t : layout.tensors()) {
+    params += t.numel;
+    // Values, optimizer state (Muon momentum, or AdamW's two moments) and
+    // the summed gradient, on both copies.
+    const int state = !t.trainable() ? 0 : UsesMuon(t, "muon") ? 1 : 2;
+    memory += 2 * 4 * t.numel * (1 + state + (t.trainable() ? 1 : 0));
+  }
+  EXPECT_EQ(plan->parameters, params);
+  EXPECT_EQ(plan->pull_bytes, 4 * params);
+  EXPECT_EQ(plan->push_bytes, 2 * 4 * plan->trainable);  // to both copies
+  int64_t memory_sum = 0, pulled = 0;
+  ASSERT_EQ(plan->shards.size(), 2u);
+  for (const ShardPlan& s : plan->shards) {
+    memory_sum += s.memory_bytes;
+    pulled += s.pull_out_bytes;
+    EXPECT_DOUBLE_EQ(s.apply_seconds, s.ns_gflop / 4.0);
+  }
+  EXPECT_EQ(memory_sum, memory);
+  EXPECT_EQ(pulled, 3 * 4 * params);  // every worker pulls every tensor once
+  EXPECT_GE(plan->pull_seconds, 4.0 * params / 1e9);
+  EXPECT_DOUBLE_EQ(plan->serial_seconds, plan->pull_seconds + plan->compute_seconds +
+                                             plan->push_seconds + plan->apply_seconds);
+  EXPECT_LE(plan->overlap_seconds, plan->serial_seconds);
+  EXPECT_EQ(plan->bottleneck, "compute");
+  // A slow enough link makes the wire the bottleneck.
+  options.link_gbps = 1e-6;
+  plan = PlanCluster(*job, options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_TRUE(plan->bottleneck == "pull" || plan->bottleneck == "push") << plan->bottleneck;
+
+  options.workers = 0;
+  EXPECT_THAT(PlanCluster(*job, options).status().message(), testing::HasSubstr("workers"));
+  options.workers = 1;
+  options.worker_gflops = -1.0;
+  EXPECT_THAT(PlanCluster(*job, options).status().message(), testing::HasSubstr("worker_gflops"));
+}
+
+// The presets validate; "small" has 50-100 M parameters and 16-32 experts.
+TEST(PlanTest, PresetsValidate) {
+  for (const char* name : {"default", "small"}) {
+    absl::StatusOr<v1::JobSpec> job = PresetJobSpec(name);
+    ASSERT_TRUE(job.ok()) << job.status();
+    EXPECT_TRUE(ValidateJobSpec(*job).ok()) << name;
+  }
+  const v1::JobSpec small = *PresetJobSpec("small");
+  const int64_t params = ModelLayout(small.model()).total_floats();
+  EXPECT_GE(params, 50'000'000);
+  EXPECT_LE(params, 100'000'000);
+  EXPECT_GE(small.model().n_routed_experts(), 16);
+  EXPECT_LE(small.model().n_routed_experts(), 32);
+  EXPECT_THAT(PresetJobSpec("huge").status().message(), testing::HasSubstr("default, small"));
 }
 
 // ---------------------------------------------------------------------------
