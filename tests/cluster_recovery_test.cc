@@ -258,8 +258,8 @@ TEST_F(ClusterTest, ShardSigtermHandsItsTensorsOverWithoutLosingAStep) {
 // ring (placement.h), updated every step. Two shards SIGKILLed together
 // that are not neighbours in the ring (the placement's first and third of
 // four) leave a copy of every tensor: the two survivors write a checkpoint
-// of the step they hold and the job continues from it on them, computing no
-// step again, to the bits of an undisturbed run.
+// of the step they hold and the job continues from it on them and two
+// replacements, computing no step again, to the bits of an undisturbed run.
 TEST_F(ClusterTest, TwoShardsKilledAtOnceLoseNoStepWithTwoCopies) {
   JobOptions o;
   o.total_steps = 30;
@@ -267,10 +267,11 @@ TEST_F(ClusterTest, TwoShardsKilledAtOnceLoseNoStepWithTwoCopies) {
   o.replicas = 2;
   WriteJob("train", o);
   WriteJob("cluster", o);
-  StartCoordinator(/*min_shards=*/2);
+  // The job is placed on all four; two replacements (as a StatefulSet
+  // restarts its pods) make four again after the loss.
+  StartCoordinator(/*min_shards=*/4);
   std::vector<ChildProcess*> shards;
   for (int i = 0; i < 4; ++i) shards.push_back(&StartShard(i));
-  // All four registered before the job is placed.
   for (ChildProcess* s : shards) WaitForLog(*s, "registered as");
   StartWorker("worker-a");
   StartWorker("worker-b");
@@ -293,6 +294,8 @@ TEST_F(ClusterTest, TwoShardsKilledAtOnceLoseNoStepWithTwoCopies) {
   ASSERT_EQ(doomed.size(), 2u);
   for (ChildProcess* s : doomed) s->Signal(SIGKILL);
   for (ChildProcess* s : doomed) ASSERT_TRUE(s->Wait(10.0).has_value());
+  StartShard(4);
+  StartShard(5);
 
   EXPECT_EQ(Finish(watch), 0) << ReadWholeFile(watch.err_path());
   const v1::Job job = Status(id);
@@ -315,7 +318,7 @@ TEST_F(ClusterTest, ShardKilledInsideApplyStepLosesNoStepWithTwoCopies) {
   o.replicas = 2;
   WriteJob("train", o);
   WriteJob("cluster", o);
-  StartCoordinator(/*min_shards=*/2);
+  StartCoordinator(/*min_shards=*/3);
   std::vector<ChildProcess*> shards = {&StartShard(0), &StartShard(1)};
   // The 100th tensor update: in the apply of step 3 or so.
   shards.push_back(&StartShard("shard-2", {}, {"MUONPS_FAILPOINTS=shard.apply_tensor@100"}));
@@ -327,6 +330,7 @@ TEST_F(ClusterTest, ShardKilledInsideApplyStepLosesNoStepWithTwoCopies) {
   ASSERT_TRUE(shards[2]->Wait(60.0).has_value()) << "the fail point in ApplyStep was not reached";
   EXPECT_THAT(ReadWholeFile(shards[2]->err_path()),
               testing::HasSubstr("fail point shard.apply_tensor"));
+  StartShard(3);  // its replacement
 
   EXPECT_EQ(Finish(watch), 0) << ReadWholeFile(watch.err_path());
   const v1::Job job = Status(id);

@@ -531,9 +531,7 @@ void Coordinator::RunnerLoop() {
       auto ready = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
         if (shutdown_) return true;
         if (queue_.empty()) return false;
-        int shards = 0;
-        for (const auto& [id, m] : members_) shards += m.shard ? 1 : 0;
-        return shards >= std::max(1, options_.min_shards);
+        return static_cast<int>(PlaceableShardsLocked().size()) >= std::max(1, options_.min_shards);
       };
       mu_.Await(absl::Condition(&ready));
       if (shutdown_) return;

@@ -119,6 +119,9 @@ class Coordinator {
     int64_t order = 0;  // registration order
     std::string job_id;
     bool draining = false;  // leaving (HeartbeatRequest.draining): no new work
+    // Heartbeated since it registered: it holds the secret the coordinator
+    // issued (its calls to a shard carry it), so a shard is placed only then.
+    bool confirmed = false;
   };
   struct TaskRecord {
     v1::Task task;
@@ -207,6 +210,10 @@ class Coordinator {
   void RunJob(const std::string& job_id);
   void ExpireMembersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<const Member*> LiveLocked(bool shards) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The live shards a job may be placed on: not leaving, and confirmed (a
+  // shard just registered does not yet hold the secret the coordinator's
+  // calls carry). In registration order.
+  std::vector<const Member*> PlaceableShardsLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Appends an event to the job's log (and the store, with the job).
   void EmitLocked(JobRecord& record, v1::JobEventKind kind) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Writes the job to the store without an event (e.g. a cancel request).

@@ -98,7 +98,7 @@ bool Coordinator::JobRun::AwaitShards() {
   std::vector<const Member*> usable;
   auto ready = [&]() ABSL_SHARED_LOCKS_REQUIRED(c_->mu_) {
     usable.clear();
-    for (const Member* m : c_->LiveLocked(true)) {
+    for (const Member* m : c_->PlaceableShardsLocked()) {
       auto it = lost.find(m->id);
       if (it == lost.end() || m->last_seen > it->second) usable.push_back(m);
     }

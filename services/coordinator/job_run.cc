@@ -60,7 +60,7 @@ bool Coordinator::JobRun::Prepare() {
       if (c_->shutdown_) return true;
       for (const std::string& a : addresses) {
         bool found = false;
-        for (const Member* m : c_->LiveLocked(true)) found = found || m->address == a;
+        for (const Member* m : c_->PlaceableShardsLocked()) found = found || m->address == a;
         if (!found) return false;
       }
       return true;
@@ -69,14 +69,14 @@ bool Coordinator::JobRun::Prepare() {
                               c_->started_ + absl::Seconds(2 * c_->options_.lease_seconds));
     if (all_back()) {
       for (const std::string& a : addresses) {
-        for (const Member* m : c_->LiveLocked(true)) {
+        for (const Member* m : c_->PlaceableShardsLocked()) {
           if (m->address == a) shards_.push_back(*m);
         }
       }
       return !c_->shutdown_;
     }
   }
-  for (const Member* m : c_->LiveLocked(true)) shards_.push_back(*m);
+  for (const Member* m : c_->PlaceableShardsLocked()) shards_.push_back(*m);
   if (static_cast<int>(shards_.size()) < std::max(1, c_->options_.min_shards)) {
     c_->queue_.push_front(job_id_);  // a shard left meanwhile: wait for it again
     return false;

@@ -144,6 +144,7 @@ grpc::Status Coordinator::Heartbeat(const grpc::ServerContext& context,
     return st;
   }
   it->second.last_seen = absl::Now();
+  it->second.confirmed = true;
   if (request.draining() && !it->second.draining) {
     it->second.draining = true;
     Log(absl::StrCat(it->first, " (", it->second.address, ") is leaving"));
@@ -374,6 +375,13 @@ std::vector<const Coordinator::Member*> Coordinator::LiveLocked(bool shards) con
   }
   std::sort(out.begin(), out.end(),
             [](const Member* a, const Member* b) { return a->order < b->order; });
+  return out;
+}
+
+std::vector<const Coordinator::Member*> Coordinator::PlaceableShardsLocked() const {
+  std::vector<const Member*> out = LiveLocked(true);
+  out.erase(std::remove_if(out.begin(), out.end(), [](const Member* m) { return !m->confirmed; }),
+            out.end());
   return out;
 }
 
