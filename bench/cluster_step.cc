@@ -2,7 +2,8 @@
 // of processes on loopback (`muonps local`), measured in the same run.
 //
 //   ./build/bench/cluster_step [--steps=30] [--warmup=5] [--reps=3] [--threads=0]
-//                              [--binary=PATH]
+//                              [--binary=PATH] [--preset=default|small]
+//                              [--checkpoint_every=10] [--only=2+2,ckpt,...]
 //
 // The job is the default one (`muonps defaults`: 4 slots x 2 x 256 tokens)
 // with --steps steps, random sampling, no periodic evaluation and no
@@ -10,10 +11,12 @@
 //   train  muonps train JOB --log_jsonl F      (step_s of every step record)
 //   1+1    muonps local --shards 1 --workers 1 JOB --json
 //   2+2    muonps local --shards 2 --workers 2 JOB --json
-//   2+2 ckpt/10  the same with checkpoint.every_steps 10 (keep_last 2),
+//   2+2 ckpt/10  the same with checkpoint.every_steps 10 (--checkpoint_every,
+//          keep_last 2),
 //          written in the background (the default), and
 //   2+2 ckpt/10 sync  with checkpoint.background false (each step waits),
-//          both compared with 2+2 on wall time per step over the whole run,
+//          both compared with 2+2 on wall time per step over the whole run
+//          (every cluster run writes the final checkpoint),
 //   2+2 replicas:2  recovery.replicas 2 (a copy of every tensor's state on
 //          the other shard, pushed to and updated every step), compared
 //          with 2+2 on the median step time
@@ -34,6 +37,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -41,6 +45,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
 #include "common/blas_runtime.h"
 #include "common/job_spec.h"
@@ -56,6 +61,11 @@ ABSL_FLAG(int, reps, 3,
 ABSL_FLAG(int, threads, 0, "--threads for every run (0 = the binary's default, all cores)");
 ABSL_FLAG(std::string, binary, MUONPS_BINARY, "The muonps binary to run");
 ABSL_FLAG(bool, keep, false, "Keep the work directory (job, logs) after a successful run");
+ABSL_FLAG(std::string, preset, "default", "The job's preset (muonps defaults --preset)");
+ABSL_FLAG(int, checkpoint_every, 10, "checkpoint.every_steps of the checkpointing setups");
+ABSL_FLAG(std::string, only, "",
+          "Comma-separated setups to run (train, 1+1, 2+2, ckpt, ckpt-sync, replicas); empty = "
+          "all. Comparisons whose setups did not run are left out");
 
 namespace muonps {
 namespace {
@@ -144,8 +154,10 @@ RunFigures RunOnce(const Setup& setup, const std::string& binary, const std::str
     argv.insert(argv.end(), {"train", job_path, "--quiet", "--log_jsonl=" + jsonl});
   } else {
     std::string job_file = job_path;
-    if (setup.checkpoint_every > 0 || setup.replicas > 1) {
-      // The same job, checkpointing into the work directory.
+    {
+      // The same job, checkpointing into the work directory: every cluster
+      // run writes the final checkpoint, so that wall times differ only by
+      // the periodic ones.
       absl::StatusOr<v1::JobSpec> job = LoadJobSpecFile(job_path);
       if (!job.ok()) Die(std::string(job.status().message()));
       job->mutable_checkpoint()->set_dir(tag + "-ckpt");
@@ -191,7 +203,9 @@ int Run() {
   char pattern[] = "/tmp/muonps-cluster-step-XXXXXX";
   if (mkdtemp(pattern) == nullptr) Die("cannot create a work directory");
   const std::string dir = pattern;
-  v1::JobSpec job = DefaultJobSpec();
+  absl::StatusOr<v1::JobSpec> preset = PresetJobSpec(absl::GetFlag(FLAGS_preset));
+  if (!preset.ok()) Die(std::string(preset.status().message()));
+  v1::JobSpec job = *preset;
   job.set_name("cluster-step");
   job.mutable_schedule()->set_total_steps(steps);
   job.mutable_schedule()->set_warmup_steps(std::min(job.schedule().warmup_steps(), steps));
@@ -204,24 +218,38 @@ int Run() {
 
   const v1::ModelConfig& m = job.model();
   std::printf(
-      "cluster_step: default model (V=%d C=%d L=%d E=%d K=%d), %d slots x %d x %d tokens, %s, "
+      "cluster_step: %s model (V=%d C=%d L=%d E=%d K=%d), %d slots x %d x %d tokens, %s, "
       "%d steps, random sampling, no evaluation but the last step's\n"
       "  figure: median step time over steps %d..%d of each run, median over %d rounds "
       "(train, 1+1, 2+2 alternating); threads %s; BLAS %s\n"
       "  binary %s; work directory %s\n",
-      m.vocab_size(), m.hidden_size(), m.num_hidden_layers(), m.n_routed_experts(),
-      m.num_experts_per_tok(), job.batch().slots(), job.batch().micro_batch(),
+      absl::GetFlag(FLAGS_preset).c_str(), m.vocab_size(), m.hidden_size(), m.num_hidden_layers(),
+      m.n_routed_experts(), m.num_experts_per_tok(), job.batch().slots(), job.batch().micro_batch(),
       m.max_position_embeddings(), job.optimizer().name().c_str(), steps, warmup + 1, steps - 1,
       reps, threads > 0 ? std::to_string(threads).c_str() : "all cores", BlasCoreName().c_str(),
       binary.c_str(), dir.c_str());
   std::fflush(stdout);
 
-  const std::vector<Setup> setups = {{"train", 0, 0},
-                                     {"1+1", 1, 1},
-                                     {"2+2", 2, 2},
-                                     {"2+2 ckpt/10", 2, 2, 10, true},
-                                     {"2+2 ckpt/10 sync", 2, 2, 10, false},
-                                     {"2+2 replicas:2", 2, 2, 0, true, 2}};
+  const int every = std::max(1, absl::GetFlag(FLAGS_checkpoint_every));
+  const std::string ckpt = absl::StrCat("2+2 ckpt/", every);
+  // (short name for --only, setup)
+  const std::vector<std::pair<std::string, Setup>> all = {
+      {"train", {"train", 0, 0}},
+      {"1+1", {"1+1", 1, 1}},
+      {"2+2", {"2+2", 2, 2}},
+      {"ckpt", {ckpt, 2, 2, every, true}},
+      {"ckpt-sync", {ckpt + " sync", 2, 2, every, false}},
+      {"replicas", {"2+2 replicas:2", 2, 2, 0, true, 2}}};
+  const std::vector<std::string> only =
+      absl::StrSplit(absl::GetFlag(FLAGS_only), ',', absl::SkipEmpty());
+  std::vector<Setup> setups;
+  std::map<std::string, size_t> index;  // short name -> setups index
+  for (const auto& [name, setup] : all) {
+    if (!only.empty() && std::find(only.begin(), only.end(), name) == only.end()) continue;
+    index[name] = setups.size();
+    setups.push_back(setup);
+  }
+  if (setups.empty()) Die("--only names no setup");
   std::vector<std::vector<double>> seconds(setups.size());  // [setup][round]
   std::vector<std::vector<double>> walls(setups.size());
   for (int round = 0; round < reps; ++round) {
@@ -235,49 +263,62 @@ int Run() {
     }
     std::printf("\n");
   }
+  auto ran = [&](const std::string& name) { return index.count(name) != 0; };
 
-  const double train_s = Median(seconds[0]);
-  std::printf("%-34s %8.1f ms/step\n", "train (1 process)", train_s * 1e3);
-  for (size_t k = 1;
-       k < setups.size() && setups[k].checkpoint_every == 0 && setups[k].replicas == 1; ++k) {
-    std::vector<double> ratios;
-    ratios.reserve(static_cast<size_t>(reps));
-    for (int r = 0; r < reps; ++r) ratios.push_back(seconds[k][r] / seconds[0][r]);
-    const auto [lo, hi] = std::minmax_element(ratios.begin(), ratios.end());
-    const double s = Median(seconds[k]);
-    const double ratio = s / train_s;
-    const std::string label =
-        absl::StrCat("local ", setups[k].shards, " shard(s) + ", setups[k].workers, " worker(s)");
-    std::printf("%-34s %8.1f ms/step  ratio to train %.2f (per round %.2f .. %.2f)", label.c_str(),
-                s * 1e3, ratio, *lo, *hi);
-    // `muonps plan`'s prediction for the same shape on this machine's cores.
-    absl::StatusOr<ClusterPlan> plan =
-        PlanCluster(job, LocalPlanOptions(setups[k].workers, setups[k].shards));
-    if (plan.ok()) {
-      std::printf("  plan %.1f ms (measured / plan %.2f)", plan->serial_seconds * 1e3,
-                  s / plan->serial_seconds);
+  if (ran("train")) {
+    const size_t t = index["train"];
+    const double train_s = Median(seconds[t]);
+    std::printf("%-34s %8.1f ms/step\n", "train (1 process)", train_s * 1e3);
+    for (const char* name : {"1+1", "2+2"}) {
+      if (!ran(name)) continue;
+      const size_t k = index[name];
+      std::vector<double> ratios;
+      ratios.reserve(static_cast<size_t>(reps));
+      for (int r = 0; r < reps; ++r) ratios.push_back(seconds[k][r] / seconds[t][r]);
+      const auto [lo, hi] = std::minmax_element(ratios.begin(), ratios.end());
+      const double s = Median(seconds[k]);
+      const double ratio = s / train_s;
+      const std::string label =
+          absl::StrCat("local ", setups[k].shards, " shard(s) + ", setups[k].workers, " worker(s)");
+      std::printf("%-34s %8.1f ms/step  ratio to train %.2f (per round %.2f .. %.2f)",
+                  label.c_str(), s * 1e3, ratio, *lo, *hi);
+      // `muonps plan`'s prediction for the same shape on this machine's cores.
+      absl::StatusOr<ClusterPlan> plan =
+          PlanCluster(job, LocalPlanOptions(setups[k].workers, setups[k].shards));
+      if (plan.ok()) {
+        std::printf("  plan %.1f ms (measured / plan %.2f)", plan->serial_seconds * 1e3,
+                    s / plan->serial_seconds);
+      }
+      if (setups[k].shards == 1 && setups[k].workers == 1) {
+        std::printf("  goal <= %.2f: %s", kGoalRatio, ratio <= kGoalRatio ? "met" : "NOT MET");
+      }
+      std::printf("\n");
     }
-    if (setups[k].shards == 1 && setups[k].workers == 1) {
-      std::printf("  goal <= %.2f: %s", kGoalRatio, ratio <= kGoalRatio ? "met" : "NOT MET");
-    }
-    std::printf("\n");
   }
-  // Checkpoints every 10 steps against none, on the whole run's wall time
-  // per step (a checkpoint happens between steps): written in the
-  // background, and with each step waiting for the write.
-  const double plain = Median(walls[2]), background = Median(walls[3]), sync = Median(walls[4]);
-  std::printf("%-34s %8.1f ms/step wall, without %.1f: overhead %+.1f%% (goal <= 2%%: %s)\n",
-              "local 2+2, checkpoint/10 background", background * 1e3, plain * 1e3,
-              (background / plain - 1.0) * 100.0, background <= plain * 1.02 ? "met" : "NOT MET");
-  std::printf("%-34s %8.1f ms/step wall, without %.1f: overhead %+.1f%%\n",
-              "local 2+2, checkpoint/10 waited for", sync * 1e3, plain * 1e3,
-              (sync / plain - 1.0) * 100.0);
+  // Checkpoints against none, on the whole run's wall time per step (a
+  // checkpoint happens between steps): written in the background, and with
+  // each step waiting for the write.
+  if (ran("2+2") && ran("ckpt")) {
+    const double plain = Median(walls[index["2+2"]]), background = Median(walls[index["ckpt"]]);
+    std::printf("%-34s %8.1f ms/step wall, without %.1f: overhead %+.1f%% (goal <= 2%%: %s)\n",
+                absl::StrCat("local 2+2, checkpoint/", every, " background").c_str(),
+                background * 1e3, plain * 1e3, (background / plain - 1.0) * 100.0,
+                background <= plain * 1.02 ? "met" : "NOT MET");
+  }
+  if (ran("2+2") && ran("ckpt-sync")) {
+    const double plain = Median(walls[index["2+2"]]), sync = Median(walls[index["ckpt-sync"]]);
+    std::printf("%-34s %8.1f ms/step wall, without %.1f: overhead %+.1f%%\n",
+                absl::StrCat("local 2+2, checkpoint/", every, " waited for").c_str(), sync * 1e3,
+                plain * 1e3, (sync / plain - 1.0) * 100.0);
+  }
   // A second copy of every tensor's state against none, on the median step
   // time (the copies cost every step: pushes, updates and memory).
-  const double two = Median(seconds[5]), one = Median(seconds[2]);
-  std::printf("%-34s %8.1f ms/step, without %.1f: overhead %+.1f%% (goal <= 5%%: %s)\n",
-              "local 2+2, recovery.replicas 2", two * 1e3, one * 1e3, (two / one - 1.0) * 100.0,
-              two <= one * 1.05 ? "met" : "NOT MET");
+  if (ran("2+2") && ran("replicas")) {
+    const double two = Median(seconds[index["replicas"]]), one = Median(seconds[index["2+2"]]);
+    std::printf("%-34s %8.1f ms/step, without %.1f: overhead %+.1f%% (goal <= 5%%: %s)\n",
+                "local 2+2, recovery.replicas 2", two * 1e3, one * 1e3, (two / one - 1.0) * 100.0,
+                two <= one * 1.05 ? "met" : "NOT MET");
+  }
   if (!absl::GetFlag(FLAGS_keep)) std::filesystem::remove_all(dir);
   return 0;
 }
