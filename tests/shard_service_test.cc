@@ -258,18 +258,20 @@ TEST_F(ShardServiceTest, DroppingTheJobEndsAWaitingPull) {
 // ---------------------------------------------------------------------------
 // PushGradients
 
-// Indexes the one-shard checkpoint part in `dir` (step 1) and expects every
-// tensor and optimizer buffer in it to equal `reference`'s, bit for bit;
-// `bytes` receives the bytes of those values and buffers.
-void ExpectCheckpointPartEquals(const std::string& dir, const v1::JobSpec& job,
-                                const ModelLayout& layout, const std::vector<std::string>& all,
-                                const ShardState& reference, int64_t* bytes) {
-  std::map<std::string, int> owner;
-  for (const std::string& name : all) owner[name] = 0;
+// Indexes the `count` checkpoint parts in `dir` (step 1), tensor t in part
+// owner[t], and expects every tensor and optimizer buffer of `reference` to
+// equal the checkpoint's, bit for bit; `bytes` receives the bytes of those
+// values and buffers.
+void ExpectCheckpointEquals(const std::string& dir, const v1::JobSpec& job,
+                            const ModelLayout& layout, const std::map<std::string, int>& owner,
+                            int count, const ShardState& reference, int64_t* bytes) {
+  std::vector<std::string> all;
+  for (const auto& [name, part] : owner) all.push_back(name);
   v1::TrainerState trainer;
   trainer.set_step(1);
   *trainer.mutable_job() = job;
-  ASSERT_TRUE(WriteCheckpointIndex(dir, 1, layout, job.optimizer().name(), owner, trainer).ok());
+  ASSERT_TRUE(
+      WriteCheckpointIndex(dir, count, layout, job.optimizer().name(), owner, trainer).ok());
   absl::StatusOr<std::map<std::string, TensorState>> read =
       ReadCheckpointTensors(dir, layout, job.model(), job.optimizer().name(), all);
   ASSERT_TRUE(read.ok()) << read.status();
@@ -285,6 +287,15 @@ void ExpectCheckpointPartEquals(const std::string& dir, const v1::JobSpec& job,
     *bytes += static_cast<int64_t>(
         (value.size() + momentum.size() + exp_avg.size() + exp_avg_sq.size()) * sizeof(float));
   });
+}
+
+// The same for a one-shard part holding the tensors `all`.
+void ExpectCheckpointPartEquals(const std::string& dir, const v1::JobSpec& job,
+                                const ModelLayout& layout, const std::vector<std::string>& all,
+                                const ShardState& reference, int64_t* bytes) {
+  std::map<std::string, int> owner;
+  for (const std::string& name : all) owner[name] = 0;
+  ExpectCheckpointEquals(dir, job, layout, owner, 1, reference, bytes);
 }
 
 TEST_F(ShardServiceTest, SaveCheckpointReadsBackBitForBit) {
@@ -441,23 +452,10 @@ TEST_F(ShardServiceTest, AReplicaIsUpdatedLikeItsOwnerButServedAndWrittenOnlyWhe
   std::map<std::string, int> part;
   for (const std::string& name : owned) part[name] = 0;
   for (const std::string& name : replicas) part[name] = 1;
-  v1::TrainerState trainer;
-  trainer.set_step(1);
-  *trainer.mutable_job() = job_;
-  ASSERT_TRUE(
-      WriteCheckpointIndex(step_dir, 2, *layout_, job_.optimizer().name(), part, trainer).ok());
-  absl::StatusOr<std::map<std::string, TensorState>> read =
-      ReadCheckpointTensors(step_dir, *layout_, job_.model(), job_.optimizer().name(), held);
-  ASSERT_TRUE(read.ok()) << read.status();
-  reference->Visit([&](const TensorInfo& info, const std::vector<float>& value,
-                       const std::vector<float>& momentum, const std::vector<float>& exp_avg,
-                       const std::vector<float>& exp_avg_sq) {
-    const TensorState& got = read->at(info.name);
-    EXPECT_TRUE(SameBits(got.value, value)) << info.name;
-    EXPECT_TRUE(SameBits(got.momentum, momentum)) << info.name;
-    EXPECT_TRUE(SameBits(got.exp_avg, exp_avg)) << info.name;
-    EXPECT_TRUE(SameBits(got.exp_avg_sq, exp_avg_sq)) << info.name;
-  });
+  int64_t bytes = 0;
+  ASSERT_NO_FATAL_FAILURE(
+      ExpectCheckpointEquals(step_dir, job_, *layout_, part, 2, *reference, &bytes));
+  EXPECT_EQ(bytes, bytes_of(held));
 }
 
 // A background checkpoint answers once the shard holds its snapshot; the

@@ -69,7 +69,8 @@ absl::StatusOr<ClusterPlan> PlanCluster(const v1::JobSpec& job, const PlanOption
 
   const v1::ModelConfig& m = job.model();
   const ModelLayout layout(m);
-  const int copies = std::min(o.shards, std::max(1, job.recovery().replicas()));
+  plan.copies = std::min(o.shards, std::max(1, job.recovery().replicas()));
+  const int copies = plan.copies;
   // Each token passes through K of the E routed experts of a MoE layer; the
   // embedding is a lookup, not a product.
   const double routed_share =
@@ -156,9 +157,7 @@ std::string FormatPlan(const v1::JobSpec& job, const ClusterPlan& p) {
       "worker %.1f GFLOP/s, shard %.1f GFLOP/s\n\n",
       m.num_hidden_layers(), m.hidden_size(), m.n_routed_experts(), m.num_experts_per_tok(),
       m.vocab_size(), m.max_position_embeddings(), p.parameters / 1e6, p.trainable / 1e6,
-      p.activated / 1e6, p.options.workers, p.options.shards,
-      std::min(p.options.shards, std::max(1, job.recovery().replicas())),
-      std::min(p.options.shards, std::max(1, job.recovery().replicas())) == 1 ? "y" : "ies",
+      p.activated / 1e6, p.options.workers, p.options.shards, p.copies, p.copies == 1 ? "y" : "ies",
       p.options.link_gbps, p.options.worker_gflops, p.options.shard_gflops);
   absl::StrAppendFormat(&out, "per step and worker (the busiest of %d tokens of %d):\n",
                         p.tokens_per_worker, p.tokens_per_step);

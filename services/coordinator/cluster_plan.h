@@ -44,6 +44,7 @@ struct ShardPlan {
 
 struct ClusterPlan {
   PlanOptions options;                                   // with the defaults filled in
+  int copies = 1;                                        // of each tensor's state
   int64_t parameters = 0, trainable = 0, activated = 0;  // counts
   int64_t tokens_per_step = 0, tokens_per_worker = 0;    // the busiest worker's
   double flops_per_token = 0.0;                          // forward + backward
