@@ -20,6 +20,9 @@
 //   2+2 replicas:2  recovery.replicas 2 (a copy of every tensor's state on
 //          the other shard, pushed to and updated every step), compared
 //          with 2+2 on the median step time
+//   1+1 bf16  transfer.dtype bf16 (parameters and gradients in bf16 on the
+//          wire), compared with 1+1 on the median step time, with the
+//          bytes per step and worker of each
 // (the cluster's figure is job.progress.step_seconds of each STEP event: the
 // coordinator's wall time from handing out the step's tasks to the shards'
 // ApplyStep returning). A run's figure is the median step time over steps
@@ -63,9 +66,10 @@ ABSL_FLAG(std::string, binary, MUONPS_BINARY, "The muonps binary to run");
 ABSL_FLAG(bool, keep, false, "Keep the work directory (job, logs) after a successful run");
 ABSL_FLAG(std::string, preset, "default", "The job's preset (muonps defaults --preset)");
 ABSL_FLAG(int, checkpoint_every, 10, "checkpoint.every_steps of the checkpointing setups");
-ABSL_FLAG(std::string, only, "",
-          "Comma-separated setups to run (train, 1+1, 2+2, ckpt, ckpt-sync, replicas); empty = "
-          "all. Comparisons whose setups did not run are left out");
+ABSL_FLAG(
+    std::string, only, "",
+    "Comma-separated setups to run (train, 1+1, 2+2, ckpt, ckpt-sync, replicas, bf16); empty = "
+    "all. Comparisons whose setups did not run are left out");
 
 namespace muonps {
 namespace {
@@ -88,8 +92,9 @@ struct Setup {
   std::string name;
   int shards = 0, workers = 0;
   int checkpoint_every = 0;
-  bool background = true;  // checkpoint.background
-  int replicas = 1;        // recovery.replicas
+  bool background = true;     // checkpoint.background
+  int replicas = 1;           // recovery.replicas
+  std::string dtype = "f32";  // transfer.dtype
 };
 
 // What one run measured: the median step time, and the wall time from the
@@ -165,6 +170,7 @@ RunFigures RunOnce(const Setup& setup, const std::string& binary, const std::str
       job->mutable_checkpoint()->set_keep_last(2);
       job->mutable_checkpoint()->set_background(setup.background);
       job->mutable_recovery()->set_replicas(setup.replicas);
+      job->mutable_transfer()->set_dtype(setup.dtype);
       job_file = tag + "-job.json";
       std::ofstream(job_file) << ToJson(*job);
     }
@@ -239,7 +245,8 @@ int Run() {
       {"2+2", {"2+2", 2, 2}},
       {"ckpt", {ckpt, 2, 2, every, true}},
       {"ckpt-sync", {ckpt + " sync", 2, 2, every, false}},
-      {"replicas", {"2+2 replicas:2", 2, 2, 0, true, 2}}};
+      {"replicas", {"2+2 replicas:2", 2, 2, 0, true, 2}},
+      {"bf16", {"1+1 bf16", 1, 1, 0, true, 1, "bf16"}}};
   const std::vector<std::string> only =
       absl::StrSplit(absl::GetFlag(FLAGS_only), ',', absl::SkipEmpty());
   std::vector<Setup> setups;
@@ -318,6 +325,24 @@ int Run() {
     std::printf("%-34s %8.1f ms/step, without %.1f: overhead %+.1f%% (goal <= 5%%: %s)\n",
                 "local 2+2, recovery.replicas 2", two * 1e3, one * 1e3, (two / one - 1.0) * 100.0,
                 two <= one * 1.05 ? "met" : "NOT MET");
+  }
+  // bf16 on the wire against f32: step time, and the bytes each worker
+  // moves per step (muonps plan's count of the same job).
+  if (ran("1+1") && ran("bf16")) {
+    const double bf16 = Median(seconds[index["bf16"]]), f32 = Median(seconds[index["1+1"]]);
+    v1::JobSpec half = job;
+    half.mutable_transfer()->set_dtype("bf16");
+    absl::StatusOr<ClusterPlan> plan_f32 = PlanCluster(job, LocalPlanOptions(1, 1));
+    absl::StatusOr<ClusterPlan> plan_bf16 = PlanCluster(half, LocalPlanOptions(1, 1));
+    std::printf("%-34s %8.1f ms/step, f32 %.1f: %+.1f%%", "local 1+1, transfer.dtype bf16",
+                bf16 * 1e3, f32 * 1e3, (bf16 / f32 - 1.0) * 100.0);
+    if (plan_f32.ok() && plan_bf16.ok()) {
+      const double a = static_cast<double>(plan_f32->pull_bytes + plan_f32->push_bytes);
+      const double b = static_cast<double>(plan_bf16->pull_bytes + plan_bf16->push_bytes);
+      std::printf("; pulled + pushed per step and worker %.1f MiB, f32 %.1f MiB (%.2fx)",
+                  b / 1048576.0, a / 1048576.0, b / a);
+    }
+    std::printf("\n");
   }
   if (!absl::GetFlag(FLAGS_keep)) std::filesystem::remove_all(dir);
   return 0;

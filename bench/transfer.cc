@@ -2,7 +2,7 @@
 // and an optimizer shard in separate processes, next to raw loopback TCP
 // between two processes, measured in the same run.
 //
-//   ./build/bench/transfer [--reps=5]
+//   ./build/bench/transfer [--reps=5] [--dtype=f32|bf16]
 //
 // A forked child hosts ShardServiceImpl in a GrpcServer on 127.0.0.1 (no
 // coordinator: this process calls LoadJob itself, then plays the coordinator's
@@ -27,6 +27,10 @@
 // Every figure is the median over --reps rounds; GB/s is 1e9 bytes per second.
 // ratio = (push+pull GB/s) / (raw TCP GB/s), the goal is >= 0.6: the RPC path
 // should move bytes at well over half the rate the kernel moves them.
+// --dtype=bf16 runs the job with transfer.dtype bf16: half the bytes on the
+// wire; the push's time includes rounding the gradient to bf16 (the worker
+// does it once per step), the pull's widening it back; GB/s counts wire
+// bytes, and the shard's own count of the bytes it received is printed.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -65,6 +69,7 @@
 #include "workers/worker/worker.h"
 
 ABSL_FLAG(int, reps, 5, "Measured rounds (tcp, push, pull each); medians are reported");
+ABSL_FLAG(std::string, dtype, "f32", "The job's transfer.dtype: f32 or bf16");
 
 namespace muonps {
 namespace {
@@ -97,6 +102,7 @@ v1::JobSpec TransferJob() {
   job.mutable_optimizer()->set_name("adamw");
   job.mutable_batch()->set_slots(1);
   job.mutable_batch()->set_micro_batch(1);
+  job.mutable_transfer()->set_dtype(absl::GetFlag(FLAGS_dtype));
   FillJobDefaults(&job);
   if (absl::Status st = ValidateJobSpec(job); !st.ok()) Die(std::string(st.message()));
   return job;
@@ -256,23 +262,32 @@ struct Route {
 };
 
 // The worker's own client code (rpc/shard_client.h).
+// `encoded` is the worker's bf16 buffer (bf16 jobs); *received gets the
+// payload bytes the shard counted.
 absl::Status Push(grpc::ChannelInterface* channel, const ModelLayout& layout, const Route& route,
-                  int64_t step, int64_t chunk_bytes, const float* grads) {
+                  int64_t step, int64_t chunk_bytes, const float* grads, TransferDtype dtype,
+                  std::vector<uint16_t>* encoded, int64_t* received) {
   PushTarget target;
   target.job_id = route.job_id;
   target.step = step;
+  WireBuffer wire(grads);
+  if (dtype == TransferDtype::kBF16) {
+    EncodeBf16(grads, layout.total_floats(), encoded->data());
+    wire = WireBuffer(encoded->data());
+  }
   v1::PushGradientsResponse response;
-  absl::Status st = PushGradients(channel, layout, route.tensors, target, grads, chunk_bytes,
+  absl::Status st = PushGradients(channel, layout, route.tensors, target, wire, chunk_bytes,
                                   "PushGradients", &response);
   if (st.ok() && !response.counted()) return absl::InternalError("push acknowledged as a repeat");
+  *received = response.bytes();
   return st;
 }
 
 absl::Status Pull(grpc::ChannelInterface* channel, const ModelLayout& layout, const Route& route,
-                  int64_t version, int64_t chunk_bytes, float* params) {
+                  int64_t version, int64_t chunk_bytes, float* params, TransferDtype dtype) {
   return PullParameters(channel, layout, route.job_id, /*job_key=*/"", version,
                         static_cast<int>(route.tensors.size()), 600.0, chunk_bytes, params,
-                        "PullParameters");
+                        "PullParameters", dtype);
 }
 
 // The coordinator's part of a step, untimed: norms, then the update.
@@ -329,13 +344,14 @@ int Run(int reps) {
   const int64_t chunk_bytes = WorkerOptions().chunk_bytes;
 
   const v1::JobSpec job = TransferJob();
+  const TransferDtype dtype = TransferDtypeOf(job);
   const ModelLayout layout(job.model());
   Route route{kJobId, {}};
   int64_t push_bytes = 0, pull_bytes = 0, push_chunks = 0;
   int trainable = 0;
   for (const TensorInfo& t : layout.tensors()) {
     route.tensors.push_back(t.name);
-    const int64_t bytes = t.numel * static_cast<int64_t>(sizeof(float));
+    const int64_t bytes = t.numel * ElementBytes(dtype);
     pull_bytes += bytes;
     if (!t.trainable()) continue;
     ++trainable;
@@ -349,6 +365,8 @@ int Run(int reps) {
     if (t.trainable()) FillNormal(grads.data() + t.offset, t.numel, 7, t.name, 1e-3);
   }
   std::vector<float> params(static_cast<size_t>(layout.total_floats()), 0.0f);
+  std::vector<uint16_t> encoded(dtype == TransferDtype::kBF16 ? params.size() : 0);
+  int64_t received = 0;
   // Both children are forked before this process starts any thread (gRPC, OpenMP).
   TcpSink tcp(tcp_bytes, chunk_bytes);
   ShardProcess shard;
@@ -357,15 +375,15 @@ int Run(int reps) {
   std::printf(
       "transfer: one worker and one optimizer shard in separate processes over loopback gRPC, "
       "next to raw loopback TCP between two processes\n"
-      "  model V=%d C=%d L=%d E=%d F=%d I=%d: %zu tensors (%d trainable), push %lld bytes "
-      "(%.2f MiB), pull %lld bytes (%.2f MiB)\n"
+      "  model V=%d C=%d L=%d E=%d F=%d I=%d: %zu tensors (%d trainable), transfer.dtype %s: "
+      "push %lld bytes (%.2f MiB), pull %lld bytes (%.2f MiB)\n"
       "  chunk %lld bytes (the worker's default): %lld chunks per push; raw TCP: %lld bytes in "
       "%lld-byte writes\n"
       "  median of %d rounds (tcp, push, pull alternating) after 1 warm-up round; shard %s; "
       "BLAS %s (not used here)\n",
       m.vocab_size(), m.hidden_size(), m.num_hidden_layers(), m.n_routed_experts(),
       m.moe_intermediate_size(), m.intermediate_size(), layout.tensors().size(), trainable,
-      static_cast<long long>(push_bytes), push_bytes / 1048576.0,
+      job.transfer().dtype().c_str(), static_cast<long long>(push_bytes), push_bytes / 1048576.0,
       static_cast<long long>(pull_bytes), pull_bytes / 1048576.0,
       static_cast<long long>(chunk_bytes), static_cast<long long>(push_chunks),
       static_cast<long long>(tcp_bytes), static_cast<long long>(chunk_bytes), reps,
@@ -390,12 +408,18 @@ int Run(int reps) {
   int64_t step = 0;
   for (int round = 0; round <= reps; ++round) {
     const double tcp_s = tcp.Send(reinterpret_cast<const char*>(grads.data()));
-    const double push_s = TimedOnThread(
-        [&] { return Push(channel.get(), layout, route, step, chunk_bytes, grads.data()); });
+    const double push_s = TimedOnThread([&] {
+      return Push(channel.get(), layout, route, step, chunk_bytes, grads.data(), dtype, &encoded,
+                  &received);
+    });
+    if (received != push_bytes) {
+      Die(absl::StrCat("the shard counted ", received, " pushed bytes, expected ", push_bytes));
+    }
     if (absl::Status st = AdvanceStep(stub.get(), step); !st.ok()) Die(std::string(st.message()));
     ++step;
-    const double pull_s = TimedOnThread(
-        [&] { return Pull(channel.get(), layout, route, step, chunk_bytes, params.data()); });
+    const double pull_s = TimedOnThread([&] {
+      return Pull(channel.get(), layout, route, step, chunk_bytes, params.data(), dtype);
+    });
     if (round == 0) continue;  // warm-up: connections, first-touch of the shard's buffers
     figures.tcp.push_back(tcp_s);
     figures.push.push_back(push_s);
@@ -410,6 +434,8 @@ int Run(int reps) {
   PrintLine("push (PushGradients, step t)", figures.push, push_bytes, tcp_gbs);
   PrintLine("pull (PullParameters, version t+1)", figures.pull, pull_bytes, tcp_gbs);
   PrintLine("push+pull", both, push_bytes + pull_bytes, tcp_gbs);
+  std::printf("bytes per push counted by the shard: %lld (%s)\n", static_cast<long long>(received),
+              job.transfer().dtype().c_str());
   const double ratio = static_cast<double>(push_bytes + pull_bytes) / Median(both) * 1e-9 / tcp_gbs;
   std::printf("ratio (push+pull GB/s) / (raw TCP GB/s) = %.2f (goal >= %.1f: %s)\n", ratio,
               kGoalRatio, ratio >= kGoalRatio ? "met" : "NOT MET");

@@ -142,6 +142,9 @@ void FillJobDefaults(v1::JobSpec* job) {
 
   v1::RecoveryConfig* r = job->mutable_recovery();
   if (!r->has_replicas()) r->set_replicas(1);
+
+  v1::TransferConfig* x = job->mutable_transfer();
+  if (!x->has_dtype()) x->set_dtype("f32");
 }
 
 absl::Status ValidateModelConfig(const v1::ModelConfig& m, absl::string_view p) {
@@ -233,7 +236,12 @@ absl::Status ValidateJobSpec(const v1::JobSpec& job) {
         "recovery.replicas: more than 1 needs checkpoint.dir (the survivors of a lost shard "
         "hand its tensors over through a checkpoint)");
   }
+  MUONPS_RETURN_IF_ERROR(CheckOneOf("transfer.dtype", job.transfer().dtype(), {"f32", "bf16"}));
   return absl::OkStatus();
+}
+
+TransferDtype TransferDtypeOf(const v1::JobSpec& job) {
+  return job.transfer().dtype() == "bf16" ? TransferDtype::kBF16 : TransferDtype::kF32;
 }
 
 absl::StatusOr<v1::JobSpec> ParseJobSpecJson(absl::string_view json) {

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "common/bf16.h"
 #include "muonps/v1/job.pb.h"
 
 namespace muonps {
@@ -33,6 +34,8 @@ void FillJobDefaults(v1::JobSpec* job);
 // Checks ranges and cross-field constraints of a job whose defaults are filled.
 // InvalidArgument naming the field ("model.hidden_size: ...") on failure.
 absl::Status ValidateJobSpec(const v1::JobSpec& job);
+// The job's transfer.dtype (f32 when unset).
+TransferDtype TransferDtypeOf(const v1::JobSpec& job);
 absl::Status ValidateModelConfig(const v1::ModelConfig& model, absl::string_view prefix = "model.");
 
 // Parses JSON, fills defaults and validates.

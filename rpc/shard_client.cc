@@ -25,7 +25,7 @@ constexpr char kPullMethod[] = "/muonps.v1.ShardService/PullParameters";
 
 absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& layout,
                            const std::vector<std::string>& tensors, const PushTarget& target,
-                           const float* grads, int64_t chunk_bytes, const std::string& what,
+                           WireBuffer grads, int64_t chunk_bytes, const std::string& what,
                            v1::PushGradientsResponse* response) {
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(300.0));
@@ -39,18 +39,18 @@ absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& l
   // The request's own fields travel in the first message only.
   std::string top =
       EncodePushFields({target.job_id, target.step, target.first_slot, target.slot_count});
-  const int64_t step = ChunkPayloadBytes(chunk_bytes);
+  const int64_t step = ChunkPayloadBytes(chunk_bytes, grads.dtype);
   bool open = true;
   for (const std::string& name : tensors) {
     const TensorInfo* info = layout.Find(name);
     if (info == nullptr || !info->trainable()) continue;
-    const char* data = reinterpret_cast<const char*>(grads + info->offset);
-    const int64_t total = info->numel * static_cast<int64_t>(sizeof(float));
+    const char* data = grads.At(*info);
+    const int64_t total = info->numel * ElementBytes(grads.dtype);
     int64_t offset = 0;
     do {
       const int64_t bytes = std::min(step, total - offset);
       const std::string header =
-          EncodeChunkHeader(name, offset == 0 ? &info->shape : nullptr, offset);
+          EncodeChunkHeader(name, offset == 0 ? &info->shape : nullptr, offset, grads.dtype);
       open = writer->Write(ChunkMessage(top, v1::PushGradientsRequest::kChunkFieldNumber, header,
                                         data + offset, bytes));
       top.clear();
@@ -68,8 +68,8 @@ namespace {
 // its chunk straight into place through `assemblers` (created on a tensor's
 // first chunk).
 absl::Status DecodePull(grpc::ByteBuffer* buffer, const ModelLayout& layout, float* params,
-                        std::unique_ptr<TensorAssembler>* current, int* received,
-                        const std::string& what) {
+                        TransferDtype dtype, std::unique_ptr<TensorAssembler>* current,
+                        int* received, const std::string& what) {
   grpc::ProtoBufferReader stream(buffer);
   // Where `bytes` of the chunk described by `header` go (a new tensor starts
   // a new assembler).
@@ -80,8 +80,8 @@ absl::Status DecodePull(grpc::ByteBuffer* buffer, const ModelLayout& layout, flo
       if (info == nullptr) {
         return absl::InvalidArgumentError(absl::StrCat(what, ": unknown tensor ", header.name()));
       }
-      *current = std::make_unique<TensorAssembler>(header.name(), info->shape,
-                                                   params + info->offset, /*require_finite=*/true);
+      *current = std::make_unique<TensorAssembler>(
+          header.name(), info->shape, params + info->offset, /*require_finite=*/true, dtype);
       ++*received;
     }
     return (*current)->Reserve(header, bytes);
@@ -95,7 +95,7 @@ absl::Status DecodePull(grpc::ByteBuffer* buffer, const ModelLayout& layout, flo
 absl::Status PullParameters(grpc::ChannelInterface* channel, const ModelLayout& layout,
                             const std::string& job_id, const std::string& job_key, int64_t version,
                             int expected, double wait_seconds, int64_t chunk_bytes, float* params,
-                            const std::string& what) {
+                            const std::string& what, TransferDtype dtype) {
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(wait_seconds + 60.0));
   if (!job_key.empty()) context.AddMetadata(kJobKeyHeader, job_key);
@@ -114,7 +114,7 @@ absl::Status PullParameters(grpc::ChannelInterface* channel, const ModelLayout& 
   absl::Status st;
   while (reader->Read(&buffer)) {
     if (!st.ok()) continue;  // drain after a refusal
-    st = DecodePull(&buffer, layout, params, &current, &received, what);
+    st = DecodePull(&buffer, layout, params, dtype, &current, &received, what);
   }
   MUONPS_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish(), what));
   MUONPS_RETURN_IF_ERROR(st);

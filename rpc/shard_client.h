@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/bf16.h"
 #include "common/model_layout.h"
 #include "muonps/v1/shard.grpc.pb.h"
 
@@ -28,23 +29,39 @@ struct PushTarget {
   int slot_count = 1;
 };
 
+// A flat buffer of every tensor of a layout, as it travels: float32 values
+// at the layout's offsets, or their bf16 encoding (EncodeBf16) at the same
+// element offsets.
+struct WireBuffer {
+  const void* data = nullptr;
+  TransferDtype dtype = TransferDtype::kF32;
+  WireBuffer() = default;
+  WireBuffer(const float* f32) : data(f32) {}  // NOLINT(google-explicit-constructor)
+  WireBuffer(const uint16_t* bf16) : data(bf16), dtype(TransferDtype::kBF16) {}  // NOLINT
+  // The bytes of `info` in the buffer.
+  const char* At(const TensorInfo& info) const {
+    return static_cast<const char*>(data) + info.offset * ElementBytes(dtype);
+  }
+};
+
 // Pushes, for every trainable tensor among `tensors`, its gradient taken from
-// the flat buffer `grads` (layout offsets), in chunks of `chunk_bytes`.
-// `grads` must stay unchanged until the call returns.
+// the flat buffer `grads` (layout offsets, in its dtype), in chunks of
+// `chunk_bytes`. `grads` must stay unchanged until the call returns.
 // `what` prefixes errors (e.g. "shard shard-0 (host:port): PushGradients").
 absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& layout,
                            const std::vector<std::string>& tensors, const PushTarget& target,
-                           const float* grads, int64_t chunk_bytes, const std::string& what,
+                           WireBuffer grads, int64_t chunk_bytes, const std::string& what,
                            v1::PushGradientsResponse* response = nullptr);
 
 // Pulls every tensor the shard owns at `version` (waiting up to
 // `wait_seconds` for it) into the flat buffer `params` at layout offsets,
-// checking names, shapes, order and finiteness; DATA_LOSS unless exactly
+// checking names, shapes, dtype (`dtype`: the job's transfer.dtype; BF16 is
+// widened to float32), order and finiteness; DATA_LOSS unless exactly
 // `expected` tensors came. On an error, `params` may hold part of the pull.
 absl::Status PullParameters(grpc::ChannelInterface* channel, const ModelLayout& layout,
                             const std::string& job_id, const std::string& job_key, int64_t version,
                             int expected, double wait_seconds, int64_t chunk_bytes, float* params,
-                            const std::string& what);
+                            const std::string& what, TransferDtype dtype = TransferDtype::kF32);
 
 }  // namespace muonps
 

@@ -32,8 +32,12 @@ absl::Status NonFiniteError(const std::string& name, const char* data, int64_t b
 }  // namespace
 
 int64_t ChunkPayloadBytes(int64_t max_chunk_bytes) {
-  constexpr int64_t kFloat = sizeof(float);
-  return std::max(kFloat, max_chunk_bytes / kFloat * kFloat);
+  return ChunkPayloadBytes(max_chunk_bytes, TransferDtype::kF32);
+}
+
+int64_t ChunkPayloadBytes(int64_t max_chunk_bytes, TransferDtype dtype) {
+  const int64_t element = ElementBytes(dtype);
+  return std::max(element, max_chunk_bytes / element * element);
 }
 
 bool SplitTensor(const std::string& name, const std::vector<int64_t>& shape, const float* data,
@@ -81,12 +85,13 @@ int64_t FirstNonFinite(const char* bytes, int64_t count) {
 }
 
 TensorAssembler::TensorAssembler(std::string name, std::vector<int64_t> expected_shape, float* out,
-                                 bool require_finite)
+                                 bool require_finite, TransferDtype dtype)
     : name_(std::move(name)),
       shape_(std::move(expected_shape)),
       out_(out),
       require_finite_(require_finite),
-      total_bytes_(NumElements(shape_) * static_cast<int64_t>(sizeof(float))) {}
+      dtype_(dtype),
+      total_bytes_(NumElements(shape_) * ElementBytes(dtype)) {}
 
 absl::StatusOr<char*> TensorAssembler::Reserve(const v1::TensorChunk& chunk, int64_t bytes) {
   auto refuse = [&](absl::string_view what) {
@@ -95,8 +100,10 @@ absl::StatusOr<char*> TensorAssembler::Reserve(const v1::TensorChunk& chunk, int
   if (chunk.name() != name_) {
     return refuse(absl::StrCat("name: chunk is for \"", chunk.name(), "\""));
   }
-  if (chunk.dtype() != "F32") {
-    return refuse(absl::StrCat("dtype: only F32 is accepted, got \"", chunk.dtype(), "\""));
+  if (chunk.dtype() != DtypeName(dtype_)) {
+    return refuse(absl::StrCat("dtype: only ", DtypeName(dtype_),
+                               " is accepted (the job's transfer.dtype), got \"", chunk.dtype(),
+                               "\""));
   }
   if (chunk.offset() == 0 || chunk.shape_size() > 0) {
     const std::vector<int64_t> shape(chunk.shape().begin(), chunk.shape().end());
@@ -109,21 +116,48 @@ absl::StatusOr<char*> TensorAssembler::Reserve(const v1::TensorChunk& chunk, int
     return refuse(
         absl::StrCat("offset: expected ", received_, " (chunks in order), got ", chunk.offset()));
   }
-  if (bytes % static_cast<int64_t>(sizeof(float)) != 0) {
-    return refuse(absl::StrCat("data: ", bytes, " bytes is not a whole number of F32 values"));
+  if (bytes % ElementBytes(dtype_) != 0) {
+    return refuse(absl::StrCat("data: ", bytes, " bytes is not a whole number of ",
+                               DtypeName(dtype_), " values"));
   }
   if (bytes > total_bytes_ - received_) {
     return refuse(absl::StrCat("data: ", bytes, " bytes at offset ", received_,
                                " run past the tensor's ", total_bytes_, " bytes"));
   }
+  if (dtype_ == TransferDtype::kBF16) {
+    staging_.resize(static_cast<size_t>(bytes));
+    return staging_.data();
+  }
   return reinterpret_cast<char*>(out_) + received_;
 }
 
 absl::Status TensorAssembler::Commit(int64_t bytes) {
-  const int64_t first = received_ / static_cast<int64_t>(sizeof(float));
+  const int64_t first = received_elements();
+  const int64_t count = bytes / ElementBytes(dtype_);
+  if (dtype_ == TransferDtype::kBF16) {
+    if (require_finite_) {
+      const int64_t bad = FirstNonFiniteBf16(staging_.data(), count);
+      if (bad >= 0) {
+        uint16_t b;
+        std::memcpy(&b, staging_.data() + bad * 2, sizeof(b));
+        return absl::InvalidArgumentError(absl::StrCat("tensor ", name_,
+                                                       ": data: non-finite value ", Bf16ToFloat(b),
+                                                       " at element ", first + bad));
+      }
+    }
+    float* dst = out_ + first;
+    const char* src = staging_.data();
+    for (int64_t i = 0; i < count; ++i) {
+      uint16_t b;
+      std::memcpy(&b, src + i * 2, sizeof(b));
+      dst[i] = Bf16ToFloat(b);
+    }
+    received_ += bytes;
+    return absl::OkStatus();
+  }
   if (require_finite_) {
     const char* data = reinterpret_cast<const char*>(out_) + received_;
-    const int64_t bad = FirstNonFinite(data, bytes / static_cast<int64_t>(sizeof(float)));
+    const int64_t bad = FirstNonFinite(data, count);
     if (bad >= 0) return NonFiniteError(name_, data, bad, first);
   }
   received_ += bytes;
@@ -134,6 +168,10 @@ absl::Status TensorAssembler::Add(const v1::TensorChunk& chunk) {
   const int64_t bytes = static_cast<int64_t>(chunk.data().size());
   absl::StatusOr<char*> dst = Reserve(chunk, bytes);
   if (!dst.ok()) return dst.status();
+  if (dtype_ == TransferDtype::kBF16) {  // staged, checked, then widened
+    if (bytes > 0) std::memcpy(*dst, chunk.data().data(), static_cast<size_t>(bytes));
+    return Commit(bytes);
+  }
   if (require_finite_) {
     // Checked before copying: a refused chunk writes nothing.
     const int64_t bad =

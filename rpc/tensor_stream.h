@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/bf16.h"
 #include "muonps/v1/tensor.pb.h"
 
 namespace muonps {
@@ -29,18 +30,22 @@ bool SplitTensor(const std::string& name, const std::vector<int64_t>& shape, con
 // Payload bytes per chunk for a limit of `max_chunk_bytes`: rounded down to
 // whole floats, at least one. Every sender chunks tensors this way.
 int64_t ChunkPayloadBytes(int64_t max_chunk_bytes);
+// The same for elements of `dtype` (whole elements, at least one).
+int64_t ChunkPayloadBytes(int64_t max_chunk_bytes, TransferDtype dtype);
 
 // Index of the first NaN or Inf among `count` floats at `bytes` (any
 // alignment), or -1. Branch-free over blocks, so it runs at memory speed.
 int64_t FirstNonFinite(const char* bytes, int64_t count);
 
-// Receives the chunks of one tensor into a caller-provided buffer.
+// Receives the chunks of one tensor into a caller-provided float32 buffer.
+// The chunks carry `dtype` (offsets and sizes count its bytes); BF16 values
+// are widened to float32 as they are committed.
 class TensorAssembler {
  public:
   // `out` holds numel(expected_shape) floats and must outlive the assembler.
   // With require_finite, NaN or Inf values are refused.
   TensorAssembler(std::string name, std::vector<int64_t> expected_shape, float* out,
-                  bool require_finite);
+                  bool require_finite, TransferDtype dtype = TransferDtype::kF32);
 
   // Takes the next chunk. INVALID_ARGUMENT naming the tensor and the field
   // for a wrong name, shape or dtype, an out-of-order or out-of-bounds offset,
@@ -50,13 +55,16 @@ class TensorAssembler {
 
   // The same in two halves, for a caller that copies the payload itself:
   // Reserve checks a chunk's header (`header.data` is ignored) for `bytes`
-  // of payload and returns where they go; Commit then checks the copied
-  // values (finiteness) and counts them. After a refused Commit the region
-  // holds the refused values.
+  // of payload and returns where they go (for BF16, a staging buffer of the
+  // assembler's); Commit then checks the copied values (finiteness), widens
+  // them into `out` and counts them. After a refused Commit the region may
+  // hold the refused values.
   absl::StatusOr<char*> Reserve(const v1::TensorChunk& header, int64_t bytes);
   absl::Status Commit(int64_t bytes);
 
   const std::string& name() const { return name_; }
+  // Elements received so far: the next chunk's values land at out + this.
+  int64_t received_elements() const { return received_ / ElementBytes(dtype_); }
   // True once every byte has arrived.
   bool complete() const { return received_ == total_bytes_; }
   // INVALID_ARGUMENT unless complete (for a stream that ended early).
@@ -67,6 +75,8 @@ class TensorAssembler {
   std::vector<int64_t> shape_;
   float* out_;
   bool require_finite_;
+  TransferDtype dtype_;
+  std::vector<char> staging_;  // BF16 payload before it is widened
   int64_t total_bytes_ = 0;
   int64_t received_ = 0;
 };

@@ -84,7 +84,7 @@ absl::Status ReadChunk(CodedInputStream* in, uint32_t length, const PlaceChunk& 
 }
 
 std::string EncodeChunkHeader(const std::string& name, const std::vector<int64_t>* shape,
-                              int64_t offset) {
+                              int64_t offset, TransferDtype dtype) {
   enum : int {
     kName = v1::TensorChunk::kNameFieldNumber,
     kShape = v1::TensorChunk::kShapeFieldNumber,
@@ -102,7 +102,7 @@ std::string EncodeChunkHeader(const std::string& name, const std::vector<int64_t
     coded.WriteVarint32(static_cast<uint32_t>(size));
     for (int64_t d : *shape) coded.WriteVarint64(static_cast<uint64_t>(d));
   }
-  WireFormatLite::WriteString(kDtype, "F32", &coded);
+  WireFormatLite::WriteString(kDtype, std::string(DtypeName(dtype)), &coded);
   if (offset != 0) WireFormatLite::WriteInt64(kOffset, offset, &coded);
   coded.Trim();
   return out;

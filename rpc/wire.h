@@ -20,6 +20,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/bf16.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream.h"
 #include "grpcpp/support/byte_buffer.h"
@@ -44,9 +45,9 @@ absl::Status ReadChunk(google::protobuf::io::CodedInputStream* in, uint32_t leng
                        absl::StatusCode malformed = absl::StatusCode::kDataLoss);
 
 // The encoded fields of a TensorChunk other than `data` (shape only when
-// given: the first chunk of a tensor carries it).
+// given: the first chunk of a tensor carries it); dtype is DtypeName(dtype).
 std::string EncodeChunkHeader(const std::string& name, const std::vector<int64_t>* shape,
-                              int64_t offset);
+                              int64_t offset, TransferDtype dtype = TransferDtype::kF32);
 
 // One message whose own fields are `prefix` (already encoded) followed by
 // field `chunk_field`: a TensorChunk of `chunk_header` and a payload of

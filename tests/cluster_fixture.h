@@ -66,6 +66,7 @@ struct JobOptions {
   int every_steps = 0;  // checkpoint.every_steps
   int keep_last = 0;    // checkpoint.keep_last
   int replicas = 1;     // recovery.replicas
+  std::string transfer_dtype = "f32";
 };
 
 // A one-line description of a wait status, for messages.
@@ -180,10 +181,11 @@ class ClusterTest : public testing_util::TempDirTest {
       "batch": {"slots": 5, "micro_batch": 2},
       "checkpoint": {"dir": "%s", "every_steps": %d, "keep_last": %d},
       "recovery": {"replicas": %d},
+      "transfer": {"dtype": "%s"},
       "seed": 11})",
                                            name, o.balancing, o.optimizer, o.total_steps, corpus_,
                                            o.eval_every, CheckpointRoot(name), o.every_steps,
-                                           o.keep_last, o.replicas);
+                                           o.keep_last, o.replicas, o.transfer_dtype);
     return path;
   }
   std::string CheckpointRoot(const std::string& name) const { return Path(name + "-ckpt"); }

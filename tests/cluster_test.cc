@@ -10,7 +10,8 @@
 // The job is a small MoE (C = 64, 3 layers, the first dense, E = 4 experts,
 // T = 64) on a generated corpus, with 5 slots so that tasks split unevenly
 // over 2 and 3 workers (prefix-summed and per-slot pushes both occur) and
-// validation every 5 steps so evaluation tasks run too.
+// validation every 5 steps so evaluation tasks run too; one layout moves
+// parameters and gradients in bf16 (transfer.dtype).
 #include "tests/cluster_fixture.h"
 
 namespace muonps {
@@ -23,6 +24,7 @@ struct LayoutCase {
   int shards, workers, threads;  // threads: per service in `local`
   const char* optimizer;
   const char* balancing;
+  const char* transfer_dtype = "f32";
 };
 
 // For gtest's messages and ctest's test names.
@@ -35,6 +37,7 @@ TEST_P(ClusterLayoutTest, CheckpointIsBitIdenticalToTrain) {
   JobOptions o;
   o.optimizer = c.optimizer;
   o.balancing = c.balancing;
+  o.transfer_dtype = c.transfer_dtype;
   WriteJob("train", o);
   WriteJob("cluster", o);
   const std::string want = Train("train");
@@ -55,7 +58,10 @@ INSTANTIATE_TEST_SUITE_P(
                       LayoutCase{"Muon2Shards3WorkersTwoThreads", 2, 3, 2, "muon", "aux_free_bias"},
                       LayoutCase{"Muon3Shards2Workers", 3, 2, 1, "muon", "aux_free_bias"},
                       LayoutCase{"AdamW2Shards3Workers", 2, 3, 1, "adamw", "aux_free_bias"},
-                      LayoutCase{"AuxLoss3Shards2Workers", 3, 2, 1, "muon", "aux_loss"}),
+                      LayoutCase{"AuxLoss3Shards2Workers", 3, 2, 1, "muon", "aux_loss"},
+                      // Prefix-summed and per-slot pushes in bf16 meet on the shards.
+                      LayoutCase{"Bf16Muon2Shards2Workers", 2, 2, 1, "muon", "aux_free_bias",
+                                 "bf16"}),
     [](const ::testing::TestParamInfo<LayoutCase>& info) { return info.param.name; });
 
 // --- 2. Resume from one layout into the other ---------------------------------

@@ -112,6 +112,12 @@ TEST(JobSpecTest, OutOfRangeValuesNameTheField) {
   EXPECT_THAT(Error(R"({"recovery": {"replicas": 2}})"), HasSubstr("checkpoint.dir"));
   EXPECT_TRUE(
       ParseJobSpecJson(R"({"recovery": {"replicas": 3}, "checkpoint": {"dir": "c"}})").ok());
+  EXPECT_THAT(Error(R"({"transfer": {"dtype": "fp16"}})"),
+              HasSubstr(R"(transfer.dtype: must be one of "f32", "bf16", got "fp16")"));
+  absl::StatusOr<v1::JobSpec> bf16 = ParseJobSpecJson(R"({"transfer": {"dtype": "bf16"}})");
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  EXPECT_EQ(TransferDtypeOf(*bf16), TransferDtype::kBF16);
+  EXPECT_EQ(TransferDtypeOf(DefaultJobSpec()), TransferDtype::kF32);
 }
 
 TEST(JobSpecTest, CallerChosenStringsAreBounded) {

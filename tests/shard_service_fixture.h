@@ -154,6 +154,43 @@ inline std::vector<v1::PushGradientsRequest> PushMessages(
   return out;
 }
 
+// The same with every gradient rounded to bf16 and sent as BF16 chunks of
+// at most `chunk_bytes` (a transfer.dtype bf16 job's push).
+inline std::vector<v1::PushGradientsRequest> PushMessagesBf16(
+    const PushHeader& header, const std::vector<Grad>& grads,
+    int64_t chunk_bytes = kDefaultChunkBytes) {
+  std::vector<v1::PushGradientsRequest> out;
+  for (const Grad& g : grads) {
+    std::vector<uint16_t> bits(g.data.size());
+    EncodeBf16(g.data.data(), static_cast<int64_t>(bits.size()), bits.data());
+    const int64_t total = static_cast<int64_t>(bits.size()) * 2;
+    const int64_t step = ChunkPayloadBytes(chunk_bytes, TransferDtype::kBF16);
+    int64_t offset = 0;
+    do {
+      const int64_t bytes = std::min(step, total - offset);
+      v1::PushGradientsRequest message;
+      if (out.empty()) {
+        message.set_job_id(header.job_id);
+        message.set_step(header.step);
+        message.set_slot(header.slot);
+        message.set_slot_count(header.slot_count);
+      }
+      v1::TensorChunk* chunk = message.mutable_chunk();
+      chunk->set_name(g.name);
+      if (offset == 0) {
+        for (int64_t d : g.shape) chunk->add_shape(d);
+      }
+      chunk->set_dtype("BF16");
+      chunk->set_offset(offset);
+      chunk->set_data(reinterpret_cast<const char*>(bits.data()) + offset,
+                      static_cast<size_t>(bytes));
+      out.push_back(std::move(message));
+      offset += bytes;
+    } while (offset < total);
+  }
+  return out;
+}
+
 inline grpc::Status Push(v1::ShardService::Stub* stub,
                          const std::vector<v1::PushGradientsRequest>& messages,
                          v1::PushGradientsResponse* response = nullptr) {
@@ -175,13 +212,14 @@ struct Pulled {
   std::vector<std::string> order;  // tensors as they came
   std::map<std::string, std::vector<float>> tensors;
   int64_t largest_chunk = 0;   // bytes
+  int64_t bytes = 0;           // payload bytes in all
   bool versions_match = true;  // every message at the asked version
 };
 
 inline Pulled Pull(v1::ShardService::Stub* stub, const ModelLayout& layout,
                    const std::string& job_id, int64_t version,
                    const std::vector<std::string>& names = {}, double wait_seconds = 0.0,
-                   int64_t max_chunk_bytes = 0) {
+                   int64_t max_chunk_bytes = 0, TransferDtype dtype = TransferDtype::kF32) {
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(wait_seconds + 60.0));
   v1::PullParametersRequest request;
@@ -199,6 +237,7 @@ inline Pulled Pull(v1::ShardService::Stub* stub, const ModelLayout& layout,
     const v1::TensorChunk& chunk = message.chunk();
     out.versions_match = out.versions_match && message.version() == version;
     out.largest_chunk = std::max<int64_t>(out.largest_chunk, chunk.data().size());
+    out.bytes += static_cast<int64_t>(chunk.data().size());
     if (out.order.empty() || out.order.back() != chunk.name()) {
       const TensorInfo* info = layout.Find(chunk.name());
       EXPECT_NE(info, nullptr) << chunk.name();
@@ -207,7 +246,7 @@ inline Pulled Pull(v1::ShardService::Stub* stub, const ModelLayout& layout,
       std::vector<float>& buffer = out.tensors[chunk.name()];
       buffer.assign(info->numel, 0.0f);
       current = std::make_unique<TensorAssembler>(chunk.name(), info->shape, buffer.data(),
-                                                  /*require_finite=*/true);
+                                                  /*require_finite=*/true, dtype);
     }
     EXPECT_TRUE(current->Add(chunk).ok()) << chunk.name();
   }

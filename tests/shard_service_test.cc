@@ -513,5 +513,83 @@ TEST_F(ShardServiceTest, ABackgroundCheckpointHoldsItsVersionWhileTheNextStepRun
   EXPECT_EQ(started.bytes(), bytes);
 }
 
+TEST_F(ShardServiceTest, ABf16JobTravelsInBf16AndKeepsFloat32MasterValues) {
+  job_.mutable_transfer()->set_dtype("bf16");
+  // One shard owns the whole model, so its checkpoint part is complete.
+  std::vector<std::string> all;
+  for (const TensorInfo& t : layout_->tensors()) all.push_back(t.name);
+  ASSERT_TRUE(LoadJob(*shard_, LoadRequest("job-a", all)).ok());
+  // A pull brings BF16 chunks, half the bytes: the master values rounded.
+  const std::map<std::string, std::vector<float>> initial = InitialValues(all);
+  Pulled pulled = Pull(shard_->stub.get(), *layout_, "job-a", 0, {}, 0.0, /*max_chunk_bytes=*/70,
+                       TransferDtype::kBF16);
+  ASSERT_TRUE(pulled.status.ok()) << Describe(pulled.status);
+  EXPECT_LE(pulled.largest_chunk, 70);
+  int64_t numel = 0;
+  for (const auto& [name, values] : initial) {
+    numel += static_cast<int64_t>(values.size());
+    std::vector<float> rounded(values.size());
+    for (size_t i = 0; i < values.size(); ++i) rounded[i] = Bf16ToFloat(FloatToBf16(values[i]));
+    EXPECT_TRUE(SameBits(pulled.tensors[name], rounded)) << name;
+  }
+  EXPECT_EQ(pulled.bytes, 2 * numel);
+
+  // An F32 push to a bf16 job is refused by name, and counts nothing.
+  grpc::Status refused = Push(shard_->stub.get(),
+                              PushMessages({"job-a", 0, 0, 1}, SlotGradients(*layout_, all, 0, 0)));
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << Describe(refused);
+  EXPECT_THAT(refused.error_message(), HasSubstr("only BF16 is accepted"));
+  EXPECT_EQ(Squares(*shard_, "job-a", 0).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+
+  // Slot 0-1 as a worker's prefix sum, slots 2 and 3 alone, all in BF16;
+  // the reference takes the float32 gradients and rounds them itself.
+  std::unique_ptr<ShardState> reference = Reference(all);
+  std::vector<Grad> prefix = SlotGradients(*layout_, all, 0, 0);
+  for (Grad& g : prefix) {
+    for (float& x : g.data) x = 0.0f;
+  }
+  for (int s = 0; s < 2; ++s) {
+    const std::vector<Grad> slot = SlotGradients(*layout_, all, 0, s);
+    for (size_t k = 0; k < prefix.size(); ++k) {
+      AccumulateSlotGradient(TransferDtype::kBF16, slot[k].data.data(),
+                             static_cast<int64_t>(slot[k].data.size()), prefix[k].data.data());
+    }
+    AddToReference(*reference, 0, s, 1, slot);
+  }
+  ASSERT_TRUE(Push(shard_->stub.get(), PushMessagesBf16({"job-a", 0, 0, 2}, prefix, 40)).ok());
+  for (int s = 2; s < kSlots; ++s) {
+    const std::vector<Grad> slot = SlotGradients(*layout_, all, 0, s);
+    ASSERT_TRUE(Push(shard_->stub.get(), PushMessagesBf16({"job-a", 0, s, 1}, slot)).ok());
+    AddToReference(*reference, 0, s, 1, slot);
+  }
+  std::vector<std::pair<std::string, double>> squares;
+  ASSERT_TRUE(Squares(*shard_, "job-a", 0, &squares).ok());
+  absl::StatusOr<std::vector<std::pair<std::string, double>>> expected =
+      reference->GradientSquares();
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  EXPECT_EQ(squares, *expected);
+  ASSERT_TRUE(Apply(*shard_, "job-a", 0, 0.01, 0.7, {{4, 0, 2, 2}}).ok());
+  ASSERT_TRUE(reference->ApplyStep(0, 0.01, 0.7, {{4, 0, 2, 2}}).ok());
+  // The master values stay float32: the checkpoint holds them unrounded.
+  const std::string step_dir = Path("step-00000001");
+  std::filesystem::create_directories(step_dir);
+  grpc::ClientContext context;
+  v1::SaveCheckpointRequest request;
+  request.set_job_id("job-a");
+  request.set_dir(step_dir);
+  request.set_shard_count(1);
+  request.set_version(1);
+  v1::SaveCheckpointResponse saved;
+  ASSERT_TRUE(shard_->stub->SaveCheckpoint(&context, request, &saved).ok());
+  int64_t bytes = 0;
+  ASSERT_NO_FATAL_FAILURE(
+      ExpectCheckpointPartEquals(step_dir, job_, *layout_, all, *reference, &bytes));
+  bool any_unrounded = false;
+  for (const auto& [name, values] : ReferenceValues(*reference)) {
+    for (float x : values) any_unrounded = any_unrounded || x != Bf16ToFloat(FloatToBf16(x));
+  }
+  EXPECT_TRUE(any_unrounded);
+}
+
 }  // namespace
 }  // namespace muonps

@@ -15,9 +15,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "checkpoint/checkpoint.h"
+#include "common/bf16.h"
 #include "common/job_spec.h"
 #include "common/parallel.h"
 #include "common/safetensors.h"
+#include "data/batch_sampler.h"
+#include "model/moe_model.h"
 #include "tests/trainer_test_util.h"
 
 namespace muonps {
@@ -224,6 +227,47 @@ TEST(TrainerCli, BadJobsEndWithOneClearMessage) {
   std::tie(rc, err) = RunCli("train /nonexistent/job.json");
   EXPECT_NE(rc, 0);
   EXPECT_THAT(err, HasSubstr("/nonexistent/job.json"));
+}
+
+// transfer.dtype bf16: the model computes with the parameters rounded to
+// bf16, as a worker pulls them. The first step's loss is recomputed here
+// with a model of its own on the rounded initial values.
+TEST(TrainerBf16, TheModelSeesTheParametersRoundedToBf16) {
+  const std::string dir = TempDir("bf16");
+  v1::JobSpec job = TinyJob(WriteCorpus(dir), "muon");
+  v1::JobSpec f32 = job;
+  job.mutable_transfer()->set_dtype("bf16");
+  ASSERT_TRUE(ValidateJobSpec(job).ok());
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(job, {});
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  std::vector<float> rounded = (*trainer)->state().params;
+  for (float& x : rounded) x = Bf16ToFloat(FloatToBf16(x));
+  const v1::ModelConfig& mc = job.model();
+  const int T = mc.max_position_embeddings(), slots = job.batch().slots();
+  const int rows = job.batch().micro_batch();
+  BatchSampler sampler(&(*trainer)->corpus().train, T, slots, rows, /*random=*/true, job.seed());
+  MoeModel model(mc);
+  std::vector<int32_t> inputs(static_cast<size_t>(rows) * T), targets(inputs.size());
+  double loss_sum = 0.0;
+  for (int s = 0; s < slots; ++s) {
+    sampler.Fill(0, s, inputs.data(), targets.data());
+    loss_sum += model.Forward(rounded.data(), inputs.data(), targets.data(), rows).loss_sum;
+  }
+  const double want = loss_sum / (static_cast<double>(slots) * rows * T);
+
+  absl::StatusOr<StepReport> step = (*trainer)->Step();
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_NEAR(step->loss, want, 1e-6 * want);
+  absl::StatusOr<std::unique_ptr<Trainer>> plain = Trainer::Create(f32, {});
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  absl::StatusOr<StepReport> plain_step = (*plain)->Step();
+  ASSERT_TRUE(plain_step.ok()) << plain_step.status();
+  EXPECT_GT(std::fabs(plain_step->loss - step->loss), 1e-5 * want)
+      << "the rounding changed nothing";
+  // The master values themselves are not rounded.
+  int64_t unrounded = 0;
+  for (float x : (*trainer)->state().params) unrounded += x != Bf16ToFloat(FloatToBf16(x));
+  EXPECT_GT(unrounded, 0);
 }
 
 }  // namespace

@@ -7,6 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "checkpoint/checkpoint.h"
+#include "common/bf16.h"
+#include "common/job_spec.h"
 #include "common/numerics.h"
 #include "common/parallel.h"
 #include "common/status_macros.h"
@@ -100,8 +102,10 @@ absl::StatusOr<StepReport> Trainer::Step() {
   report.tokens = scales.global_tokens;
   report.lr = StepLearningRate(job_, step_index);
 
-  // 1. Slot gradients, computed in waves of one slot per lane, summed left to right.
+  // 1. Slot gradients, computed in waves of one slot per lane, summed left to
+  // right, with the parameters as a worker pulls them (transfer.dtype).
   std::fill(grads_.begin(), grads_.end(), 0.0f);
+  const float* params = ComputeParameters();
   double loss_sum = 0.0, aux_sum = 0.0, fwd_time = 0.0, bwd_time = 0.0;
   ExpertLoads loads(job_.model());
   absl::Status loads_ok;
@@ -112,13 +116,12 @@ absl::StatusOr<StepReport> Trainer::Step() {
                      lane.targets.data());
       std::fill(lane.grads.begin(), lane.grads.end(), 0.0f);
       lane.stats =
-          lane.model->ForwardBackward(state_.params.data(), lane.inputs.data(), lane.targets.data(),
-                                      rows, scales.loss_scale, scales.aux_scale, lane.grads.data());
+          lane.model->ForwardBackward(params, lane.inputs.data(), lane.targets.data(), rows,
+                                      scales.loss_scale, scales.aux_scale, lane.grads.data());
     });
     for (int i = 0; i < wave; ++i) {
-      float* g = grads_.data();
-      const float* sg = lanes_[i].grads.data();
-      ParallelFor(static_cast<int64_t>(grads_.size()), [&](int64_t k) { g[k] += sg[k]; });
+      AccumulateSlotGradient(TransferDtypeOf(job_), lanes_[i].grads.data(),
+                             static_cast<int64_t>(grads_.size()), grads_.data());
       const SlotStats& stats = lanes_[i].stats;
       loss_sum += stats.loss_sum;
       aux_sum += stats.aux_sum;
@@ -215,7 +218,15 @@ void Trainer::UpdateRouterBias(const std::vector<std::vector<int64_t>>& loads) {
   }
 }
 
+const float* Trainer::ComputeParameters() {
+  if (TransferDtypeOf(job_) == TransferDtype::kF32) return state_.params.data();
+  wire_params_.resize(state_.params.size());
+  RoundBf16(state_.params.data(), static_cast<int64_t>(state_.params.size()), wire_params_.data());
+  return wire_params_.data();
+}
+
 double Trainer::EvaluateValidation() {
+  const float* params = ComputeParameters();
   const int T = model().seq_len();
   const int rows = job_.batch().micro_batch();
   const int64_t batches = (val_windows_ + rows - 1) / rows;
@@ -224,7 +235,7 @@ double Trainer::EvaluateValidation() {
     RunWave(wave, [&](int64_t i) {
       const int64_t w = (base + i) * rows;
       const int B = static_cast<int>(std::min<int64_t>(rows, val_windows_ - w));
-      stats[base + i] = lanes_[i].model->Forward(state_.params.data(), val_inputs_.data() + w * T,
+      stats[base + i] = lanes_[i].model->Forward(params, val_inputs_.data() + w * T,
                                                  val_targets_.data() + w * T, B);
     });
   });

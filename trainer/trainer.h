@@ -101,6 +101,9 @@ class Trainer {
   // A non-finite gradient is refused before anything changes.
   absl::StatusOr<double> ApplyOptimizer(double lr, int64_t step_index);
   void UpdateRouterBias(const std::vector<std::vector<int64_t>>& loads);
+  // The parameters the model computes with, as a worker pulls them: the
+  // master values themselves, or (transfer.dtype bf16) a copy rounded to bf16.
+  const float* ComputeParameters();
 
   // One lane per thread: slots of a step run concurrently, one per lane, each
   // single-threaded inside; their gradients are then summed in slot order.
@@ -120,6 +123,7 @@ class Trainer {
   int64_t val_windows_ = 0;
   TrainingState state_;
   std::vector<float> grads_;
+  std::vector<float> wire_params_;  // ComputeParameters' bf16 copy
   std::string last_checkpoint_;
 };
 

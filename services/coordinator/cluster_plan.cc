@@ -8,6 +8,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/job_spec.h"
 #include "common/model_layout.h"
 #include "services/coordinator/placement.h"
 #include "step/step.h"
@@ -98,8 +99,11 @@ absl::StatusOr<ClusterPlan> PlanCluster(const v1::JobSpec& job, const PlanOption
   // Every worker pulls every tensor and pushes every gradient to each copy
   // (workers with no slot sit idle: at most `slots` workers work).
   const int working = std::min(o.workers, slots);
-  plan.pull_bytes = plan.parameters * static_cast<int64_t>(sizeof(float));
-  plan.push_bytes = plan.trainable * static_cast<int64_t>(sizeof(float)) * copies;
+  // On the wire each element is transfer.dtype's size; the shards' memory
+  // is float32 whatever it is.
+  const int64_t wire = ElementBytes(TransferDtypeOf(job));
+  plan.pull_bytes = plan.parameters * wire;
+  plan.push_bytes = plan.trainable * wire * copies;
   const Placement placement = PlaceTensors(layout, job.optimizer(), o.shards, copies);
   std::map<std::string, const TensorInfo*> by_name;
   for (const TensorInfo& t : layout.tensors()) by_name[t.name] = &t;
@@ -118,8 +122,8 @@ absl::StatusOr<ClusterPlan> PlanCluster(const v1::JobSpec& job, const PlanOption
       if (t.trainable() && UsesMuon(t, job.optimizer().name())) {
         s.ns_gflop += NewtonSchulzFlops(t.rows(), t.cols(), job.optimizer().ns_steps()) * 1e-9;
       }
-      if (owned) s.pull_out_bytes += bytes * working;
-      if (t.trainable()) s.push_in_bytes += bytes * working;
+      if (owned) s.pull_out_bytes += t.numel * wire * working;
+      if (t.trainable()) s.push_in_bytes += t.numel * wire * working;
     };
     for (const std::string& name : p.tensors()) add(name, true);
     for (const std::string& name : p.replicas()) add(name, false);
@@ -159,8 +163,9 @@ std::string FormatPlan(const v1::JobSpec& job, const ClusterPlan& p) {
       m.vocab_size(), m.max_position_embeddings(), p.parameters / 1e6, p.trainable / 1e6,
       p.activated / 1e6, p.options.workers, p.options.shards, p.copies, p.copies == 1 ? "y" : "ies",
       p.options.link_gbps, p.options.worker_gflops, p.options.shard_gflops);
-  absl::StrAppendFormat(&out, "per step and worker (the busiest of %d tokens of %d):\n",
-                        p.tokens_per_worker, p.tokens_per_step);
+  absl::StrAppendFormat(&out,
+                        "per step and worker (the busiest of %d tokens of %d; %s on the wire):\n",
+                        p.tokens_per_worker, p.tokens_per_step, DtypeName(TransferDtypeOf(job)));
   absl::StrAppendFormat(&out, "  pulled   %10.1f MiB  %9.1f ms\n", mib(p.pull_bytes),
                         p.pull_seconds * 1e3);
   absl::StrAppendFormat(&out, "  compute  %10.1f GFLOP %8.1f ms\n",

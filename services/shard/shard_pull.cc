@@ -94,6 +94,7 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
     }
     // The version's own field, in front of every message's chunk.
     prefix_ = EncodePullVersion(*version);
+    dtype_ = TransferDtypeOf(shard->job());
     state_ = State::kStreaming;
     start_ = std::chrono::steady_clock::now();
     WriteNextLocked();
@@ -131,15 +132,24 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
   void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     while (tensor_ < values_.size()) {
       const TensorInfo& info = *values_[tensor_].first;
-      const int64_t total = info.numel * static_cast<int64_t>(sizeof(float));
+      const int64_t element = ElementBytes(dtype_);
+      const int64_t total = info.numel * element;
       if (offset_ < total || (total == 0 && offset_ == 0 && !wrote_empty_)) {
-        const int64_t step = ChunkPayloadBytes(chunk_bytes_);
+        const int64_t step = ChunkPayloadBytes(chunk_bytes_, dtype_);
         const int64_t bytes = std::min(step, total - offset_);
-        const char* data = reinterpret_cast<const char*>(values_[tensor_].second->data());
+        const float* values = values_[tensor_].second->data();
+        const char* data = reinterpret_cast<const char*>(values) + offset_;
+        if (dtype_ == TransferDtype::kBF16) {
+          // Rounded chunk by chunk into a buffer the message references
+          // until its write is done.
+          encoded_.resize(static_cast<size_t>(bytes / element));
+          EncodeBf16(values + offset_ / element, bytes / element, encoded_.data());
+          data = reinterpret_cast<const char*>(encoded_.data());
+        }
         out_ = ChunkMessage(
             prefix_, /*chunk_field=*/2,
-            EncodeChunkHeader(info.name, offset_ == 0 ? &info.shape : nullptr, offset_),
-            data + offset_, bytes);
+            EncodeChunkHeader(info.name, offset_ == 0 ? &info.shape : nullptr, offset_, dtype_),
+            data, bytes);
         offset_ += bytes;
         pulled_ += bytes;
         wrote_empty_ = total == 0;
@@ -174,6 +184,8 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
   State state_ ABSL_GUARDED_BY(mu_) = State::kWaiting;
   std::vector<std::pair<const TensorInfo*, ShardState::Snapshot>> values_ ABSL_GUARDED_BY(mu_);
   std::string prefix_ ABSL_GUARDED_BY(mu_);
+  TransferDtype dtype_ ABSL_GUARDED_BY(mu_) = TransferDtype::kF32;
+  std::vector<uint16_t> encoded_ ABSL_GUARDED_BY(mu_);  // the BF16 chunk in flight
   size_t tensor_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t offset_ ABSL_GUARDED_BY(mu_) = 0;
   bool wrote_empty_ ABSL_GUARDED_BY(mu_) = false;

@@ -81,26 +81,29 @@ class ShardServiceImpl::PushSession {
       }
       std::vector<float>& buffer = buffers_[header.name()];
       buffer = state_->TakeBuffer(info->numel);
-      // Finiteness is checked once, by ShardState, before anything is kept.
+      current_buffer_ = buffer.data();
+      // Finiteness is checked here, chunk by chunk (Commit).
       current_ = std::make_unique<TensorAssembler>(header.name(), info->shape, buffer.data(),
-                                                   /*require_finite=*/false);
+                                                   /*require_finite=*/false,
+                                                   TransferDtypeOf(state_->job()));
     }
     absl::StatusOr<char*> dst = current_->Reserve(header, bytes);
     if (!dst.ok()) return Fail(dst.status());
-    last_ = *dst;
-    last_offset_ = header.offset();
     return dst;
   }
 
   absl::Status Commit(int64_t bytes) {
-    // Checked now, while the chunk is in cache, not later over the whole push.
-    const int64_t bad = FirstNonFinite(last_, bytes / static_cast<int64_t>(sizeof(float)));
-    if (bad >= 0) {
-      return Fail(absl::InvalidArgumentError(
-          absl::StrCat("tensor ", current_->name(), ": non-finite gradient value at element ",
-                       last_offset_ / static_cast<int64_t>(sizeof(float)) + bad)));
-    }
+    const int64_t first = current_->received_elements();
     if (absl::Status st = current_->Commit(bytes); !st.ok()) return Fail(st);
+    // Checked now, while the chunk is in cache, not later over the whole push
+    // (a BF16 value that is not finite widens to one that is not either).
+    const int64_t count = current_->received_elements() - first;
+    const int64_t bad =
+        FirstNonFinite(reinterpret_cast<const char*>(current_buffer_ + first), count);
+    if (bad >= 0) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+          "tensor ", current_->name(), ": non-finite gradient value at element ", first + bad)));
+    }
     bytes_ += bytes;
     return absl::OkStatus();
   }
@@ -158,8 +161,7 @@ class ShardServiceImpl::PushSession {
   int64_t run_ = -1;
   std::map<std::string, std::vector<float>> buffers_;
   std::unique_ptr<TensorAssembler> current_;
-  char* last_ = nullptr;  // the chunk being received
-  int64_t last_offset_ = 0;
+  float* current_buffer_ = nullptr;  // where current_ assembles
   int64_t bytes_ = 0;
   absl::Status failed_;
   std::chrono::steady_clock::time_point start_;

@@ -6,7 +6,9 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "common/bf16.h"
 #include "common/failpoint.h"
+#include "common/job_spec.h"
 #include "common/parallel.h"
 #include "optim/grad_norm.h"
 #include "optim/tensor_update.h"
@@ -318,11 +320,11 @@ absl::Status ShardState::SumSlotsLocked() {
     if (!t.info->trainable()) continue;
     // ((0 + g0) + g1) + ...: the trainer's order; a prefix sum received from
     // a worker is exactly the first terms of it.
+    // Under transfer.dtype bf16 every partial sum is rounded to bf16 (common/bf16.h).
     t.grad.assign(t.info->numel, 0.0f);
-    float* sum = t.grad.data();
     for (const auto& [first, entry] : t.received) {
-      const float* x = entry.second.data();
-      ParallelFor(t.info->numel, [&](int64_t i) { sum[i] += x[i]; });
+      AccumulateSlotGradient(TransferDtypeOf(job_), entry.second.data(), t.info->numel,
+                             t.grad.data());
     }
   }
   summed_ = true;

@@ -8,7 +8,9 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/bf16.h"
 #include "common/confine.h"
+#include "common/job_spec.h"
 #include "common/numerics.h"
 #include "common/parallel.h"
 #include "common/status_macros.h"
@@ -180,7 +182,8 @@ absl::Status Worker::Pull(const v1::Task& task) {
     return PullParameters(
         channels[i], layout, task.job_id(), task.job_key(), task.version(), route.tensors_size(),
         600.0, options_.chunk_bytes, job_->params.data(),
-        absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PullParameters"));
+        absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PullParameters"),
+        TransferDtypeOf(job_->spec));
   };
   std::vector<std::thread> threads;
   threads.reserve(static_cast<size_t>(n));
@@ -206,13 +209,20 @@ absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count,
   target.job_key = task.job_key();
   std::vector<grpc::Channel*> channels;
   for (const v1::ShardRoute& route : task.shards()) channels.push_back(Channel(route.address()));
+  // Encoded once for every shard and copy.
+  WireBuffer wire(grads);
+  if (TransferDtypeOf(job_->spec) == TransferDtype::kBF16) {
+    job_->wire_grads.resize(job_->params.size());
+    EncodeBf16(grads, static_cast<int64_t>(job_->params.size()), job_->wire_grads.data());
+    wire = WireBuffer(job_->wire_grads.data());
+  }
   auto push_one = [&](int i) -> absl::Status {
     const v1::ShardRoute& route = task.shards(i);
     // Its own tensors and its replicas: every copy applies the same update.
     std::vector<std::string> tensors(route.tensors().begin(), route.tensors().end());
     tensors.insert(tensors.end(), route.replicas().begin(), route.replicas().end());
     return PushGradients(
-        channels[i], layout, tensors, target, grads, options_.chunk_bytes,
+        channels[i], layout, tensors, target, wire, options_.chunk_bytes,
         absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PushGradients"));
   };
   std::vector<std::thread> threads;
@@ -278,9 +288,8 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
       const int slot = mine[base + i];
       metrics_.tokens.Increment(static_cast<double>(stats[i].tokens));
       if (prefix) {
-        float* g = sum.data();
-        const float* sg = job.lane_grads[i].data();
-        ParallelFor(static_cast<int64_t>(sum.size()), [&](int64_t k) { g[k] += sg[k]; });
+        AccumulateSlotGradient(TransferDtypeOf(spec), job.lane_grads[i].data(),
+                               static_cast<int64_t>(sum.size()), sum.data());
       } else if (absl::Status st = Push(task, slot, 1, job.lane_grads[i].data()); !st.ok()) {
         failed = st;
         return;

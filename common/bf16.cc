@@ -1,0 +1,55 @@
+#include "common/bf16.h"
+
+#include <algorithm>
+
+#include "common/parallel.h"
+
+namespace muonps {
+
+absl::string_view DtypeName(TransferDtype dtype) {
+  return dtype == TransferDtype::kBF16 ? "BF16" : "F32";
+}
+
+void EncodeBf16(const float* in, int64_t n, uint16_t* out) {
+  ParallelFor(n, [&](int64_t i) { out[i] = FloatToBf16(in[i]); });
+}
+
+void DecodeBf16(const uint16_t* in, int64_t n, float* out) {
+  ParallelFor(n, [&](int64_t i) { out[i] = Bf16ToFloat(in[i]); });
+}
+
+void RoundBf16(const float* in, int64_t n, float* out) {
+  ParallelFor(n, [&](int64_t i) { out[i] = RoundToBf16(in[i]); });
+}
+
+void AccumulateSlotGradient(TransferDtype dtype, const float* g, int64_t n, float* sum) {
+  if (dtype == TransferDtype::kBF16) {
+    ParallelFor(n, [&](int64_t i) { sum[i] = RoundToBf16(sum[i] + RoundToBf16(g[i])); });
+  } else {
+    ParallelFor(n, [&](int64_t i) { sum[i] += g[i]; });
+  }
+}
+
+int64_t FirstNonFiniteBf16(const char* bytes, int64_t count) {
+  constexpr uint16_t kExponent = 0x7f80u;  // all ones: Inf or NaN
+  constexpr int64_t kBlock = 1024;
+  for (int64_t base = 0; base < count; base += kBlock) {
+    const int64_t end = std::min(count, base + kBlock);
+    uint32_t bad = 0;
+    for (int64_t i = base; i < end; ++i) {
+      uint16_t w;
+      std::memcpy(&w, bytes + i * 2, sizeof(w));
+      bad |= static_cast<uint32_t>((w & kExponent) == kExponent);
+    }
+    if (bad != 0) {
+      for (int64_t i = base; i < end; ++i) {
+        uint16_t w;
+        std::memcpy(&w, bytes + i * 2, sizeof(w));
+        if ((w & kExponent) == kExponent) return i;
+      }
+    }
+  }
+  return -1;
+}
+
+}  // namespace muonps
