@@ -262,21 +262,15 @@ struct Route {
 };
 
 // The worker's own client code (rpc/shard_client.h).
-// `encoded` is the worker's bf16 buffer (bf16 jobs); *received gets the
-// payload bytes the shard counted.
+// *received gets the payload bytes the shard counted.
 absl::Status Push(grpc::ChannelInterface* channel, const ModelLayout& layout, const Route& route,
                   int64_t step, int64_t chunk_bytes, const float* grads, TransferDtype dtype,
-                  std::vector<uint16_t>* encoded, int64_t* received) {
+                  int64_t* received) {
   PushTarget target;
   target.job_id = route.job_id;
   target.step = step;
-  WireBuffer wire(grads);
-  if (dtype == TransferDtype::kBF16) {
-    EncodeBf16(grads, layout.total_floats(), encoded->data());
-    wire = WireBuffer(encoded->data());
-  }
   v1::PushGradientsResponse response;
-  absl::Status st = PushGradients(channel, layout, route.tensors, target, wire, chunk_bytes,
+  absl::Status st = PushGradients(channel, layout, route.tensors, target, grads, dtype, chunk_bytes,
                                   "PushGradients", &response);
   if (st.ok() && !response.counted()) return absl::InternalError("push acknowledged as a repeat");
   *received = response.bytes();
@@ -365,7 +359,6 @@ int Run(int reps) {
     if (t.trainable()) FillNormal(grads.data() + t.offset, t.numel, 7, t.name, 1e-3);
   }
   std::vector<float> params(static_cast<size_t>(layout.total_floats()), 0.0f);
-  std::vector<uint16_t> encoded(dtype == TransferDtype::kBF16 ? params.size() : 0);
   int64_t received = 0;
   // Both children are forked before this process starts any thread (gRPC, OpenMP).
   TcpSink tcp(tcp_bytes, chunk_bytes);
@@ -409,8 +402,7 @@ int Run(int reps) {
   for (int round = 0; round <= reps; ++round) {
     const double tcp_s = tcp.Send(reinterpret_cast<const char*>(grads.data()));
     const double push_s = TimedOnThread([&] {
-      return Push(channel.get(), layout, route, step, chunk_bytes, grads.data(), dtype, &encoded,
-                  &received);
+      return Push(channel.get(), layout, route, step, chunk_bytes, grads.data(), dtype, &received);
     });
     if (received != push_bytes) {
       Die(absl::StrCat("the shard counted ", received, " pushed bytes, expected ", push_bytes));

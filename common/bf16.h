@@ -43,14 +43,13 @@ constexpr int64_t ElementBytes(TransferDtype dtype) {
 absl::string_view DtypeName(TransferDtype dtype);
 
 // float32 -> bf16 bits, round to nearest, ties to even.
+// Branch-free, so that loops over it vectorise.
 inline uint16_t FloatToBf16(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    return static_cast<uint16_t>((u >> 16) | 0x0040u);  // NaN: keep it a quiet NaN
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);  // carries into the exponent when it must
-  return static_cast<uint16_t>(u >> 16);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // may carry into the exponent
+  const uint32_t quiet_nan = (u >> 16) | 0x0040u;                   // a NaN stays a quiet NaN
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
 // bf16 bits -> float32 (exact).
@@ -64,11 +63,13 @@ inline float Bf16ToFloat(uint16_t b) {
 // x rounded to the nearest bf16 value, as a float32.
 inline float RoundToBf16(float x) { return Bf16ToFloat(FloatToBf16(x)); }
 
-// Whole buffers (parallel over elements; the result does not depend on the
-// thread count).
+// Chunks on the wire, on the calling thread: the transfer paths call them
+// once per chunk from gRPC's threads, where an OpenMP team would only wait
+// for the cores the transport is using.
 void EncodeBf16(const float* in, int64_t n, uint16_t* out);
 void DecodeBf16(const uint16_t* in, int64_t n, float* out);
-// out[i] = RoundToBf16(in[i]); `out` may be `in`.
+// Whole models, parallel over elements (the result does not depend on the
+// thread count). out[i] = RoundToBf16(in[i]); `out` may be `in`.
 void RoundBf16(const float* in, int64_t n, float* out);
 
 // Adds one slot's gradient `g` into the running sum `sum` of a step under

@@ -25,8 +25,8 @@ constexpr char kPullMethod[] = "/muonps.v1.ShardService/PullParameters";
 
 absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& layout,
                            const std::vector<std::string>& tensors, const PushTarget& target,
-                           WireBuffer grads, int64_t chunk_bytes, const std::string& what,
-                           v1::PushGradientsResponse* response) {
+                           const float* grads, TransferDtype dtype, int64_t chunk_bytes,
+                           const std::string& what, v1::PushGradientsResponse* response) {
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(300.0));
   if (!target.job_key.empty()) context.AddMetadata(kJobKeyHeader, target.job_key);
@@ -39,18 +39,30 @@ absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& l
   // The request's own fields travel in the first message only.
   std::string top =
       EncodePushFields({target.job_id, target.step, target.first_slot, target.slot_count});
-  const int64_t step = ChunkPayloadBytes(chunk_bytes, grads.dtype);
+  const int64_t element = ElementBytes(dtype);
+  const int64_t step = ChunkPayloadBytes(chunk_bytes, dtype);
+  // BF16 chunks, each rounded just before it is written; the messages point
+  // into this buffer, which outlives the call's writes.
+  std::vector<uint16_t> encoded;
+  if (dtype == TransferDtype::kBF16) encoded.resize(static_cast<size_t>(layout.total_floats()));
   bool open = true;
   for (const std::string& name : tensors) {
     const TensorInfo* info = layout.Find(name);
     if (info == nullptr || !info->trainable()) continue;
-    const char* data = grads.At(*info);
-    const int64_t total = info->numel * ElementBytes(grads.dtype);
+    const char* data = reinterpret_cast<const char*>(grads + info->offset);
+    if (dtype == TransferDtype::kBF16) {
+      data = reinterpret_cast<const char*>(encoded.data() + info->offset);
+    }
+    const int64_t total = info->numel * element;
     int64_t offset = 0;
     do {
       const int64_t bytes = std::min(step, total - offset);
+      if (dtype == TransferDtype::kBF16) {
+        const int64_t first = info->offset + offset / element;
+        EncodeBf16(grads + first, bytes / element, encoded.data() + first);
+      }
       const std::string header =
-          EncodeChunkHeader(name, offset == 0 ? &info->shape : nullptr, offset, grads.dtype);
+          EncodeChunkHeader(name, offset == 0 ? &info->shape : nullptr, offset, dtype);
       open = writer->Write(ChunkMessage(top, v1::PushGradientsRequest::kChunkFieldNumber, header,
                                         data + offset, bytes));
       top.clear();

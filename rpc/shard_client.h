@@ -29,29 +29,17 @@ struct PushTarget {
   int slot_count = 1;
 };
 
-// A flat buffer of every tensor of a layout, as it travels: float32 values
-// at the layout's offsets, or their bf16 encoding (EncodeBf16) at the same
-// element offsets.
-struct WireBuffer {
-  const void* data = nullptr;
-  TransferDtype dtype = TransferDtype::kF32;
-  WireBuffer() = default;
-  WireBuffer(const float* f32) : data(f32) {}  // NOLINT(google-explicit-constructor)
-  WireBuffer(const uint16_t* bf16) : data(bf16), dtype(TransferDtype::kBF16) {}  // NOLINT
-  // The bytes of `info` in the buffer.
-  const char* At(const TensorInfo& info) const {
-    return static_cast<const char*>(data) + info.offset * ElementBytes(dtype);
-  }
-};
-
 // Pushes, for every trainable tensor among `tensors`, its gradient taken from
-// the flat buffer `grads` (layout offsets, in its dtype), in chunks of
-// `chunk_bytes`. `grads` must stay unchanged until the call returns.
+// the flat float32 buffer `grads` (layout offsets), in chunks of
+// `chunk_bytes` of `dtype` (the job's transfer.dtype). BF16 chunks are
+// rounded one at a time just before they are written, so the rounding of
+// the next overlaps the sending of the last. `grads` must stay unchanged
+// until the call returns.
 // `what` prefixes errors (e.g. "shard shard-0 (host:port): PushGradients").
 absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& layout,
                            const std::vector<std::string>& tensors, const PushTarget& target,
-                           WireBuffer grads, int64_t chunk_bytes, const std::string& what,
-                           v1::PushGradientsResponse* response = nullptr);
+                           const float* grads, TransferDtype dtype, int64_t chunk_bytes,
+                           const std::string& what, v1::PushGradientsResponse* response = nullptr);
 
 // Pulls every tensor the shard owns at `version` (waiting up to
 // `wait_seconds` for it) into the flat buffer `params` at layout offsets,

@@ -125,8 +125,8 @@ absl::StatusOr<char*> TensorAssembler::Reserve(const v1::TensorChunk& chunk, int
                                " run past the tensor's ", total_bytes_, " bytes"));
   }
   if (dtype_ == TransferDtype::kBF16) {
-    staging_.resize(static_cast<size_t>(bytes));
-    return staging_.data();
+    staging_.resize(static_cast<size_t>(bytes / 2));
+    return reinterpret_cast<char*>(staging_.data());
   }
   return reinterpret_cast<char*>(out_) + received_;
 }
@@ -136,22 +136,16 @@ absl::Status TensorAssembler::Commit(int64_t bytes) {
   const int64_t count = bytes / ElementBytes(dtype_);
   if (dtype_ == TransferDtype::kBF16) {
     if (require_finite_) {
-      const int64_t bad = FirstNonFiniteBf16(staging_.data(), count);
+      const int64_t bad = FirstNonFiniteBf16(reinterpret_cast<const char*>(staging_.data()), count);
       if (bad >= 0) {
-        uint16_t b;
-        std::memcpy(&b, staging_.data() + bad * 2, sizeof(b));
-        return absl::InvalidArgumentError(absl::StrCat("tensor ", name_,
-                                                       ": data: non-finite value ", Bf16ToFloat(b),
-                                                       " at element ", first + bad));
+        return absl::InvalidArgumentError(
+            absl::StrCat("tensor ", name_, ": data: non-finite value ", Bf16ToFloat(staging_[bad]),
+                         " at element ", first + bad));
       }
     }
     float* dst = out_ + first;
-    const char* src = staging_.data();
-    for (int64_t i = 0; i < count; ++i) {
-      uint16_t b;
-      std::memcpy(&b, src + i * 2, sizeof(b));
-      dst[i] = Bf16ToFloat(b);
-    }
+    const uint16_t* src = staging_.data();
+    for (int64_t i = 0; i < count; ++i) dst[i] = Bf16ToFloat(src[i]);
     received_ += bytes;
     return absl::OkStatus();
   }

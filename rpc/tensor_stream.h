@@ -76,7 +76,7 @@ class TensorAssembler {
   float* out_;
   bool require_finite_;
   TransferDtype dtype_;
-  std::vector<char> staging_;  // BF16 payload before it is widened
+  std::vector<uint16_t> staging_;  // BF16 payload before it is widened
   int64_t total_bytes_ = 0;
   int64_t received_ = 0;
 };

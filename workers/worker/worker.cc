@@ -209,20 +209,14 @@ absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count,
   target.job_key = task.job_key();
   std::vector<grpc::Channel*> channels;
   for (const v1::ShardRoute& route : task.shards()) channels.push_back(Channel(route.address()));
-  // Encoded once for every shard and copy.
-  WireBuffer wire(grads);
-  if (TransferDtypeOf(job_->spec) == TransferDtype::kBF16) {
-    job_->wire_grads.resize(job_->params.size());
-    EncodeBf16(grads, static_cast<int64_t>(job_->params.size()), job_->wire_grads.data());
-    wire = WireBuffer(job_->wire_grads.data());
-  }
   auto push_one = [&](int i) -> absl::Status {
     const v1::ShardRoute& route = task.shards(i);
     // Its own tensors and its replicas: every copy applies the same update.
     std::vector<std::string> tensors(route.tensors().begin(), route.tensors().end());
     tensors.insert(tensors.end(), route.replicas().begin(), route.replicas().end());
     return PushGradients(
-        channels[i], layout, tensors, target, wire, options_.chunk_bytes,
+        channels[i], layout, tensors, target, grads, TransferDtypeOf(job_->spec),
+        options_.chunk_bytes,
         absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PushGradients"));
   };
   std::vector<std::thread> threads;

@@ -95,8 +95,7 @@ class Worker {
     std::vector<std::unique_ptr<MoeModel>> lanes;
     std::vector<std::vector<float>> lane_grads;
     std::vector<std::vector<int32_t>> lane_inputs, lane_targets;
-    std::vector<float> params;         // as pulled (bf16 jobs: bf16 values, widened)
-    std::vector<uint16_t> wire_grads;  // a bf16 job's gradient as pushed
+    std::vector<float> params;  // as pulled (bf16 jobs: bf16 values, widened)
     int64_t params_version = -1;
     std::map<std::string, std::shared_ptr<grpc::Channel>> channels;  // by shard address
   };
