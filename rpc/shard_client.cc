@@ -43,23 +43,35 @@ absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& l
   const int64_t step = ChunkPayloadBytes(chunk_bytes, dtype);
   // BF16 chunks, each rounded just before it is written; the messages point
   // into this buffer, which outlives the call's writes.
+  // It holds only this push's tensors, one after another.
   std::vector<uint16_t> encoded;
-  if (dtype == TransferDtype::kBF16) encoded.resize(static_cast<size_t>(layout.total_floats()));
+  if (dtype == TransferDtype::kBF16) {
+    int64_t numel = 0;
+    for (const std::string& name : tensors) {
+      const TensorInfo* info = layout.Find(name);
+      if (info != nullptr && info->trainable()) numel += info->numel;
+    }
+    encoded.resize(static_cast<size_t>(numel));
+  }
+  int64_t encoded_at = 0;  // where the next tensor's bf16 values go
   bool open = true;
   for (const std::string& name : tensors) {
     const TensorInfo* info = layout.Find(name);
     if (info == nullptr || !info->trainable()) continue;
     const char* data = reinterpret_cast<const char*>(grads + info->offset);
+    uint16_t* bf16 = nullptr;
     if (dtype == TransferDtype::kBF16) {
-      data = reinterpret_cast<const char*>(encoded.data() + info->offset);
+      bf16 = encoded.data() + encoded_at;
+      encoded_at += info->numel;
+      data = reinterpret_cast<const char*>(bf16);
     }
     const int64_t total = info->numel * element;
     int64_t offset = 0;
     do {
       const int64_t bytes = std::min(step, total - offset);
-      if (dtype == TransferDtype::kBF16) {
-        const int64_t first = info->offset + offset / element;
-        EncodeBf16(grads + first, bytes / element, encoded.data() + first);
+      if (bf16 != nullptr) {
+        const int64_t first = offset / element;
+        EncodeBf16(grads + info->offset + first, bytes / element, bf16 + first);
       }
       const std::string header =
           EncodeChunkHeader(name, offset == 0 ? &info->shape : nullptr, offset, dtype);
