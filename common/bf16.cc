@@ -11,15 +11,46 @@ absl::string_view DtypeName(TransferDtype dtype) {
 }
 
 // Integer arithmetic only, so every instruction set gives the same bits:
-// the AVX2 clone is there for speed alone.
-__attribute__((target_clones("avx2", "default"))) void EncodeBf16(const float* in, int64_t n,
-                                                                  uint16_t* out) {
+// the AVX2 versions are there for speed alone. The choice is made once, at
+// first use, by an ordinary branch rather than an ifunc (target_clones): an
+// ifunc resolver runs while the dynamic loader relocates the program, before
+// a sanitizer's runtime is up, and an instrumented resolver crashes there.
+namespace {
+
+template <typename In, typename Out, Out (*Convert)(In)>
+void ConvertAll(const In* in, int64_t n, Out* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = Convert(in[i]);
+}
+
+__attribute__((target("avx2"))) void EncodeBf16Avx2(const float* in, int64_t n, uint16_t* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = FloatToBf16(in[i]);
 }
 
-__attribute__((target_clones("avx2", "default"))) void DecodeBf16(const uint16_t* in, int64_t n,
-                                                                  float* out) {
+__attribute__((target("avx2"))) void DecodeBf16Avx2(const uint16_t* in, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = Bf16ToFloat(in[i]);
+}
+
+bool HasAvx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+
+}  // namespace
+
+void EncodeBf16(const float* in, int64_t n, uint16_t* out) {
+  if (HasAvx2()) {
+    EncodeBf16Avx2(in, n, out);
+  } else {
+    ConvertAll<float, uint16_t, FloatToBf16>(in, n, out);
+  }
+}
+
+void DecodeBf16(const uint16_t* in, int64_t n, float* out) {
+  if (HasAvx2()) {
+    DecodeBf16Avx2(in, n, out);
+  } else {
+    ConvertAll<uint16_t, float, Bf16ToFloat>(in, n, out);
+  }
 }
 
 void RoundBf16(const float* in, int64_t n, float* out) {
