@@ -78,7 +78,7 @@ const std::vector<CommandHelp>& Commands() {
        "Check a job file; print it with every default filled in.",
        {}},
       {"defaults",
-       "defaults [--preset default|small]",
+       "defaults [--preset default|small|moonlight-tiny|moonlight-16b-a3b]",
        "Print the default job, or a preset, as JSON.",
        {"preset"}},
       {"plan",

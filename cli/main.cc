@@ -45,7 +45,8 @@ ABSL_FLAG(std::string, blas_core, "portable",
           "a kernel name (Haswell, Zen, SkylakeX, Sandybridge, ...). Members of one cluster must "
           "compute alike: the coordinator refuses any other");
 
-ABSL_FLAG(std::string, preset, "default", "defaults: the preset to print (default, small)");
+ABSL_FLAG(std::string, preset, "default",
+          "defaults: the preset to print (default, small, moonlight-tiny, moonlight-16b-a3b)");
 ABSL_FLAG(double, link_gbps, 0.0,
           "plan: each process's network link in Gbit/s per direction (0 = the loopback rate "
           "measured on the development machine)");

@@ -1,6 +1,7 @@
 #include "common/job_spec.h"
 
 #include <cmath>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -53,6 +54,16 @@ void FillModelDefaults(v1::ModelConfig* m) {
   if (!m->has_aux_loss_alpha()) m->set_aux_loss_alpha(1e-3);
   if (!m->has_initializer_range()) m->set_initializer_range(0.02);
   if (!m->has_model_type()) m->set_model_type("deepseek_v3");
+  if (!m->has_attention()) m->set_attention("mha");
+  if (m->attention() == "mla" && m->num_attention_heads() > 0) {
+    // Moonlight-16B-A3B's ratios: r = 4 D, nope = v = D, rope = D / 2.
+    const int D = m->hidden_size() / m->num_attention_heads();
+    if (!m->has_q_lora_rank()) m->set_q_lora_rank(0);
+    if (!m->has_kv_lora_rank()) m->set_kv_lora_rank(4 * D);
+    if (!m->has_qk_nope_head_dim()) m->set_qk_nope_head_dim(D);
+    if (!m->has_qk_rope_head_dim()) m->set_qk_rope_head_dim(D / 2);
+    if (!m->has_v_head_dim()) m->set_v_head_dim(D);
+  }
 }
 
 absl::Status ParseJson(absl::string_view json, google::protobuf::Message* message) {
@@ -91,9 +102,70 @@ absl::StatusOr<v1::JobSpec> PresetJobSpec(absl::string_view name) {
     m->set_num_experts_per_tok(4);
     m->set_n_shared_experts(1);
     m->set_moe_intermediate_size(128);
+  } else if (name == "moonlight-16b-a3b") {
+    // Every value from the published config.json of moonshotai/Moonlight-16B-A3B,
+    // https://huggingface.co/moonshotai/Moonlight-16B-A3B/blob/main/config.json
+    // (DeepseekV3ForCausalLM; a copy is tests/data/moonlight_16b_a3b_config.json).
+    // 15.96 B parameters, 15.29 B without the embedding and the head (the
+    // Moonlight paper's total); 2.24 B of them in each token's products.
+    // It validates and plans here; training it needs GPUs.
+    job.set_name("moonlight-16b-a3b");
+    v1::ModelConfig* m = job.mutable_model();
+    m->set_vocab_size(163840);
+    m->set_hidden_size(2048);
+    m->set_num_hidden_layers(27);
+    m->set_num_attention_heads(16);
+    m->set_max_position_embeddings(8192);
+    m->set_rope_theta(50000.0);
+    m->set_rms_norm_eps(1e-5);
+    m->set_first_k_dense_replace(1);
+    m->set_intermediate_size(11264);
+    m->set_n_routed_experts(64);
+    m->set_num_experts_per_tok(6);
+    m->set_n_shared_experts(2);
+    m->set_moe_intermediate_size(1408);
+    m->set_scoring_func("sigmoid");
+    m->set_norm_topk_prob(true);
+    m->set_routed_scaling_factor(2.446);
+    m->set_balancing("aux_free_bias");  // topk_method "noaux_tc"
+    m->set_aux_loss_alpha(0.001);
+    m->set_initializer_range(0.02);
+    m->set_attention("mla");
+    m->set_q_lora_rank(0);  // null
+    m->set_kv_lora_rank(512);
+    m->set_qk_nope_head_dim(128);
+    m->set_qk_rope_head_dim(64);
+    m->set_v_head_dim(128);
+  } else if (name == "moonlight-tiny") {
+    // Moonlight-16B-A3B's shapes scaled down for a CPU: width and FFN widths
+    // divided by 16, the attention's ratios kept (MLA without query
+    // compression, r = 4 D, nope = v = D, rope = D / 2), one dense layer, then
+    // MoE layers with 16 routed experts (4 chosen), 2 shared experts and
+    // sigmoid scores scaled by 2.446.
+    job.set_name("moonlight-tiny");
+    v1::ModelConfig* m = job.mutable_model();
+    m->set_hidden_size(128);
+    m->set_num_hidden_layers(4);
+    m->set_num_attention_heads(4);
+    m->set_rms_norm_eps(1e-5);
+    m->set_rope_theta(50000.0);
+    m->set_first_k_dense_replace(1);
+    m->set_intermediate_size(704);  // 11264 / 16
+    m->set_n_routed_experts(16);
+    m->set_num_experts_per_tok(4);
+    m->set_n_shared_experts(2);
+    m->set_moe_intermediate_size(88);  // 1408 / 16
+    m->set_routed_scaling_factor(2.446);
+    m->set_attention("mla");
+    m->set_q_lora_rank(0);
+    m->set_kv_lora_rank(128);
+    m->set_qk_nope_head_dim(32);
+    m->set_qk_rope_head_dim(16);
+    m->set_v_head_dim(32);
   } else if (name != "default") {
-    return absl::NotFoundError(
-        absl::StrCat("preset: no preset named \"", name, "\" (default, small)"));
+    return absl::NotFoundError(absl::StrCat("preset: no preset named \"", name,
+                                            "\" (default, small, moonlight-tiny, "
+                                            "moonlight-16b-a3b)"));
   }
   FillJobDefaults(&job);
   return job;
@@ -180,6 +252,29 @@ absl::Status ValidateModelConfig(const v1::ModelConfig& m, absl::string_view p) 
   MUONPS_RETURN_IF_ERROR(CheckRange(f("bias_update_rate"), m.bias_update_rate(), 0.0, 1.0));
   MUONPS_RETURN_IF_ERROR(CheckRange(f("aux_loss_alpha"), m.aux_loss_alpha(), 0.0, 1e3));
   MUONPS_RETURN_IF_ERROR(CheckRange(f("initializer_range"), m.initializer_range(), 0.0, 10.0));
+  MUONPS_RETURN_IF_ERROR(CheckOneOf(f("attention"), m.attention(), {"mha", "mla"}));
+  if (m.attention() == "mha") {
+    for (const auto& [name, set] :
+         {std::pair<const char*, bool>{"q_lora_rank", m.has_q_lora_rank()},
+          {"kv_lora_rank", m.has_kv_lora_rank()},
+          {"qk_nope_head_dim", m.has_qk_nope_head_dim()},
+          {"qk_rope_head_dim", m.has_qk_rope_head_dim()},
+          {"v_head_dim", m.has_v_head_dim()}}) {
+      if (set) {
+        return absl::InvalidArgumentError(absl::StrCat(f(name), ": only with attention = \"mla\""));
+      }
+    }
+    return absl::OkStatus();
+  }
+  MUONPS_RETURN_IF_ERROR(CheckRange(f("q_lora_rank"), m.q_lora_rank(), 0, 1 << 16));
+  MUONPS_RETURN_IF_ERROR(CheckRange(f("kv_lora_rank"), m.kv_lora_rank(), 1, 1 << 16));
+  MUONPS_RETURN_IF_ERROR(CheckRange(f("qk_nope_head_dim"), m.qk_nope_head_dim(), 0, 1 << 12));
+  MUONPS_RETURN_IF_ERROR(CheckRange(f("qk_rope_head_dim"), m.qk_rope_head_dim(), 2, 1 << 12));
+  if (m.qk_rope_head_dim() % 2 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(f("qk_rope_head_dim"), ": must be even, got ", m.qk_rope_head_dim()));
+  }
+  MUONPS_RETURN_IF_ERROR(CheckRange(f("v_head_dim"), m.v_head_dim(), 1, 1 << 12));
   return absl::OkStatus();
 }
 

@@ -23,9 +23,11 @@ inline constexpr int kMaxReplicas = 3;
 v1::JobSpec DefaultJobSpec();
 
 // A named starting point for a job, defaults filled: "default" (the default
-// job) or "small" (57 M parameters with 32 routed experts, still
-// trainable on a CPU at a few seconds per step). NotFound naming the
-// presets for any other name.
+// job), "small" (57 M parameters with 32 routed experts, still trainable on a
+// CPU at a few seconds per step), "moonlight-16b-a3b" (the published
+// Moonlight-16B-A3B configuration, MLA; for validate and plan) or
+// "moonlight-tiny" (its shapes scaled down to train here). NotFound naming
+// the presets for any other name.
 absl::StatusOr<v1::JobSpec> PresetJobSpec(absl::string_view name);
 
 // Fills every absent field of `job` with its default (explicit values are kept).

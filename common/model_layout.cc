@@ -15,8 +15,28 @@ ModelLayout::ModelLayout(const v1::ModelConfig& m) {
   for (int l = 0; l < m.num_hidden_layers(); ++l) {
     const std::string p = absl::StrCat("model.layers.", l, ".");
     Add(p + "input_layernorm.weight", {C}, TensorRole::kNorm, l);
-    for (const char* proj : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
-      Add(absl::StrCat(p, "self_attn.", proj, ".weight"), {C, C}, TensorRole::kMatrix, l);
+    if (m.attention() == "mla") {
+      // DeepSeek-V3's MLA (modeling_deepseek.py's DeepseekV3Attention names).
+      const int64_t H = m.num_attention_heads(), R = m.kv_lora_rank();
+      const int64_t QK = m.qk_nope_head_dim() + m.qk_rope_head_dim();
+      const int64_t QR = m.q_lora_rank();
+      if (QR > 0) {
+        Add(p + "self_attn.q_a_proj.weight", {QR, C}, TensorRole::kMatrix, l);
+        Add(p + "self_attn.q_a_layernorm.weight", {QR}, TensorRole::kNorm, l);
+        Add(p + "self_attn.q_b_proj.weight", {H * QK, QR}, TensorRole::kMatrix, l);
+      } else {
+        Add(p + "self_attn.q_proj.weight", {H * QK, C}, TensorRole::kMatrix, l);
+      }
+      Add(p + "self_attn.kv_a_proj_with_mqa.weight", {R + m.qk_rope_head_dim(), C},
+          TensorRole::kMatrix, l);
+      Add(p + "self_attn.kv_a_layernorm.weight", {R}, TensorRole::kNorm, l);
+      Add(p + "self_attn.kv_b_proj.weight", {H * (m.qk_nope_head_dim() + m.v_head_dim()), R},
+          TensorRole::kMatrix, l);
+      Add(p + "self_attn.o_proj.weight", {C, H * m.v_head_dim()}, TensorRole::kMatrix, l);
+    } else {
+      for (const char* proj : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
+        Add(absl::StrCat(p, "self_attn.", proj, ".weight"), {C, C}, TensorRole::kMatrix, l);
+      }
     }
     Add(p + "post_attention_layernorm.weight", {C}, TensorRole::kNorm, l);
     if (l < m.first_k_dense_replace()) {

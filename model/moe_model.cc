@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -40,6 +41,17 @@ MoeModel::MoeModel(const v1::ModelConfig& config) : config_(config), layout_(con
   scoring_ = config.scoring_func() == "softmax" ? ScoringFunc::kSoftmax : ScoringFunc::kSigmoid;
   aux_free_ = config.balancing() == "aux_free_bias";
   aux_loss_ = config.balancing() == "aux_loss";
+  mla_ = config.attention() == "mla";
+  Dqk_ = Dv_ = D_;
+  if (mla_) {
+    QR_ = config.q_lora_rank();
+    R_ = config.kv_lora_rank();
+    dn_ = config.qk_nope_head_dim();
+    dr_ = config.qk_rope_head_dim();
+    dv_dim_ = config.v_head_dim();
+    Dqk_ = dn_ + dr_;
+    Dv_ = dv_dim_;
+  }
 
   auto off = [&](const std::string& name) -> int64_t {
     const TensorInfo* t = layout_.Find(name);
@@ -53,6 +65,12 @@ MoeModel::MoeModel(const v1::ModelConfig& config) : config_(config), layout_(con
     LayerOffsets o;
     o.in_norm = off(p + "input_layernorm.weight");
     o.q = off(p + "self_attn.q_proj.weight");
+    o.qa = off(p + "self_attn.q_a_proj.weight");
+    o.qa_norm = off(p + "self_attn.q_a_layernorm.weight");
+    o.qb = off(p + "self_attn.q_b_proj.weight");
+    o.kva = off(p + "self_attn.kv_a_proj_with_mqa.weight");
+    o.kv_norm = off(p + "self_attn.kv_a_layernorm.weight");
+    o.kvb = off(p + "self_attn.kv_b_proj.weight");
     o.k = off(p + "self_attn.k_proj.weight");
     o.v = off(p + "self_attn.v_proj.weight");
     o.o = off(p + "self_attn.o_proj.weight");
@@ -79,9 +97,10 @@ MoeModel::MoeModel(const v1::ModelConfig& config) : config_(config), layout_(con
     }
     offsets_.push_back(std::move(o));
   }
-  Size(rope_cos_, static_cast<int64_t>(T_) * (D_ / 2));
-  Size(rope_sin_, static_cast<int64_t>(T_) * (D_ / 2));
-  rope_tables(rope_cos_.data(), rope_sin_.data(), T_, D_, config.rope_theta());
+  const int rope_dim = mla_ ? dr_ : D_;
+  Size(rope_cos_, static_cast<int64_t>(T_) * (rope_dim / 2));
+  Size(rope_sin_, static_cast<int64_t>(T_) * (rope_dim / 2));
+  rope_tables(rope_cos_.data(), rope_sin_.data(), T_, rope_dim, config.rope_theta());
 }
 
 void MoeModel::Resize(int B) {
@@ -89,17 +108,33 @@ void MoeModel::Resize(int B) {
   B_ = B;
   N_ = B * T_;
   const int64_t N = N_, C = C_, P = N * K_;
+  const int64_t AQ = static_cast<int64_t>(H_) * Dqk_, AV = static_cast<int64_t>(H_) * Dv_;
+  const int64_t KVB = static_cast<int64_t>(H_) * (dn_ + dv_dim_), KVA = R_ + dr_;
   acts_.assign(L_, LayerActs{});
   for (int l = 0; l < L_; ++l) {
     LayerActs& a = acts_[l];
     Size(a.res, N * C);
     Size(a.a, N * C);
     Size(a.rstd1, N);
-    Size(a.q, N * C);
-    Size(a.k, N * C);
-    Size(a.v, N * C);
+    Size(a.q, N * AQ);
+    Size(a.k, N * AQ);
+    Size(a.v, N * AV);
     Size(a.att, static_cast<int64_t>(B) * H_ * T_ * T_);
-    Size(a.ao, N * C);
+    Size(a.logit_max, static_cast<int64_t>(B) * H_);
+    Size(a.ao, N * AV);
+    if (mla_) {
+      if (QR_ > 0) {
+        Size(a.qa, N * QR_);
+        Size(a.qan, N * QR_);
+        Size(a.rstdq, N);
+      }
+      Size(a.qp, N * AQ);
+      Size(a.kva, N * KVA);
+      Size(a.ckv_in, N * R_);
+      Size(a.ckv, N * R_);
+      Size(a.rstdkv, N);
+      Size(a.kvb, N * KVB);
+    }
     Size(a.mid, N * C);
     Size(a.m, N * C);
     Size(a.rstd2, N);
@@ -134,10 +169,19 @@ void MoeModel::Resize(int B) {
   const int64_t wide = std::max<int64_t>({I_, SF_, 1});
   Size(dres_, N * C);
   Size(dbuf_a_, N * C);
-  Size(dbuf_b_, N * C);
-  Size(dq_, N * C);
-  Size(dk_, N * C);
-  Size(dv_, N * C);
+  Size(dbuf_b_, N * std::max(C, AV));
+  Size(dq_, N * AQ);
+  Size(dk_, N * AQ);
+  Size(dv_, N * AV);
+  if (mla_) {
+    Size(dqp_, N * AQ);
+    Size(dkvb_, N * KVB);
+    Size(dkva_, N * KVA);
+    Size(dckv_, N * R_);
+    Size(dckv_in_, N * R_);
+    Size(dqan_, N * QR_);
+    Size(dqa_, N * QR_);
+  }
   Size(dqk_, N * C);
   Size(dlogits_, N * V_);
   Size(dx_, N * C);
@@ -188,13 +232,38 @@ SlotStats MoeModel::RunForward(const float* params, const int32_t* inputs, const
 
     // Attention block.
     rmsnorm_forward(a.a.data(), a.rstd1.data(), a.res.data(), params + o.in_norm, N, C, eps_);
-    matmul_forward(a.q.data(), a.a.data(), params + o.q, N, C, C);
-    matmul_forward(a.k.data(), a.a.data(), params + o.k, N, C, C);
-    matmul_forward(a.v.data(), a.a.data(), params + o.v, N, C, C);
-    rope_forward(a.q.data(), a.q.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
-    rope_forward(a.k.data(), a.k.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
-    attention_forward(a.ao.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, D);
-    matmul_forward(a.mid.data(), a.ao.data(), params + o.o, N, C, C);
+    if (mla_) {
+      const int AQ = H * Dqk_, KVA = R_ + dr_;
+      if (QR_ > 0) {
+        matmul_forward(a.qa.data(), a.a.data(), params + o.qa, N, C, QR_);
+        rmsnorm_forward(a.qan.data(), a.rstdq.data(), a.qa.data(), params + o.qa_norm, N, QR_,
+                        eps_);
+        matmul_forward(a.qp.data(), a.qan.data(), params + o.qb, N, QR_, AQ);
+      } else {
+        matmul_forward(a.qp.data(), a.a.data(), params + o.q, N, C, AQ);
+      }
+      matmul_forward(a.kva.data(), a.a.data(), params + o.kva, N, C, KVA);
+      slice_forward(a.ckv_in.data(), a.kva.data(), N, KVA, 0, R_);
+      rmsnorm_forward(a.ckv.data(), a.rstdkv.data(), a.ckv_in.data(), params + o.kv_norm, N, R_,
+                      eps_);
+      matmul_forward(a.kvb.data(), a.ckv.data(), params + o.kvb, N, R_, H * (dn_ + dv_dim_));
+      mla_heads_forward(a.q.data(), a.k.data(), a.v.data(), a.qp.data(), a.kvb.data(), a.kva.data(),
+                        rope_cos_.data(), rope_sin_.data(), B, T, H, dn_, dr_, dv_dim_, R_);
+    } else {
+      matmul_forward(a.q.data(), a.a.data(), params + o.q, N, C, C);
+      matmul_forward(a.k.data(), a.a.data(), params + o.k, N, C, C);
+      matmul_forward(a.v.data(), a.a.data(), params + o.v, N, C, C);
+      rope_forward(a.q.data(), a.q.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
+      rope_forward(a.k.data(), a.k.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
+    }
+    attention_forward(a.ao.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, Dqk_,
+                      Dv_, a.logit_max.data());
+    std::vector<float> head_max(static_cast<size_t>(H), -INFINITY);
+    for (int b = 0; b < B; ++b) {
+      for (int h = 0; h < H; ++h) head_max[h] = std::max(head_max[h], a.logit_max[b * H + h]);
+    }
+    stats.logit_max.push_back(std::move(head_max));
+    matmul_forward(a.mid.data(), a.ao.data(), params + o.o, N, H * Dv_, C);
     AddInPlace(a.mid.data(), a.res.data(), static_cast<int64_t>(N) * C);  // mid = h + attn
 
     // FFN block: h_out = mid + y.
@@ -333,16 +402,48 @@ void MoeModel::RunBackward(const float* params, const int32_t* inputs, const int
                      a.rstd2.data(), N, C);
 
     // Attention block: mid = res + ao·Wo^T.
+    const int AV = H * Dv_;
     float* dao = dbuf_b_.data();
-    std::fill(dao, dao + NC, 0.0f);
-    matmul_backward(dao, grads + o.o, dres_.data(), a.ao.data(), params + o.o, N, C, C);
+    std::fill(dao, dao + static_cast<int64_t>(N) * AV, 0.0f);
+    matmul_backward(dao, grads + o.o, dres_.data(), a.ao.data(), params + o.o, N, AV, C);
     Zero(dq_);
     Zero(dk_);
     Zero(dv_);
     attention_backward(dq_.data(), dk_.data(), dv_.data(), dao, a.q.data(), a.k.data(), a.v.data(),
-                       a.att.data(), B, T, H, D);
+                       a.att.data(), B, T, H, Dqk_, Dv_);
     float* da = dbuf_a_.data();
     std::fill(da, da + NC, 0.0f);
+    if (mla_) {
+      const int AQ = H * Dqk_, KVA = R_ + dr_, KVB = H * (dn_ + dv_dim_);
+      Zero(dqp_);
+      Zero(dkvb_);
+      Zero(dkva_);
+      mla_heads_backward(dqp_.data(), dkvb_.data(), dkva_.data(), dq_.data(), dk_.data(),
+                         dv_.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, dn_, dr_, dv_dim_,
+                         R_);
+      Zero(dckv_);
+      matmul_backward(dckv_.data(), grads + o.kvb, dkvb_.data(), a.ckv.data(), params + o.kvb, N,
+                      R_, KVB);
+      Zero(dckv_in_);
+      rmsnorm_backward(dckv_in_.data(), grads + o.kv_norm, dckv_.data(), a.ckv_in.data(),
+                       params + o.kv_norm, a.rstdkv.data(), N, R_);
+      slice_backward(dkva_.data(), dckv_in_.data(), N, KVA, 0, R_);
+      matmul_backward(da, grads + o.kva, dkva_.data(), a.a.data(), params + o.kva, N, C, KVA);
+      if (QR_ > 0) {
+        Zero(dqan_);
+        matmul_backward(dqan_.data(), grads + o.qb, dqp_.data(), a.qan.data(), params + o.qb, N,
+                        QR_, AQ);
+        Zero(dqa_);
+        rmsnorm_backward(dqa_.data(), grads + o.qa_norm, dqan_.data(), a.qa.data(),
+                         params + o.qa_norm, a.rstdq.data(), N, QR_);
+        matmul_backward(da, grads + o.qa, dqa_.data(), a.a.data(), params + o.qa, N, C, QR_);
+      } else {
+        matmul_backward(da, grads + o.q, dqp_.data(), a.a.data(), params + o.q, N, C, AQ);
+      }
+      rmsnorm_backward(dres_.data(), grads + o.in_norm, da, a.res.data(), params + o.in_norm,
+                       a.rstd1.data(), N, C);
+      continue;
+    }
     Zero(dqk_);
     rope_backward(dqk_.data(), dq_.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
     matmul_backward(da, grads + o.q, dqk_.data(), a.a.data(), params + o.q, N, C, C);

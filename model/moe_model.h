@@ -1,9 +1,12 @@
 // The decoder-only MoE transformer (DeepSeek-V3 / Moonlight family, standard
-// multi-head attention): forward and backward of one slot on CPU.
+// multi-head attention or Multi-head Latent Attention): forward and backward
+// of one slot on CPU.
 //
 // Size legend: B sequences, T positions, N = B*T tokens, C hidden, H heads,
 // D = C/H, V vocab, E routed experts, K chosen per token, F expert width,
 // SF = shared experts * F, I dense FFN width, P = N*K routed assignments.
+// MLA: R kv_lora_rank, QR q_lora_rank, dn/dr/dv the per-head nope, rope and
+// value widths; Dqk = dn + dr. Under MHA Dqk = Dv = D.
 //
 // Thread safety: a MoeModel owns its activation buffers; use one per thread.
 #ifndef MUONPS_MODEL_MOE_MODEL_H_
@@ -27,6 +30,9 @@ struct SlotStats {
   std::vector<std::vector<int64_t>> expert_load;
   double forward_seconds = 0.0;   // wall time of the forward pass
   double backward_seconds = 0.0;  // wall time of the backward pass (0 for Forward)
+  // Per layer, per head: the largest pre-softmax attention logit q.k/sqrt(Dqk)
+  // over the slot's sequences (what QK-Clip bounds).
+  std::vector<std::vector<float>> logit_max;
 };
 
 class MoeModel {
@@ -53,13 +59,20 @@ class MoeModel {
 
  private:
   struct LayerActs {
-    std::vector<float> res;       // (N, C) residual stream entering the layer
-    std::vector<float> a, rstd1;  // (N, C), (N)
-    std::vector<float> q, k, v;   // (N, C) q, k after RoPE
-    std::vector<float> att;       // (B, H, T, T)
-    std::vector<float> ao;        // (N, C) attention output before o_proj
-    std::vector<float> mid;       // (N, C) residual after attention
-    std::vector<float> m, rstd2;  // (N, C), (N)
+    std::vector<float> res;        // (N, C) residual stream entering the layer
+    std::vector<float> a, rstd1;   // (N, C), (N)
+    std::vector<float> q, k, v;    // (N, H*Dqk) q, k after RoPE; (N, H*Dv) v
+    std::vector<float> att;        // (B, H, T, T)
+    std::vector<float> logit_max;  // (B*H)
+    std::vector<float> ao;         // (N, H*Dv) attention output before o_proj
+    // MLA
+    std::vector<float> qa, qan, rstdq;       // (N, QR) q_a_proj out, normed; (N)
+    std::vector<float> qp;                   // (N, H*Dqk) query projection
+    std::vector<float> kva;                  // (N, R+dr) kv_a_proj_with_mqa out
+    std::vector<float> ckv_in, ckv, rstdkv;  // (N, R) latent, normed; (N)
+    std::vector<float> kvb;                  // (N, H*(dn+dv)) kv_b_proj out
+    std::vector<float> mid;                  // (N, C) residual after attention
+    std::vector<float> m, rstd2;             // (N, C), (N)
     // dense FFN
     std::vector<float> g, u, act;  // (N, I)
     // MoE
@@ -75,11 +88,13 @@ class MoeModel {
   };
   // Offsets (floats) of one layer's tensors in the flat buffer; -1 = absent.
   struct LayerOffsets {
-    int64_t in_norm, q, k, v, o, post_norm;
-    int64_t gate = -1, up = -1, down = -1;  // dense FFN
-    int64_t router = -1, bias = -1;         // MoE router (E, C), bias (E)
-    std::vector<int64_t> eg, eu, ed;        // per expert gate/up (F, C), down (C, F)
-    int64_t sg = -1, su = -1, sd = -1;      // shared experts
+    int64_t in_norm, q, k, v, o, post_norm;    // q = q_proj (MHA, or MLA without QR)
+    int64_t qa = -1, qa_norm = -1, qb = -1;    // MLA query compression
+    int64_t kva = -1, kv_norm = -1, kvb = -1;  // MLA key/value compression
+    int64_t gate = -1, up = -1, down = -1;     // dense FFN
+    int64_t router = -1, bias = -1;            // MoE router (E, C), bias (E)
+    std::vector<int64_t> eg, eu, ed;           // per expert gate/up (F, C), down (C, F)
+    int64_t sg = -1, su = -1, sd = -1;         // shared experts
   };
 
   void Resize(int B);
@@ -90,13 +105,16 @@ class MoeModel {
   v1::ModelConfig config_;
   ModelLayout layout_;
   int C_, H_, D_, T_, V_, L_, E_, K_, F_, SF_, I_, dense_layers_;
+  bool mla_;
+  int QR_ = 0, R_ = 0, dn_ = 0, dr_ = 0, dv_dim_ = 0;  // MLA widths
+  int Dqk_, Dv_;                                       // per-head q/k and v widths
   float eps_;
   ScoringFunc scoring_;
   bool aux_free_, aux_loss_;
   std::vector<int> bias_tensors_;
   std::vector<LayerOffsets> offsets_;
   int64_t embed_off_, norm_off_, head_off_;
-  std::vector<float> rope_cos_, rope_sin_;  // (T, D/2)
+  std::vector<float> rope_cos_, rope_sin_;  // (T, D/2), or (T, dr/2) under MLA
 
   int B_ = 0, N_ = 0;
   std::vector<LayerActs> acts_;
@@ -105,6 +123,7 @@ class MoeModel {
   // backward scratch
   std::vector<float> dres_, dbuf_a_, dbuf_b_, dq_, dk_, dv_, dqk_, dlogits_, dx_;
   std::vector<float> dI1_, dI2_, dI3_, drl_, dsc_, dwts_, dxe_, dge_, due_, dacte_, dye_;
+  std::vector<float> dqp_, dkvb_, dkva_, dckv_, dckv_in_, dqan_, dqa_;  // MLA
 };
 
 }  // namespace muonps

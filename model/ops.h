@@ -60,13 +60,51 @@ void rope_backward(float* dinp, const float* dout, const float* cos, const float
                    int H, int D);
 
 // ---- causal multi-head attention -----------------------------------------------
-// q, k, v, out (B, T, H*D); att (B, H, T, T) the softmax probabilities
-// (entries with key index > query index are 0). Scale 1/sqrt(D).
+// q, k (B, T, H*Dk); v, out (B, T, H*Dv); att (B, H, T, T) the softmax
+// probabilities (entries with key index > query index are 0). Scale
+// 1/sqrt(Dk). logit_max (B*H), when not nullptr, receives each (b, h)'s
+// largest pre-softmax logit q.k/sqrt(Dk) over the keys its queries see.
 void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
-                       int B, int T, int H, int D);
+                       int B, int T, int H, int Dk, int Dv, float* logit_max = nullptr);
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
                         const float* k, const float* v, const float* att, int B, int T, int H,
-                        int D);
+                        int Dk, int Dv);
+// Multi-head attention with one head width D for q, k and v.
+inline void attention_forward(float* out, float* att, const float* q, const float* k,
+                              const float* v, int B, int T, int H, int D) {
+  attention_forward(out, att, q, k, v, B, T, H, D, D);
+}
+inline void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
+                               const float* k, const float* v, const float* att, int B, int T,
+                               int H, int D) {
+  attention_backward(dq, dk, dv, dout, q, k, v, att, B, T, H, D, D);
+}
+
+// ---- column slices ------------------------------------------------------------
+// out[n, :] = inp[n, off : off + w] for rows of width ld.   out (N, w)
+void slice_forward(float* out, const float* inp, int64_t N, int ld, int off, int w);
+// dinp[n, off : off + w] += dout[n, :].
+void slice_backward(float* dinp, const float* dout, int64_t N, int ld, int off, int w);
+
+// ---- Multi-head Latent Attention heads (DeepSeek-V2/V3) --------------------------
+// Sizes: dn = qk_nope_head_dim, dr = qk_rope_head_dim (even), dv = v_head_dim,
+// r = kv_lora_rank. From
+//   qp  (N, H*(dn+dr))  the query projection, per head [nope | rope]
+//   kv  (N, H*(dn+dv))  kv_b_proj's output, per head [k nope | v]
+//   kva (N, r+dr)       kv_a_proj_with_mqa's output, [latent | shared k rope]
+// builds the attention's inputs
+//   q (N, H*(dn+dr)) = [q nope | RoPE(q rope)],  k (N, H*(dn+dr)) =
+//   [k nope | RoPE(k rope)] (the same rotated key in every head),  v (N, H*dv).
+// RoPE rotates the pairs (x[2i], x[2i+1]) by the angles of rope_tables(T, dr)
+// and writes them in rotate_half order (DeepSeek-V3's apply_rotary_pos_emb).
+void mla_heads_forward(float* q, float* k, float* v, const float* qp, const float* kv,
+                       const float* kva, const float* cos, const float* sin, int B, int T, int H,
+                       int dn, int dr, int dv, int r);
+// Adds into dqp, dkv and the rope columns of dkva (its latent columns are
+// untouched); the shared key's gradient sums the heads in increasing order.
+void mla_heads_backward(float* dqp, float* dkv, float* dkva, const float* dq, const float* dk,
+                        const float* dv, const float* cos, const float* sin, int B, int T, int H,
+                        int dn, int dr, int dv_dim, int r);
 
 // ---- SwiGLU -----------------------------------------------------------------
 // out = silu(gate) * up, silu(x) = x / (1 + exp(-x)).   all (N, F)

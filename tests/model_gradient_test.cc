@@ -67,7 +67,26 @@ struct GradCase {
   double routed_scaling_factor = 1.0;
   // Parameter seed: one whose routing margins exceed the perturbation.
   uint64_t seed = 3;
+  // "mla": Multi-head Latent Attention with distinct nope, rope and value
+  // widths, and query compression when q_lora_rank > 0.
+  std::string attention = "mha";
+  int q_lora_rank = 0;
 };
+
+// The tiny model, with MLA when the case asks for it.
+v1::ModelConfig CaseConfig(const GradCase& c) {
+  v1::ModelConfig config =
+      TinyModelConfig(c.scoring, c.balancing, c.norm_topk_prob, c.routed_scaling_factor);
+  if (c.attention == "mla") {
+    config.set_attention("mla");
+    config.set_q_lora_rank(c.q_lora_rank);
+    config.set_kv_lora_rank(6);
+    config.set_qk_nope_head_dim(4);
+    config.set_qk_rope_head_dim(4);
+    config.set_v_head_dim(6);
+  }
+  return config;
+}
 
 void PrintTo(const GradCase& c, std::ostream* os) { *os << c.name; }
 
@@ -110,8 +129,7 @@ bool WithinTolerance(double analytic, double numeric) {
 
 // Runs every probe of one configuration.
 std::vector<Probe> ProbeModel(const GradCase& c) {
-  const v1::ModelConfig config =
-      TinyModelConfig(c.scoring, c.balancing, c.norm_topk_prob, c.routed_scaling_factor);
+  const v1::ModelConfig config = CaseConfig(c);
   MoeModel model(config);
   const ModelLayout& layout = model.layout();
   const int N = kBatch * model.seq_len();
@@ -216,7 +234,10 @@ INSTANTIATE_TEST_SUITE_P(
                     GradCase{"softmax_aux_loss", "softmax", "aux_loss"},
                     GradCase{"softmax_aux_loss_unnormalized", "softmax", "aux_loss",
                              /*norm_topk_prob=*/false, /*routed_scaling_factor=*/1.0,
-                             /*seed=*/4}),
+                             /*seed=*/4},
+                    GradCase{"mla_sigmoid_aux_loss", "sigmoid", "aux_loss", true, 2.5, 3, "mla"},
+                    GradCase{"mla_q_lora_softmax_aux_free_bias", "softmax", "aux_free_bias", true,
+                             1.0, 4, "mla", /*q_lora_rank=*/5}),
     [](const testing::TestParamInfo<GradCase>& info) { return info.param.name; });
 
 // Gradient and stats are bit-identical for 1 and 2 threads: on the default
@@ -251,6 +272,13 @@ void ExpectSameForOneAndTwoThreads(const v1::ModelConfig& config, uint64_t seed)
   EXPECT_EQ(stats[0].loss_sum, stats[1].loss_sum);
   EXPECT_EQ(stats[0].aux_sum, stats[1].aux_sum);
   EXPECT_EQ(stats[0].expert_load, stats[1].expert_load);
+  EXPECT_EQ(stats[0].logit_max, stats[1].logit_max);
+}
+
+TEST(ModelGradientThreadsTest, MoonlightTinyIndependentOfThreadCount) {
+  absl::StatusOr<v1::JobSpec> job = PresetJobSpec("moonlight-tiny");
+  ASSERT_TRUE(job.ok()) << job.status();
+  ExpectSameForOneAndTwoThreads(job->model(), 9);
 }
 
 TEST(ModelGradientThreadsTest, DefaultModelIndependentOfThreadCount) {

@@ -69,6 +69,10 @@ struct RefCase {
   int first_k_dense_replace = 1;
   int n_shared_experts = 1;
   int num_experts_per_tok = 2;
+  // "mla" with distinct nope, rope and value widths; q_lora_rank > 0 adds
+  // the query compression.
+  std::string attention = "mha";
+  int q_lora_rank = 0;
 };
 
 v1::ModelConfig TinyConfig(const RefCase& c) {
@@ -79,8 +83,17 @@ v1::ModelConfig TinyConfig(const RefCase& c) {
   shape.first_k_dense_replace = c.first_k_dense_replace;
   shape.num_experts_per_tok = c.num_experts_per_tok;
   shape.n_shared_experts = c.n_shared_experts;
-  return testing_util::TinyModelConfig(c.scoring, c.balancing, c.norm_topk_prob,
-                                       c.routed_scaling_factor, shape);
+  v1::ModelConfig m = testing_util::TinyModelConfig(c.scoring, c.balancing, c.norm_topk_prob,
+                                                    c.routed_scaling_factor, shape);
+  if (c.attention == "mla") {
+    m.set_attention("mla");
+    m.set_q_lora_rank(c.q_lora_rank);
+    m.set_kv_lora_rank(6);
+    m.set_qk_nope_head_dim(4);
+    m.set_qk_rope_head_dim(4);
+    m.set_v_head_dim(6);
+  }
+  return m;
 }
 
 double Norm(const float* x, int64_t n) {
@@ -289,7 +302,12 @@ INSTANTIATE_TEST_SUITE_P(
                     RefCase{"softmax_all_moe_k1_unshared", "softmax", "aux_loss",
                             /*norm_topk_prob=*/false, /*routed_scaling_factor=*/1.0,
                             /*first_k_dense_replace=*/0, /*n_shared_experts=*/0,
-                            /*num_experts_per_tok=*/1}),
+                            /*num_experts_per_tok=*/1},
+                    // Multi-head Latent Attention, without and with query compression.
+                    RefCase{"mla_sigmoid_scaled", "sigmoid", "aux_free_bias", true, 2.446, 1, 1, 2,
+                            "mla"},
+                    RefCase{"mla_q_lora_softmax_aux_loss", "softmax", "aux_loss", true, 1.0, 1, 1,
+                            2, "mla", /*q_lora_rank=*/5}),
     [](const testing::TestParamInfo<RefCase>& info) { return info.param.name; });
 
 }  // namespace

@@ -85,10 +85,15 @@ absl::StatusOr<ClusterPlan> PlanCluster(const v1::JobSpec& job, const PlanOption
     activated += absl::StrContains(t.name, ".mlp.experts.") ? routed_share * t.numel : t.numel;
   }
   plan.activated = static_cast<int64_t>(std::llround(activated));
-  const double T = m.max_position_embeddings(), C = m.hidden_size();
+  const double T = m.max_position_embeddings();
   // Forward: 2 FLOP per activated weight and token, and per layer the two
-  // T x T attention products (QKᵀ and AV, 2·T·C each); backward twice that.
-  plan.flops_per_token = 3.0 * (2.0 * activated + 4.0 * m.num_hidden_layers() * T * C);
+  // T x T attention products (QKᵀ over H·Dqk channels and AV over H·Dv,
+  // 2·T·C each under MHA); backward twice that.
+  const double H = m.num_attention_heads(), D = m.hidden_size() / H;
+  const bool mla = m.attention() == "mla";
+  const double dqk = mla ? m.qk_nope_head_dim() + m.qk_rope_head_dim() : D;
+  const double dv = mla ? m.v_head_dim() : D;
+  plan.flops_per_token = 3.0 * (2.0 * activated + 2.0 * m.num_hidden_layers() * T * H * (dqk + dv));
   plan.tokens_per_step = StepScalesOf(job).global_tokens;
   const int slots = job.batch().slots();
   const int busiest = (slots + o.workers - 1) / o.workers;  // slots of the busiest worker

@@ -2,8 +2,8 @@
 """An independent PyTorch implementation of the muonps MoE transformer.
 
 It is written from the model's specification (README / issue text: the
-DeepSeek-V3-style decoder with standard multi-head attention), not from the
-C++ code, and serves two purposes:
+DeepSeek-V3-style decoder with standard multi-head attention or DeepSeek-V3's
+Multi-head Latent Attention), not from the C++ code, and serves three purposes:
 
   grad IN.safetensors OUT.safetensors [--out-dtype F32|F64]
       The loss and the gradient of every trainable tensor in float64.
@@ -24,6 +24,10 @@ C++ code, and serves two purposes:
       in dtype --out-dtype (default F32, which muonps's reader accepts); the
       loss is also stored exactly in __metadata__["loss"] (repr of a double).
 
+  shapes CONFIG.json
+      Prints, one per line, "name shape..." of every tensor of the model a
+      ModelConfig JSON describes, in the Hugging Face DeepSeek-V3 layout.
+
   bench [--threads N] [--steps N] [--warmup N] [--muon]
       Times one training step of the default model (micro_batch 2, 4 slots,
       T 256) in float32: forward + backward of every slot, then AdamW over
@@ -35,6 +39,12 @@ The model, per layer on hidden states h (B, T, C):
   a = rmsnorm(h) * input_layernorm,  rmsnorm(x) = x / sqrt(mean(x^2) + eps)
   q, k, v = a Wq^T, a Wk^T, a Wv^T; RoPE ("rotate_half") on q, k
   h += causal_softmax(q k^T / sqrt(D)) v Wo^T
+  or, under attention = "mla" (DeepSeek-V3's MLA, Hugging Face names):
+  q = a Wq^T, or rmsnorm(a Wqa^T) * q_a_layernorm Wqb^T, per head [q_nope | q_pe]
+  [c | k_pe] = a Wkva^T,  [k_nope | v] per head = (rmsnorm(c) * kv_a_layernorm) Wkvb^T
+  q_pe and the one k_pe (shared by the heads) rotated with pairs (x[2i], x[2i+1])
+  (view(d/2, 2).transpose, then rotate_half); Q = [q_nope | q_pe], K = [k_nope | k_pe]
+  h += causal_softmax(Q K^T / sqrt(nope + rope)) v Wo^T
   m = rmsnorm(h) * post_attention_layernorm
   dense: y = down(silu(gate(m)) * up(m))
   MoE:   r = m Wg^T, s = sigmoid(r) | softmax(r), top-K of s + b (b only under
@@ -156,6 +166,7 @@ _DEFAULTS = {
     "bias_update_rate": 1e-3,
     "aux_loss_alpha": 1e-3,
     "initializer_range": 0.02,
+    "attention": "mha",
 }
 
 
@@ -166,6 +177,17 @@ def model_config(overrides):
         raise ValueError(f"scoring_func: {cfg['scoring_func']}")
     if cfg["balancing"] not in ("aux_free_bias", "aux_loss"):
         raise ValueError(f"balancing: {cfg['balancing']}")
+    if cfg["attention"] not in ("mha", "mla"):
+        raise ValueError(f"attention: {cfg['attention']}")
+    if cfg["attention"] == "mla":
+        D = cfg["hidden_size"] // cfg["num_attention_heads"]
+        cfg.setdefault("q_lora_rank", 0)
+        cfg.setdefault("kv_lora_rank", 4 * D)
+        cfg.setdefault("qk_nope_head_dim", D)
+        cfg.setdefault("qk_rope_head_dim", D // 2)
+        cfg.setdefault("v_head_dim", D)
+        if cfg["q_lora_rank"] is None:
+            cfg["q_lora_rank"] = 0
     return cfg
 
 
@@ -178,8 +200,24 @@ def parameter_shapes(cfg):
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}."
         out.append((p + "input_layernorm.weight", (C,), True))
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out.append((p + f"self_attn.{proj}.weight", (C, C), True))
+        if cfg["attention"] == "mla":
+            H, R = cfg["num_attention_heads"], cfg["kv_lora_rank"]
+            dn, dr, dv = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+            QR = cfg["q_lora_rank"]
+            a = p + "self_attn."
+            if QR:
+                out.append((a + "q_a_proj.weight", (QR, C), True))
+                out.append((a + "q_a_layernorm.weight", (QR,), True))
+                out.append((a + "q_b_proj.weight", (H * (dn + dr), QR), True))
+            else:
+                out.append((a + "q_proj.weight", (H * (dn + dr), C), True))
+            out.append((a + "kv_a_proj_with_mqa.weight", (R + dr, C), True))
+            out.append((a + "kv_a_layernorm.weight", (R,), True))
+            out.append((a + "kv_b_proj.weight", (H * (dn + dv), R), True))
+            out.append((a + "o_proj.weight", (C, H * dv), True))
+        else:
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                out.append((p + f"self_attn.{proj}.weight", (C, C), True))
         out.append((p + "post_attention_layernorm.weight", (C,), True))
         if l < cfg["first_k_dense_replace"]:
             out.append((p + "mlp.gate_proj.weight", (I, C), True))
@@ -223,6 +261,45 @@ def apply_rope(x, cos, sin):
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def apply_rope_pairs(x, cos, sin):
+    # DeepSeek-V3's apply_rotary_pos_emb: the pairs are (x[2i], x[2i+1]);
+    # view(d/2, 2).transpose moves them to (x'[i], x'[i + d/2]), then rotate_half.
+    *lead, d = x.shape
+    x = x.reshape(*lead, d // 2, 2).transpose(-1, -2).reshape(*lead, d)
+    return apply_rope(x, cos, sin)
+
+
+def mla_attention(a, params, p, cfg, cos, sin):
+    B, T, C = a.shape
+    H, R = cfg["num_attention_heads"], cfg["kv_lora_rank"]
+    dn, dr, dv = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    eps = cfg["rms_norm_eps"]
+    w = lambda name: params[p + "self_attn." + name + ".weight"]
+    if cfg["q_lora_rank"]:
+        q = functional.linear(rmsnorm(functional.linear(a, w("q_a_proj")), w("q_a_layernorm"), eps),
+                              w("q_b_proj"))
+    else:
+        q = functional.linear(a, w("q_proj"))
+    q = q.view(B, T, H, dn + dr).transpose(1, 2)  # (B, H, T, dn + dr)
+    q_nope, q_pe = q[..., :dn], q[..., dn:]
+    compressed = functional.linear(a, w("kv_a_proj_with_mqa"))  # (B, T, R + dr)
+    c, k_pe = compressed[..., :R], compressed[..., R:]
+    kv = functional.linear(rmsnorm(c, w("kv_a_layernorm"), eps), w("kv_b_proj"))
+    kv = kv.view(B, T, H, dn + dv).transpose(1, 2)  # (B, H, T, dn + dv)
+    k_nope, v = kv[..., :dn], kv[..., dn:]
+    k_pe = k_pe.view(B, 1, T, dr)
+    q_pe = apply_rope_pairs(q_pe, cos, sin)
+    k_pe = apply_rope_pairs(k_pe, cos, sin).expand(B, H, T, dr)
+    qh = torch.cat((q_nope, q_pe), dim=-1)
+    kh = torch.cat((k_nope, k_pe), dim=-1)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) / math.sqrt(dn + dr)  # (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # (B, H, T, dv)
+    out = out.transpose(1, 2).reshape(B, T, H * dv)
+    return functional.linear(out, w("o_proj"))
 
 
 def swiglu_mlp(x, gate, up, down):
@@ -310,14 +387,16 @@ def forward(params, inputs, targets, cfg, loss_scale, aux_scale):
     H = cfg["num_attention_heads"]
     eps = cfg["rms_norm_eps"]
     dtype = params["model.embed_tokens.weight"].dtype
-    cos, sin = rope_tables(T, C // H, cfg["rope_theta"], dtype)
+    mla = cfg["attention"] == "mla"
+    rope_dim = cfg["qk_rope_head_dim"] if mla else C // H
+    cos, sin = rope_tables(T, rope_dim, cfg["rope_theta"], dtype)
     h = functional.embedding(inputs, params["model.embed_tokens.weight"])  # (B, T, C)
     aux_terms = []
     loads = {}
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}."
         a = rmsnorm(h, params[p + "input_layernorm.weight"], eps)
-        h = h + attention(a, params, p, cfg, cos, sin)
+        h = h + (mla_attention if mla else attention)(a, params, p, cfg, cos, sin)
         m = rmsnorm(h, params[p + "post_attention_layernorm.weight"], eps)
         if l < cfg["first_k_dense_replace"]:
             y = swiglu_mlp(m, params[p + "mlp.gate_proj.weight"], params[p + "mlp.up_proj.weight"],
@@ -505,6 +584,13 @@ def bench_step(threads, steps, warmup, muon, micro_batch=2, slots=4):
     }
 
 
+def shapes_main(args):
+    with open(args.config, encoding="utf-8") as f:
+        cfg = model_config(json.load(f))
+    for name, shape, _ in parameter_shapes(cfg):
+        print(name, *shape)
+
+
 def bench_main(args):
     print(json.dumps(bench_step(args.threads, args.steps, args.warmup, args.muon,
                                 args.micro_batch, args.slots)), flush=True)
@@ -517,6 +603,8 @@ def main(argv):
     g.add_argument("input")
     g.add_argument("output")
     g.add_argument("--out-dtype", choices=("F32", "F64"), default="F32")
+    sh = sub.add_parser("shapes", help="the tensors of a model config, one per line")
+    sh.add_argument("config")
     b = sub.add_parser("bench", help="time a float32 training step of the default model")
     b.add_argument("--threads", type=int, default=torch.get_num_threads())
     b.add_argument("--steps", type=int, default=10)
@@ -528,6 +616,8 @@ def main(argv):
     if args.mode == "grad":
         torch.set_num_threads(1)
         grad_main(args)
+    elif args.mode == "shapes":
+        shapes_main(args)
     else:
         bench_main(args)
     return 0

@@ -35,14 +35,26 @@ double ModelFlopsPerToken(const v1::ModelConfig& m) {
   const double C = m.hidden_size(), T = m.max_position_embeddings();
   const double L = m.num_hidden_layers(), dense = std::min<double>(m.first_k_dense_replace(), L);
   const double moe = L - dense;
-  const double attention = 4.0 * C * C;
+  // Attention's projections: q, k, v, o of C x C, or MLA's.
+  double attention = 4.0 * C * C;
+  if (m.attention() == "mla") {
+    const double H = m.num_attention_heads(), R = m.kv_lora_rank();
+    const double dqk = m.qk_nope_head_dim() + m.qk_rope_head_dim();
+    const double q = m.q_lora_rank() > 0 ? m.q_lora_rank() * (C + H * dqk) : C * H * dqk;
+    attention = q + C * (R + m.qk_rope_head_dim()) +
+                R * H * (m.qk_nope_head_dim() + m.v_head_dim()) + H * m.v_head_dim() * C;
+  }
   const double dense_mlp = 3.0 * C * m.intermediate_size();
   const double experts =
       (m.num_experts_per_tok() + m.n_shared_experts()) * 3.0 * C * m.moe_intermediate_size() +
       C * m.n_routed_experts();
   const double matmul_params =
       L * attention + dense * dense_mlp + moe * experts + C * m.vocab_size();
-  return 6.0 * matmul_params + 12.0 * L * T * C;
+  const double H = m.num_attention_heads();
+  const double attn_width = m.attention() == "mla"
+                                ? H * (m.qk_nope_head_dim() + m.qk_rope_head_dim() + m.v_head_dim())
+                                : 2.0 * C;
+  return 6.0 * matmul_params + 6.0 * L * T * attn_width;
 }
 
 Worker::Metrics::Metrics(prometheus::Registry& r)
