@@ -136,6 +136,11 @@ absl::StatusOr<v1::JobSpec> PresetJobSpec(absl::string_view name) {
     m->set_qk_nope_head_dim(128);
     m->set_qk_rope_head_dim(64);
     m->set_v_head_dim(128);
+    // The batch is not part of config.json: 512 slots of one 8192-token
+    // sequence (4.2 M tokens per step) give every worker of a 512-worker
+    // cluster a slot.
+    job.mutable_batch()->set_slots(512);
+    job.mutable_batch()->set_micro_batch(1);
   } else if (name == "moonlight-tiny") {
     // Moonlight-16B-A3B's shapes scaled down for a CPU: width and FFN widths
     // divided by 16, the attention's ratios kept (MLA without query
