@@ -1,6 +1,7 @@
 // One training step of the default model, next to the same step in PyTorch.
 //
 //   ./build/bench/train_step [--steps=10] [--warmup=3] [--threads=0] [--torch=true]
+//                            [--attention=both|mha|mla]
 //
 // The step is muonps::Trainer::Step on the default job (4 slots of micro
 // batch 2, T 256: 2048 tokens per step, from the fortunes corpus): slot
@@ -16,6 +17,12 @@
 // thread count, experts as grouped gathers) under torch.optim.AdamW and under
 // a Muon (NS5) + AdamW step, and the ratio of step throughputs is printed next
 // to the goal (muonps >= 2x PyTorch). Without torch the comparison is skipped.
+// With --attention=both (the default) the same step also runs with
+// Multi-head Latent Attention on the default shapes (attention "mla" with
+// its default widths: r = 4 D, nope = v = D, rope = D / 2), and its
+// tokens/s, parameters and memory (the resident set the trainer adds:
+// parameters, gradients, optimizer state and activations) are printed next
+// to MHA's.
 #include <sys/wait.h>
 
 #include <algorithm>
@@ -42,11 +49,26 @@ ABSL_FLAG(int, warmup, 3, "Unmeasured warm-up steps");
 ABSL_FLAG(int, threads, 0, "Threads (0 = the OpenMP default, all cores)");
 ABSL_FLAG(bool, torch, true, "Also time the PyTorch step (bench/torch_train_step.py)");
 ABSL_FLAG(std::string, python, "/usr/bin/python3", "Python interpreter with torch and numpy");
+ABSL_FLAG(std::string, attention, "both",
+          "mha, mla, or both (MLA beside MHA on the default shapes)");
 
 namespace muonps {
 namespace {
 
 constexpr double kGoalRatio = 2.0;
+
+// The resident set of this process, bytes (VmRSS).
+int64_t ResidentBytes() {
+  std::FILE* f = std::fopen("/proc/self/status", "r");
+  if (f == nullptr) return 0;
+  char line[256];
+  int64_t kb = 0;
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    if (std::sscanf(line, "VmRSS: %lld kB", reinterpret_cast<long long*>(&kb)) == 1) break;
+  }
+  std::fclose(f);
+  return kb * 1024;
+}
 
 struct StepTimes {
   std::vector<double> forward, backward, optimizer, step;  // seconds
@@ -135,27 +157,66 @@ int main(int argc, char** argv) {
   const int warmup = std::max(0, absl::GetFlag(FLAGS_warmup));
   const int threads = muonps::NumThreads();
 
+  const std::string attention = absl::GetFlag(FLAGS_attention);
+  if (attention != "both" && attention != "mha" && attention != "mla") {
+    std::fprintf(stderr, "train_step: --attention must be both, mha or mla\n");
+    return 2;
+  }
   const muonps::v1::JobSpec job = muonps::DefaultJobSpec();
   const muonps::v1::ModelConfig& m = job.model();
-  muonps::TrainStepBench bench(job);
   std::printf(
       "train_step: default model (V=%d C=%d L=%d H=%d E=%d K=%d F=%d), %d slots x %d x %d = %lld "
       "tokens/step, optimizer %s, BLAS %s, %d threads, median of %d steps after %d warm-up\n",
       m.vocab_size(), m.hidden_size(), m.num_hidden_layers(), m.num_attention_heads(),
       m.n_routed_experts(), m.num_experts_per_tok(), m.moe_intermediate_size(), job.batch().slots(),
       job.batch().micro_batch(), m.max_position_embeddings(),
-      static_cast<long long>(bench.tokens_per_step()), job.optimizer().name().c_str(),
-      muonps::BlasCoreName().c_str(), threads, steps, warmup);
+      static_cast<long long>(job.batch().slots()) * job.batch().micro_batch() *
+          m.max_position_embeddings(),
+      job.optimizer().name().c_str(), muonps::BlasCoreName().c_str(), threads, steps, warmup);
 
-  muonps::StepTimes times, ignored;
-  for (int i = 0; i < warmup; ++i) bench.Step(&ignored);
-  for (int i = 0; i < steps; ++i) bench.Step(&times);
-  const double step_s = muonps::Median(times.step);
-  const double tokens_per_s = static_cast<double>(bench.tokens_per_step()) / step_s;
-  std::printf(
-      "muonps   step %8.1f ms  (forward %.1f, backward %.1f, optimizer %.1f ms)  %8.0f tokens/s\n",
-      step_s * 1e3, muonps::Median(times.forward) * 1e3, muonps::Median(times.backward) * 1e3,
-      muonps::Median(times.optimizer) * 1e3, tokens_per_s);
+  // One attention variant: its median step, tokens/s, parameters and memory.
+  struct Result {
+    double tokens_per_s = 0.0;
+    int64_t parameters = 0, memory = 0;
+  };
+  auto run = [&](const char* variant) {
+    muonps::v1::JobSpec v = job;
+    if (std::string(variant) == "mla") {
+      v.mutable_model()->set_attention("mla");
+      muonps::FillJobDefaults(&v);
+    }
+    Result result;
+    const muonps::ModelLayout layout(v.model());
+    for (const muonps::TensorInfo& t : layout.tensors()) {
+      result.parameters += t.numel;
+    }
+    const int64_t before = muonps::ResidentBytes();
+    muonps::TrainStepBench bench(v);
+    muonps::StepTimes times, ignored;
+    for (int i = 0; i < warmup; ++i) bench.Step(&ignored);
+    for (int i = 0; i < steps; ++i) bench.Step(&times);
+    result.memory = muonps::ResidentBytes() - before;
+    const double step_s = muonps::Median(times.step);
+    result.tokens_per_s = static_cast<double>(bench.tokens_per_step()) / step_s;
+    std::printf(
+        "muonps   step %8.1f ms  (forward %.1f, backward %.1f, optimizer %.1f ms)  %8.0f tokens/s"
+        "  [%s: %.2f M parameters, %.1f MiB resident]\n",
+        step_s * 1e3, muonps::Median(times.forward) * 1e3, muonps::Median(times.backward) * 1e3,
+        muonps::Median(times.optimizer) * 1e3, result.tokens_per_s, variant,
+        result.parameters / 1e6, result.memory / 1048576.0);
+    return result;
+  };
+  Result mha, mla;
+  if (attention != "mla") mha = run("mha");
+  if (attention != "mha") mla = run("mla");
+  if (attention == "both") {
+    std::printf(
+        "mla/mha  tokens/s %.2fx, parameters %.2fx, memory %.2fx\n",
+        mla.tokens_per_s / mha.tokens_per_s,
+        static_cast<double>(mla.parameters) / static_cast<double>(mha.parameters),
+        static_cast<double>(mla.memory) / static_cast<double>(std::max<int64_t>(1, mha.memory)));
+  }
+  const double tokens_per_s = attention == "mla" ? mla.tokens_per_s : mha.tokens_per_s;
 
   if (!absl::GetFlag(FLAGS_torch)) return 0;
   const std::vector<nlohmann::json> torch =

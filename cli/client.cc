@@ -124,6 +124,8 @@ static StepReport ToStepReport(const v1::Job& job) {
   r.tokens = static_cast<int64_t>(s.batch().slots()) * s.batch().micro_batch() *
              s.model().max_position_embeddings();
   r.max_load_ratio = p.max_load_ratio();
+  r.max_attention_logit = p.max_attention_logit();
+  r.qk_clipped_heads = p.qk_clipped_heads();
   return r;
 }
 

@@ -106,7 +106,9 @@ void ProgressDisplay::Step(const StepReport& r) {
                       {"step_s", r.step_seconds},
                       {"fwd_bwd_s", r.forward_backward_seconds},
                       {"optimizer_s", r.optimizer_seconds},
-                      {"max_load_ratio", r.max_load_ratio}};
+                      {"max_load_ratio", r.max_load_ratio},
+                      {"max_attention_logit", r.max_attention_logit},
+                      {"qk_clipped_heads", r.qk_clipped_heads}};
   if (r.val_loss) j["val_loss"] = *r.val_loss;
   if (r.aux_loss != 0.0) j["aux_loss"] = r.aux_loss;
   Emit(j.dump());

@@ -193,6 +193,7 @@ void FillJobDefaults(v1::JobSpec* job) {
   if (!o->has_adam_beta2()) o->set_adam_beta2(0.95);
   if (!o->has_adam_eps()) o->set_adam_eps(1e-8);
   if (!o->has_max_grad_norm()) o->set_max_grad_norm(1.0);
+  if (!o->has_qk_clip_tau()) o->set_qk_clip_tau(0.0);
 
   v1::ScheduleConfig* s = job->mutable_schedule();
   if (!s->has_total_steps()) s->set_total_steps(200);
@@ -307,6 +308,7 @@ absl::Status ValidateJobSpec(const v1::JobSpec& job) {
   MUONPS_RETURN_IF_ERROR(CheckRange("optimizer.adam_beta2", o.adam_beta2(), 0.0, 0.99999));
   MUONPS_RETURN_IF_ERROR(CheckRange("optimizer.adam_eps", o.adam_eps(), 1e-30, 1.0));
   MUONPS_RETURN_IF_ERROR(CheckRange("optimizer.max_grad_norm", o.max_grad_norm(), 0.0, 1e9));
+  MUONPS_RETURN_IF_ERROR(CheckRange("optimizer.qk_clip_tau", o.qk_clip_tau(), 0.0, 1e6));
 
   const v1::ScheduleConfig& s = job.schedule();
   MUONPS_RETURN_IF_ERROR(CheckRange("schedule.total_steps", s.total_steps(), 1, 100000000));

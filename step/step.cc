@@ -1,6 +1,8 @@
 #include "step/step.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "optim/lr_schedule.h"
@@ -114,6 +116,135 @@ double ExpertLoads::MaxLoadRatio() const {
     }
   }
   return ratio;
+}
+
+AttentionLogits::AttentionLogits(const v1::ModelConfig& model)
+    : layers_(std::max(0, model.num_hidden_layers())),
+      heads_(std::max(0, model.num_attention_heads())),
+      max_(static_cast<size_t>(layers_) * heads_, -std::numeric_limits<float>::infinity()) {}
+
+absl::Status AttentionLogits::Add(const std::vector<std::vector<float>>& per_layer) {
+  if (static_cast<int>(per_layer.size()) != layers_) {
+    return absl::InvalidArgumentError(absl::StrCat("attention_logit_max: ", per_layer.size(),
+                                                   " layers, the model has ", layers_));
+  }
+  google::protobuf::RepeatedField<float> flat;
+  for (size_t l = 0; l < per_layer.size(); ++l) {
+    if (static_cast<int>(per_layer[l].size()) != heads_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "attention_logit_max[", l, "]: ", per_layer[l].size(), " heads, the model has ", heads_));
+    }
+    flat.Add(per_layer[l].begin(), per_layer[l].end());
+  }
+  return Add(flat);
+}
+
+absl::Status AttentionLogits::Add(const google::protobuf::RepeatedField<float>& flat) {
+  if (static_cast<size_t>(flat.size()) != max_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("attention_logit_max: ", flat.size(),
+                                                   " values, the model has ", layers_,
+                                                   " layers of ", heads_, " heads"));
+  }
+  for (int i = 0; i < flat.size(); ++i) {
+    if (!std::isfinite(flat[i])) {
+      return absl::InvalidArgumentError(absl::StrCat("attention_logit_max[", i,
+                                                     "]: not finite (layer ", i / heads_, ", head ",
+                                                     i % heads_, ")"));
+    }
+  }
+  for (int i = 0; i < flat.size(); ++i) max_[i] = std::max(max_[i], flat[i]);
+  empty_ = false;
+  return absl::OkStatus();
+}
+
+float AttentionLogits::LayerMax(int l) const {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int h = 0; h < heads_; ++h) m = std::max(m, max(l, h));
+  return m;
+}
+
+int AttentionLogits::ClippedHeads(int l, double tau) const {
+  int n = 0;
+  for (int h = 0; h < heads_; ++h) n += QkClipGamma(tau, max(l, h)) < 1.0 ? 1 : 0;
+  return n;
+}
+
+void AttentionLogits::ToProto(google::protobuf::RepeatedField<float>* flat) const {
+  flat->Clear();
+  if (!empty_) flat->Add(max_.begin(), max_.end());
+}
+
+double QkClipGamma(double tau, double s_max) {
+  if (!(tau > 0.0) || !(s_max > tau)) return 1.0;
+  return tau / s_max;
+}
+
+namespace {
+
+enum class QkPart { kNone, kMhaQuery, kMhaKey, kMlaQuery, kMlaKeyValue };
+
+QkPart PartOf(const TensorInfo& t, const v1::ModelConfig& m) {
+  if (t.layer < 0 || t.shape.size() != 2) return QkPart::kNone;
+  const std::string suffix = t.name.substr(t.name.rfind(".self_attn.") == std::string::npos
+                                               ? t.name.size()
+                                               : t.name.rfind(".self_attn.") + 11);
+  if (m.attention() == "mla") {
+    if (suffix == "q_proj.weight" || suffix == "q_b_proj.weight") return QkPart::kMlaQuery;
+    if (suffix == "kv_b_proj.weight") return QkPart::kMlaKeyValue;
+    return QkPart::kNone;
+  }
+  if (suffix == "q_proj.weight") return QkPart::kMhaQuery;
+  if (suffix == "k_proj.weight") return QkPart::kMhaKey;
+  return QkPart::kNone;
+}
+
+void ScaleRows(float* value, int64_t first_row, int64_t rows, int64_t cols, float factor) {
+  float* p = value + first_row * cols;
+  for (int64_t i = 0; i < rows * cols; ++i) p[i] *= factor;
+}
+
+}  // namespace
+
+bool QkClipTouches(const TensorInfo& tensor, const v1::ModelConfig& model) {
+  return PartOf(tensor, model) != QkPart::kNone;
+}
+
+int ApplyQkClip(const TensorInfo& tensor, const v1::ModelConfig& m, double tau,
+                const AttentionLogits& logits, float* value) {
+  const QkPart part = PartOf(tensor, m);
+  if (part == QkPart::kNone || logits.empty() || !(tau > 0.0)) return 0;
+  const int l = tensor.layer, H = m.num_attention_heads();
+  if (l >= logits.layers() || H != logits.heads()) return 0;
+  const int64_t cols = tensor.cols();
+  int clipped = 0;
+  for (int h = 0; h < H; ++h) {
+    const double gamma = QkClipGamma(tau, logits.max(l, h));
+    if (!(gamma < 1.0)) continue;
+    ++clipped;
+    const float root = static_cast<float>(std::sqrt(gamma));
+    switch (part) {
+      case QkPart::kMhaQuery:
+      case QkPart::kMhaKey: {
+        const int64_t D = m.hidden_size() / H;
+        ScaleRows(value, h * D, D, cols, root);
+        break;
+      }
+      case QkPart::kMlaQuery: {
+        const int64_t dn = m.qk_nope_head_dim(), dr = m.qk_rope_head_dim();
+        ScaleRows(value, h * (dn + dr), dn, cols, root);                            // q^C
+        ScaleRows(value, h * (dn + dr) + dn, dr, cols, static_cast<float>(gamma));  // q^R
+        break;
+      }
+      case QkPart::kMlaKeyValue: {
+        const int64_t dn = m.qk_nope_head_dim(), dv = m.v_head_dim();
+        ScaleRows(value, h * (dn + dv), dn, cols, root);  // k^C; the values stay
+        break;
+      }
+      case QkPart::kNone:
+        break;
+    }
+  }
+  return clipped;
 }
 
 }  // namespace muonps

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/model_layout.h"
 #include "common/parallel.h"
 #include "muonps/v1/coordinator.pb.h"
 #include "muonps/v1/job.pb.h"
@@ -101,6 +102,61 @@ class ExpertLoads {
  private:
   std::vector<std::vector<int64_t>> layers_;
 };
+
+// QK-Clip (Kimi K2's MuonClip): the largest pre-softmax attention logit
+// S_max = max q.k / sqrt(Dqk) of every layer and head over a step's slots,
+// and the rescaling of the query and key weights of each head whose S_max
+// exceeds optimizer.qk_clip_tau, applied after the optimizer update.
+//
+// Shaped by the model: num_hidden_layers x num_attention_heads maxima,
+// carried flat and layer-major on the wire. The maximum is exact and does
+// not depend on the order slots arrive in.
+class AttentionLogits {
+ public:
+  explicit AttentionLogits(const v1::ModelConfig& model);
+
+  // Takes the elementwise maximum with one slot's maxima (or a maximum over
+  // slots): `per_layer` has a vector of heads per layer; `flat` is
+  // layer-major. InvalidArgument naming the mismatch, with nothing changed,
+  // for another shape or a non-finite value.
+  absl::Status Add(const std::vector<std::vector<float>>& per_layer);
+  absl::Status Add(const google::protobuf::RepeatedField<float>& flat);
+
+  // Whether any slot has been added.
+  bool empty() const { return empty_; }
+  int layers() const { return layers_; }
+  int heads() const { return heads_; }
+  // S_max of layer l, head h (-inf before any Add).
+  float max(int l, int h) const { return max_[static_cast<size_t>(l) * heads_ + h]; }
+  // The largest S_max of layer l over its heads.
+  float LayerMax(int l) const;
+  // Heads of layer l with S_max > tau.
+  int ClippedHeads(int l, double tau) const;
+  void ToProto(google::protobuf::RepeatedField<float>* flat) const;
+
+ private:
+  int layers_ = 0, heads_ = 0;
+  bool empty_ = true;
+  std::vector<float> max_;
+};
+
+// gamma = min(1, tau / s_max): the factor by which the clip scales the
+// head's logits; 1 when tau is 0 (off) or s_max <= tau.
+double QkClipGamma(double tau, double s_max);
+
+// Whether `tensor` holds query or key weights QK-Clip rescales: q_proj and
+// k_proj under MHA; q_proj or q_b_proj and kv_b_proj under MLA.
+bool QkClipTouches(const TensorInfo& tensor, const v1::ModelConfig& model);
+
+// Rescales the rows of `value` (the tensor's values) that belong to heads
+// with gamma < 1, by the factors of Kimi K2's MuonClip: under MHA the head's
+// rows of W_q and W_k by sqrt(gamma) each; under MLA the head's q^C rows
+// (nope) and k^C rows of kv_b_proj by sqrt(gamma), its q^R rows (rope) by
+// gamma, its value rows and the shared k^R (kv_a_proj_with_mqa) not at all.
+// Factors are computed in double and applied as float multiplications.
+// Returns the number of heads rescaled in this tensor.
+int ApplyQkClip(const TensorInfo& tensor, const v1::ModelConfig& model, double tau,
+                const AttentionLogits& logits, float* value);
 
 }  // namespace muonps
 

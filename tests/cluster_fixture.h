@@ -67,6 +67,8 @@ struct JobOptions {
   int keep_last = 0;    // checkpoint.keep_last
   int replicas = 1;     // recovery.replicas
   std::string transfer_dtype = "f32";
+  std::string attention = "mha";
+  double qk_clip_tau = 0.0;  // optimizer.qk_clip_tau
 };
 
 // A one-line description of a wait status, for messages.
@@ -174,8 +176,8 @@ class ClusterTest : public testing_util::TempDirTest {
       "model": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
                 "first_k_dense_replace": 1, "intermediate_size": 128,
                 "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                "max_position_embeddings": 64, "balancing": "%s"},
-      "optimizer": {"name": "%s"},
+                "max_position_embeddings": 64, "balancing": "%s", "attention": "%s"},
+      "optimizer": {"name": "%s", "qk_clip_tau": %.17g},
       "schedule": {"total_steps": %d, "warmup_steps": 4},
       "data": {"path": "%s", "sampling": "random", "eval_every": %d, "eval_windows": 8},
       "batch": {"slots": 5, "micro_batch": 2},
@@ -183,9 +185,10 @@ class ClusterTest : public testing_util::TempDirTest {
       "recovery": {"replicas": %d},
       "transfer": {"dtype": "%s"},
       "seed": 11})",
-                                           name, o.balancing, o.optimizer, o.total_steps, corpus_,
-                                           o.eval_every, CheckpointRoot(name), o.every_steps,
-                                           o.keep_last, o.replicas, o.transfer_dtype);
+                                           name, o.balancing, o.attention, o.optimizer,
+                                           o.qk_clip_tau, o.total_steps, corpus_, o.eval_every,
+                                           CheckpointRoot(name), o.every_steps, o.keep_last,
+                                           o.replicas, o.transfer_dtype);
     return path;
   }
   std::string CheckpointRoot(const std::string& name) const { return Path(name + "-ckpt"); }

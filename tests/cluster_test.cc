@@ -25,6 +25,9 @@ struct LayoutCase {
   const char* optimizer;
   const char* balancing;
   const char* transfer_dtype = "f32";
+  const char* attention = "mha";
+  double qk_clip_tau = 0.0;
+  int replicas = 1;
 };
 
 // For gtest's messages and ctest's test names.
@@ -38,7 +41,10 @@ TEST_P(ClusterLayoutTest, CheckpointIsBitIdenticalToTrain) {
   o.optimizer = c.optimizer;
   o.balancing = c.balancing;
   o.transfer_dtype = c.transfer_dtype;
+  o.attention = c.attention;
+  o.qk_clip_tau = c.qk_clip_tau;
   WriteJob("train", o);
+  o.replicas = c.replicas;
   WriteJob("cluster", o);
   const std::string want = Train("train");
   Local("cluster", c.shards, c.workers, c.threads);
@@ -61,7 +67,14 @@ INSTANTIATE_TEST_SUITE_P(
                       LayoutCase{"AuxLoss3Shards2Workers", 3, 2, 1, "muon", "aux_loss"},
                       // Prefix-summed and per-slot pushes in bf16 meet on the shards.
                       LayoutCase{"Bf16Muon2Shards2Workers", 2, 2, 1, "muon", "aux_free_bias",
-                                 "bf16"}),
+                                 "bf16"},
+                      // MLA with QK-Clip: the maxima travel worker -> coordinator
+                      // -> shards, and every shard rescales its own heads.
+                      LayoutCase{"MlaQkClip2Shards3Workers", 2, 3, 1, "muon", "aux_free_bias",
+                                 "f32", "mla", 0.25},
+                      // ... and the replicas rescale theirs alike.
+                      LayoutCase{"MlaQkClip3Shards2Workers2Copies", 3, 2, 1, "muon",
+                                 "aux_free_bias", "f32", "mla", 0.25, 2}),
     [](const ::testing::TestParamInfo<LayoutCase>& info) { return info.param.name; });
 
 // --- 2. Resume from one layout into the other ---------------------------------

@@ -4,9 +4,11 @@
 // deadline on tasks, the job key on a shard's pushes and pulls, admission by
 // size, bounded queues and watchers, checkpoint paths confined to the root,
 // and ids that stay unique across a coordinator restart.
+#include <limits>
 #include <set>
 
 #include "common/memory_limit.h"
+#include "step/step.h"
 #include "tests/coordinator_fixture.h"
 
 namespace muonps {
@@ -103,7 +105,8 @@ class SecurityTest : public CoordinatorTest {
     return response;
   }
   grpc::Status Report(const Registered& as, const std::string& secret, const v1::Task& task,
-                      const std::vector<int>& slots) {
+                      const std::vector<int>& slots, const std::vector<float>& logits = {},
+                      const v1::ModelConfig* model = nullptr) {
     grpc::ClientContext context;
     context.AddMetadata(kMemberSecretHeader, secret);
     v1::ReportSlotsRequest request;
@@ -116,6 +119,8 @@ class SecurityTest : public CoordinatorTest {
       stats->set_slot(s);
       stats->set_loss_sum(0.001);
       stats->set_tokens(32);
+      stats->mutable_attention_logit_max()->Add(logits.begin(), logits.end());
+      if (model != nullptr) ExpertLoads(*model).ToProto(stats->mutable_expert_load());
     }
     v1::ReportSlotsResponse response;
     return cluster_->ReportSlots(&context, request, &response);
@@ -230,6 +235,19 @@ TEST_F(SecurityTest, ReportsOnlyFromTheHolderAndSilentWorkersLoseTheirTask) {
             grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_EQ(Report(holder, holder.secret, task, {99}).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
+  // Attention maxima (QK-Clip's input to every shard) of another shape than
+  // the model's layers x heads, or not finite.
+  const v1::ModelConfig& model = GetJob(id).spec().model();
+  const size_t heads = static_cast<size_t>(model.num_hidden_layers() * model.num_attention_heads());
+  std::vector<float> logits(heads + 1, 1.0f);
+  grpc::Status shape = Report(holder, holder.secret, task, slots, logits, &model);
+  EXPECT_EQ(shape.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(shape.error_message(), testing::HasSubstr("attention_logit_max"));
+  logits.resize(heads);
+  logits[0] = std::numeric_limits<float>::infinity();
+  grpc::Status infinite = Report(holder, holder.secret, task, slots, logits, &model);
+  EXPECT_EQ(infinite.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(infinite.error_message(), testing::HasSubstr("not finite"));
   // The holder stays silent: past the deadline the task goes to another
   // worker, and the first one's late report is refused.
   v1::GetTaskResponse again;

@@ -227,6 +227,12 @@ TEST_F(ShardStateTest, BadPushesAreRefusedAndChangeNothing) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(shard.ApplyStep(0, 0.01, 1.0, {{1, 2, -3, 4}}).code(),
             absl::StatusCode::kInvalidArgument);
+  // So are attention maxima (QK-Clip) of another shape than layers x heads
+  // (non-finite ones: QkClipTest).
+  google::protobuf::RepeatedField<float> logits;
+  logits.Add(1.0f);
+  EXPECT_EQ(shard.ApplyStep(0, 0.01, 1.0, {{1, 2, 3, 4}}, nullptr, &logits).code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(shard.version(), 0);
   EXPECT_TRUE(shard.ApplyStep(0, 0.01, 1.0, {{1, 2, 3, 4}}).ok());
   EXPECT_EQ(shard.version(), 1);

@@ -108,6 +108,7 @@ absl::StatusOr<StepReport> Trainer::Step() {
   const float* params = ComputeParameters();
   double loss_sum = 0.0, aux_sum = 0.0, fwd_time = 0.0, bwd_time = 0.0;
   ExpertLoads loads(job_.model());
+  AttentionLogits logits(job_.model());
   absl::Status loads_ok;
   ForEachWave(slots, static_cast<int>(lanes_.size()), [&](int64_t base, int wave) {
     RunWave(wave, [&](int64_t i) {
@@ -128,6 +129,7 @@ absl::StatusOr<StepReport> Trainer::Step() {
       fwd_time += stats.forward_seconds;
       bwd_time += stats.backward_seconds;
       if (loads_ok.ok()) loads_ok = loads.Add(stats.expert_load);
+      if (loads_ok.ok()) loads_ok = logits.Add(stats.logit_max);
     }
   });
   MUONPS_RETURN_IF_ERROR(loads_ok);
@@ -143,6 +145,18 @@ absl::StatusOr<StepReport> Trainer::Step() {
   MUONPS_ASSIGN_OR_RETURN(report.grad_norm, ApplyOptimizer(report.lr, step_index));
   UpdateRouterBias(loads.layers());
   report.max_load_ratio = loads.MaxLoadRatio();
+  // QK-Clip, tensor by tensor as the shards do it, after the update.
+  const double tau = job_.optimizer().qk_clip_tau();
+  report.max_attention_logit = -INFINITY;
+  for (int l = 0; l < logits.layers(); ++l) {
+    report.max_attention_logit = std::max<double>(report.max_attention_logit, logits.LayerMax(l));
+    report.qk_clipped_heads += logits.ClippedHeads(l, tau);
+  }
+  if (tau > 0.0) {
+    for (const TensorInfo& t : model().layout().tensors()) {
+      ApplyQkClip(t, job_.model(), tau, logits, state_.params.data() + t.offset);
+    }
+  }
   const auto t2 = Clock::now();
 
   state_.trainer.set_step(step_index + 1);

@@ -46,6 +46,10 @@ struct StepReport {
   double backward_seconds = 0.0;
   double optimizer_seconds = 0.0;
   double max_load_ratio = 0.0;  // max over MoE layers of (max expert load / mean load)
+  // The largest pre-softmax attention logit over layers and heads (before
+  // this step's QK-Clip), and the heads QK-Clip rescaled.
+  double max_attention_logit = 0.0;
+  int qk_clipped_heads = 0;
 };
 
 struct TrainOptions {

@@ -162,7 +162,17 @@ Coordinator::Metrics::Metrics(prometheus::Registry& r)
       recovery_seconds(NewHistogram(r, "muonps_coordinator_recovery_seconds",
                                     "Seconds from a loss being noticed to the job running again")),
       store_errors(NewCounter(r, "muonps_coordinator_store_errors_total",
-                              "Writes to the job store (--state_dir) that failed")) {}
+                              "Writes to the job store (--state_dir) that failed")),
+      attention_logit_max(prometheus::BuildGauge()
+                              .Name("muonps_job_attention_logit_max")
+                              .Help("Largest pre-softmax attention logit q.k/sqrt(d) over the "
+                                    "heads of each layer in the latest step, before QK-Clip")
+                              .Register(r)),
+      qk_clipped_heads(prometheus::BuildGauge()
+                           .Name("muonps_job_qk_clipped_heads")
+                           .Help("Attention heads of each layer whose query and key weights "
+                                 "QK-Clip rescaled in the latest step")
+                           .Register(r)) {}
 
 void Coordinator::UpdateJobGaugesLocked() {
   std::map<v1::JobState, int> counts;

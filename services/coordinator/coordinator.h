@@ -239,6 +239,9 @@ class Coordinator {
     prometheus::Counter& steps_lost;
     prometheus::Histogram& recovery_seconds;
     prometheus::Counter& store_errors;
+    // QK-Clip: each layer's largest attention logit and clipped heads.
+    prometheus::Family<prometheus::Gauge>& attention_logit_max;  // {layer}
+    prometheus::Family<prometheus::Gauge>& qk_clipped_heads;     // {layer}
   };
   void UpdateJobGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

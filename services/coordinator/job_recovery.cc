@@ -227,7 +227,7 @@ absl::Status Coordinator::JobRun::RunSteps(int64_t* reached) {
     }
     // A failed apply may have updated some shards: the job cannot go on
     // from them (a recovery loads every shard again).
-    MUONPS_RETURN_IF_ERROR(Apply(step, lr, coef, *sums->loads));
+    MUONPS_RETURN_IF_ERROR(Apply(step, lr, coef, *sums));
     const int64_t done = step + 1;
     *reached = done;
     const absl::Time applied = absl::Now();

@@ -296,10 +296,19 @@ absl::StatusOr<Coordinator::JobRun::SlotSums> Coordinator::JobRun::CollectSlots(
   // In slot order, as the trainer sums them.
   double loss_sum = 0.0;
   sums.loads = std::make_unique<ExpertLoads>(spec_.model());
+  sums.logits = std::make_unique<AttentionLogits>(spec_.model());
   for (const v1::SlotStats& s : stats) {
     loss_sum += s.loss_sum();
     if (absl::Status bad = sums.loads->Add(s.expert_load()); !bad.ok()) {
       return absl::InternalError(absl::StrCat("slot ", s.slot(), ": ", bad.message()));
+    }
+    if (s.attention_logit_max_size() > 0) {
+      if (absl::Status bad = sums.logits->Add(s.attention_logit_max()); !bad.ok()) {
+        return absl::InternalError(absl::StrCat("slot ", s.slot(), ": ", bad.message()));
+      }
+    } else if (spec_.optimizer().qk_clip_tau() > 0.0) {
+      return absl::InternalError(
+          absl::StrCat("slot ", s.slot(), ": no attention logits reported for QK-Clip"));
     }
   }
   sums.loss = loss_sum / static_cast<double>(global_tokens_);
@@ -356,7 +365,7 @@ absl::StatusOr<double> Coordinator::JobRun::GlobalNorm(int64_t step) {
 }
 
 absl::Status Coordinator::JobRun::Apply(int64_t step, double lr, double coef,
-                                        const ExpertLoads& loads) {
+                                        const SlotSums& sums) {
   return ForEachShard(n_, [&](int i) {
     grpc::ClientContext context;
     SetUp(&context, i);
@@ -365,7 +374,10 @@ absl::Status Coordinator::JobRun::Apply(int64_t step, double lr, double coef,
     request.set_step(step);
     request.set_lr(lr);
     request.set_clip_coef(coef);
-    loads.ToProto(request.mutable_expert_load());
+    sums.loads->ToProto(request.mutable_expert_load());
+    if (spec_.optimizer().qk_clip_tau() > 0.0) {
+      sums.logits->ToProto(request.mutable_attention_logit_max());
+    }
     v1::ApplyStepResponse response;
     const grpc::Status st = stubs_[i]->ApplyStep(&context, request, &response);
     if (st.ok()) at_version_[i] = step + 1;
@@ -438,6 +450,18 @@ void Coordinator::JobRun::Publish(int64_t done, absl::Time step_start, absl::Tim
   p->set_tokens_seen(done * global_tokens_);
   p->set_max_load_ratio(sums.loads->MaxLoadRatio());
   p->set_workers(sums.workers_used);
+  const double tau = spec_.optimizer().qk_clip_tau();
+  double logit_max = 0.0;
+  int clipped = 0;
+  if (!sums.logits->empty()) {
+    logit_max = -INFINITY;
+    for (int l = 0; l < sums.logits->layers(); ++l) {
+      logit_max = std::max<double>(logit_max, sums.logits->LayerMax(l));
+      clipped += sums.logits->ClippedHeads(l, tau);
+    }
+  }
+  p->set_max_attention_logit(logit_max);
+  p->set_qk_clipped_heads(clipped);
   c_->EmitLocked(record, v1::JOB_EVENT_KIND_STEP);
   Metrics& m = c_->metrics_;
   m.step.Set(static_cast<double>(done));
@@ -449,6 +473,13 @@ void Coordinator::JobRun::Publish(int64_t done, absl::Time step_start, absl::Tim
   m.learning_rate.Set(lr);
   m.load_ratio.Set(p->max_load_ratio());
   m.step_workers.Set(sums.workers_used);
+  if (!sums.logits->empty()) {
+    for (int l = 0; l < sums.logits->layers(); ++l) {
+      const std::string layer = std::to_string(l);
+      m.attention_logit_max.Add({{"layer", layer}}).Set(sums.logits->LayerMax(l));
+      m.qk_clipped_heads.Add({{"layer", layer}}).Set(sums.logits->ClippedHeads(l, tau));
+    }
+  }
   m.tokens.Increment(static_cast<double>(global_tokens_));
   m.steps.Increment();
   m.step_seconds.Observe(p->step_seconds());

@@ -50,6 +50,7 @@ class Coordinator::JobRun {
   struct SlotSums {
     double loss = 0.0;
     std::unique_ptr<ExpertLoads> loads;
+    std::unique_ptr<AttentionLogits> logits;  // max over the slots (QK-Clip)
     int workers_used = 0;
   };
 
@@ -115,7 +116,7 @@ class Coordinator::JobRun {
   absl::StatusOr<SlotSums> CollectSlots(int64_t step);
   // 3. The global gradient norm: per-tensor sums of squares in layout order.
   absl::StatusOr<double> GlobalNorm(int64_t step);
-  absl::Status Apply(int64_t step, double lr, double coef, const ExpertLoads& loads);
+  absl::Status Apply(int64_t step, double lr, double coef, const SlotSums& sums);
   // 4. The validation loss after step `done`.
   absl::Status Evaluate(int64_t done);
   // Progress, events and metrics of a completed step.

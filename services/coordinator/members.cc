@@ -286,10 +286,20 @@ grpc::Status Coordinator::ReportSlots(const grpc::ServerContext& context,
     }
     // The loads go to every shard's router-bias update: their shape must be
     // the model's.
-    ExpertLoads check(jobs_.at(request.job_id()).job.spec().model());
+    const v1::JobSpec& spec = jobs_.at(request.job_id()).job.spec();
+    ExpertLoads check(spec.model());
     if (absl::Status st = check.Add(s.expert_load()); !st.ok()) {
       return Refuse(absl::StatusCode::kInvalidArgument,
                     absl::StrCat("slots.", st.message(), " (slot ", s.slot(), ")"));
+    }
+    // The logits go to every shard's QK-Clip: the model's shape, finite,
+    // and present when the job clips.
+    AttentionLogits logits(spec.model());
+    if (s.attention_logit_max_size() > 0 || spec.optimizer().qk_clip_tau() > 0.0) {
+      if (absl::Status st = logits.Add(s.attention_logit_max()); !st.ok()) {
+        return Refuse(absl::StatusCode::kInvalidArgument,
+                      absl::StrCat("slots.", st.message(), " (slot ", s.slot(), ")"));
+      }
     }
   }
   int accepted = 0;

@@ -319,8 +319,8 @@ grpc::Status ShardServiceImpl::ApplyStep(grpc::ServerContext* context,
   }
   const auto t0 = std::chrono::steady_clock::now();
   ShardState::ApplyStats stats;
-  absl::Status st =
-      (*state)->ApplyStep(request->step(), request->lr(), request->clip_coef(), loads, &stats);
+  absl::Status st = (*state)->ApplyStep(request->step(), request->lr(), request->clip_coef(), loads,
+                                        &stats, &request->attention_logit_max());
   if (!st.ok()) return ToGrpcStatus(st);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -346,7 +346,8 @@ absl::StatusOr<std::vector<std::pair<std::string, double>>> ShardState::Gradient
 
 absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
                                    const std::vector<std::vector<int64_t>>& loads,
-                                   ApplyStats* stats) {
+                                   ApplyStats* stats,
+                                   const google::protobuf::RepeatedField<float>* logits) {
   absl::MutexLock lock(&mu_);
   AwaitReplicasLocked();
   if (step != version_) {
@@ -358,6 +359,14 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
   ExpertLoads summed(job_.model());
   if (!loads.empty()) {
     if (absl::Status st = summed.Add(loads); !st.ok()) return st;
+  }
+  // QK-Clip's maxima: the model's shape and finite, and present when the
+  // job clips.
+  const double tau = job_.optimizer().qk_clip_tau();
+  AttentionLogits qk(job_.model());
+  if (tau > 0.0 || (logits != nullptr && !logits->empty())) {
+    static const google::protobuf::RepeatedField<float> kNone;
+    if (absl::Status st = qk.Add(logits != nullptr ? *logits : kNone); !st.ok()) return st;
   }
   if (absl::Status st = SumSlotsLocked(); !st.ok()) return st;
   const v1::OptimizerConfig& oc = job_.optimizer();
@@ -392,6 +401,7 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
     if (stats != nullptr) before = *t.value;
     UpdateTensor(*t.info, update, t.value->data(), t.momentum->data(), t.exp_avg->data(),
                  t.exp_avg_sq->data(), t.grad.data());
+    ApplyQkClip(*t.info, job_.model(), tau, qk, t.value->data());
     seconds[k] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (stats != nullptr) {
       double sq = 0.0;
@@ -432,7 +442,8 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
     replicas_pending_ =
         std::async(std::launch::async, [replicas = std::move(replicas),
                                         replica_infos = std::move(replica_infos), clip, clip_coef,
-                                        update, optimizer = oc.name(), copy_if_shared] {
+                                        update, optimizer = oc.name(), copy_if_shared,
+                                        model = job_.model(), tau, qk = std::move(qk)] {
           if (clip) {
             for (Tensor* t : replicas)
               Scale(t->grad.data(), t->info->numel, static_cast<float>(clip_coef));
@@ -443,6 +454,7 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
             FailPoint("shard.apply_tensor");
             UpdateTensor(*t.info, update, t.value->data(), t.momentum->data(), t.exp_avg->data(),
                          t.exp_avg_sq->data(), t.grad.data());
+            ApplyQkClip(*t.info, model, tau, qk, t.value->data());
           });
         }).share();
   }

@@ -166,9 +166,13 @@ class ShardState {
   // off the step's critical path (nobody pulls a replica): every method
   // that reads a replica's values or state, or the next step's gradients,
   // waits for them first. `stats` covers the owned tensors.
+  // `logits` (layer-major maxima over the step's slots, see AttentionLogits)
+  // drive QK-Clip when the job's optimizer.qk_clip_tau > 0: required then,
+  // refused with the model's shape otherwise.
   absl::Status ApplyStep(int64_t step, double lr, double clip_coef,
                          const std::vector<std::vector<int64_t>>& loads,
-                         ApplyStats* stats = nullptr);
+                         ApplyStats* stats = nullptr,
+                         const google::protobuf::RepeatedField<float>* logits = nullptr);
 
  private:
   struct Tensor {

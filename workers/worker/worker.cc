@@ -314,6 +314,9 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
       (void)task_load.Add(stats[i].expert_load);
       out->set_forward_seconds(stats[i].forward_seconds);
       out->set_backward_seconds(stats[i].backward_seconds);
+      for (const std::vector<float>& heads : stats[i].logit_max) {
+        out->mutable_attention_logit_max()->Add(heads.begin(), heads.end());
+      }
     }
   });
   MUONPS_RETURN_IF_ERROR(failed);
