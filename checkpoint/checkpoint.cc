@@ -17,6 +17,7 @@
 #include "absl/strings/strip.h"
 #include "common/atomic_file.h"
 #include "common/failpoint.h"
+#include "common/hf_config.h"
 #include "common/job_spec.h"
 #include "common/safetensors.h"
 #include "common/status_macros.h"
@@ -84,7 +85,7 @@ std::vector<StateEntry> OptimizerState(const TensorInfo& t, const std::string& o
 // config.json and trainer_state.json, the same in both layouts.
 absl::Status WriteRunFiles(const std::string& dir, const v1::TrainerState& trainer) {
   MUONPS_RETURN_IF_ERROR(
-      WriteFileAtomically(PathIn(dir, kConfigFile), ToJson(trainer.job().model())));
+      WriteFileAtomically(PathIn(dir, kConfigFile), HfConfigJson(trainer.job().model())));
   return WriteFileAtomically(PathIn(dir, kStateFile), ToJson(trainer));
 }
 
@@ -164,13 +165,25 @@ absl::StatusOr<CheckpointFiles> OpenCheckpoint(const std::string& dir,
                                                const v1::ModelConfig& model) {
   const std::string config_path = PathIn(dir, kConfigFile);
   MUONPS_ASSIGN_OR_RETURN(std::string config_json, ReadFileToString(config_path));
-  absl::StatusOr<v1::ModelConfig> config = ParseModelConfigJson(config_json);
-  if (!config.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(config_path, ": ", config.status().message()));
+  if (absl::Status st = CheckHfConfig(config_json, model); !st.ok()) {
+    if (st.code() == absl::StatusCode::kFailedPrecondition) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          config_path, ": the checkpoint's model config differs from the job's model (",
+          st.message(), ")"));
+    }
+    return absl::InvalidArgumentError(absl::StrCat(config_path, ": ", st.message()));
   }
-  if (!google::protobuf::util::MessageDifferencer::Equals(*config, model)) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(config_path, ": the checkpoint's model config differs from the job's model"));
+  // The keys Hugging Face has no name for are in the job the checkpoint
+  // was written by.
+  MUONPS_ASSIGN_OR_RETURN(const v1::TrainerState trainer, ReadTrainerState(dir));
+  absl::StatusOr<v1::ModelConfig> saved = ParseModelConfigJson(ToJson(trainer.job().model()));
+  if (!saved.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(PathIn(dir, kStateFile), ": job.model: ", saved.status().message()));
+  }
+  if (!google::protobuf::util::MessageDifferencer::Equals(*saved, model)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        PathIn(dir, kStateFile), ": the checkpoint's model config differs from the job's model"));
   }
   std::error_code ec;
   const bool sharded = fs::exists(PathIn(dir, IndexFileName(kModel)), ec);

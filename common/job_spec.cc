@@ -1,6 +1,7 @@
 #include "common/job_spec.h"
 
 #include <cmath>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -136,6 +137,8 @@ absl::StatusOr<v1::JobSpec> PresetJobSpec(absl::string_view name) {
     m->set_qk_nope_head_dim(128);
     m->set_qk_rope_head_dim(64);
     m->set_v_head_dim(128);
+    m->set_bos_token_id(163584);
+    m->set_eos_token_id(163586);
     // The batch is not part of config.json: 512 slots of one 8192-token
     // sequence (4.2 M tokens per step) give every worker of a 512-worker
     // cluster a slot.
@@ -258,6 +261,11 @@ absl::Status ValidateModelConfig(const v1::ModelConfig& m, absl::string_view p) 
   MUONPS_RETURN_IF_ERROR(CheckRange(f("bias_update_rate"), m.bias_update_rate(), 0.0, 1.0));
   MUONPS_RETURN_IF_ERROR(CheckRange(f("aux_loss_alpha"), m.aux_loss_alpha(), 0.0, 1e3));
   MUONPS_RETURN_IF_ERROR(CheckRange(f("initializer_range"), m.initializer_range(), 0.0, 10.0));
+  for (const auto& [name, set, id] :
+       {std::tuple<const char*, bool, int>{"bos_token_id", m.has_bos_token_id(), m.bos_token_id()},
+        {"eos_token_id", m.has_eos_token_id(), m.eos_token_id()}}) {
+    if (set) MUONPS_RETURN_IF_ERROR(CheckRange(f(name), id, 0, m.vocab_size() - 1));
+  }
   MUONPS_RETURN_IF_ERROR(CheckOneOf(f("attention"), m.attention(), {"mha", "mla"}));
   if (m.attention() == "mha") {
     for (const auto& [name, set] :

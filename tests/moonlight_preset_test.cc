@@ -4,6 +4,7 @@
 // the tensor names and shapes of the Hugging Face DeepSeek-V3 model as the
 // independent Python model lists them; plus `validate` and `plan` on it, and
 // the scaled-down moonlight-tiny keeping its ratios.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -16,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/hf_config.h"
 #include "common/job_spec.h"
 #include "common/model_layout.h"
 #include "nlohmann/json.hpp"
@@ -86,6 +88,38 @@ TEST(MoonlightPresetTest, EveryValueIsThePublishedOne) {
   EXPECT_EQ(hf["hidden_act"], "silu");
   EXPECT_EQ(hf["attention_bias"], false);
   EXPECT_FALSE(hf.contains("rope_scaling"));
+}
+
+// The config.json a checkpoint of the preset carries has exactly the
+// published keys, with the published values except the two that describe
+// this writer: torch_dtype (muonps saves float32) and seq_aux (its auxiliary
+// loss is over a slot's tokens).
+TEST(MoonlightPresetTest, ConfigJsonHasThePublishedKeysAndValues) {
+  const nlohmann::json hf = PublishedConfig();
+  const v1::ModelConfig m = Preset("moonlight-16b-a3b");
+  const nlohmann::json ours = HfConfig(m);
+  std::vector<std::string> their_keys, our_keys;
+  for (const auto& [key, value] : hf.items()) their_keys.push_back(key);
+  for (const auto& [key, value] : ours.items()) our_keys.push_back(key);
+  EXPECT_EQ(our_keys, their_keys);
+  for (const auto& [key, value] : hf.items()) {
+    if (key == "torch_dtype" || key == "seq_aux" || !ours.contains(key)) continue;
+    if (value.is_number()) {
+      EXPECT_EQ(ours[key].get<double>(), value.get<double>()) << key;
+    } else {
+      EXPECT_EQ(ours[key], value) << key;
+    }
+  }
+  EXPECT_EQ(ours["torch_dtype"], "float32");
+  // The published file itself passes the check a resume makes, but for
+  // those two values.
+  nlohmann::json published = hf;
+  published["torch_dtype"] = "float32";
+  published["seq_aux"] = false;
+  EXPECT_TRUE(CheckHfConfig(published.dump(), m).ok()) << CheckHfConfig(published.dump(), m);
+  published["kv_lora_rank"] = 256;
+  EXPECT_THAT(std::string(CheckHfConfig(published.dump(), m).message()),
+              testing::HasSubstr("kv_lora_rank"));
 }
 
 // Moonlight paper (arXiv:2502.16982): 15.29 B total and 2.24 B activated

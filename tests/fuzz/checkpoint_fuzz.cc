@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "checkpoint/checkpoint.h"
+#include "common/hf_config.h"
 #include "common/job_spec.h"
 #include "google/protobuf/util/field_comparator.h"
 #include "google/protobuf/util/message_differencer.h"
@@ -64,7 +65,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!differencer.Compare(*state, *again)) Fail("trainer state changed through ToJson");
   }
 
-  // config.json: a ModelConfig, compared with the job's before any tensor is read.
+  // config.json: Hugging Face keys (or an earlier checkpoint's ModelConfig),
+  // compared with the job's model before any tensor is read.
   (void)muonps::ParseModelConfigJson(text);
+  (void)muonps::CheckHfConfig(text, muonps::DefaultJobSpec().model());
   return 0;
 }
