@@ -20,9 +20,8 @@
 // With --attention=both (the default) the same step also runs with
 // Multi-head Latent Attention on the default shapes (attention "mla" with
 // its default widths: r = 4 D, nope = v = D, rope = D / 2), and its
-// tokens/s, parameters and memory (the resident set the trainer adds:
-// parameters, gradients, optimizer state and activations) are printed next
-// to MHA's.
+// tokens/s, parameters and activation memory (every lane's activations and
+// backward scratch, MoeModel::ActivationBytes) are printed next to MHA's.
 #include <sys/wait.h>
 
 #include <algorithm>
@@ -57,19 +56,6 @@ namespace {
 
 constexpr double kGoalRatio = 2.0;
 
-// The resident set of this process, bytes (VmRSS).
-int64_t ResidentBytes() {
-  std::FILE* f = std::fopen("/proc/self/status", "r");
-  if (f == nullptr) return 0;
-  char line[256];
-  int64_t kb = 0;
-  while (std::fgets(line, sizeof(line), f) != nullptr) {
-    if (std::sscanf(line, "VmRSS: %lld kB", reinterpret_cast<long long*>(&kb)) == 1) break;
-  }
-  std::fclose(f);
-  return kb * 1024;
-}
-
 struct StepTimes {
   std::vector<double> forward, backward, optimizer, step;  // seconds
 };
@@ -93,6 +79,8 @@ class TrainStepBench {
     return static_cast<int64_t>(job_.batch().slots()) * job_.batch().micro_batch() *
            job_.model().max_position_embeddings();
   }
+
+  int64_t ActivationBytes() const { return trainer_->ActivationBytes(); }
 
   void Step(StepTimes* times) {
     absl::StatusOr<StepReport> r = trainer_->Step();
@@ -174,10 +162,10 @@ int main(int argc, char** argv) {
           m.max_position_embeddings(),
       job.optimizer().name().c_str(), muonps::BlasCoreName().c_str(), threads, steps, warmup);
 
-  // One attention variant: its median step, tokens/s, parameters and memory.
+  // One attention variant: its median step, tokens/s, parameters and activations.
   struct Result {
     double tokens_per_s = 0.0;
-    int64_t parameters = 0, memory = 0;
+    int64_t parameters = 0, activations = 0;
   };
   auto run = [&](const char* variant) {
     muonps::v1::JobSpec v = job;
@@ -190,31 +178,30 @@ int main(int argc, char** argv) {
     for (const muonps::TensorInfo& t : layout.tensors()) {
       result.parameters += t.numel;
     }
-    const int64_t before = muonps::ResidentBytes();
     muonps::TrainStepBench bench(v);
     muonps::StepTimes times, ignored;
     for (int i = 0; i < warmup; ++i) bench.Step(&ignored);
     for (int i = 0; i < steps; ++i) bench.Step(&times);
-    result.memory = muonps::ResidentBytes() - before;
+    result.activations = bench.ActivationBytes();
     const double step_s = muonps::Median(times.step);
     result.tokens_per_s = static_cast<double>(bench.tokens_per_step()) / step_s;
     std::printf(
         "muonps   step %8.1f ms  (forward %.1f, backward %.1f, optimizer %.1f ms)  %8.0f tokens/s"
-        "  [%s: %.2f M parameters, %.1f MiB resident]\n",
+        "  [%s: %.2f M parameters, %.1f MiB of activations]\n",
         step_s * 1e3, muonps::Median(times.forward) * 1e3, muonps::Median(times.backward) * 1e3,
         muonps::Median(times.optimizer) * 1e3, result.tokens_per_s, variant,
-        result.parameters / 1e6, result.memory / 1048576.0);
+        result.parameters / 1e6, result.activations / 1048576.0);
     return result;
   };
   Result mha, mla;
   if (attention != "mla") mha = run("mha");
   if (attention != "mha") mla = run("mla");
   if (attention == "both") {
-    std::printf(
-        "mla/mha  tokens/s %.2fx, parameters %.2fx, memory %.2fx\n",
-        mla.tokens_per_s / mha.tokens_per_s,
-        static_cast<double>(mla.parameters) / static_cast<double>(mha.parameters),
-        static_cast<double>(mla.memory) / static_cast<double>(std::max<int64_t>(1, mha.memory)));
+    std::printf("mla/mha  tokens/s %.2fx, parameters %.2fx, activations %.2fx\n",
+                mla.tokens_per_s / mha.tokens_per_s,
+                static_cast<double>(mla.parameters) / static_cast<double>(mha.parameters),
+                static_cast<double>(mla.activations) /
+                    static_cast<double>(std::max<int64_t>(1, mha.activations)));
   }
   const double tokens_per_s = attention == "mla" ? mla.tokens_per_s : mha.tokens_per_s;
 

@@ -198,6 +198,23 @@ void MoeModel::Resize(int B) {
   Size(dye_, P * C);
 }
 
+int64_t MoeModel::ActivationBytes() const {
+  int64_t bytes = 0;
+  auto add = [&bytes](const auto&... vectors) {
+    ((bytes += static_cast<int64_t>(vectors.size() * sizeof(vectors[0]))), ...);
+  };
+  for (const LayerActs& a : acts_) {
+    add(a.res, a.a, a.rstd1, a.q, a.k, a.v, a.att, a.logit_max, a.ao, a.qa, a.qan, a.rstdq, a.qp,
+        a.kva, a.ckv_in, a.ckv, a.rstdkv, a.kvb, a.mid, a.m, a.rstd2, a.g, a.u, a.act, a.rlogits,
+        a.scores, a.idx, a.wts, a.offsets, a.token, a.pos, a.xe, a.ge, a.ue, a.acte, a.ye, a.gs,
+        a.us, a.acts);
+  }
+  add(final_res_, final_x_, final_rstd_, logits_, probs_, losses_, dres_, dbuf_a_, dbuf_b_, dq_,
+      dk_, dv_, dqk_, dlogits_, dx_, dI1_, dI2_, dI3_, drl_, dsc_, dwts_, dxe_, dge_, due_, dacte_,
+      dye_, dqp_, dkvb_, dkva_, dckv_, dckv_in_, dqan_, dqa_);
+  return bytes;
+}
+
 SlotStats MoeModel::Forward(const float* params, const int32_t* inputs, const int32_t* targets,
                             int B) {
   Resize(B);

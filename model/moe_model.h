@@ -57,6 +57,10 @@ class MoeModel {
   // in layer order (the order of SlotStats::expert_load).
   const std::vector<int>& bias_tensors() const { return bias_tensors_; }
 
+  // Bytes of the activations and backward scratch this model holds for the
+  // batch size of its last Forward or ForwardBackward.
+  int64_t ActivationBytes() const;
+
  private:
   struct LayerActs {
     std::vector<float> res;        // (N, C) residual stream entering the layer

@@ -232,6 +232,12 @@ void Trainer::UpdateRouterBias(const std::vector<std::vector<int64_t>>& loads) {
   }
 }
 
+int64_t Trainer::ActivationBytes() const {
+  int64_t bytes = 0;
+  for (const Lane& lane : lanes_) bytes += lane.model->ActivationBytes();
+  return bytes;
+}
+
 const float* Trainer::ComputeParameters() {
   if (TransferDtypeOf(job_) == TransferDtype::kF32) return state_.params.data();
   wire_params_.resize(state_.params.size());

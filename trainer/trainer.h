@@ -91,6 +91,8 @@ class Trainer {
 
   const TrainingState& state() const { return state_; }
   const MoeModel& model() const { return *lanes_[0].model; }
+  // Bytes of every lane's activations (one slot in flight per lane).
+  int64_t ActivationBytes() const;
   const TokenCorpus& corpus() const { return corpus_; }
   // After a resume from a checkpoint computed with other numerics (another
   // BLAS kernel): what the user should be told; empty otherwise.
