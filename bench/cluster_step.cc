@@ -30,7 +30,7 @@
 // pools, and the last step always evaluates. The runs alternate train, 1+1,
 // 2+2 for --reps rounds so that machine noise hits all alike; every figure is
 // the median over rounds. ratio = cluster ms/step / train ms/step; the goal
-// for 1 shard + 1 worker is <= 1.15 (distribution costs at most 15%).
+// for 1 shard + 1 worker is <= 1.05 (distribution costs at most 5%).
 #include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -74,7 +74,7 @@ ABSL_FLAG(
 namespace muonps {
 namespace {
 
-constexpr double kGoalRatio = 1.15;
+constexpr double kGoalRatio = 1.05;
 
 [[noreturn]] void Die(const std::string& what) { muonps::Die("cluster_step", what); }
 
