@@ -216,18 +216,18 @@ int64_t MoeModel::ActivationBytes() const {
 }
 
 SlotStats MoeModel::Forward(const float* params, const int32_t* inputs, const int32_t* targets,
-                            int B) {
+                            int B, const StageWait* wait) {
   Resize(B);
-  return RunForward(params, inputs, targets);
+  return RunForward(params, inputs, targets, wait);
 }
 
 SlotStats MoeModel::ForwardBackward(const float* params, const int32_t* inputs,
                                     const int32_t* targets, int B, float loss_scale,
-                                    float aux_scale, float* grads) {
+                                    float aux_scale, float* grads, const StageWait* wait) {
   using Clock = std::chrono::steady_clock;
   Resize(B);
   const auto t0 = Clock::now();
-  SlotStats stats = RunForward(params, inputs, targets);
+  SlotStats stats = RunForward(params, inputs, targets, wait);
   const auto t1 = Clock::now();
   RunBackward(params, inputs, targets, loss_scale, aux_scale, grads);
   stats.forward_seconds = std::chrono::duration<double>(t1 - t0).count();
@@ -235,14 +235,17 @@ SlotStats MoeModel::ForwardBackward(const float* params, const int32_t* inputs,
   return stats;
 }
 
-SlotStats MoeModel::RunForward(const float* params, const int32_t* inputs, const int32_t* targets) {
+SlotStats MoeModel::RunForward(const float* params, const int32_t* inputs, const int32_t* targets,
+                               const StageWait* wait) {
   const int B = B_, N = N_, C = C_, T = T_, H = H_, D = D_, E = E_, K = K_, F = F_;
   const int P = N * K;
   SlotStats stats;
   stats.tokens = N;
 
+  if (wait != nullptr) (*wait)(0);
   embedding_forward(acts_[0].res.data(), inputs, params + embed_off_, N, C);
   for (int l = 0; l < L_; ++l) {
+    if (wait != nullptr) (*wait)(l + 1);
     LayerActs& a = acts_[l];
     const LayerOffsets& o = offsets_[l];
     float* h_out = l + 1 < L_ ? acts_[l + 1].res.data() : final_res_.data();
@@ -326,6 +329,7 @@ SlotStats MoeModel::RunForward(const float* params, const int32_t* inputs, const
     AddInPlace(h_out, a.mid.data(), static_cast<int64_t>(N) * C);  // h_out = y + mid
   }
 
+  if (wait != nullptr) (*wait)(L_ + 1);
   rmsnorm_forward(final_x_.data(), final_rstd_.data(), final_res_.data(), params + norm_off_, N, C,
                   eps_);
   matmul_forward(logits_.data(), final_x_.data(), params + head_off_, N, C, V_);

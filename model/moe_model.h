@@ -13,6 +13,7 @@
 #define MUONPS_MODEL_MOE_MODEL_H_
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "common/model_layout.h"
@@ -44,14 +45,22 @@ class MoeModel {
   const v1::ModelConfig& config() const { return config_; }
   int seq_len() const { return T_; }
 
+  // Called before the forward pass first reads the parameters of stage s:
+  // 0 the embedding, 1 + l layer l, num_hidden_layers + 1 the final norm
+  // and the head. A caller whose parameters are still streaming in blocks
+  // there until that stage's tensors are in place.
+  using StageWait = std::function<void(int stage)>;
+
   // Loss only. params: the flat buffer of layout(); inputs/targets (B, T).
-  SlotStats Forward(const float* params, const int32_t* inputs, const int32_t* targets, int B);
+  SlotStats Forward(const float* params, const int32_t* inputs, const int32_t* targets, int B,
+                    const StageWait* wait = nullptr);
 
   // Forward and backward. ADDS into `grads` (flat, same layout as params) the
   // gradient of  loss_scale * sum_tokens CE + aux_scale * sum_layers aux.
   // (aux only under balancing = "aux_loss".) Buffers get no gradient.
   SlotStats ForwardBackward(const float* params, const int32_t* inputs, const int32_t* targets,
-                            int B, float loss_scale, float aux_scale, float* grads);
+                            int B, float loss_scale, float aux_scale, float* grads,
+                            const StageWait* wait = nullptr);
 
   // Indices (into layout().tensors()) of each MoE layer's e_score_correction_bias,
   // in layer order (the order of SlotStats::expert_load).
@@ -102,7 +111,8 @@ class MoeModel {
   };
 
   void Resize(int B);
-  SlotStats RunForward(const float* params, const int32_t* inputs, const int32_t* targets);
+  SlotStats RunForward(const float* params, const int32_t* inputs, const int32_t* targets,
+                       const StageWait* wait);
   void RunBackward(const float* params, const int32_t* inputs, const int32_t* targets,
                    float loss_scale, float aux_scale, float* grads);
 

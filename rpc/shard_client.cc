@@ -93,13 +93,17 @@ namespace {
 // first chunk).
 absl::Status DecodePull(grpc::ByteBuffer* buffer, const ModelLayout& layout, float* params,
                         TransferDtype dtype, std::unique_ptr<TensorAssembler>* current,
-                        int* received, const std::string& what) {
+                        int* received, const std::string& what,
+                        const std::function<void(const TensorInfo&)>& on_tensor) {
   grpc::ProtoBufferReader stream(buffer);
   // Where `bytes` of the chunk described by `header` go (a new tensor starts
   // a new assembler).
   auto place = [&](const v1::TensorChunk& header, int64_t bytes) -> absl::StatusOr<char*> {
     if (*current == nullptr || header.name() != (*current)->name()) {
-      if (*current != nullptr) MUONPS_RETURN_IF_ERROR((*current)->Finish());
+      if (*current != nullptr) {
+        MUONPS_RETURN_IF_ERROR((*current)->Finish());
+        if (on_tensor) on_tensor(*layout.Find((*current)->name()));
+      }
       const TensorInfo* info = layout.Find(header.name());
       if (info == nullptr) {
         return absl::InvalidArgumentError(absl::StrCat(what, ": unknown tensor ", header.name()));
@@ -119,7 +123,8 @@ absl::Status DecodePull(grpc::ByteBuffer* buffer, const ModelLayout& layout, flo
 absl::Status PullParameters(grpc::ChannelInterface* channel, const ModelLayout& layout,
                             const std::string& job_id, const std::string& job_key, int64_t version,
                             int expected, double wait_seconds, int64_t chunk_bytes, float* params,
-                            const std::string& what, TransferDtype dtype) {
+                            const std::string& what, TransferDtype dtype,
+                            const std::function<void(const TensorInfo&)>& on_tensor) {
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(wait_seconds + 60.0));
   if (!job_key.empty()) context.AddMetadata(kJobKeyHeader, job_key);
@@ -138,11 +143,14 @@ absl::Status PullParameters(grpc::ChannelInterface* channel, const ModelLayout& 
   absl::Status st;
   while (reader->Read(&buffer)) {
     if (!st.ok()) continue;  // drain after a refusal
-    st = DecodePull(&buffer, layout, params, dtype, &current, &received, what);
+    st = DecodePull(&buffer, layout, params, dtype, &current, &received, what, on_tensor);
   }
   MUONPS_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish(), what));
   MUONPS_RETURN_IF_ERROR(st);
-  if (current != nullptr) MUONPS_RETURN_IF_ERROR(current->Finish());
+  if (current != nullptr) {
+    MUONPS_RETURN_IF_ERROR(current->Finish());
+    if (on_tensor) on_tensor(*layout.Find(current->name()));
+  }
   if (received != expected) {
     return absl::DataLossError(
         absl::StrCat(what, ": received ", received, " tensors, expected ", expected));

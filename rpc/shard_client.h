@@ -11,6 +11,7 @@
 #define MUONPS_RPC_SHARD_CLIENT_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -46,10 +47,14 @@ absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& l
 // checking names, shapes, dtype (`dtype`: the job's transfer.dtype; BF16 is
 // widened to float32), order and finiteness; DATA_LOSS unless exactly
 // `expected` tensors came. On an error, `params` may hold part of the pull.
+// `on_tensor`, when set, is called on the calling thread with each tensor
+// once it is complete and checked in `params` (the stream goes on), so that
+// a consumer may start on it before the pull ends.
 absl::Status PullParameters(grpc::ChannelInterface* channel, const ModelLayout& layout,
                             const std::string& job_id, const std::string& job_key, int64_t version,
                             int expected, double wait_seconds, int64_t chunk_bytes, float* params,
-                            const std::string& what, TransferDtype dtype = TransferDtype::kF32);
+                            const std::string& what, TransferDtype dtype = TransferDtype::kF32,
+                            const std::function<void(const TensorInfo&)>& on_tensor = nullptr);
 
 }  // namespace muonps
 

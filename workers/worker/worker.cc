@@ -170,6 +170,7 @@ absl::Status Worker::Prepare(const v1::Task& task) {
     job->lane_targets.emplace_back(rows * T, 0);
   }
   job->params.assign(job->lanes[0]->layout().total_floats(), 0.0f);
+  job->stages = std::make_unique<PullStages>(job->lanes[0]->layout(), mc.num_hidden_layers());
   job_ = std::move(job);
   return absl::OkStatus();
 }
@@ -180,31 +181,53 @@ double Since(std::chrono::steady_clock::time_point start) {
 }
 }  // namespace
 
-absl::Status Worker::Pull(const v1::Task& task) {
-  if (job_->params_version == task.version()) return absl::OkStatus();
-  const auto pull_start = std::chrono::steady_clock::now();
+void Worker::StartPull(const v1::Task& task) {
+  pull_result_ = absl::OkStatus();
+  pull_start_ = std::chrono::steady_clock::now();
+  if (job_->params_version == task.version()) {
+    job_->stages->MarkAll();
+    return;
+  }
   job_->params_version = -1;
+  job_->stages->Reset();
   const ModelLayout& layout = job_->lanes[0]->layout();
   const int n = task.shards_size();
-  std::vector<absl::Status> status(static_cast<size_t>(n));
+  pull_status_.assign(static_cast<size_t>(n), absl::OkStatus());
+  if (n == 0) {
+    job_->stages->Finished();
+    return;
+  }
   std::vector<grpc::Channel*> channels;
   for (const v1::ShardRoute& route : task.shards()) channels.push_back(Channel(route.address()));
-  auto pull_one = [&](int i) -> absl::Status {
-    const v1::ShardRoute& route = task.shards(i);
-    return PullParameters(
-        channels[i], layout, task.job_id(), task.job_key(), task.version(), route.tensors_size(),
-        600.0, options_.chunk_bytes, job_->params.data(),
-        absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PullParameters"),
-        TransferDtypeOf(job_->spec));
-  };
-  std::vector<std::thread> threads;
-  threads.reserve(static_cast<size_t>(n));
-  for (int i = 0; i < n; ++i) threads.emplace_back([&, i] { status[i] = pull_one(i); });
-  for (std::thread& t : threads) t.join();
-  for (const absl::Status& st : status) MUONPS_RETURN_IF_ERROR(st);
+  pulls_running_.store(n);
+  PullStages* stages = job_->stages.get();
+  for (int i = 0; i < n; ++i) {
+    pull_threads_.emplace_back([this, &layout, task, channel = channels[i], i, stages] {
+      const v1::ShardRoute& route = task.shards(i);
+      pull_status_[i] = PullParameters(
+          channel, layout, task.job_id(), task.job_key(), task.version(), route.tensors_size(),
+          600.0, options_.chunk_bytes, job_->params.data(),
+          absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PullParameters"),
+          TransferDtypeOf(job_->spec), [stages](const TensorInfo& t) { stages->Arrived(t); });
+      // The last pull to end lets every waiting stage go: what it computes
+      // is used only if every pull succeeded.
+      if (pulls_running_.fetch_sub(1) == 1) stages->Finished();
+    });
+  }
+}
+
+absl::Status Worker::FinishPull(const v1::Task& task) {
+  if (pull_threads_.empty()) return pull_result_;
+  for (std::thread& t : pull_threads_) t.join();
+  pull_threads_.clear();
+  for (const absl::Status& st : pull_status_) {
+    if (!st.ok()) {
+      pull_result_ = st;
+      return pull_result_;
+    }
+  }
   job_->params_version = task.version();
-  RecordPhase("pull", Since(pull_start));
-  return absl::OkStatus();
+  return pull_result_;
 }
 
 absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count,
@@ -266,24 +289,43 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
   const int count = static_cast<int>(mine.size());
   ExpertLoads task_load(spec.model());
   absl::Status failed;
+  bool pulled = false;
   ForEachWave(count, lanes, [&](int64_t base, int wave) {
     if (!failed.ok()) return;
     std::vector<SlotStats> stats(static_cast<size_t>(wave));
     const auto compute_start = std::chrono::steady_clock::now();
+    // The first wave's forward passes follow the pull layer by layer; the
+    // time lane 0 spent waiting is the pull's exposed part.
+    double waited = 0.0;
+    const MoeModel::StageWait wait_lane0 = [&](int stage) { waited += job.stages->Wait(stage); };
+    const MoeModel::StageWait wait_other = [&](int stage) { job.stages->Wait(stage); };
     RunWave(wave, [&](int64_t i) {
       const int slot = mine[base + i];
       job.sampler->Fill(task.version(), slot, job.lane_inputs[i].data(),
                         job.lane_targets[i].data());
       std::fill(job.lane_grads[i].begin(), job.lane_grads[i].end(), 0.0f);
-      stats[i] = job.lanes[i]->ForwardBackward(job.params.data(), job.lane_inputs[i].data(),
-                                               job.lane_targets[i].data(), rows, scales.loss_scale,
-                                               scales.aux_scale, job.lane_grads[i].data());
+      stats[i] = job.lanes[i]->ForwardBackward(
+          job.params.data(), job.lane_inputs[i].data(), job.lane_targets[i].data(), rows,
+          scales.loss_scale, scales.aux_scale, job.lane_grads[i].data(),
+          pulled ? nullptr : (i == 0 ? &wait_lane0 : &wait_other));
     });
-    // Wall time split between forward and backward as the slots measured it.
-    const double wall = Since(compute_start);
+    if (!pulled) {
+      // Every stage has been waited for: the pulls have placed every tensor
+      // or failed. Nothing is pushed unless all of them succeeded.
+      pulled = true;
+      const absl::Status st = FinishPull(task);
+      RecordPhase("pull", waited);
+      if (!st.ok()) {
+        failed = st;
+        return;
+      }
+    }
+    // Wall time (less the exposed pull) split between forward and backward
+    // as the slots measured it.
+    const double wall = std::max(0.0, Since(compute_start) - waited);
     double fwd = 0.0, bwd = 0.0;
     for (const SlotStats& st : stats) {
-      fwd += st.forward_seconds;
+      fwd += std::max(0.0, st.forward_seconds - waited);
       bwd += st.backward_seconds;
     }
     if (fwd + bwd > 0) {
@@ -437,8 +479,19 @@ absl::Status Worker::Run(const std::atomic<bool>& stop) {
     const v1::Task& task = response.task();
     task_seconds_.clear();
     absl::Status st = Prepare(task);
-    if (st.ok()) st = Pull(task);
-    if (st.ok()) st = task.kind() == v1::TASK_KIND_EVAL ? RunEval(task) : RunTrain(task);
+    if (st.ok()) {
+      StartPull(task);
+      if (task.kind() == v1::TASK_KIND_EVAL) {
+        st = FinishPull(task);
+        RecordPhase("pull", Since(pull_start_));
+        if (st.ok()) st = RunEval(task);
+      } else {
+        st = RunTrain(task);  // waits for the pull layer by layer
+      }
+      // Joins a pull a failed task left running before anything else.
+      const absl::Status pulled = FinishPull(task);
+      if (st.ok()) st = pulled;
+    }
     if (st.ok()) continue;
     Log(absl::StrCat(task.task_id(), " (", task.job_id(), " version ", task.version(),
                      "): ", st.ToString()));

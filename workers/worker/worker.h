@@ -2,6 +2,9 @@
 // pulls the parameters of the task's version from every shard, computes the
 // task (slot gradients, or validation losses), pushes each slot's gradient to
 // the shards that own the tensors, reports the slot statistics, and loops.
+// A training task's forward pass starts while the pull is still streaming:
+// each layer waits only for its own tensors (PullStages), and nothing is
+// pushed before every pull has ended and been checked.
 // It keeps nothing that cannot be recomputed: killing it loses at most the
 // task in progress, which the coordinator hands to another worker.
 //
@@ -13,12 +16,14 @@
 #define MUONPS_WORKERS_WORKER_WORKER_H_
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -33,6 +38,7 @@
 #include "prometheus/gauge.h"
 #include "prometheus/registry.h"
 #include "rpc/membership.h"
+#include "workers/worker/pull_stages.h"
 
 namespace muonps {
 
@@ -97,11 +103,17 @@ class Worker {
     std::vector<std::vector<int32_t>> lane_inputs, lane_targets;
     std::vector<float> params;  // as pulled (bf16 jobs: bf16 values, widened)
     int64_t params_version = -1;
+    std::unique_ptr<PullStages> stages;  // what of `params` the current pull has placed
     std::map<std::string, std::shared_ptr<grpc::Channel>> channels;  // by shard address
   };
 
   absl::Status Prepare(const v1::Task& task);
-  absl::Status Pull(const v1::Task& task);
+  // Starts pulling the task's version from every shard on threads of their
+  // own (nothing to do when `params` already hold it); FinishPull waits for
+  // them and returns the first error. FinishPull may be called again: it
+  // returns the same status until the next StartPull.
+  void StartPull(const v1::Task& task);
+  absl::Status FinishPull(const v1::Task& task);
   absl::Status RunTrain(const v1::Task& task);
   absl::Status RunEval(const v1::Task& task);
   absl::Status Push(const v1::Task& task, int first_slot, int slot_count, const float* grads);
@@ -130,6 +142,12 @@ class Worker {
   absl::Mutex ended_mu_;
   std::set<std::string> ended_ ABSL_GUARDED_BY(ended_mu_);
   int64_t pushes_ = 0;
+  // The pull in progress.
+  std::vector<std::thread> pull_threads_;
+  std::vector<absl::Status> pull_status_;
+  std::atomic<int> pulls_running_{0};
+  absl::Status pull_result_;
+  std::chrono::steady_clock::time_point pull_start_;
 };
 
 }  // namespace muonps
