@@ -41,8 +41,10 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -103,12 +105,17 @@ struct Setup {
 struct RunFigures {
   double median_step_s = 0.0;
   double wall_per_step_s = 0.0;
+  // `muonps train` only: medians of its forward + backward and optimizer
+  // times, which calibrate the plan's worker and shard rates.
+  double fwd_bwd_s = 0.0, optimizer_s = 0.0;
 };
 
 // (step, seconds) of every step a run reported.
 using StepTimes = std::vector<std::pair<int64_t, double>>;
 
-StepTimes ParseTrainLog(const std::string& text) {
+// `split` (may be null) receives (step, fwd_bwd_s, optimizer_s).
+StepTimes ParseTrainLog(const std::string& text,
+                        std::vector<std::tuple<int64_t, double, double>>* split = nullptr) {
   StepTimes out;
   std::istringstream lines(text);
   std::string line;
@@ -116,6 +123,10 @@ StepTimes ParseTrainLog(const std::string& text) {
     const nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (j.is_discarded() || j.value("event", "") != "step") continue;
     out.emplace_back(j.value("step", int64_t{0}), j.value("step_s", 0.0));
+    if (split != nullptr) {
+      split->emplace_back(j.value("step", int64_t{0}), j.value("fwd_bwd_s", 0.0),
+                          j.value("optimizer_s", 0.0));
+    }
   }
   return out;
 }
@@ -185,8 +196,16 @@ RunFigures RunOnce(const Setup& setup, const std::string& binary, const std::str
                      Tail(ReadFile(err), 2000)));
   }
   double wall = 0.0;
-  const StepTimes times =
-      setup.shards == 0 ? ParseTrainLog(ReadFile(jsonl)) : ParseWatchJson(ReadFile(out), &wall);
+  std::vector<std::tuple<int64_t, double, double>> split;
+  const StepTimes times = setup.shards == 0 ? ParseTrainLog(ReadFile(jsonl), &split)
+                                            : ParseWatchJson(ReadFile(out), &wall);
+  std::vector<double> fwd_bwd, optimizer;
+  for (const auto& [step, fb, opt] : split) {
+    if (step > warmup && step < steps) {
+      fwd_bwd.push_back(fb);
+      optimizer.push_back(opt);
+    }
+  }
   std::vector<double> kept;
   for (const auto& [step, seconds] : times) {
     if (step > warmup && step < steps) kept.push_back(seconds);
@@ -195,7 +214,12 @@ RunFigures RunOnce(const Setup& setup, const std::string& binary, const std::str
     Die(absl::StrCat(setup.name, ": no step times after warm-up in ", out, " (", times.size(),
                      " steps reported)"));
   }
-  return {Median(kept), wall / steps};
+  RunFigures figures{Median(kept), wall / steps};
+  if (!fwd_bwd.empty()) {
+    figures.fwd_bwd_s = Median(fwd_bwd);
+    figures.optimizer_s = Median(optimizer);
+  }
+  return figures;
 }
 
 int Run() {
@@ -259,11 +283,16 @@ int Run() {
   if (setups.empty()) Die("--only names no setup");
   std::vector<std::vector<double>> seconds(setups.size());  // [setup][round]
   std::vector<std::vector<double>> walls(setups.size());
+  std::vector<double> train_fwd_bwd, train_optimizer;  // the plan's calibration
   for (int round = 0; round < reps; ++round) {
     std::printf("round %d:", round + 1);
     for (size_t k = 0; k < setups.size(); ++k) {
       const RunFigures f = RunOnce(setups[k], binary, job_path, dir, round, steps, warmup, threads);
       seconds[k].push_back(f.median_step_s);
+      if (setups[k].shards == 0) {
+        train_fwd_bwd.push_back(f.fwd_bwd_s);
+        train_optimizer.push_back(f.optimizer_s);
+      }
       walls[k].push_back(f.wall_per_step_s);
       std::printf("  %s %.1f ms", setups[k].name.c_str(), seconds[k].back() * 1e3);
       std::fflush(stdout);
@@ -271,6 +300,37 @@ int Run() {
     std::printf("\n");
   }
   auto ran = [&](const std::string& name) { return index.count(name) != 0; };
+
+  // The plan with this run's own rates: a worker's GFLOP/s from `train`'s
+  // forward + backward, a shard's from its optimizer step (nearly all of it
+  // Newton-Schulz), each shared by the processes that share the cores; the
+  // link stays the loopback default.
+  std::optional<PlanOptions> calibrated;
+  if (ran("train") && Median(train_fwd_bwd) > 0.0 && Median(train_optimizer) > 0.0) {
+    absl::StatusOr<ClusterPlan> one = PlanCluster(job, LocalPlanOptions(1, 1));
+    if (one.ok()) {
+      double ns_gflop = 0.0;
+      for (const ShardPlan& sp : one->shards) ns_gflop += sp.ns_gflop;
+      PlanOptions o;
+      o.worker_gflops = one->flops_per_token * static_cast<double>(one->tokens_per_step) * 1e-9 /
+                        Median(train_fwd_bwd);
+      o.shard_gflops = ns_gflop / Median(train_optimizer);
+      calibrated = o;
+      std::printf(
+          "plan calibrated on train: worker %.1f GFLOP/s, shard %.1f GFLOP/s (defaults "
+          "%.1f and %.1f)\n",
+          o.worker_gflops, o.shard_gflops, LocalPlanOptions(1, 1).worker_gflops,
+          LocalPlanOptions(1, 1).shard_gflops);
+    }
+  }
+  auto calibrated_for = [&](int workers, int shards) {
+    PlanOptions o = *calibrated;
+    o.workers = workers;
+    o.shards = shards;
+    o.worker_gflops /= std::max(1, workers);
+    o.shard_gflops /= std::max(1, shards);
+    return o;
+  };
 
   if (ran("train")) {
     const size_t t = index["train"];
@@ -295,6 +355,15 @@ int Run() {
       if (plan.ok()) {
         std::printf("  plan %.1f ms (measured / plan %.2f)", plan->serial_seconds * 1e3,
                     s / plan->serial_seconds);
+      }
+      if (calibrated.has_value()) {
+        absl::StatusOr<ClusterPlan> own =
+            PlanCluster(job, calibrated_for(setups[k].workers, setups[k].shards));
+        if (own.ok()) {
+          const double r = s / own->serial_seconds;
+          std::printf("  calibrated plan %.1f ms (%.2f; goal within 20%%: %s)",
+                      own->serial_seconds * 1e3, r, r >= 0.8 && r <= 1.2 ? "met" : "NOT MET");
+        }
       }
       if (setups[k].shards == 1 && setups[k].workers == 1) {
         std::printf("  goal <= %.2f: %s", kGoalRatio, ratio <= kGoalRatio ? "met" : "NOT MET");

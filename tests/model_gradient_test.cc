@@ -75,17 +75,9 @@ struct GradCase {
 
 // The tiny model, with MLA when the case asks for it.
 v1::ModelConfig CaseConfig(const GradCase& c) {
-  v1::ModelConfig config =
+  const v1::ModelConfig config =
       TinyModelConfig(c.scoring, c.balancing, c.norm_topk_prob, c.routed_scaling_factor);
-  if (c.attention == "mla") {
-    config.set_attention("mla");
-    config.set_q_lora_rank(c.q_lora_rank);
-    config.set_kv_lora_rank(6);
-    config.set_qk_nope_head_dim(4);
-    config.set_qk_rope_head_dim(4);
-    config.set_v_head_dim(6);
-  }
-  return config;
+  return c.attention == "mla" ? testing_util::WithTinyMla(config, c.q_lora_rank) : config;
 }
 
 void PrintTo(const GradCase& c, std::ostream* os) { *os << c.name; }

@@ -83,17 +83,9 @@ v1::ModelConfig TinyConfig(const RefCase& c) {
   shape.first_k_dense_replace = c.first_k_dense_replace;
   shape.num_experts_per_tok = c.num_experts_per_tok;
   shape.n_shared_experts = c.n_shared_experts;
-  v1::ModelConfig m = testing_util::TinyModelConfig(c.scoring, c.balancing, c.norm_topk_prob,
-                                                    c.routed_scaling_factor, shape);
-  if (c.attention == "mla") {
-    m.set_attention("mla");
-    m.set_q_lora_rank(c.q_lora_rank);
-    m.set_kv_lora_rank(6);
-    m.set_qk_nope_head_dim(4);
-    m.set_qk_rope_head_dim(4);
-    m.set_v_head_dim(6);
-  }
-  return m;
+  const v1::ModelConfig m = testing_util::TinyModelConfig(c.scoring, c.balancing, c.norm_topk_prob,
+                                                          c.routed_scaling_factor, shape);
+  return c.attention == "mla" ? testing_util::WithTinyMla(m, c.q_lora_rank) : m;
 }
 
 double Norm(const float* x, int64_t n) {

@@ -51,6 +51,19 @@ inline v1::ModelConfig TinyModelConfig(const std::string& scoring, const std::st
   return m;
 }
 
+// The tiny model (hidden 16, 2 heads of 8) with Multi-head Latent
+// Attention of distinct widths: r 6, nope 4, rope 4, value 6, and query
+// compression of rank q_lora_rank when > 0.
+inline v1::ModelConfig WithTinyMla(v1::ModelConfig m, int q_lora_rank) {
+  m.set_attention("mla");
+  m.set_q_lora_rank(q_lora_rank);
+  m.set_kv_lora_rank(6);
+  m.set_qk_nope_head_dim(4);
+  m.set_qk_rope_head_dim(4);
+  m.set_v_head_dim(6);
+  return m;
+}
+
 // Random parameters (initializer_range 0.3) with non-trivial norm gains
 // (1 + 0.2 N(0,1)) and router biases (0.15 N(0,1)).
 inline std::vector<float> RandomParams(const ModelLayout& layout, uint64_t seed) {
