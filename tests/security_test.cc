@@ -237,7 +237,7 @@ TEST_F(SecurityTest, ReportsOnlyFromTheHolderAndSilentWorkersLoseTheirTask) {
             grpc::StatusCode::INVALID_ARGUMENT);
   // Attention maxima (QK-Clip's input to every shard) of another shape than
   // the model's layers x heads, or not finite.
-  const v1::ModelConfig& model = GetJob(id).spec().model();
+  const v1::ModelConfig model = GetJob(id).spec().model();
   const size_t heads = static_cast<size_t>(model.num_hidden_layers() * model.num_attention_heads());
   std::vector<float> logits(heads + 1, 1.0f);
   grpc::Status shape = Report(holder, holder.secret, task, slots, logits, &model);
