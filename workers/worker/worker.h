@@ -77,7 +77,7 @@ struct WorkerOptions {
 // Model FLOPs of one token's forward and backward: 6 x the parameters a token
 // meets in matrix products (attention, the dense or the shared and top-k
 // routed experts, the router, the LM head) + 12 x layers x T x C for
-// attention scores and values.
+// attention scores and values (6 x layers x T x H (dqk + dv) under MLA).
 double ModelFlopsPerToken(const v1::ModelConfig& model);
 
 class Worker {
