@@ -154,13 +154,16 @@ class TensorFiles {
   std::map<std::string, SafetensorsFile> files_;   // by file name, as opened
 };
 
-// A checkpoint's model and optimizer tensors, in either layout.
+// A checkpoint's model and optimizer tensors, in either layout, and its
+// trainer_state.json.
 struct CheckpointFiles {
   TensorFiles model;
   TensorFiles optimizer;
+  v1::TrainerState trainer;
 };
 
-// Opens the checkpoint in `dir` once its config.json matches `model`.
+// Opens the checkpoint in `dir` once its config.json and the job in its
+// trainer_state.json match `model`.
 absl::StatusOr<CheckpointFiles> OpenCheckpoint(const std::string& dir,
                                                const v1::ModelConfig& model) {
   const std::string config_path = PathIn(dir, kConfigFile);
@@ -175,7 +178,7 @@ absl::StatusOr<CheckpointFiles> OpenCheckpoint(const std::string& dir,
   }
   // The keys Hugging Face has no name for are in the job the checkpoint
   // was written by.
-  MUONPS_ASSIGN_OR_RETURN(const v1::TrainerState trainer, ReadTrainerState(dir));
+  MUONPS_ASSIGN_OR_RETURN(v1::TrainerState trainer, ReadTrainerState(dir));
   absl::StatusOr<v1::ModelConfig> saved = ParseModelConfigJson(ToJson(trainer.job().model()));
   if (!saved.ok()) {
     return absl::InvalidArgumentError(
@@ -189,7 +192,7 @@ absl::StatusOr<CheckpointFiles> OpenCheckpoint(const std::string& dir,
   const bool sharded = fs::exists(PathIn(dir, IndexFileName(kModel)), ec);
   MUONPS_ASSIGN_OR_RETURN(TensorFiles params, TensorFiles::Open(dir, kModel, sharded));
   MUONPS_ASSIGN_OR_RETURN(TensorFiles optimizer, TensorFiles::Open(dir, kOptimizer, sharded));
-  return CheckpointFiles{std::move(params), std::move(optimizer)};
+  return CheckpointFiles{std::move(params), std::move(optimizer), std::move(trainer)};
 }
 
 // The step of a checkpoint directory named "step-<digits>"; -1 for any other
@@ -427,7 +430,7 @@ absl::Status ReadCheckpoint(const std::string& dir, const ModelLayout& layout,
                             const v1::ModelConfig& model, const std::string& optimizer_name,
                             TrainingState* state) {
   MUONPS_ASSIGN_OR_RETURN(CheckpointFiles files, OpenCheckpoint(dir, model));
-  MUONPS_ASSIGN_OR_RETURN(state->trainer, ReadTrainerState(dir));
+  state->trainer = std::move(files.trainer);
   for (const TensorInfo& t : layout.tensors()) {
     MUONPS_RETURN_IF_ERROR(files.model.ReadInto(t.name, t.shape, state->params.data() + t.offset));
     for (const StateEntry& e : OptimizerState(t, optimizer_name)) {

@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "optim/lr_schedule.h"
 
 namespace muonps {
@@ -185,9 +186,10 @@ enum class QkPart { kNone, kMhaQuery, kMhaKey, kMlaQuery, kMlaKeyValue };
 
 QkPart PartOf(const TensorInfo& t, const v1::ModelConfig& m) {
   if (t.layer < 0 || t.shape.size() != 2) return QkPart::kNone;
-  const std::string suffix = t.name.substr(t.name.rfind(".self_attn.") == std::string::npos
-                                               ? t.name.size()
-                                               : t.name.rfind(".self_attn.") + 11);
+  constexpr absl::string_view kAttention = ".self_attn.";
+  const size_t at = absl::string_view(t.name).rfind(kAttention);
+  if (at == absl::string_view::npos) return QkPart::kNone;
+  const absl::string_view suffix = absl::string_view(t.name).substr(at + kAttention.size());
   if (m.attention() == "mla") {
     if (suffix == "q_proj.weight" || suffix == "q_b_proj.weight") return QkPart::kMlaQuery;
     if (suffix == "kv_b_proj.weight") return QkPart::kMlaKeyValue;

@@ -450,20 +450,25 @@ void Coordinator::JobRun::Publish(int64_t done, absl::Time step_start, absl::Tim
   p->set_tokens_seen(done * global_tokens_);
   p->set_max_load_ratio(sums.loads->MaxLoadRatio());
   p->set_workers(sums.workers_used);
+  Metrics& m = c_->metrics_;
+  // QK-Clip: the largest logit and the clipped heads, overall and per layer.
   const double tau = spec_.optimizer().qk_clip_tau();
   double logit_max = 0.0;
   int clipped = 0;
   if (!sums.logits->empty()) {
     logit_max = -INFINITY;
     for (int l = 0; l < sums.logits->layers(); ++l) {
+      const std::string layer = std::to_string(l);
+      const int heads = sums.logits->ClippedHeads(l, tau);
       logit_max = std::max<double>(logit_max, sums.logits->LayerMax(l));
-      clipped += sums.logits->ClippedHeads(l, tau);
+      clipped += heads;
+      m.attention_logit_max.Add({{"layer", layer}}).Set(sums.logits->LayerMax(l));
+      m.qk_clipped_heads.Add({{"layer", layer}}).Set(heads);
     }
   }
   p->set_max_attention_logit(logit_max);
   p->set_qk_clipped_heads(clipped);
   c_->EmitLocked(record, v1::JOB_EVENT_KIND_STEP);
-  Metrics& m = c_->metrics_;
   m.step.Set(static_cast<double>(done));
   m.total_steps.Set(static_cast<double>(total_));
   m.train_loss.Set(loss);
@@ -473,13 +478,6 @@ void Coordinator::JobRun::Publish(int64_t done, absl::Time step_start, absl::Tim
   m.learning_rate.Set(lr);
   m.load_ratio.Set(p->max_load_ratio());
   m.step_workers.Set(sums.workers_used);
-  if (!sums.logits->empty()) {
-    for (int l = 0; l < sums.logits->layers(); ++l) {
-      const std::string layer = std::to_string(l);
-      m.attention_logit_max.Add({{"layer", layer}}).Set(sums.logits->LayerMax(l));
-      m.qk_clipped_heads.Add({{"layer", layer}}).Set(sums.logits->ClippedHeads(l, tau));
-    }
-  }
   m.tokens.Increment(static_cast<double>(global_tokens_));
   m.steps.Increment();
   m.step_seconds.Observe(p->step_seconds());
