@@ -11,6 +11,8 @@
 //   train  muonps train JOB --log_jsonl F      (step_s of every step record)
 //   1+1    muonps local --shards 1 --workers 1 JOB --json
 //   2+2    muonps local --shards 2 --workers 2 JOB --json
+//   1+1 push after backward  1+1 with the workers' --overlap_push=false
+//          (gradients pushed after the backward pass, not during it)
 //   2+2 ckpt/10  the same with checkpoint.every_steps 10 (--checkpoint_every,
 //          keep_last 2),
 //          written in the background (the default), and
@@ -68,10 +70,10 @@ ABSL_FLAG(std::string, binary, MUONPS_BINARY, "The muonps binary to run");
 ABSL_FLAG(bool, keep, false, "Keep the work directory (job, logs) after a successful run");
 ABSL_FLAG(std::string, preset, "default", "The job's preset (muonps defaults --preset)");
 ABSL_FLAG(int, checkpoint_every, 10, "checkpoint.every_steps of the checkpointing setups");
-ABSL_FLAG(
-    std::string, only, "",
-    "Comma-separated setups to run (train, 1+1, 2+2, ckpt, ckpt-sync, replicas, bf16); empty = "
-    "all. Comparisons whose setups did not run are left out");
+ABSL_FLAG(std::string, only, "",
+          "Comma-separated setups to run (train, 1+1, 1+1-push-after, 2+2, ckpt, ckpt-sync, "
+          "replicas, bf16); empty = "
+          "all. Comparisons whose setups did not run are left out");
 
 namespace muonps {
 namespace {
@@ -97,6 +99,7 @@ struct Setup {
   bool background = true;     // checkpoint.background
   int replicas = 1;           // recovery.replicas
   std::string dtype = "f32";  // transfer.dtype
+  bool overlap_push = true;   // the workers' --overlap_push (MUONPS_OVERLAP_PUSH)
 };
 
 // What one run measured: the median step time, and the wall time from the
@@ -190,7 +193,10 @@ RunFigures RunOnce(const Setup& setup, const std::string& binary, const std::str
                              "--log_dir=" + tag + "-logs", "--checkpoint_root=" + dir});
   }
   if (threads > 0) argv.push_back(absl::StrCat("--threads=", threads));
+  // The environment reaches the workers `muonps local` starts.
+  if (!setup.overlap_push) setenv("MUONPS_OVERLAP_PUSH", "false", 1);
   const int rc = RunProcess(argv, out, err);
+  unsetenv("MUONPS_OVERLAP_PUSH");
   if (rc != 0) {
     Die(absl::StrCat(setup.name, " exited with status ", rc, "; ", err, " ends:\n",
                      Tail(ReadFile(err), 2000)));
@@ -266,6 +272,7 @@ int Run() {
   const std::vector<std::pair<std::string, Setup>> all = {
       {"train", {"train", 0, 0}},
       {"1+1", {"1+1", 1, 1}},
+      {"1+1-push-after", {"1+1 push after backward", 1, 1, 0, true, 1, "f32", false}},
       {"2+2", {"2+2", 2, 2}},
       {"ckpt", {ckpt, 2, 2, every, true}},
       {"ckpt-sync", {ckpt + " sync", 2, 2, every, false}},
@@ -394,6 +401,14 @@ int Run() {
     std::printf("%-34s %8.1f ms/step, without %.1f: overhead %+.1f%% (goal <= 5%%: %s)\n",
                 "local 2+2, recovery.replicas 2", two * 1e3, one * 1e3, (two / one - 1.0) * 100.0,
                 two <= one * 1.05 ? "met" : "NOT MET");
+  }
+  // Pushes during the backward pass against pushes after it.
+  if (ran("1+1") && ran("1+1-push-after")) {
+    const double during = Median(seconds[index["1+1"]]);
+    const double after = Median(seconds[index["1+1-push-after"]]);
+    std::printf("%-34s %8.1f ms/step, pushing after the backward pass %.1f: %+.1f%%\n",
+                "local 1+1, pushes during backward", during * 1e3, after * 1e3,
+                (during / after - 1.0) * 100.0);
   }
   // bf16 on the wire against f32: step time, and the bytes each worker
   // moves per step (muonps plan's count of the same job).

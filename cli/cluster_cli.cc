@@ -68,6 +68,9 @@ ABSL_FLAG(std::string, log_dir, "",
           "local: directory for the services' logs (default: a new /tmp/muonps-local-*)");
 ABSL_FLAG(int64_t, crash_after_pushes, 0,
           "worker (fault injection for tests): SIGKILL itself after this many gradient pushes");
+ABSL_FLAG(bool, overlap_push, true,
+          "worker: stream each tensor's gradient to the shards while the backward pass runs "
+          "(false: push after it)");
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port of the Prometheus /metrics endpoint (port 0 = a free port; empty = none). "
           "Env MUONPS_METRICS_LISTEN");
@@ -305,6 +308,7 @@ int ServeWorker() {
                                                            : absl::GetFlag(FLAGS_advertise);
   options.threads = NumThreads();
   options.crash_after_pushes = absl::GetFlag(FLAGS_crash_after_pushes);
+  options.overlap_push = absl::GetFlag(FLAGS_overlap_push);
   options.log = [](const std::string& line) { LogLine("muonps worker: " + line); };
   options.register_timeout_seconds = 3600.0;
   options.metrics = (*metrics)->registry;
@@ -464,6 +468,7 @@ const std::vector<std::string>& EnvironmentFlags() {
                                    "heartbeat_seconds",
                                    "metrics_listen",
                                    "peak_tflops",
+                                   "overlap_push",
                                    "blas_core",
                                    "tls_cert",
                                    "tls_key",

@@ -51,7 +51,7 @@ const std::vector<CommandHelp>& Commands() {
       {"worker",
        "worker --coordinator HOST:PORT [--threads N]",
        "Run a stateless worker: pulls parameters, computes slots, pushes gradients.",
-       {"coordinator", "advertise", "threads", "peak_tflops", "crash_after_pushes",
+       {"coordinator", "advertise", "threads", "peak_tflops", "overlap_push", "crash_after_pushes",
         "cluster_secret_file", "data_root", "memory_limit", MUONPS_SERVICE_FLAGS}},
       {"submit",
        "submit JOB.json [--resume DIR]",

@@ -223,13 +223,14 @@ SlotStats MoeModel::Forward(const float* params, const int32_t* inputs, const in
 
 SlotStats MoeModel::ForwardBackward(const float* params, const int32_t* inputs,
                                     const int32_t* targets, int B, float loss_scale,
-                                    float aux_scale, float* grads, const StageWait* wait) {
+                                    float aux_scale, float* grads, const StageWait* wait,
+                                    const StageDone* done) {
   using Clock = std::chrono::steady_clock;
   Resize(B);
   const auto t0 = Clock::now();
   SlotStats stats = RunForward(params, inputs, targets, wait);
   const auto t1 = Clock::now();
-  RunBackward(params, inputs, targets, loss_scale, aux_scale, grads);
+  RunBackward(params, inputs, targets, loss_scale, aux_scale, grads, done);
   stats.forward_seconds = std::chrono::duration<double>(t1 - t0).count();
   stats.backward_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   return stats;
@@ -339,7 +340,10 @@ SlotStats MoeModel::RunForward(const float* params, const int32_t* inputs, const
 }
 
 void MoeModel::RunBackward(const float* params, const int32_t* inputs, const int32_t* targets,
-                           float loss_scale, float aux_scale, float* grads) {
+                           float loss_scale, float aux_scale, float* grads, const StageDone* done) {
+  const auto stage_done = [done](int stage) {
+    if (done != nullptr) (*done)(stage);
+  };
   const int B = B_, N = N_, C = C_, T = T_, H = H_, D = D_, E = E_, K = K_, F = F_;
   const int64_t NC = static_cast<int64_t>(N) * C;
 
@@ -353,6 +357,7 @@ void MoeModel::RunBackward(const float* params, const int32_t* inputs, const int
   Zero(dres_);
   rmsnorm_backward(dres_.data(), grads + norm_off_, dx_.data(), final_res_.data(),
                    params + norm_off_, final_rstd_.data(), N, C);
+  stage_done(L_ + 1);
 
   // dres_ holds dL/d(h_out) of the layer being processed.
   for (int l = L_ - 1; l >= 0; --l) {
@@ -463,6 +468,7 @@ void MoeModel::RunBackward(const float* params, const int32_t* inputs, const int
       }
       rmsnorm_backward(dres_.data(), grads + o.in_norm, da, a.res.data(), params + o.in_norm,
                        a.rstd1.data(), N, C);
+      stage_done(l + 1);
       continue;
     }
     Zero(dqk_);
@@ -474,8 +480,10 @@ void MoeModel::RunBackward(const float* params, const int32_t* inputs, const int
     matmul_backward(da, grads + o.v, dv_.data(), a.a.data(), params + o.v, N, C, C);
     rmsnorm_backward(dres_.data(), grads + o.in_norm, da, a.res.data(), params + o.in_norm,
                      a.rstd1.data(), N, C);
+    stage_done(l + 1);
   }
   embedding_backward(grads + embed_off_, dres_.data(), inputs, N, C);
+  stage_done(0);
 }
 
 }  // namespace muonps

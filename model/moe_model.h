@@ -50,6 +50,12 @@ class MoeModel {
   // and the head. A caller whose parameters are still streaming in blocks
   // there until that stage's tensors are in place.
   using StageWait = std::function<void(int stage)>;
+  // Called by the backward pass once the gradients of stage s (numbered as
+  // for StageWait) are final in `grads`, in backward order: the final norm
+  // and head first, then each layer from the last, the embedding last. A
+  // caller may then read (and send) that stage's gradients while the
+  // backward pass goes on; it must not write them.
+  using StageDone = std::function<void(int stage)>;
 
   // Loss only. params: the flat buffer of layout(); inputs/targets (B, T).
   SlotStats Forward(const float* params, const int32_t* inputs, const int32_t* targets, int B,
@@ -60,7 +66,7 @@ class MoeModel {
   // (aux only under balancing = "aux_loss".) Buffers get no gradient.
   SlotStats ForwardBackward(const float* params, const int32_t* inputs, const int32_t* targets,
                             int B, float loss_scale, float aux_scale, float* grads,
-                            const StageWait* wait = nullptr);
+                            const StageWait* wait = nullptr, const StageDone* done = nullptr);
 
   // Indices (into layout().tensors()) of each MoE layer's e_score_correction_bias,
   // in layer order (the order of SlotStats::expert_load).
@@ -114,7 +120,7 @@ class MoeModel {
   SlotStats RunForward(const float* params, const int32_t* inputs, const int32_t* targets,
                        const StageWait* wait);
   void RunBackward(const float* params, const int32_t* inputs, const int32_t* targets,
-                   float loss_scale, float aux_scale, float* grads);
+                   float loss_scale, float aux_scale, float* grads, const StageDone* done);
 
   v1::ModelConfig config_;
   ModelLayout layout_;

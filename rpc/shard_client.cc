@@ -26,7 +26,8 @@ constexpr char kPullMethod[] = "/muonps.v1.ShardService/PullParameters";
 absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& layout,
                            const std::vector<std::string>& tensors, const PushTarget& target,
                            const float* grads, TransferDtype dtype, int64_t chunk_bytes,
-                           const std::string& what, v1::PushGradientsResponse* response) {
+                           const std::string& what, v1::PushGradientsResponse* response,
+                           const std::function<bool(const TensorInfo&)>& ready) {
   grpc::ClientContext context;
   context.set_deadline(DeadlineIn(300.0));
   if (!target.job_key.empty()) context.AddMetadata(kJobKeyHeader, target.job_key);
@@ -58,6 +59,14 @@ absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& l
   for (const std::string& name : tensors) {
     const TensorInfo* info = layout.Find(name);
     if (info == nullptr || !info->trainable()) continue;
+    if (ready && !ready(*info)) {
+      // Cancelled with at least this tensor unsent: the shard refuses an
+      // incomplete push, so nothing of it is counted.
+      context.TryCancel();
+      (void)writer->Finish();
+      return absl::CancelledError(
+          absl::StrCat(what, ": abandoned before tensor ", name, " (its gradient never came)"));
+    }
     const char* data = reinterpret_cast<const char*>(grads + info->offset);
     uint16_t* bf16 = nullptr;
     if (dtype == TransferDtype::kBF16) {

@@ -37,10 +37,16 @@ struct PushTarget {
 // the next overlaps the sending of the last. `grads` must stay unchanged
 // until the call returns.
 // `what` prefixes errors (e.g. "shard shard-0 (host:port): PushGradients").
+// Tensors are sent in the order of `tensors`. `ready`, when set, is called
+// before each tensor's first chunk is read from `grads` and may block until
+// that gradient is final (the stream stays open meanwhile); when it returns
+// false the call is cancelled before the push is complete, so the shard
+// counts none of it, and CANCELLED is returned.
 absl::Status PushGradients(grpc::ChannelInterface* channel, const ModelLayout& layout,
                            const std::vector<std::string>& tensors, const PushTarget& target,
                            const float* grads, TransferDtype dtype, int64_t chunk_bytes,
-                           const std::string& what, v1::PushGradientsResponse* response = nullptr);
+                           const std::string& what, v1::PushGradientsResponse* response = nullptr,
+                           const std::function<bool(const TensorInfo&)>& ready = nullptr);
 
 // Pulls every tensor the shard owns at `version` (waiting up to
 // `wait_seconds` for it) into the flat buffer `params` at layout offsets,

@@ -184,6 +184,7 @@ class ShardState {
     std::map<int, std::pair<int, std::vector<float>>> received;
     std::vector<int> covered_by;
     std::vector<float> grad;  // summed, once complete
+    double grad_sq = 0.0;     // SumOfSquares(grad), with it
     bool replica = false;     // held as a copy of another shard's tensor
   };
   // Waits for the replicas' update of the last step, if still running.

@@ -171,6 +171,15 @@ absl::Status Worker::Prepare(const v1::Task& task) {
   }
   job->params.assign(job->lanes[0]->layout().total_floats(), 0.0f);
   job->stages = std::make_unique<PullStages>(job->lanes[0]->layout(), mc.num_hidden_layers());
+  job->stage_tensors.resize(static_cast<size_t>(job->stages->stages()));
+  for (const TensorInfo& t : job->lanes[0]->layout().tensors()) {
+    if (t.trainable()) {
+      job->stage_tensors[PullStages::StageOf(t, mc.num_hidden_layers())].push_back(&t);
+    }
+  }
+  for (auto stage = job->stage_tensors.rbegin(); stage != job->stage_tensors.rend(); ++stage) {
+    job->push_order.insert(job->push_order.end(), stage->begin(), stage->end());
+  }
   job_ = std::move(job);
   return absl::OkStatus();
 }
@@ -260,11 +269,59 @@ absl::Status Worker::Push(const v1::Task& task, int first_slot, int slot_count,
   for (std::thread& t : threads) t.join();
   for (const absl::Status& st : status) MUONPS_RETURN_IF_ERROR(st);
   RecordPhase("push", Since(push_start));
+  CountPush();
+  return absl::OkStatus();
+}
+
+void Worker::CountPush() {
   ++pushes_;
   if (options_.crash_after_pushes > 0 && pushes_ >= options_.crash_after_pushes) {
     Log(absl::StrCat("crash_after_pushes: killing this worker after ", pushes_, " pushes"));
     raise(SIGKILL);
   }
+}
+
+absl::Status Worker::StreamPush(const v1::Task& task, const StreamedPush& unit,
+                                const absl::Notification& pull_checked,
+                                const absl::Status& pull_status) {
+  const ModelLayout& layout = job_->lanes[0]->layout();
+  const int layers = job_->spec.model().num_hidden_layers();
+  const int n = task.shards_size();
+  PushTarget target;
+  target.job_id = task.job_id();
+  target.step = task.version();
+  target.first_slot = unit.first_slot;
+  target.slot_count = unit.slot_count;
+  target.job_key = task.job_key();
+  std::vector<grpc::Channel*> channels;
+  for (const v1::ShardRoute& route : task.shards()) channels.push_back(Channel(route.address()));
+  std::vector<absl::Status> status(static_cast<size_t>(n));
+  auto push_one = [&](int i) -> absl::Status {
+    const v1::ShardRoute& route = task.shards(i);
+    const std::string what =
+        absl::StrCat("shard ", route.shard_id(), " (", route.address(), "): PushGradients");
+    // Nothing leaves before the pulls this gradient was computed from are
+    // known to be whole.
+    pull_checked.WaitForNotification();
+    if (!pull_status.ok()) return absl::CancelledError(absl::StrCat(what, ": the pull failed"));
+    // Its own tensors and its replicas, in the order the backward pass
+    // finishes them.
+    std::set<std::string> held(route.tensors().begin(), route.tensors().end());
+    held.insert(route.replicas().begin(), route.replicas().end());
+    std::vector<std::string> tensors;
+    for (const TensorInfo* t : job_->push_order) {
+      if (held.count(t->name) != 0) tensors.push_back(t->name);
+    }
+    return PushGradients(
+        channels[i], layout, tensors, target, unit.grads, TransferDtypeOf(job_->spec),
+        options_.chunk_bytes, what, nullptr,
+        [&](const TensorInfo& t) { return unit.stages->Wait(PullStages::StageOf(t, layers)); });
+  };
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) threads.emplace_back([&, i] { status[i] = push_one(i); });
+  for (std::thread& t : threads) t.join();
+  for (const absl::Status& st : status) MUONPS_RETURN_IF_ERROR(st);
   return absl::OkStatus();
 }
 
@@ -290,6 +347,7 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
   ExpertLoads task_load(spec.model());
   absl::Status failed;
   bool pulled = false;
+  const TransferDtype dtype = TransferDtypeOf(spec);
   ForEachWave(count, lanes, [&](int64_t base, int wave) {
     if (!failed.ok()) return;
     std::vector<SlotStats> stats(static_cast<size_t>(wave));
@@ -299,6 +357,57 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
     double waited = 0.0;
     const MoeModel::StageWait wait_lane0 = [&](int stage) { waited += job.stages->Wait(stage); };
     const MoeModel::StageWait wait_other = [&](int stage) { job.stages->Wait(stage); };
+    // The last wave streams its pushes while its backward passes run: one
+    // push of the task's sum (slots from 0), or one per slot.
+    const bool last = options_.overlap_push && base + wave == count;
+    std::vector<StreamedPush> units;
+    std::vector<MoeModel::StageDone> done(static_cast<size_t>(wave));
+    if (last) {
+      const int stages = job.stages->stages();
+      if (prefix) {
+        units.push_back({0, count, sum.data(), std::make_unique<PushStages>(stages, wave)});
+        // The lane that finishes a stage last adds the wave's slots of that
+        // stage to the sum in slot order, exactly as the whole-buffer sum.
+        const auto reduce = [&](int stage) {
+          for (const TensorInfo* t : job.stage_tensors[stage]) {
+            for (int i = 0; i < wave; ++i) {
+              AccumulateSlotGradient(dtype, job.lane_grads[i].data() + t->offset, t->numel,
+                                     sum.data() + t->offset);
+            }
+          }
+        };
+        for (int i = 0; i < wave; ++i) {
+          done[i] = [&units, reduce](int stage) { units[0].stages->Done(stage, reduce); };
+        }
+      } else {
+        for (int i = 0; i < wave; ++i) {
+          units.push_back({mine[base + i], 1, job.lane_grads[i].data(),
+                           std::make_unique<PushStages>(stages, 1)});
+        }
+        for (int i = 0; i < wave; ++i) {
+          done[i] = [&units, i](int stage) { units[i].stages->Done(stage, nullptr); };
+        }
+      }
+    }
+    // Pushes wait for the pulls to be joined and checked: by a thread of its
+    // own when this wave is also the first.
+    absl::Notification pull_checked;
+    absl::Status pull_status;
+    std::thread pull_joiner;
+    if (!pulled && last) {
+      pull_joiner = std::thread([&] {
+        pull_status = FinishPull(task);
+        pull_checked.Notify();
+      });
+    } else if (last) {
+      pull_checked.Notify();
+    }
+    std::vector<absl::Status> pushed(units.size());
+    std::vector<std::thread> pushers;
+    for (size_t u = 0; u < units.size(); ++u) {
+      pushers.emplace_back(
+          [&, u] { pushed[u] = StreamPush(task, units[u], pull_checked, pull_status); });
+    }
     RunWave(wave, [&](int64_t i) {
       const int slot = mine[base + i];
       job.sampler->Fill(task.version(), slot, job.lane_inputs[i].data(),
@@ -307,22 +416,40 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
       stats[i] = job.lanes[i]->ForwardBackward(
           job.params.data(), job.lane_inputs[i].data(), job.lane_targets[i].data(), rows,
           scales.loss_scale, scales.aux_scale, job.lane_grads[i].data(),
-          pulled ? nullptr : (i == 0 ? &wait_lane0 : &wait_other));
+          pulled ? nullptr : (i == 0 ? &wait_lane0 : &wait_other), last ? &done[i] : nullptr);
     });
+    const auto compute_end = std::chrono::steady_clock::now();
     if (!pulled) {
       // Every stage has been waited for: the pulls have placed every tensor
       // or failed. Nothing is pushed unless all of them succeeded.
       pulled = true;
-      const absl::Status st = FinishPull(task);
+      absl::Status st;
+      if (pull_joiner.joinable()) {
+        pull_joiner.join();
+        st = pull_status;
+      } else {
+        st = FinishPull(task);
+      }
       RecordPhase("pull", waited);
-      if (!st.ok()) {
-        failed = st;
-        return;
+      if (!st.ok()) failed = st;
+    }
+    // The streamed pushes: what is left of them after the compute is the
+    // push's exposed part. Every stage is done by now, so they end.
+    for (std::thread& t : pushers) t.join();
+    if (!units.empty()) {
+      RecordPhase("push", Since(compute_end));
+      for (const absl::Status& st : pushed) {
+        if (failed.ok() && !st.ok()) failed = st;
+      }
+      if (failed.ok()) {
+        for (size_t u = 0; u < units.size(); ++u) CountPush();
       }
     }
+    if (!failed.ok()) return;
     // Wall time (less the exposed pull) split between forward and backward
     // as the slots measured it.
-    const double wall = std::max(0.0, Since(compute_start) - waited);
+    const double wall =
+        std::max(0.0, std::chrono::duration<double>(compute_end - compute_start).count() - waited);
     double fwd = 0.0, bwd = 0.0;
     for (const SlotStats& st : stats) {
       fwd += std::max(0.0, st.forward_seconds - waited);
@@ -335,9 +462,11 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
     for (int i = 0; i < wave; ++i) {
       const int slot = mine[base + i];
       metrics_.tokens.Increment(static_cast<double>(stats[i].tokens));
-      if (prefix) {
-        AccumulateSlotGradient(TransferDtypeOf(spec), job.lane_grads[i].data(),
-                               static_cast<int64_t>(sum.size()), sum.data());
+      if (last) {
+        // Pushed while the backward pass ran.
+      } else if (prefix) {
+        AccumulateSlotGradient(dtype, job.lane_grads[i].data(), static_cast<int64_t>(sum.size()),
+                               sum.data());
       } else if (absl::Status st = Push(task, slot, 1, job.lane_grads[i].data()); !st.ok()) {
         failed = st;
         return;
@@ -362,7 +491,7 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
     }
   });
   MUONPS_RETURN_IF_ERROR(failed);
-  if (prefix) MUONPS_RETURN_IF_ERROR(Push(task, 0, count, sum.data()));
+  if (prefix && !options_.overlap_push) MUONPS_RETURN_IF_ERROR(Push(task, 0, count, sum.data()));
   // Routed load of this task, by layer and expert (the model bounds both).
   const std::vector<std::vector<int64_t>>& load = task_load.layers();
   const int first_moe = spec.model().first_k_dense_replace();

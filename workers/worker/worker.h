@@ -3,8 +3,10 @@
 // task (slot gradients, or validation losses), pushes each slot's gradient to
 // the shards that own the tensors, reports the slot statistics, and loops.
 // A training task's forward pass starts while the pull is still streaming:
-// each layer waits only for its own tensors (PullStages), and nothing is
-// pushed before every pull has ended and been checked.
+// each layer waits only for its own tensors (PullStages). The last wave of
+// slots streams its gradients to the shards while its backward pass goes on,
+// each stage as soon as it is final (PushStages), from the last layer to the
+// embedding; nothing is pushed before every pull has ended and been checked.
 // It keeps nothing that cannot be recomputed: killing it loses at most the
 // task in progress, which the coordinator hands to another worker.
 //
@@ -29,6 +31,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "data/batch_sampler.h"
 #include "data/token_source.h"
 #include "model/moe_model.h"
@@ -39,6 +42,7 @@
 #include "prometheus/registry.h"
 #include "rpc/membership.h"
 #include "workers/worker/pull_stages.h"
+#include "workers/worker/push_stages.h"
 
 namespace muonps {
 
@@ -55,6 +59,9 @@ struct WorkerOptions {
   // Fault injection for tests: SIGKILL itself right after this many
   // successful gradient pushes (0 = never), i.e. in the middle of a step.
   int64_t crash_after_pushes = 0;
+  // Stream the last wave's gradients to the shards while its backward pass
+  // runs (false: push them after it, as whole buffers).
+  bool overlap_push = true;
   // How long to keep trying to reach the coordinator at start.
   double register_timeout_seconds = 60.0;
   std::function<void(const std::string&)> log;
@@ -104,6 +111,10 @@ class Worker {
     std::vector<float> params;  // as pulled (bf16 jobs: bf16 values, widened)
     int64_t params_version = -1;
     std::unique_ptr<PullStages> stages;  // what of `params` the current pull has placed
+    // The trainable tensors in the order the backward pass finishes them
+    // (stage L + 1 down to stage 0, layout order within a stage), and by stage.
+    std::vector<const TensorInfo*> push_order;
+    std::vector<std::vector<const TensorInfo*>> stage_tensors;
     std::map<std::string, std::shared_ptr<grpc::Channel>> channels;  // by shard address
   };
 
@@ -117,6 +128,20 @@ class Worker {
   absl::Status RunTrain(const v1::Task& task);
   absl::Status RunEval(const v1::Task& task);
   absl::Status Push(const v1::Task& task, int first_slot, int slot_count, const float* grads);
+  // One push of a slot range streamed during the backward pass.
+  struct StreamedPush {
+    int first_slot = 0;
+    int slot_count = 1;
+    const float* grads = nullptr;
+    std::unique_ptr<PushStages> stages;
+  };
+  // Sends `unit` to every shard and copy of the task, each tensor once
+  // `unit.stages` says it is final, after `pull_checked` has been notified
+  // with an OK `pull_status`. Returns the first error.
+  absl::Status StreamPush(const v1::Task& task, const StreamedPush& unit,
+                          const absl::Notification& pull_checked, const absl::Status& pull_status);
+  // Counts one completed push; the crash_after_pushes fault injection.
+  void CountPush();
   grpc::Channel* Channel(const std::string& address);
   void Log(const std::string& line);
 
