@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/elementwise.h"
 #include "common/gemm.h"
 #include "common/parallel.h"
 
@@ -22,12 +23,7 @@ constexpr int kChannelBlock = 64;
 
 int NumChannelBlocks(int C) { return (C + kChannelBlock - 1) / kChannelBlock; }
 
-// 1 / (1 + exp(-x)) without overflow in the intermediate exp.
-inline float Sigmoid(float x) {
-  if (x >= 0.0f) return 1.0f / (1.0f + std::exp(-x));
-  const float e = std::exp(x);
-  return e / (1.0f + e);
-}
+using elementwise::Sigmoid;
 
 }  // namespace
 
@@ -61,8 +57,8 @@ void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* wei
     float* o = out + n * C;
     float ss = 0.0f;
     for (int c = 0; c < C; ++c) ss += x[c] * x[c];
-    const float r = 1.0f / std::sqrt(ss / static_cast<float>(C) + eps);
-    for (int c = 0; c < C; ++c) o[c] = x[c] * r * weight[c];
+    const float r = elementwise::RmsnormInverse(ss, C, eps);
+    for (int c = 0; c < C; ++c) o[c] = elementwise::RmsnormOut(x[c], r, weight[c]);
     rstd[n] = r;
   });
 }
@@ -80,7 +76,8 @@ void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const floa
       float dot = 0.0f;
       for (int c = 0; c < C; ++c) dot += g[c] * weight[c] * x[c];
       const float coef = r * r * dot / static_cast<float>(C);
-      for (int c = 0; c < C; ++c) dx[c] += r * (g[c] * weight[c] - x[c] * coef);
+      for (int c = 0; c < C; ++c)
+        dx[c] += elementwise::RmsnormInputGrad(g[c], weight[c], x[c], r, coef);
     });
   }
   if (dweight != nullptr) {
@@ -91,7 +88,7 @@ void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const floa
         const float* x = inp + n * C;
         const float* g = dout + n * C;
         const float r = rstd[n];
-        for (int c = c0; c < c1; ++c) dweight[c] += g[c] * x[c] * r;
+        for (int c = c0; c < c1; ++c) dweight[c] += elementwise::RmsnormWeightGrad(g[c], x[c], r);
       }
     });
   }
@@ -143,10 +140,7 @@ void rope_forward(float* out, const float* inp, const float* cos, const float* s
       const float* x = inp + bt * C + h * D;
       float* o = out + bt * C + h * D;
       for (int i = 0; i < half; ++i) {
-        const float x1 = x[i];
-        const float x2 = x[i + half];
-        o[i] = x1 * c[i] - x2 * s[i];
-        o[i + half] = x2 * c[i] + x1 * s[i];
+        elementwise::RopeRotate(x[i], x[i + half], c[i], s[i], &o[i], &o[i + half]);
       }
     }
   });
@@ -164,10 +158,10 @@ void rope_backward(float* dinp, const float* dout, const float* cos, const float
       const float* g = dout + bt * C + h * D;
       float* dx = dinp + bt * C + h * D;
       for (int i = 0; i < half; ++i) {
-        const float g1 = g[i];
-        const float g2 = g[i + half];
-        dx[i] += g1 * c[i] + g2 * s[i];
-        dx[i + half] += g2 * c[i] - g1 * s[i];
+        float d1, d2;
+        elementwise::RopeRotateBack(g[i], g[i + half], c[i], s[i], &d1, &d2);
+        dx[i] += d1;
+        dx[i + half] += d2;
       }
     }
   });
@@ -179,8 +173,7 @@ void swiglu_forward(float* out, const float* gate, const float* up, int64_t N, i
   ParallelFor(N, [&](int64_t n) {
     const int64_t o = n * F;
     for (int f = 0; f < F; ++f) {
-      const float x = gate[o + f];
-      out[o + f] = x * Sigmoid(x) * up[o + f];
+      out[o + f] = elementwise::SwigluForward(gate[o + f], up[o + f]);
     }
   });
 }
@@ -192,11 +185,9 @@ void swiglu_backward(float* dgate, float* dup, const float* dout, const float* g
     const int64_t o = n * F;
     for (int f = 0; f < F; ++f) {
       const float x = gate[o + f];
-      const float s = Sigmoid(x);
       const float g = dout[o + f];
-      // d silu / dx = s (1 + x (1 - s)).
-      if (dgate != nullptr) dgate[o + f] += g * up[o + f] * s * (1.0f + x * (1.0f - s));
-      if (dup != nullptr) dup[o + f] += g * x * s;
+      if (dgate != nullptr) dgate[o + f] += elementwise::SwigluGateGrad(g, x, up[o + f]);
+      if (dup != nullptr) dup[o + f] += elementwise::SwigluUpGrad(g, x);
     }
   });
 }
