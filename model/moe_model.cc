@@ -8,23 +8,8 @@
 #include "absl/strings/str_cat.h"
 
 namespace muonps {
-namespace {
-
-void Zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
-
-template <typename T>
-void Size(std::vector<T>& v, int64_t n) {
-  v.assign(static_cast<size_t>(n), T{});
-}
-
-// a += b, elementwise.
-void AddInPlace(float* a, const float* b, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) a[i] += b[i];
-}
-
-}  // namespace
-
-MoeModel::MoeModel(const v1::ModelConfig& config) : config_(config), layout_(config) {
+MoeModel::MoeModel(const v1::ModelConfig& config, ComputeBackend* backend)
+    : config_(config), layout_(config), backend_(backend) {
   C_ = config.hidden_size();
   H_ = config.num_attention_heads();
   D_ = C_ / H_;
@@ -110,7 +95,10 @@ void MoeModel::Resize(int B) {
   const int64_t N = N_, C = C_, P = N * K_;
   const int64_t AQ = static_cast<int64_t>(H_) * Dqk_, AV = static_cast<int64_t>(H_) * Dv_;
   const int64_t KVB = static_cast<int64_t>(H_) * (dn_ + dv_dim_), KVA = R_ + dr_;
-  acts_.assign(L_, LayerActs{});
+  acts_.clear();
+  acts_.resize(static_cast<size_t>(L_));
+  Size(tokens_, N);
+  Size(targets_, N);
   for (int l = 0; l < L_; ++l) {
     LayerActs& a = acts_[l];
     Size(a.res, N * C);
@@ -240,11 +228,14 @@ SlotStats MoeModel::RunForward(const float* params, const int32_t* inputs, const
                                const StageWait* wait) {
   const int B = B_, N = N_, C = C_, T = T_, H = H_, D = D_, E = E_, K = K_, F = F_;
   const int P = N * K;
+  ComputeBackend& ops = *backend_;
   SlotStats stats;
   stats.tokens = N;
+  ops.Copy(tokens_.data(), inputs, sizeof(int32_t) * N);
+  if (targets != nullptr) ops.Copy(targets_.data(), targets, sizeof(int32_t) * N);
 
   if (wait != nullptr) (*wait)(0);
-  embedding_forward(acts_[0].res.data(), inputs, params + embed_off_, N, C);
+  ops.embedding_forward(acts_[0].res.data(), tokens_.data(), params + embed_off_, N, C);
   for (int l = 0; l < L_; ++l) {
     if (wait != nullptr) (*wait)(l + 1);
     LayerActs& a = acts_[l];
@@ -252,111 +243,128 @@ SlotStats MoeModel::RunForward(const float* params, const int32_t* inputs, const
     float* h_out = l + 1 < L_ ? acts_[l + 1].res.data() : final_res_.data();
 
     // Attention block.
-    rmsnorm_forward(a.a.data(), a.rstd1.data(), a.res.data(), params + o.in_norm, N, C, eps_);
+    ops.rmsnorm_forward(a.a.data(), a.rstd1.data(), a.res.data(), params + o.in_norm, N, C, eps_);
     if (mla_) {
       const int AQ = H * Dqk_, KVA = R_ + dr_;
       if (QR_ > 0) {
-        matmul_forward(a.qa.data(), a.a.data(), params + o.qa, N, C, QR_);
-        rmsnorm_forward(a.qan.data(), a.rstdq.data(), a.qa.data(), params + o.qa_norm, N, QR_,
-                        eps_);
-        matmul_forward(a.qp.data(), a.qan.data(), params + o.qb, N, QR_, AQ);
+        ops.matmul_forward(a.qa.data(), a.a.data(), params + o.qa, N, C, QR_);
+        ops.rmsnorm_forward(a.qan.data(), a.rstdq.data(), a.qa.data(), params + o.qa_norm, N, QR_,
+                            eps_);
+        ops.matmul_forward(a.qp.data(), a.qan.data(), params + o.qb, N, QR_, AQ);
       } else {
-        matmul_forward(a.qp.data(), a.a.data(), params + o.q, N, C, AQ);
+        ops.matmul_forward(a.qp.data(), a.a.data(), params + o.q, N, C, AQ);
       }
-      matmul_forward(a.kva.data(), a.a.data(), params + o.kva, N, C, KVA);
-      slice_forward(a.ckv_in.data(), a.kva.data(), N, KVA, 0, R_);
-      rmsnorm_forward(a.ckv.data(), a.rstdkv.data(), a.ckv_in.data(), params + o.kv_norm, N, R_,
-                      eps_);
-      matmul_forward(a.kvb.data(), a.ckv.data(), params + o.kvb, N, R_, H * (dn_ + dv_dim_));
-      mla_heads_forward(a.q.data(), a.k.data(), a.v.data(), a.qp.data(), a.kvb.data(), a.kva.data(),
-                        rope_cos_.data(), rope_sin_.data(), B, T, H, dn_, dr_, dv_dim_, R_);
+      ops.matmul_forward(a.kva.data(), a.a.data(), params + o.kva, N, C, KVA);
+      ops.slice_forward(a.ckv_in.data(), a.kva.data(), N, KVA, 0, R_);
+      ops.rmsnorm_forward(a.ckv.data(), a.rstdkv.data(), a.ckv_in.data(), params + o.kv_norm, N, R_,
+                          eps_);
+      ops.matmul_forward(a.kvb.data(), a.ckv.data(), params + o.kvb, N, R_, H * (dn_ + dv_dim_));
+      ops.mla_heads_forward(a.q.data(), a.k.data(), a.v.data(), a.qp.data(), a.kvb.data(),
+                            a.kva.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, dn_, dr_,
+                            dv_dim_, R_);
     } else {
-      matmul_forward(a.q.data(), a.a.data(), params + o.q, N, C, C);
-      matmul_forward(a.k.data(), a.a.data(), params + o.k, N, C, C);
-      matmul_forward(a.v.data(), a.a.data(), params + o.v, N, C, C);
-      rope_forward(a.q.data(), a.q.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
-      rope_forward(a.k.data(), a.k.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
+      ops.matmul_forward(a.q.data(), a.a.data(), params + o.q, N, C, C);
+      ops.matmul_forward(a.k.data(), a.a.data(), params + o.k, N, C, C);
+      ops.matmul_forward(a.v.data(), a.a.data(), params + o.v, N, C, C);
+      ops.rope_forward(a.q.data(), a.q.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
+      ops.rope_forward(a.k.data(), a.k.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
     }
-    attention_forward(a.ao.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, Dqk_,
-                      Dv_, a.logit_max.data());
-    std::vector<float> head_max(static_cast<size_t>(H), -INFINITY);
-    for (int b = 0; b < B; ++b) {
-      for (int h = 0; h < H; ++h) head_max[h] = std::max(head_max[h], a.logit_max[b * H + h]);
-    }
-    stats.logit_max.push_back(std::move(head_max));
-    matmul_forward(a.mid.data(), a.ao.data(), params + o.o, N, H * Dv_, C);
-    AddInPlace(a.mid.data(), a.res.data(), static_cast<int64_t>(N) * C);  // mid = h + attn
+    ops.attention_forward(a.ao.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H,
+                          Dqk_, Dv_, a.logit_max.data());
+    ops.matmul_forward(a.mid.data(), a.ao.data(), params + o.o, N, H * Dv_, C);
+    ops.AddInPlace(a.mid.data(), a.res.data(), static_cast<int64_t>(N) * C);  // mid = h + attn
 
     // FFN block: h_out = mid + y.
-    rmsnorm_forward(a.m.data(), a.rstd2.data(), a.mid.data(), params + o.post_norm, N, C, eps_);
+    ops.rmsnorm_forward(a.m.data(), a.rstd2.data(), a.mid.data(), params + o.post_norm, N, C, eps_);
     float* y = h_out;
     if (l < dense_layers_) {
-      matmul_forward(a.g.data(), a.m.data(), params + o.gate, N, C, I_);
-      matmul_forward(a.u.data(), a.m.data(), params + o.up, N, C, I_);
-      swiglu_forward(a.act.data(), a.g.data(), a.u.data(), N, I_);
-      matmul_forward(y, a.act.data(), params + o.down, N, I_, C);
+      ops.matmul_forward(a.g.data(), a.m.data(), params + o.gate, N, C, I_);
+      ops.matmul_forward(a.u.data(), a.m.data(), params + o.up, N, C, I_);
+      ops.swiglu_forward(a.act.data(), a.g.data(), a.u.data(), N, I_);
+      ops.matmul_forward(y, a.act.data(), params + o.down, N, I_, C);
     } else {
-      matmul_forward(a.rlogits.data(), a.m.data(), params + o.router, N, C, E);
-      router_score_forward(a.scores.data(), a.rlogits.data(), N, E, scoring_);
-      router_topk(a.idx.data(), a.scores.data(), aux_free_ ? params + o.bias : nullptr, N, E, K);
-      topk_weights_forward(a.wts.data(), a.scores.data(), a.idx.data(), N, E, K,
-                           config_.norm_topk_prob(),
-                           static_cast<float>(config_.routed_scaling_factor()));
-      build_routing(a.offsets.data(), a.token.data(), a.pos.data(), a.idx.data(), N, E, K);
-      dispatch_forward(a.xe.data(), a.m.data(), a.token.data(), P, C);
+      ops.matmul_forward(a.rlogits.data(), a.m.data(), params + o.router, N, C, E);
+      ops.router_score_forward(a.scores.data(), a.rlogits.data(), N, E, scoring_);
+      ops.router_topk(a.idx.data(), a.scores.data(), aux_free_ ? params + o.bias : nullptr, N, E,
+                      K);
+      ops.topk_weights_forward(a.wts.data(), a.scores.data(), a.idx.data(), N, E, K,
+                               config_.norm_topk_prob(),
+                               static_cast<float>(config_.routed_scaling_factor()));
+      ops.build_routing(a.offsets.data(), a.token.data(), a.pos.data(), a.idx.data(), N, E, K);
+      ops.Synchronize();  // the host reads the experts' row ranges
+      ops.dispatch_forward(a.xe.data(), a.m.data(), a.token.data(), P, C);
       std::vector<int64_t> load(E);
       for (int e = 0; e < E; ++e) {
         const int begin = a.offsets[e], rows = a.offsets[e + 1] - begin;
         load[e] = rows;
         if (rows == 0) continue;
         const int64_t rc = static_cast<int64_t>(begin) * C, rf = static_cast<int64_t>(begin) * F;
-        matmul_forward(a.ge.data() + rf, a.xe.data() + rc, params + o.eg[e], rows, C, F);
-        matmul_forward(a.ue.data() + rf, a.xe.data() + rc, params + o.eu[e], rows, C, F);
-        swiglu_forward(a.acte.data() + rf, a.ge.data() + rf, a.ue.data() + rf, rows, F);
-        matmul_forward(a.ye.data() + rc, a.acte.data() + rf, params + o.ed[e], rows, F, C);
+        ops.matmul_forward(a.ge.data() + rf, a.xe.data() + rc, params + o.eg[e], rows, C, F);
+        ops.matmul_forward(a.ue.data() + rf, a.xe.data() + rc, params + o.eu[e], rows, C, F);
+        ops.swiglu_forward(a.acte.data() + rf, a.ge.data() + rf, a.ue.data() + rf, rows, F);
+        ops.matmul_forward(a.ye.data() + rc, a.acte.data() + rf, params + o.ed[e], rows, F, C);
       }
       stats.expert_load.push_back(std::move(load));
-      std::fill(y, y + static_cast<int64_t>(N) * C, 0.0f);
-      combine_forward(y, a.ye.data(), a.wts.data(), a.pos.data(), N, K, C);
+      ops.Zero(y, static_cast<int64_t>(N) * C);
+      ops.combine_forward(y, a.ye.data(), a.wts.data(), a.pos.data(), N, K, C);
       if (SF_ > 0) {
-        matmul_forward(a.gs.data(), a.m.data(), params + o.sg, N, C, SF_);
-        matmul_forward(a.us.data(), a.m.data(), params + o.su, N, C, SF_);
-        swiglu_forward(a.acts.data(), a.gs.data(), a.us.data(), N, SF_);
-        matmul_forward(dx_.data(), a.acts.data(), params + o.sd, N, SF_, C);
-        AddInPlace(y, dx_.data(), static_cast<int64_t>(N) * C);
+        ops.matmul_forward(a.gs.data(), a.m.data(), params + o.sg, N, C, SF_);
+        ops.matmul_forward(a.us.data(), a.m.data(), params + o.su, N, C, SF_);
+        ops.swiglu_forward(a.acts.data(), a.gs.data(), a.us.data(), N, SF_);
+        ops.matmul_forward(dx_.data(), a.acts.data(), params + o.sd, N, SF_, C);
+        ops.AddInPlace(y, dx_.data(), static_cast<int64_t>(N) * C);
       }
-      if (aux_loss_) stats.aux_sum += aux_loss_forward(a.scores.data(), a.idx.data(), N, E, K);
+      if (aux_loss_) stats.aux_sum += ops.aux_loss_forward(a.scores.data(), a.idx.data(), N, E, K);
     }
-    AddInPlace(h_out, a.mid.data(), static_cast<int64_t>(N) * C);  // h_out = y + mid
+    ops.AddInPlace(h_out, a.mid.data(), static_cast<int64_t>(N) * C);  // h_out = y + mid
   }
 
   if (wait != nullptr) (*wait)(L_ + 1);
-  rmsnorm_forward(final_x_.data(), final_rstd_.data(), final_res_.data(), params + norm_off_, N, C,
-                  eps_);
-  matmul_forward(logits_.data(), final_x_.data(), params + head_off_, N, C, V_);
-  crossentropy_forward(losses_.data(), probs_.data(), logits_.data(), targets, N, V_);
+  ops.rmsnorm_forward(final_x_.data(), final_rstd_.data(), final_res_.data(), params + norm_off_, N,
+                      C, eps_);
+  ops.matmul_forward(logits_.data(), final_x_.data(), params + head_off_, N, C, V_);
+  ops.crossentropy_forward(losses_.data(), probs_.data(), logits_.data(), targets_.data(), N, V_);
+  ops.Synchronize();
   for (int n = 0; n < N; ++n) stats.loss_sum += losses_[n];
+  // Each head's largest logit over the slot's sequences.
+  for (int l = 0; l < L_; ++l) {
+    std::vector<float> head_max(static_cast<size_t>(H), -INFINITY);
+    for (int b = 0; b < B; ++b) {
+      for (int h = 0; h < H; ++h) {
+        head_max[h] = std::max(head_max[h], acts_[l].logit_max[b * H + h]);
+      }
+    }
+    stats.logit_max.push_back(std::move(head_max));
+  }
   return stats;
 }
 
 void MoeModel::RunBackward(const float* params, const int32_t* inputs, const int32_t* targets,
                            float loss_scale, float aux_scale, float* grads, const StageDone* done) {
-  const auto stage_done = [done](int stage) {
-    if (done != nullptr) (*done)(stage);
+  ComputeBackend& ops = *backend_;
+  // A stage's gradients are final once the ops writing them have run.
+  const auto stage_done = [done, &ops](int stage) {
+    if (done == nullptr) return;
+    ops.Synchronize();
+    (*done)(stage);
+  };
+  const auto zero = [&ops](BackendArray<float>& b) {
+    ops.Zero(b.data(), static_cast<int64_t>(b.size()));
   };
   const int B = B_, N = N_, C = C_, T = T_, H = H_, D = D_, E = E_, K = K_, F = F_;
   const int64_t NC = static_cast<int64_t>(N) * C;
 
   // Loss and head.
-  std::fill(losses_.begin(), losses_.end(), loss_scale);  // reused as dlosses
-  Zero(dlogits_);
-  crossentropy_backward(dlogits_.data(), losses_.data(), probs_.data(), targets, N, V_);
-  Zero(dx_);
-  matmul_backward(dx_.data(), grads + head_off_, dlogits_.data(), final_x_.data(),
-                  params + head_off_, N, C, V_);
-  Zero(dres_);
-  rmsnorm_backward(dres_.data(), grads + norm_off_, dx_.data(), final_res_.data(),
-                   params + norm_off_, final_rstd_.data(), N, C);
+  ops.Synchronize();
+  std::fill(losses_.data(), losses_.data() + losses_.size(), loss_scale);  // reused as dlosses
+  zero(dlogits_);
+  ops.crossentropy_backward(dlogits_.data(), losses_.data(), probs_.data(), targets_.data(), N, V_);
+  zero(dx_);
+  ops.matmul_backward(dx_.data(), grads + head_off_, dlogits_.data(), final_x_.data(),
+                      params + head_off_, N, C, V_);
+  zero(dres_);
+  ops.rmsnorm_backward(dres_.data(), grads + norm_off_, dx_.data(), final_res_.data(),
+                       params + norm_off_, final_rstd_.data(), N, C);
   stage_done(L_ + 1);
 
   // dres_ holds dL/d(h_out) of the layer being processed.
@@ -365,124 +373,127 @@ void MoeModel::RunBackward(const float* params, const int32_t* inputs, const int
     const LayerOffsets& o = offsets_[l];
     const float* dy = dres_.data();  // h_out = mid + y
     float* dm = dbuf_a_.data();
-    std::fill(dm, dm + NC, 0.0f);
+    ops.Zero(dm, NC);
     if (l < dense_layers_) {
       const int64_t NI = static_cast<int64_t>(N) * I_;
-      std::fill(dI1_.begin(), dI1_.begin() + NI, 0.0f);
-      std::fill(dI2_.begin(), dI2_.begin() + NI, 0.0f);
-      std::fill(dI3_.begin(), dI3_.begin() + NI, 0.0f);
-      matmul_backward(dI1_.data(), grads + o.down, dy, a.act.data(), params + o.down, N, I_, C);
-      swiglu_backward(dI2_.data(), dI3_.data(), dI1_.data(), a.g.data(), a.u.data(), N, I_);
-      matmul_backward(dm, grads + o.gate, dI2_.data(), a.m.data(), params + o.gate, N, C, I_);
-      matmul_backward(dm, grads + o.up, dI3_.data(), a.m.data(), params + o.up, N, C, I_);
+      ops.Zero(dI1_.data(), NI);
+      ops.Zero(dI2_.data(), NI);
+      ops.Zero(dI3_.data(), NI);
+      ops.matmul_backward(dI1_.data(), grads + o.down, dy, a.act.data(), params + o.down, N, I_, C);
+      ops.swiglu_backward(dI2_.data(), dI3_.data(), dI1_.data(), a.g.data(), a.u.data(), N, I_);
+      ops.matmul_backward(dm, grads + o.gate, dI2_.data(), a.m.data(), params + o.gate, N, C, I_);
+      ops.matmul_backward(dm, grads + o.up, dI3_.data(), a.m.data(), params + o.up, N, C, I_);
     } else {
       const int P = N * K;
       // Routed experts.
-      std::fill(dye_.begin(), dye_.begin() + static_cast<int64_t>(P) * C, 0.0f);
-      Zero(dwts_);
-      combine_backward(dye_.data(), dwts_.data(), dy, a.ye.data(), a.wts.data(), a.pos.data(), N, K,
-                       C);
-      std::fill(dxe_.begin(), dxe_.begin() + static_cast<int64_t>(P) * C, 0.0f);
-      Zero(dacte_);
-      Zero(dge_);
-      Zero(due_);
+      ops.Zero(dye_.data(), static_cast<int64_t>(P) * C);
+      zero(dwts_);
+      ops.combine_backward(dye_.data(), dwts_.data(), dy, a.ye.data(), a.wts.data(), a.pos.data(),
+                           N, K, C);
+      ops.Zero(dxe_.data(), static_cast<int64_t>(P) * C);
+      zero(dacte_);
+      zero(dge_);
+      zero(due_);
       for (int e = 0; e < E; ++e) {
         const int begin = a.offsets[e], rows = a.offsets[e + 1] - begin;
         if (rows == 0) continue;
         const int64_t rc = static_cast<int64_t>(begin) * C, rf = static_cast<int64_t>(begin) * F;
-        matmul_backward(dacte_.data() + rf, grads + o.ed[e], dye_.data() + rc, a.acte.data() + rf,
-                        params + o.ed[e], rows, F, C);
-        swiglu_backward(dge_.data() + rf, due_.data() + rf, dacte_.data() + rf, a.ge.data() + rf,
-                        a.ue.data() + rf, rows, F);
-        matmul_backward(dxe_.data() + rc, grads + o.eg[e], dge_.data() + rf, a.xe.data() + rc,
-                        params + o.eg[e], rows, C, F);
-        matmul_backward(dxe_.data() + rc, grads + o.eu[e], due_.data() + rf, a.xe.data() + rc,
-                        params + o.eu[e], rows, C, F);
+        ops.matmul_backward(dacte_.data() + rf, grads + o.ed[e], dye_.data() + rc,
+                            a.acte.data() + rf, params + o.ed[e], rows, F, C);
+        ops.swiglu_backward(dge_.data() + rf, due_.data() + rf, dacte_.data() + rf,
+                            a.ge.data() + rf, a.ue.data() + rf, rows, F);
+        ops.matmul_backward(dxe_.data() + rc, grads + o.eg[e], dge_.data() + rf, a.xe.data() + rc,
+                            params + o.eg[e], rows, C, F);
+        ops.matmul_backward(dxe_.data() + rc, grads + o.eu[e], due_.data() + rf, a.xe.data() + rc,
+                            params + o.eu[e], rows, C, F);
       }
-      dispatch_backward(dm, dxe_.data(), a.pos.data(), N, K, C);
+      ops.dispatch_backward(dm, dxe_.data(), a.pos.data(), N, K, C);
       // Shared experts.
       if (SF_ > 0) {
         const int64_t NS = static_cast<int64_t>(N) * SF_;
-        std::fill(dI1_.begin(), dI1_.begin() + NS, 0.0f);
-        std::fill(dI2_.begin(), dI2_.begin() + NS, 0.0f);
-        std::fill(dI3_.begin(), dI3_.begin() + NS, 0.0f);
-        matmul_backward(dI1_.data(), grads + o.sd, dy, a.acts.data(), params + o.sd, N, SF_, C);
-        swiglu_backward(dI2_.data(), dI3_.data(), dI1_.data(), a.gs.data(), a.us.data(), N, SF_);
-        matmul_backward(dm, grads + o.sg, dI2_.data(), a.m.data(), params + o.sg, N, C, SF_);
-        matmul_backward(dm, grads + o.su, dI3_.data(), a.m.data(), params + o.su, N, C, SF_);
+        ops.Zero(dI1_.data(), NS);
+        ops.Zero(dI2_.data(), NS);
+        ops.Zero(dI3_.data(), NS);
+        ops.matmul_backward(dI1_.data(), grads + o.sd, dy, a.acts.data(), params + o.sd, N, SF_, C);
+        ops.swiglu_backward(dI2_.data(), dI3_.data(), dI1_.data(), a.gs.data(), a.us.data(), N,
+                            SF_);
+        ops.matmul_backward(dm, grads + o.sg, dI2_.data(), a.m.data(), params + o.sg, N, C, SF_);
+        ops.matmul_backward(dm, grads + o.su, dI3_.data(), a.m.data(), params + o.su, N, C, SF_);
       }
       // Router: the weights carry gradient into the scores, the choice does not.
-      Zero(dsc_);
-      topk_weights_backward(dsc_.data(), dwts_.data(), a.scores.data(), a.idx.data(), N, E, K,
-                            config_.norm_topk_prob(),
-                            static_cast<float>(config_.routed_scaling_factor()));
+      zero(dsc_);
+      ops.topk_weights_backward(dsc_.data(), dwts_.data(), a.scores.data(), a.idx.data(), N, E, K,
+                                config_.norm_topk_prob(),
+                                static_cast<float>(config_.routed_scaling_factor()));
       if (aux_loss_) {
-        aux_loss_backward(dsc_.data(), aux_scale, a.scores.data(), a.idx.data(), N, E, K);
+        ops.aux_loss_backward(dsc_.data(), aux_scale, a.scores.data(), a.idx.data(), N, E, K);
       }
-      Zero(drl_);
-      router_score_backward(drl_.data(), dsc_.data(), a.scores.data(), N, E, scoring_);
-      matmul_backward(dm, grads + o.router, drl_.data(), a.m.data(), params + o.router, N, C, E);
+      zero(drl_);
+      ops.router_score_backward(drl_.data(), dsc_.data(), a.scores.data(), N, E, scoring_);
+      ops.matmul_backward(dm, grads + o.router, drl_.data(), a.m.data(), params + o.router, N, C,
+                          E);
     }
     // mid feeds both the residual (dres_ already holds that part) and the norm.
-    rmsnorm_backward(dres_.data(), grads + o.post_norm, dm, a.mid.data(), params + o.post_norm,
-                     a.rstd2.data(), N, C);
+    ops.rmsnorm_backward(dres_.data(), grads + o.post_norm, dm, a.mid.data(), params + o.post_norm,
+                         a.rstd2.data(), N, C);
 
     // Attention block: mid = res + ao·Wo^T.
     const int AV = H * Dv_;
     float* dao = dbuf_b_.data();
-    std::fill(dao, dao + static_cast<int64_t>(N) * AV, 0.0f);
-    matmul_backward(dao, grads + o.o, dres_.data(), a.ao.data(), params + o.o, N, AV, C);
-    Zero(dq_);
-    Zero(dk_);
-    Zero(dv_);
-    attention_backward(dq_.data(), dk_.data(), dv_.data(), dao, a.q.data(), a.k.data(), a.v.data(),
-                       a.att.data(), B, T, H, Dqk_, Dv_);
+    ops.Zero(dao, static_cast<int64_t>(N) * AV);
+    ops.matmul_backward(dao, grads + o.o, dres_.data(), a.ao.data(), params + o.o, N, AV, C);
+    zero(dq_);
+    zero(dk_);
+    zero(dv_);
+    ops.attention_backward(dq_.data(), dk_.data(), dv_.data(), dao, a.q.data(), a.k.data(),
+                           a.v.data(), a.att.data(), B, T, H, Dqk_, Dv_);
     float* da = dbuf_a_.data();
-    std::fill(da, da + NC, 0.0f);
+    ops.Zero(da, NC);
     if (mla_) {
       const int AQ = H * Dqk_, KVA = R_ + dr_, KVB = H * (dn_ + dv_dim_);
-      Zero(dqp_);
-      Zero(dkvb_);
-      Zero(dkva_);
-      mla_heads_backward(dqp_.data(), dkvb_.data(), dkva_.data(), dq_.data(), dk_.data(),
-                         dv_.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, dn_, dr_, dv_dim_,
-                         R_);
-      Zero(dckv_);
-      matmul_backward(dckv_.data(), grads + o.kvb, dkvb_.data(), a.ckv.data(), params + o.kvb, N,
-                      R_, KVB);
-      Zero(dckv_in_);
-      rmsnorm_backward(dckv_in_.data(), grads + o.kv_norm, dckv_.data(), a.ckv_in.data(),
-                       params + o.kv_norm, a.rstdkv.data(), N, R_);
-      slice_backward(dkva_.data(), dckv_in_.data(), N, KVA, 0, R_);
-      matmul_backward(da, grads + o.kva, dkva_.data(), a.a.data(), params + o.kva, N, C, KVA);
+      zero(dqp_);
+      zero(dkvb_);
+      zero(dkva_);
+      ops.mla_heads_backward(dqp_.data(), dkvb_.data(), dkva_.data(), dq_.data(), dk_.data(),
+                             dv_.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, dn_, dr_,
+                             dv_dim_, R_);
+      zero(dckv_);
+      ops.matmul_backward(dckv_.data(), grads + o.kvb, dkvb_.data(), a.ckv.data(), params + o.kvb,
+                          N, R_, KVB);
+      zero(dckv_in_);
+      ops.rmsnorm_backward(dckv_in_.data(), grads + o.kv_norm, dckv_.data(), a.ckv_in.data(),
+                           params + o.kv_norm, a.rstdkv.data(), N, R_);
+      ops.slice_backward(dkva_.data(), dckv_in_.data(), N, KVA, 0, R_);
+      ops.matmul_backward(da, grads + o.kva, dkva_.data(), a.a.data(), params + o.kva, N, C, KVA);
       if (QR_ > 0) {
-        Zero(dqan_);
-        matmul_backward(dqan_.data(), grads + o.qb, dqp_.data(), a.qan.data(), params + o.qb, N,
-                        QR_, AQ);
-        Zero(dqa_);
-        rmsnorm_backward(dqa_.data(), grads + o.qa_norm, dqan_.data(), a.qa.data(),
-                         params + o.qa_norm, a.rstdq.data(), N, QR_);
-        matmul_backward(da, grads + o.qa, dqa_.data(), a.a.data(), params + o.qa, N, C, QR_);
+        zero(dqan_);
+        ops.matmul_backward(dqan_.data(), grads + o.qb, dqp_.data(), a.qan.data(), params + o.qb, N,
+                            QR_, AQ);
+        zero(dqa_);
+        ops.rmsnorm_backward(dqa_.data(), grads + o.qa_norm, dqan_.data(), a.qa.data(),
+                             params + o.qa_norm, a.rstdq.data(), N, QR_);
+        ops.matmul_backward(da, grads + o.qa, dqa_.data(), a.a.data(), params + o.qa, N, C, QR_);
       } else {
-        matmul_backward(da, grads + o.q, dqp_.data(), a.a.data(), params + o.q, N, C, AQ);
+        ops.matmul_backward(da, grads + o.q, dqp_.data(), a.a.data(), params + o.q, N, C, AQ);
       }
-      rmsnorm_backward(dres_.data(), grads + o.in_norm, da, a.res.data(), params + o.in_norm,
-                       a.rstd1.data(), N, C);
+      ops.rmsnorm_backward(dres_.data(), grads + o.in_norm, da, a.res.data(), params + o.in_norm,
+                           a.rstd1.data(), N, C);
       stage_done(l + 1);
       continue;
     }
-    Zero(dqk_);
-    rope_backward(dqk_.data(), dq_.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
-    matmul_backward(da, grads + o.q, dqk_.data(), a.a.data(), params + o.q, N, C, C);
-    Zero(dqk_);
-    rope_backward(dqk_.data(), dk_.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
-    matmul_backward(da, grads + o.k, dqk_.data(), a.a.data(), params + o.k, N, C, C);
-    matmul_backward(da, grads + o.v, dv_.data(), a.a.data(), params + o.v, N, C, C);
-    rmsnorm_backward(dres_.data(), grads + o.in_norm, da, a.res.data(), params + o.in_norm,
-                     a.rstd1.data(), N, C);
+    zero(dqk_);
+    ops.rope_backward(dqk_.data(), dq_.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
+    ops.matmul_backward(da, grads + o.q, dqk_.data(), a.a.data(), params + o.q, N, C, C);
+    zero(dqk_);
+    ops.rope_backward(dqk_.data(), dk_.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, D);
+    ops.matmul_backward(da, grads + o.k, dqk_.data(), a.a.data(), params + o.k, N, C, C);
+    ops.matmul_backward(da, grads + o.v, dv_.data(), a.a.data(), params + o.v, N, C, C);
+    ops.rmsnorm_backward(dres_.data(), grads + o.in_norm, da, a.res.data(), params + o.in_norm,
+                         a.rstd1.data(), N, C);
     stage_done(l + 1);
   }
-  embedding_backward(grads + embed_off_, dres_.data(), inputs, N, C);
+  ops.embedding_backward(grads + embed_off_, dres_.data(), tokens_.data(), N, C);
+  ops.Synchronize();  // the caller reads `grads` next
   stage_done(0);
 }
 
