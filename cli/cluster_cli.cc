@@ -35,6 +35,10 @@
 #include "services/coordinator/placement.h"
 #include "services/shard/shard_service.h"
 #include "workers/worker/worker.h"
+#if MUONPS_HAVE_CUDA
+#include "workers/cuda/cuda_backend.h"
+#include "workers/cuda/cuda_status.h"
+#endif
 
 ABSL_FLAG(std::string, listen, "",
           "host:port to serve on (coordinator default 127.0.0.1:7070, shard and worker "
@@ -68,6 +72,10 @@ ABSL_FLAG(std::string, log_dir, "",
           "local: directory for the services' logs (default: a new /tmp/muonps-local-*)");
 ABSL_FLAG(int64_t, crash_after_pushes, 0,
           "worker (fault injection for tests): SIGKILL itself after this many gradient pushes");
+ABSL_FLAG(std::string, device, "auto",
+          "worker: where slots are computed: cpu, cuda (every visible GPU, lanes spread over "
+          "them; refused when none is usable), or auto (cuda when a GPU is visible and this "
+          "binary was built with CUDA, else cpu)");
 ABSL_FLAG(bool, overlap_push, true,
           "worker: stream each tensor's gradient to the shards while the backward pass runs "
           "(false: push after it)");
@@ -309,6 +317,32 @@ int ServeWorker() {
   options.threads = NumThreads();
   options.crash_after_pushes = absl::GetFlag(FLAGS_crash_after_pushes);
   options.overlap_push = absl::GetFlag(FLAGS_overlap_push);
+  {
+    const std::string device = absl::GetFlag(FLAGS_device);
+    if (device != "cpu" && device != "cuda" && device != "auto") {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("--device: \"", device, "\" is not cpu, cuda or auto")));
+    }
+#if MUONPS_HAVE_CUDA
+    std::string why;
+    const int gpus = device == "cpu" ? 0 : cuda::VisibleDevices(&why);
+    if (device == "cuda" && gpus == 0) {
+      return Fail(absl::FailedPreconditionError(absl::StrCat("--device cuda: ", why)));
+    }
+    if (gpus > 0) {
+      options.backend_factory = [gpus](int lane) { return cuda::CreateCudaBackend(lane % gpus); };
+      LogLine(absl::StrCat("muonps worker: computing on ", gpus, " CUDA device(s)"));
+    } else if (device == "auto") {
+      LogLine(absl::StrCat("muonps worker: computing on the CPU (", why, ")"));
+    }
+#else
+    if (device == "cuda") {
+      return Fail(absl::FailedPreconditionError(
+          "--device cuda: this binary was built without CUDA (nvcc was not found when it was "
+          "configured)"));
+    }
+#endif
+  }
   options.log = [](const std::string& line) { LogLine("muonps worker: " + line); };
   options.register_timeout_seconds = 3600.0;
   options.metrics = (*metrics)->registry;
@@ -469,6 +503,7 @@ const std::vector<std::string>& EnvironmentFlags() {
                                    "metrics_listen",
                                    "peak_tflops",
                                    "overlap_push",
+                                   "device",
                                    "blas_core",
                                    "tls_cert",
                                    "tls_key",

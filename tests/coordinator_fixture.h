@@ -213,11 +213,15 @@ class CoordinatorTest : public testing_util::TempDirTest {
     }
   }
 
-  void StartWorkers(int n) {
+  // `factory`: each lane's compute backend (null: the CPU).
+  void StartWorkers(
+      int n, std::function<absl::StatusOr<std::unique_ptr<ComputeBackend>>(int)> factory = nullptr,
+      int threads = 1) {
     for (int i = 0; i < n; ++i) {
       WorkerOptions options;
       options.coordinator = server_->address();
-      options.threads = 1;
+      options.threads = threads;
+      options.backend_factory = factory;
       options.task_wait_seconds = 0.2;
       options.register_timeout_seconds = 10.0;
       options.data_roots = {Root()};

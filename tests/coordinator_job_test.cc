@@ -2,6 +2,7 @@
 // Trainer's bits, a job whose data cannot be read, and a running job cancelled.
 #include <set>
 
+#include "model/cpu_backend.h"
 #include "tests/coordinator_fixture.h"
 
 namespace muonps {
@@ -96,6 +97,75 @@ TEST_F(CoordinatorTest, TrainsATinyJobToTheTrainersBits) {
     EXPECT_TRUE(same(distributed.exp_avg, reference.exp_avg, t)) << t.name;
     EXPECT_TRUE(same(distributed.exp_avg_sq, reference.exp_avg_sq, t)) << t.name;
   }
+}
+
+// The CPU path through an injected backend: each lane of each worker on a
+// backend of its own that forwards to the CPU but owns its memory and
+// counts what it was asked. The job must still end on the trainer's bits,
+// and the backends must have held the parameters and gradients and run the
+// products: the worker's wiring of --device, checked without a GPU.
+struct BackendUse {
+  std::atomic<int64_t> backends{0}, bytes{0}, matmuls{0}, syncs{0};
+};
+
+class RecordingBackend : public CpuComputeBackend {
+ public:
+  explicit RecordingBackend(BackendUse* use) : use_(use) { ++use_->backends; }
+  void* Allocate(size_t bytes) override {
+    use_->bytes += static_cast<int64_t>(bytes);
+    return CpuComputeBackend::Allocate(bytes);
+  }
+  void Synchronize() override { ++use_->syncs; }
+  void matmul_forward(float* out, const float* inp, const float* weight, int N, int IC,
+                      int OC) override {
+    ++use_->matmuls;
+    CpuComputeBackend::matmul_forward(out, inp, weight, N, IC, OC);
+  }
+
+ private:
+  BackendUse* use_;
+};
+
+TEST_F(CoordinatorTest, WorkersOnAnInjectedBackendComputeTheTrainersBits) {
+  StartCoordinator(kClusterHeartbeat, kClusterLease, /*min_shards=*/1);
+  BackendUse use;
+  StartWorkers(
+      2,
+      [&use](int) -> absl::StatusOr<std::unique_ptr<ComputeBackend>> {
+        return std::make_unique<RecordingBackend>(&use);
+      },
+      /*threads=*/2);
+  StartShards(1);
+  AwaitCluster(1, 2);
+  const v1::JobSpec spec = TinyJob(3, Path("cluster"));
+  std::string id;
+  ASSERT_TRUE(Submit(spec, &id).ok());
+  std::vector<v1::WatchJobResponse> events;
+  ASSERT_TRUE(Watch(id, &events).ok());
+  const v1::Job job = GetJob(id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error();
+
+  v1::JobSpec single = spec;
+  single.mutable_checkpoint()->set_dir(Path("trainer"));
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(single, {});
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  absl::StatusOr<TrainSummary> summary = (*trainer)->Run();
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  const TrainingState distributed = ReadWholeCheckpoint(job.last_checkpoint(), spec);
+  const TrainingState reference = ReadWholeCheckpoint(summary->last_checkpoint, spec);
+  const ModelLayout layout(spec.model());
+  for (const TensorInfo& t : layout.tensors()) {
+    EXPECT_EQ(std::memcmp(distributed.params.data() + t.offset, reference.params.data() + t.offset,
+                          t.numel * sizeof(float)),
+              0)
+        << t.name;
+  }
+  // Two lanes per worker that computed, each with its parameters' or its
+  // gradient's worth of backend memory at least, and every product.
+  EXPECT_GE(use.backends.load(), 2);
+  EXPECT_GE(use.bytes.load(), 2 * layout.total_floats() * static_cast<int64_t>(sizeof(float)));
+  EXPECT_GT(use.matmuls.load(), 0);
+  EXPECT_GT(use.syncs.load(), 0);
 }
 
 TEST_F(CoordinatorTest, UnreadableDataFailsTheJobNamingThePath) {

@@ -34,9 +34,9 @@ ALLOWED = {
     "workers/worker": {"common", "model", "data", "step", "rpc"},
     "workers/cuda": {"common", "model"},
     "cli": {"common", "model", "data", "optim", "checkpoint", "step", "rpc", "trainer",
-            "services/shard", "services/coordinator", "workers/worker"},
+            "services/shard", "services/coordinator", "workers/worker", "workers/cuda"},
     "bench": {"common", "model", "data", "optim", "checkpoint", "step", "rpc", "trainer",
-              "services/shard", "services/coordinator", "workers/worker"},
+              "services/shard", "services/coordinator", "workers/worker", "workers/cuda"},
 }
 # tests/ may include anything of the project's.
 ALL = set(ALLOWED) | {"tests"}

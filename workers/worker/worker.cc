@@ -163,13 +163,25 @@ absl::Status Worker::Prepare(const v1::Task& task) {
                                        &job->val_inputs, &job->val_targets);
   const int lanes = std::max(1, std::min(options_.threads, job->spec.batch().slots()));
   const size_t rows = static_cast<size_t>(job->spec.batch().micro_batch());
+  const int64_t floats = ModelLayout(mc).total_floats();
   for (int i = 0; i < lanes; ++i) {
-    job->lanes.push_back(std::make_unique<MoeModel>(mc));
-    job->lane_grads.emplace_back(job->lanes[0]->layout().total_floats(), 0.0f);
+    ComputeBackend* backend = CpuBackend();
+    if (options_.backend_factory) {
+      absl::StatusOr<std::unique_ptr<ComputeBackend>> made = options_.backend_factory(i);
+      if (!made.ok()) {
+        return absl::UnavailableError(
+            absl::StrCat("compute backend of lane ", i, ": ", made.status().message()));
+      }
+      job->backends.push_back(std::move(*made));
+      backend = job->backends.back().get();
+    }
+    job->lanes.push_back(std::make_unique<MoeModel>(mc, backend));
+    job->lane_grads.emplace_back();
+    job->lane_grads.back().Assign(backend, floats);
     job->lane_inputs.emplace_back(rows * T, 0);
     job->lane_targets.emplace_back(rows * T, 0);
   }
-  job->params.assign(job->lanes[0]->layout().total_floats(), 0.0f);
+  job->params.Assign(job->lanes[0]->backend(), floats);
   job->stages = std::make_unique<PullStages>(job->lanes[0]->layout(), mc.num_hidden_layers());
   job->stage_tensors.resize(static_cast<size_t>(job->stages->stages()));
   for (const TensorInfo& t : job->lanes[0]->layout().tensors()) {
@@ -412,7 +424,8 @@ absl::Status Worker::RunTrain(const v1::Task& task) {
       const int slot = mine[base + i];
       job.sampler->Fill(task.version(), slot, job.lane_inputs[i].data(),
                         job.lane_targets[i].data());
-      std::fill(job.lane_grads[i].begin(), job.lane_grads[i].end(), 0.0f);
+      job.lanes[i]->backend()->Zero(job.lane_grads[i].data(),
+                                    static_cast<int64_t>(job.lane_grads[i].size()));
       stats[i] = job.lanes[i]->ForwardBackward(
           job.params.data(), job.lane_inputs[i].data(), job.lane_targets[i].data(), rows,
           scales.loss_scale, scales.aux_scale, job.lane_grads[i].data(),

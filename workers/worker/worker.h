@@ -30,10 +30,12 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "data/batch_sampler.h"
 #include "data/token_source.h"
+#include "model/backend.h"
 #include "model/moe_model.h"
 #include "muonps/v1/coordinator.grpc.pb.h"
 #include "muonps/v1/shard.grpc.pb.h"
@@ -79,6 +81,12 @@ struct WorkerOptions {
   // A job's data.path must resolve under one of these (symlinks followed)
   // or under the bundled default corpus (kDefaultCorpusPath).
   std::vector<std::string> data_roots;
+  // The compute backend of each lane (slots computed concurrently), e.g. a
+  // GPU per lane; null: every lane on the CPU. The parameters live in lane
+  // 0's backend memory, each lane's gradient in its own; every backend's
+  // memory must be readable by the host and by the other lanes' devices
+  // (CUDA managed memory is).
+  std::function<absl::StatusOr<std::unique_ptr<ComputeBackend>>(int lane)> backend_factory;
 };
 
 // Model FLOPs of one token's forward and backward: 6 x the parameters a token
@@ -105,10 +113,12 @@ class Worker {
     std::unique_ptr<BatchSampler> sampler;
     std::vector<int32_t> val_inputs, val_targets;
     int64_t val_windows = 0;
+    // Declared before what lives in their memory, so destroyed after it.
+    std::vector<std::unique_ptr<ComputeBackend>> backends;  // empty: the CPU
     std::vector<std::unique_ptr<MoeModel>> lanes;
-    std::vector<std::vector<float>> lane_grads;
+    std::vector<BackendArray<float>> lane_grads;
     std::vector<std::vector<int32_t>> lane_inputs, lane_targets;
-    std::vector<float> params;  // as pulled (bf16 jobs: bf16 values, widened)
+    BackendArray<float> params;  // as pulled (bf16 jobs: bf16 values, widened)
     int64_t params_version = -1;
     std::unique_ptr<PullStages> stages;  // what of `params` the current pull has placed
     // The trainable tensors in the order the backward pass finishes them
