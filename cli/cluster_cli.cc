@@ -27,6 +27,7 @@
 #include "common/parallel.h"
 #include "muonps/v1/coordinator.grpc.pb.h"
 #include "muonps/v1/shard.grpc.pb.h"
+#include "optim/orthogonalizer.h"
 #include "rpc/grpc_server.h"
 #include "rpc/membership.h"
 #include "rpc/metrics.h"
@@ -37,6 +38,7 @@
 #include "workers/worker/worker.h"
 #if MUONPS_HAVE_CUDA
 #include "workers/cuda/cuda_backend.h"
+#include "workers/cuda/cuda_orthogonalizer.h"
 #include "workers/cuda/cuda_status.h"
 #endif
 
@@ -73,9 +75,9 @@ ABSL_FLAG(std::string, log_dir, "",
 ABSL_FLAG(int64_t, crash_after_pushes, 0,
           "worker (fault injection for tests): SIGKILL itself after this many gradient pushes");
 ABSL_FLAG(std::string, device, "auto",
-          "worker: where slots are computed: cpu, cuda (every visible GPU, lanes spread over "
-          "them; refused when none is usable), or auto (cuda when a GPU is visible and this "
-          "binary was built with CUDA, else cpu)");
+          "worker, shard: where they compute: cpu, cuda (a worker's lanes spread over every "
+          "visible GPU; a shard's Newton-Schulz on GPU 0; refused when none is usable), or auto "
+          "(cuda when a GPU is visible and this binary was built with CUDA, else cpu)");
 ABSL_FLAG(bool, overlap_push, true,
           "worker: stream each tensor's gradient to the shards while the backward pass runs "
           "(false: push after it)");
@@ -221,12 +223,53 @@ int ServeCoordinator() {
   return 0;
 }
 
+// --device for `role`: how many CUDA devices it computes on (0: the CPU),
+// or why it cannot (an unknown value; cuda asked for but none usable).
+absl::StatusOr<int> DevicesFromFlag(const std::string& role) {
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device != "cpu" && device != "cuda" && device != "auto") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device: \"", device, "\" is not cpu, cuda or auto"));
+  }
+#if MUONPS_HAVE_CUDA
+  std::string why = "--device cpu";
+  const int gpus = device == "cpu" ? 0 : cuda::VisibleDevices(&why);
+  if (device == "cuda" && gpus == 0) {
+    return absl::FailedPreconditionError(absl::StrCat("--device cuda: ", why));
+  }
+  if (gpus == 0) LogLine(absl::StrCat(role, ": computing on the CPU (", why, ")"));
+  return gpus;
+#else
+  if (device == "cuda") {
+    return absl::FailedPreconditionError(
+        "--device cuda: this binary was built without CUDA (nvcc was not found when it was "
+        "configured)");
+  }
+  return 0;
+#endif
+}
+
 int ServeShard() {
   ApplyThreadsFlag();
   InstallSignalHandlers();
   absl::StatusOr<std::unique_ptr<ProcessMetrics>> metrics = StartMetrics();
   if (!metrics.ok()) return Fail(metrics.status());
+  // Declared before the service, which uses it until it is destroyed.
+  std::unique_ptr<Orthogonalizer> orthogonalizer;
+  {
+    absl::StatusOr<int> gpus = DevicesFromFlag("muonps shard");
+    if (!gpus.ok()) return Fail(gpus.status());
+#if MUONPS_HAVE_CUDA
+    if (*gpus > 0) {
+      absl::StatusOr<std::unique_ptr<Orthogonalizer>> made = cuda::CreateCudaOrthogonalizer(0);
+      if (!made.ok()) return Fail(made.status());
+      orthogonalizer = std::move(*made);
+      LogLine(absl::StrCat("muonps shard: Newton-Schulz on ", orthogonalizer->name()));
+    }
+#endif
+  }
   ShardServiceImpl service((*metrics)->registry);
+  service.set_orthogonalizer(orthogonalizer.get());
   // Nothing is served to anyone before the coordinator has issued this
   // shard's secret; checkpoints only under the operator's root.
   service.RequireMemberSecret();
@@ -318,28 +361,12 @@ int ServeWorker() {
   options.crash_after_pushes = absl::GetFlag(FLAGS_crash_after_pushes);
   options.overlap_push = absl::GetFlag(FLAGS_overlap_push);
   {
-    const std::string device = absl::GetFlag(FLAGS_device);
-    if (device != "cpu" && device != "cuda" && device != "auto") {
-      return Fail(absl::InvalidArgumentError(
-          absl::StrCat("--device: \"", device, "\" is not cpu, cuda or auto")));
-    }
+    absl::StatusOr<int> gpus = DevicesFromFlag("muonps worker");
+    if (!gpus.ok()) return Fail(gpus.status());
 #if MUONPS_HAVE_CUDA
-    std::string why;
-    const int gpus = device == "cpu" ? 0 : cuda::VisibleDevices(&why);
-    if (device == "cuda" && gpus == 0) {
-      return Fail(absl::FailedPreconditionError(absl::StrCat("--device cuda: ", why)));
-    }
-    if (gpus > 0) {
-      options.backend_factory = [gpus](int lane) { return cuda::CreateCudaBackend(lane % gpus); };
-      LogLine(absl::StrCat("muonps worker: computing on ", gpus, " CUDA device(s)"));
-    } else if (device == "auto") {
-      LogLine(absl::StrCat("muonps worker: computing on the CPU (", why, ")"));
-    }
-#else
-    if (device == "cuda") {
-      return Fail(absl::FailedPreconditionError(
-          "--device cuda: this binary was built without CUDA (nvcc was not found when it was "
-          "configured)"));
+    if (*gpus > 0) {
+      options.backend_factory = [n = *gpus](int lane) { return cuda::CreateCudaBackend(lane % n); };
+      LogLine(absl::StrCat("muonps worker: computing on ", *gpus, " CUDA device(s)"));
     }
 #endif
   }

@@ -46,7 +46,7 @@ const std::vector<CommandHelp>& Commands() {
       {"shard",
        "shard --coordinator HOST:PORT [--listen HOST:PORT] [--advertise HOST:PORT]",
        "Run an optimizer shard: holds whole tensors and their optimizer state, applies steps.",
-       {"coordinator", "advertise", "threads", "cluster_secret_file", "checkpoint_root",
+       {"coordinator", "advertise", "threads", "device", "cluster_secret_file", "checkpoint_root",
         "memory_limit", "drain_seconds", MUONPS_SERVICE_FLAGS}},
       {"worker",
        "worker --coordinator HOST:PORT [--threads N]",

@@ -59,7 +59,11 @@ void MuonStep(float* w, float* momentum_buffer, const float* grad, int rows, int
     u[i] = nesterov ? grad[i] + momentum * buf : buf;
   });
 
-  NewtonSchulz(u, u, rows, cols, h.ns_steps);
+  if (h.orthogonalizer != nullptr) {
+    h.orthogonalizer->Orthogonalize(u, rows, cols, h.ns_steps);
+  } else {
+    NewtonSchulz(u, u, rows, cols, h.ns_steps);
+  }
 
   const double decay = 1.0 - h.lr * h.weight_decay;
   const double step = h.lr * MuonScale(rows, cols, h.scale_rule);

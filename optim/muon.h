@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "optim/orthogonalizer.h"
 
 namespace muonps {
 
@@ -34,6 +35,8 @@ struct MuonHyper {
   bool nesterov;
   int ns_steps;  // Newton-Schulz iterations, usually 5
   MuonScaleRule scale_rule;
+  // Where Newton-Schulz runs; null: NewtonSchulz on the calling thread.
+  Orthogonalizer* orthogonalizer = nullptr;
 };
 
 // The update scale for a (rows, cols) matrix (rows / cols as a real division).

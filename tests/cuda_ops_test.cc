@@ -16,6 +16,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/philox.h"
@@ -25,6 +26,7 @@
 #if MUONPS_HAVE_CUDA
 #include "model/backend.h"
 #include "workers/cuda/cuda_backend.h"
+#include "workers/cuda/cuda_orthogonalizer.h"
 #include "workers/cuda/cuda_status.h"
 #include "workers/cuda/elementwise_kernels.h"
 #include "workers/cuda/newton_schulz.h"
@@ -722,6 +724,28 @@ TEST_F(CudaOpsTest, BackendOpsRepeatBitForBit) {
       EXPECT_EQ(first.ints[i].values, second.ints[i].values) << first.ints[i].name;
     }
   }
+}
+
+// What `muonps shard --device cuda` runs: host matrices in and out, from
+// several threads at once, against the CPU's NewtonSchulz.
+TEST_F(CudaOpsTest, TheShardsOrthogonalizerMatchesTheCpuFromSeveralThreads) {
+  absl::StatusOr<std::unique_ptr<Orthogonalizer>> gpu = cuda::CreateCudaOrthogonalizer(0);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  std::vector<std::thread> threads;
+  std::vector<double> errors(4, 1.0);
+  for (int k = 0; k < 4; ++k) {
+    threads.emplace_back([&, k] {
+      const int rows = 48 + 16 * k, cols = 96;
+      const std::vector<float> in =
+          Random(static_cast<int64_t>(rows) * cols, "shard" + std::to_string(k));
+      std::vector<float> cpu(in.size()), mine = in;
+      NewtonSchulz(cpu.data(), in.data(), rows, cols, 5);
+      (*gpu)->Orthogonalize(mine.data(), rows, cols, 5);
+      errors[k] = RelMaxError(mine, cpu);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (double e : errors) EXPECT_LE(e, 1e-4);
 }
 
 #else

@@ -32,7 +32,7 @@ ALLOWED = {
     "services/shard": {"common", "optim", "checkpoint", "step", "rpc"},
     "services/coordinator": {"common", "checkpoint", "step", "rpc"},
     "workers/worker": {"common", "model", "data", "step", "rpc"},
-    "workers/cuda": {"common", "model"},
+    "workers/cuda": {"common", "model", "optim"},
     "cli": {"common", "model", "data", "optim", "checkpoint", "step", "rpc", "trainer",
             "services/shard", "services/coordinator", "workers/worker", "workers/cuda"},
     "bench": {"common", "model", "data", "optim", "checkpoint", "step", "rpc", "trainer",

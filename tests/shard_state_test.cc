@@ -6,6 +6,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -18,6 +19,9 @@
 #include "data/token_source.h"
 #include "model/moe_model.h"
 #include "optim/lr_schedule.h"
+#include "optim/newton_schulz.h"
+#include "optim/orthogonalizer.h"
+#include "optim/tensor_update.h"
 #include "tests/test_util.h"
 #include "trainer/trainer.h"
 
@@ -176,6 +180,58 @@ INSTANTIATE_TEST_SUITE_P(Layouts, ShardEquivalenceTest,
                            return absl::StrCat(info.param.optimizer, "_", info.param.balancing, "_",
                                                info.param.shards, "shards");
                          });
+
+// Newton-Schulz handed to an Orthogonalizer (what `muonps shard --device
+// cuda` does with a GPU one): here one that runs the CPU's NewtonSchulz and
+// counts its calls. Every Muon matrix must go through it once per step, and
+// the bits must stay the trainer's.
+class CountingOrthogonalizer : public Orthogonalizer {
+ public:
+  void Orthogonalize(float* u, int rows, int cols, int steps) override {
+    ++calls;
+    NewtonSchulz(u, u, rows, cols, steps);
+  }
+  const char* name() const override { return "counting"; }
+  std::atomic<int> calls{0};
+};
+
+TEST_F(ShardStateTest, AnOrthogonalizerTakesEveryMuonMatrixAndKeepsTheTrainersBits) {
+  const v1::JobSpec job = Job("muon", "aux_free_bias");
+  TrainOptions options;
+  options.until_step = 2;
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(job, options);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  ASSERT_TRUE((*trainer)->Run().ok());
+  const ModelLayout layout(job.model());
+  std::vector<std::vector<std::string>> owned(2);
+  int matrices = 0;
+  for (size_t i = 0; i < layout.tensors().size(); ++i) {
+    owned[i % 2].push_back(layout.tensors()[i].name);
+    if (UsesMuon(layout.tensors()[i], "muon")) ++matrices;
+  }
+  CountingOrthogonalizer counting;
+  std::vector<std::unique_ptr<ShardState>> shards;
+  for (const auto& names : owned) {
+    absl::StatusOr<std::unique_ptr<ShardState>> shard = ShardState::Create(job, names);
+    ASSERT_TRUE(shard.ok()) << shard.status();
+    (*shard)->set_orthogonalizer(&counting);
+    shards.push_back(std::move(*shard));
+  }
+  RunDistributed(job, shards, 2);
+  EXPECT_GT(matrices, 0);
+  EXPECT_EQ(counting.calls.load(), 2 * matrices);
+  for (const TensorInfo& t : layout.tensors()) {
+    for (auto& shard : shards) {
+      if (!shard->Owns(t.name)) continue;
+      absl::StatusOr<std::vector<float>> v = shard->Parameter(t.name);
+      ASSERT_TRUE(v.ok());
+      EXPECT_EQ(std::memcmp(v->data(), (*trainer)->state().params.data() + t.offset,
+                            t.numel * sizeof(float)),
+                0)
+          << t.name;
+    }
+  }
+}
 
 TEST_F(ShardStateTest, BadPushesAreRefusedAndChangeNothing) {
   const v1::JobSpec job = Job("muon", "aux_free_bias");

@@ -190,6 +190,7 @@ grpc::Status ShardServiceImpl::LoadJob(grpc::ServerContext* context,
   absl::StatusOr<std::unique_ptr<ShardState>> created = ShardState::Create(spec, tensors, replicas);
   if (!created.ok()) return ToGrpcStatus(created.status());
   std::shared_ptr<ShardState> state = std::move(*created);
+  state->set_orthogonalizer(orthogonalizer_);
   if (!request->resume_from().empty()) {
     absl::StatusOr<std::string> confined = CheckpointPath(request->resume_from(), "resume_from");
     if (!confined.ok()) return ToGrpcStatus(confined.status());

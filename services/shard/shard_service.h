@@ -36,6 +36,9 @@ class ShardServiceImpl final
   // Metrics go to `metrics` (a private registry when null).
   explicit ShardServiceImpl(std::shared_ptr<prometheus::Registry> metrics = nullptr);
   ~ShardServiceImpl() override;
+  // Muon's Newton-Schulz for every job loaded from now on runs on `o`
+  // (null: the CPU); `o` must outlive the service.
+  void set_orthogonalizer(Orthogonalizer* o) { orthogonalizer_ = o; }
   // Wakes waiting pulls so the server can shut down.
   void Shutdown();
 
@@ -73,6 +76,7 @@ class ShardServiceImpl final
   int64_t version() const;
 
  private:
+  Orthogonalizer* orthogonalizer_ = nullptr;
   // OK when the caller may make a call: the coordinator (the member
   // secret), or for a push or pull (`worker_call`) the held job's workers.
   // `run`, when given, receives the number of the job's current load (see

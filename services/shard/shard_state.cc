@@ -394,7 +394,8 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
     for (Tensor* t : trainable)
       Scale(t->grad.data(), t->info->numel, static_cast<float>(clip_coef));
   }
-  const OptimizerStep update = MakeOptimizerStep(oc, lr, step);
+  OptimizerStep update = MakeOptimizerStep(oc, lr, step);
+  update.muon.orthogonalizer = orthogonalizer_;
   // A pull may still be streaming this version, or a checkpoint writing it:
   // update a copy then.
   auto copy_if_shared = [](Tensor& t) {

@@ -23,6 +23,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/model_layout.h"
 #include "muonps/v1/job.pb.h"
+#include "optim/orthogonalizer.h"
 
 namespace muonps {
 
@@ -36,6 +37,9 @@ class ShardState {
   static absl::StatusOr<std::unique_ptr<ShardState>> Create(
       const v1::JobSpec& job, const std::vector<std::string>& owned,
       const std::vector<std::string>& replicas = {});
+  // Muon's Newton-Schulz runs on `o` (null: the CPU). Set before the first
+  // ApplyStep; `o` must outlive the state.
+  void set_orthogonalizer(Orthogonalizer* o) { orthogonalizer_ = o; }
   // Waits for the replicas' update in flight, if any.
   ~ShardState();
   ShardState(const ShardState&) = delete;
@@ -198,6 +202,7 @@ class ShardState {
 
   const v1::JobSpec job_;
   const ModelLayout layout_;
+  Orthogonalizer* orthogonalizer_ = nullptr;
   mutable absl::Mutex mu_;
   std::map<std::string, Tensor> tensors_ ABSL_GUARDED_BY(mu_);
   std::vector<std::string> order_;  // owned names in layout order
