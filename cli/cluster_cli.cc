@@ -256,6 +256,7 @@ int ServeShard() {
   if (!metrics.ok()) return Fail(metrics.status());
   // Declared before the service, which uses it until it is destroyed.
   std::unique_ptr<Orthogonalizer> orthogonalizer;
+  std::string shard_device;  // NumericsProfile.device: empty for the CPU
   {
     absl::StatusOr<int> gpus = DevicesFromFlag("muonps shard");
     if (!gpus.ok()) return Fail(gpus.status());
@@ -264,6 +265,7 @@ int ServeShard() {
       absl::StatusOr<std::unique_ptr<Orthogonalizer>> made = cuda::CreateCudaOrthogonalizer(0);
       if (!made.ok()) return Fail(made.status());
       orthogonalizer = std::move(*made);
+      shard_device = cuda::DeviceDescription(1);
       LogLine(absl::StrCat("muonps shard: Newton-Schulz on ", orthogonalizer->name()));
     }
 #endif
@@ -293,6 +295,7 @@ int ServeShard() {
                                     : absl::GetFlag(FLAGS_advertise);
   Membership membership(Membership::Kind::kShard, CoordinatorAddress(), advertise, 0,
                         *cluster_secret, *memory);
+  membership.set_device(shard_device);
   membership.set_on_registered([&service](const std::string&, const std::string& secret) {
     service.SetMemberSecret(secret);
   });
@@ -366,6 +369,7 @@ int ServeWorker() {
 #if MUONPS_HAVE_CUDA
     if (*gpus > 0) {
       options.backend_factory = [n = *gpus](int lane) { return cuda::CreateCudaBackend(lane % n); };
+      options.device = cuda::DeviceDescription(*gpus);
       LogLine(absl::StrCat("muonps worker: computing on ", *gpus, " CUDA device(s)"));
     }
 #endif

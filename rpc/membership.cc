@@ -33,6 +33,7 @@ absl::Status Membership::RegisterOnce() {
     v1::RegisterShardRequest request;
     request.set_address(address_);
     *request.mutable_numerics() = LocalNumerics();
+    request.mutable_numerics()->set_device(device_);
     request.set_memory_bytes(memory_bytes_);
     v1::RegisterShardResponse response;
     status = stub_->RegisterShard(&context, request, &response);
@@ -44,6 +45,7 @@ absl::Status Membership::RegisterOnce() {
     request.set_address(address_);
     request.set_threads(threads_);
     *request.mutable_numerics() = LocalNumerics();
+    request.mutable_numerics()->set_device(device_);
     request.set_memory_bytes(memory_bytes_);
     v1::RegisterWorkerResponse response;
     status = stub_->RegisterWorker(&context, request, &response);

@@ -36,6 +36,9 @@ class Membership {
   // naming the coordinator when it could not be reached in time; the
   // coordinator's FAILED_PRECONDITION or INVALID_ARGUMENT (e.g. numerics
   // that are not the cluster's) at once, without retrying.
+  // Where this member computes (NumericsProfile.device; empty: the CPU),
+  // sent at every registration. Set before Start.
+  void set_device(const std::string& device) { device_ = device; }
   absl::Status Start(double timeout_seconds);
   // Stops heartbeats (the lease then lapses at the coordinator).
   void Stop();
@@ -60,6 +63,7 @@ class Membership {
   v1::ClusterService::Stub* stub() { return stub_.get(); }
 
  private:
+  std::string device_;
   absl::Status RegisterOnce();
   void HeartbeatLoop();
 

@@ -198,6 +198,35 @@ TEST_F(CoordinatorTest, ClusterServiceRefusals) {
     EXPECT_THAT(status.error_message(), HasSubstr("address"));
     EXPECT_EQ(Cluster().shards_size(), 0);
   }
+  // Workers on two kinds of device: the second is refused, naming both.
+  {
+    grpc::ClientContext first_context, second_context;
+    v1::RegisterWorkerRequest request;
+    *request.mutable_numerics() = LocalNumerics();
+    request.set_address("127.0.0.1:9001");
+    v1::RegisterWorkerResponse response;
+    ASSERT_TRUE(cluster_->RegisterWorker(&first_context, request, &response).ok());
+    const std::string cpu_worker = response.member_id();
+    request.set_address("127.0.0.1:9002");
+    request.mutable_numerics()->set_device("cuda NVIDIA H100 80GB HBM3 (sm_90) x1");
+    grpc::Status status = cluster_->RegisterWorker(&second_context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << Describe(status);
+    EXPECT_THAT(status.error_message(), HasSubstr("cuda NVIDIA H100"));
+    EXPECT_THAT(status.error_message(), HasSubstr("the CPU"));
+    EXPECT_THAT(status.error_message(), HasSubstr(cpu_worker));
+    // Over-long device names are refused before anything else.
+    grpc::ClientContext third_context;
+    request.mutable_numerics()->set_device(std::string(300, 'x'));
+    status = cluster_->RegisterWorker(&third_context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << Describe(status);
+    // A shard on the CPU is not a worker: it registers.
+    grpc::ClientContext shard_context;
+    v1::RegisterShardRequest shard;
+    shard.set_address("127.0.0.1:9003");
+    *shard.mutable_numerics() = LocalNumerics();
+    v1::RegisterShardResponse shard_response;
+    EXPECT_TRUE(cluster_->RegisterShard(&shard_context, shard, &shard_response).ok());
+  }
   // A known job with no step in progress (it is queued: no shard), and a
   // registered worker.
   std::string id;

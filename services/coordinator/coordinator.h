@@ -115,6 +115,7 @@ class Coordinator {
     bool shard = false;
     int threads = 0;
     int64_t memory_bytes = 0;  // what it may use, as reported (0: unknown)
+    std::string device;        // NumericsProfile.device (empty: the CPU)
     absl::Time last_seen;
     int64_t order = 0;  // registration order
     std::string job_id;

@@ -80,7 +80,29 @@ grpc::Status Coordinator::Register(const grpc::ServerContext& context, bool shar
     Log(std::string(st.message()));
     return Refuse(absl::StatusCode::kFailedPrecondition, std::string(st.message()));
   }
+  if (numerics.device().size() > 256) {
+    return Refuse(absl::StatusCode::kInvalidArgument, "numerics.device: longer than 256 bytes");
+  }
   absl::MutexLock lock(&mu_);
+  // One kind of device per role: a GPU computes within tolerances of the
+  // CPU, not bit for bit, so a job's bits would depend on who computed what.
+  for (const auto& [other_id, other] : members_) {
+    if (other.shard != shard || (shard && other.address == address)) continue;
+    if (other.device != numerics.device()) {
+      const auto where = [](const std::string& d) {
+        return d.empty() ? std::string("the CPU") : d;
+      };
+      const std::string message = absl::StrCat(
+          who, " computes on ", where(numerics.device()), ", but ", other_id, " (",
+          other.address.empty() ? "?" : other.address, ") computes on ", where(other.device),
+          ": every ", shard ? "shard" : "worker",
+          " of a cluster computes on the same kind of device (--device), or the job's bits "
+          "would depend on which one computed what");
+      metrics_.refused_members.Increment();
+      Log(message);
+      return Refuse(absl::StatusCode::kFailedPrecondition, message);
+    }
+  }
   if (shard) {
     // Only one process serves an address: a shard registering at the
     // address of a member is that member restarted (a Kubernetes pod keeps
@@ -105,6 +127,7 @@ grpc::Status Coordinator::Register(const grpc::ServerContext& context, bool shar
   m.shard = shard;
   m.threads = threads;
   m.memory_bytes = memory_bytes;
+  m.device = numerics.device();
   *member_secret = m.secret;
   m.last_seen = absl::Now();
   m.order = next_order_++;

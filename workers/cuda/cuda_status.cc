@@ -31,4 +31,13 @@ int VisibleDevices(std::string* why) {
   return count;
 }
 
+std::string DeviceDescription(int count) {
+  cudaDeviceProp prop;
+  if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return absl::StrCat("cuda ? x", count);
+  }
+  return absl::StrCat("cuda ", prop.name, " (sm_", prop.major, prop.minor, ") x", count);
+}
+
 }  // namespace muonps::cuda

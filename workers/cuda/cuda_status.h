@@ -19,6 +19,10 @@ absl::Status CublasStatus(cublasStatus_t status, const std::string& what);
 // no driver, no device, or a driver older than the runtime).
 int VisibleDevices(std::string* why);
 
+// "cuda <name of device 0> (sm_XY) x<count>": what a member reports as
+// NumericsProfile.device when it computes on `count` devices.
+std::string DeviceDescription(int count);
+
 }  // namespace muonps::cuda
 
 #endif  // MUONPS_WORKERS_CUDA_CUDA_STATUS_H_

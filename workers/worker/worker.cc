@@ -586,6 +586,7 @@ absl::Status Worker::Run(const std::atomic<bool>& stop) {
   membership_ = std::make_unique<Membership>(Membership::Kind::kWorker, options_.coordinator,
                                              options_.address, options_.threads,
                                              options_.cluster_secret, options_.memory_bytes);
+  membership_->set_device(options_.device);
   membership_->set_on_ended_jobs([this](const std::vector<std::string>& ids) {
     absl::MutexLock lock(&ended_mu_);
     ended_.insert(ids.begin(), ids.end());

@@ -87,6 +87,9 @@ struct WorkerOptions {
   // memory must be readable by the host and by the other lanes' devices
   // (CUDA managed memory is).
   std::function<absl::StatusOr<std::unique_ptr<ComputeBackend>>(int lane)> backend_factory;
+  // What the backends compute on, reported at registration
+  // (NumericsProfile.device; empty: the CPU).
+  std::string device;
 };
 
 // Model FLOPs of one token's forward and backward: 6 x the parameters a token
