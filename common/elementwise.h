@@ -1,7 +1,9 @@
-// Per-element arithmetic shared by the CPU ops (model/ops.h) and their CUDA
-// twins (workers/cuda/): one definition of each formula, compiled for the
-// host by the C++ compiler and for the device by nvcc, so the CPU tests
-// exercise exactly the expressions the GPU kernels run.
+// Per-element and per-row arithmetic shared by the CPU ops (model/ops.h)
+// and their CUDA twins (workers/cuda/): one definition of each formula,
+// compiled for the host by the C++ compiler and for the device by nvcc, so
+// the CPU tests exercise exactly the expressions the GPU kernels run. A
+// per-row function is what one CPU loop iteration, or one GPU thread, does
+// for one token.
 //
 // The host build contracts nothing (no FMA on the x86-64 baseline), so CPU
 // bits do not depend on how these inline; nvcc fuses multiply-adds and its
@@ -16,9 +18,8 @@
 #define MUONPS_HD inline
 #endif
 
-#if !defined(__CUDA_ARCH__)
 #include <cmath>
-#endif
+#include <cstdint>
 
 namespace muonps::elementwise {
 
@@ -76,6 +77,84 @@ MUONPS_HD void RopeRotate(float x1, float x2, float c, float s, float* o1, float
 MUONPS_HD void RopeRotateBack(float g1, float g2, float c, float s, float* d1, float* d2) {
   *d1 = g1 * c + g2 * s;
   *d2 = g2 * c - g1 * s;
+}
+
+// The larger of a and b (a unless b is larger: std::max's choice).
+MUONPS_HD float Max(float a, float b) { return a < b ? b : a; }
+
+// ---- router rows (E experts; K chosen) ----
+// s = softmax(l) over one row.
+MUONPS_HD void SoftmaxRow(float* s, const float* l, int E) {
+  float mx = -INFINITY;
+  for (int e = 0; e < E; ++e) mx = Max(mx, l[e]);
+  float sum = 0.0f;
+  for (int e = 0; e < E; ++e) {
+    s[e] = Exp(l[e] - mx);
+    sum += s[e];
+  }
+  const float inv = 1.0f / sum;
+  for (int e = 0; e < E; ++e) s[e] *= inv;
+}
+// dl += the softmax's input gradient for output gradient g.
+MUONPS_HD void SoftmaxRowBackward(float* dl, const float* g, const float* s, int E) {
+  float dot = 0.0f;
+  for (int e = 0; e < E; ++e) dot += s[e] * g[e];
+  for (int e = 0; e < E; ++e) dl[e] += s[e] * (g[e] - dot);
+}
+// d sigmoid(x) for output s = sigmoid(x) and output gradient g.
+MUONPS_HD float SigmoidGrad(float g, float s) { return g * s * (1.0f - s); }
+
+// out[0, K) = the K experts of largest s[e] + bias[e] (bias may be null),
+// decreasing, ties to the lower index: insertion into a sorted list of at
+// most K, a strict comparison keeping the earlier expert ahead.
+MUONPS_HD void RouterTopkRow(int32_t* out, const float* s, const float* bias, int E, int K) {
+  int count = 0;
+  for (int e = 0; e < E; ++e) {
+    const float val = bias != nullptr ? s[e] + bias[e] : s[e];
+    if (count == K) {
+      const int last = out[K - 1];
+      if (!(val > (bias != nullptr ? s[last] + bias[last] : s[last]))) continue;
+    }
+    int i = count < K ? count : K - 1;
+    while (i > 0) {
+      const int prev = out[i - 1];
+      if (!(val > (bias != nullptr ? s[prev] + bias[prev] : s[prev]))) break;
+      out[i] = out[i - 1];
+      --i;
+    }
+    out[i] = e;
+    if (count < K) ++count;
+  }
+}
+
+// w[j] = s[ix[j]] (divided by their sum when norm) * scale.
+MUONPS_HD void TopkWeightsRow(float* w, const float* s, const int32_t* ix, int K, bool norm,
+                              float scale) {
+  if (!norm) {
+    for (int j = 0; j < K; ++j) w[j] = s[ix[j]] * scale;
+    return;
+  }
+  float sum = 0.0f;
+  for (int j = 0; j < K; ++j) sum += s[ix[j]];
+  for (int j = 0; j < K; ++j) w[j] = s[ix[j]] / sum * scale;
+}
+// ds[ix[j]] += d w / d s for weight gradient g: w_j = scale s_j / S gives
+// d w_j / d s_m = scale (delta_jm / S - s_j / S^2).
+MUONPS_HD void TopkWeightsRowBackward(float* ds, const float* g, const float* s, const int32_t* ix,
+                                      int K, bool norm, float scale) {
+  if (!norm) {
+    for (int j = 0; j < K; ++j) ds[ix[j]] += g[j] * scale;
+    return;
+  }
+  float sum = 0.0f;
+  float dot = 0.0f;
+  for (int j = 0; j < K; ++j) {
+    sum += s[ix[j]];
+    dot += g[j] * s[ix[j]];
+  }
+  const float inv = 1.0f / sum;
+  const float mean = dot * inv;
+  for (int j = 0; j < K; ++j) ds[ix[j]] += scale * inv * (g[j] - mean);
 }
 
 }  // namespace muonps::elementwise

@@ -202,15 +202,7 @@ void router_score_forward(float* scores, const float* logits, int N, int E, Scor
       for (int e = 0; e < E; ++e) s[e] = Sigmoid(l[e]);
       return;
     }
-    float mx = -INFINITY;
-    for (int e = 0; e < E; ++e) mx = std::max(mx, l[e]);
-    float sum = 0.0f;
-    for (int e = 0; e < E; ++e) {
-      s[e] = std::exp(l[e] - mx);
-      sum += s[e];
-    }
-    const float inv = 1.0f / sum;
-    for (int e = 0; e < E; ++e) s[e] *= inv;
+    elementwise::SoftmaxRow(s, l, E);
   });
 }
 
@@ -222,51 +214,23 @@ void router_score_backward(float* dlogits, const float* dscores, const float* sc
     const float* g = dscores + n * E;
     float* dl = dlogits + n * E;
     if (func == ScoringFunc::kSigmoid) {
-      for (int e = 0; e < E; ++e) dl[e] += g[e] * s[e] * (1.0f - s[e]);
+      for (int e = 0; e < E; ++e) dl[e] += elementwise::SigmoidGrad(g[e], s[e]);
       return;
     }
-    float dot = 0.0f;
-    for (int e = 0; e < E; ++e) dot += s[e] * g[e];
-    for (int e = 0; e < E; ++e) dl[e] += s[e] * (g[e] - dot);
+    elementwise::SoftmaxRowBackward(dl, g, s, E);
   });
 }
 
 void router_topk(int32_t* idx, const float* scores, const float* bias, int N, int E, int K) {
   if (K <= 0) return;
-  ParallelFor(N, [&](int64_t n) {
-    const float* s = scores + n * E;
-    int32_t* out = idx + n * K;
-    auto key = [&](int e) { return bias != nullptr ? s[e] + bias[e] : s[e]; };
-    // Insertion into a sorted list of at most K; a strict comparison keeps the
-    // earlier (lower) expert ahead on ties.
-    int count = 0;
-    for (int e = 0; e < E; ++e) {
-      const float val = key(e);
-      if (count == K && !(val > key(out[K - 1]))) continue;
-      int i = count < K ? count : K - 1;
-      while (i > 0 && val > key(out[i - 1])) {
-        out[i] = out[i - 1];
-        --i;
-      }
-      out[i] = e;
-      if (count < K) ++count;
-    }
-  });
+  ParallelFor(
+      N, [&](int64_t n) { elementwise::RouterTopkRow(idx + n * K, scores + n * E, bias, E, K); });
 }
 
 void topk_weights_forward(float* weights, const float* scores, const int32_t* idx, int N, int E,
                           int K, bool norm, float scale) {
   ParallelFor(N, [&](int64_t n) {
-    const float* s = scores + n * E;
-    const int32_t* ix = idx + n * K;
-    float* w = weights + n * K;
-    if (!norm) {
-      for (int j = 0; j < K; ++j) w[j] = s[ix[j]] * scale;
-      return;
-    }
-    float sum = 0.0f;
-    for (int j = 0; j < K; ++j) sum += s[ix[j]];
-    for (int j = 0; j < K; ++j) w[j] = s[ix[j]] / sum * scale;
+    elementwise::TopkWeightsRow(weights + n * K, scores + n * E, idx + n * K, K, norm, scale);
   });
 }
 
@@ -274,24 +238,8 @@ void topk_weights_backward(float* dscores, const float* dweights, const float* s
                            const int32_t* idx, int N, int E, int K, bool norm, float scale) {
   if (dscores == nullptr) return;
   ParallelFor(N, [&](int64_t n) {
-    const float* s = scores + n * E;
-    const int32_t* ix = idx + n * K;
-    const float* g = dweights + n * K;
-    float* ds = dscores + n * E;
-    if (!norm) {
-      for (int j = 0; j < K; ++j) ds[ix[j]] += g[j] * scale;
-      return;
-    }
-    // w_j = scale s_j / S: d w_j / d s_m = scale (delta_jm / S - s_j / S^2).
-    float sum = 0.0f;
-    float dot = 0.0f;
-    for (int j = 0; j < K; ++j) {
-      sum += s[ix[j]];
-      dot += g[j] * s[ix[j]];
-    }
-    const float inv = 1.0f / sum;
-    const float mean = dot * inv;
-    for (int j = 0; j < K; ++j) ds[ix[j]] += scale * inv * (g[j] - mean);
+    elementwise::TopkWeightsRowBackward(dscores + n * E, dweights + n * K, scores + n * E,
+                                        idx + n * K, K, norm, scale);
   });
 }
 

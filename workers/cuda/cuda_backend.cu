@@ -33,9 +33,8 @@ constexpr int kRowThreads = 128;  // one block per row (attention, cross-entropy
 
 int Blocks(int64_t n, int per_block) { return static_cast<int>((n + per_block - 1) / per_block); }
 
-// std::max's result (the first argument unless the second is larger), so
-// maxima agree with the CPU's on every input.
-__device__ __forceinline__ float Max(float a, float b) { return a < b ? b : a; }
+// std::max's choice, so maxima agree with the CPU's on every input.
+using ew::Max;
 
 struct MaxOp {
   __device__ float operator()(float a, float b) const { return Max(a, b); }
@@ -97,24 +96,6 @@ __global__ void EmbeddingBackwardKernel(float* dwte, const float* dout, const in
 }
 
 // ---- RoPE -----------------------------------------------------------------------
-
-// One thread per rotated pair; both values are read before either is
-// written, so out may alias inp.
-__global__ void RopeForwardKernel(float* out, const float* inp, const float* cos, const float* sin,
-                                  int64_t pairs, int T, int H, int D) {
-  const int64_t p = GlobalThread();
-  if (p >= pairs) return;
-  const int half = D / 2;
-  const int i = static_cast<int>(p % half);
-  const int64_t head = p / half;  // (b, t, h) flattened
-  const int t = static_cast<int>((head / H) % T);
-  const int64_t x = head * D + i;
-  const float x1 = inp[x], x2 = inp[x + half];
-  float o1, o2;
-  ew::RopeRotate(x1, x2, cos[t * half + i], sin[t * half + i], &o1, &o2);
-  out[x] = o1;
-  out[x + half] = o2;
-}
 
 // ---- causal attention ---------------------------------------------------------------
 //
@@ -369,78 +350,34 @@ __global__ void SigmoidKernel(float* scores, const float* logits, int64_t n) {
   if (i < n) scores[i] = ew::Sigmoid(logits[i]);
 }
 
-// One thread per row, the CPU's loops.
 __global__ void SoftmaxRowsKernel(float* scores, const float* logits, int N, int E) {
   const int64_t n = GlobalThread();
-  if (n >= N) return;
-  const float* l = logits + n * E;
-  float* s = scores + n * E;
-  float mx = -INFINITY;
-  for (int e = 0; e < E; ++e) mx = Max(mx, l[e]);
-  float sum = 0.0f;
-  for (int e = 0; e < E; ++e) {
-    s[e] = ew::Exp(l[e] - mx);
-    sum += s[e];
-  }
-  const float inv = 1.0f / sum;
-  for (int e = 0; e < E; ++e) s[e] *= inv;
+  if (n < N) ew::SoftmaxRow(scores + n * E, logits + n * E, E);
 }
 
 __global__ void SigmoidBackwardKernel(float* dlogits, const float* dscores, const float* scores,
                                       int64_t n) {
   const int64_t i = GlobalThread();
-  if (i < n) dlogits[i] += dscores[i] * scores[i] * (1.0f - scores[i]);
+  if (i < n) dlogits[i] += ew::SigmoidGrad(dscores[i], scores[i]);
 }
 
 __global__ void SoftmaxRowsBackwardKernel(float* dlogits, const float* dscores, const float* scores,
                                           int N, int E) {
   const int64_t n = GlobalThread();
-  if (n >= N) return;
-  const float* s = scores + n * E;
-  const float* g = dscores + n * E;
-  float* dl = dlogits + n * E;
-  float dot = 0.0f;
-  for (int e = 0; e < E; ++e) dot += s[e] * g[e];
-  for (int e = 0; e < E; ++e) dl[e] += s[e] * (g[e] - dot);
+  if (n < N) ew::SoftmaxRowBackward(dlogits + n * E, dscores + n * E, scores + n * E, E);
 }
 
-// One thread per token: the CPU's insertion into a sorted list of at most
-// K (a strict comparison keeps the lower expert ahead on ties).
+// One thread per token, the CPU's selection (common/elementwise.h).
 __global__ void RouterTopkKernel(int32_t* idx, const float* scores, const float* bias, int N, int E,
                                  int K) {
   const int64_t n = GlobalThread();
-  if (n >= N) return;
-  const float* s = scores + n * E;
-  int32_t* out = idx + n * K;
-  auto key = [&](int e) { return bias != nullptr ? s[e] + bias[e] : s[e]; };
-  int count = 0;
-  for (int e = 0; e < E; ++e) {
-    const float val = key(e);
-    if (count == K && !(val > key(out[K - 1]))) continue;
-    int i = count < K ? count : K - 1;
-    while (i > 0 && val > key(out[i - 1])) {
-      out[i] = out[i - 1];
-      --i;
-    }
-    out[i] = e;
-    if (count < K) ++count;
-  }
+  if (n < N) ew::RouterTopkRow(idx + n * K, scores + n * E, bias, E, K);
 }
 
 __global__ void TopkWeightsForwardKernel(float* weights, const float* scores, const int32_t* idx,
                                          int N, int E, int K, bool norm, float scale) {
   const int64_t n = GlobalThread();
-  if (n >= N) return;
-  const float* s = scores + n * E;
-  const int32_t* ix = idx + n * K;
-  float* w = weights + n * K;
-  if (!norm) {
-    for (int j = 0; j < K; ++j) w[j] = s[ix[j]] * scale;
-    return;
-  }
-  float sum = 0.0f;
-  for (int j = 0; j < K; ++j) sum += s[ix[j]];
-  for (int j = 0; j < K; ++j) w[j] = s[ix[j]] / sum * scale;
+  if (n < N) ew::TopkWeightsRow(weights + n * K, scores + n * E, idx + n * K, K, norm, scale);
 }
 
 // One thread per token owns its row of dscores (the CPU's scatter, in j order).
@@ -448,24 +385,10 @@ __global__ void TopkWeightsBackwardKernel(float* dscores, const float* dweights,
                                           const float* scores, const int32_t* idx, int N, int E,
                                           int K, bool norm, float scale) {
   const int64_t n = GlobalThread();
-  if (n >= N) return;
-  const float* s = scores + n * E;
-  const int32_t* ix = idx + n * K;
-  const float* g = dweights + n * K;
-  float* ds = dscores + n * E;
-  if (!norm) {
-    for (int j = 0; j < K; ++j) ds[ix[j]] += g[j] * scale;
-    return;
+  if (n < N) {
+    ew::TopkWeightsRowBackward(dscores + n * E, dweights + n * K, scores + n * E, idx + n * K, K,
+                               norm, scale);
   }
-  float sum = 0.0f;
-  float dot = 0.0f;
-  for (int j = 0; j < K; ++j) {
-    sum += s[ix[j]];
-    dot += g[j] * s[ix[j]];
-  }
-  const float inv = 1.0f / sum;
-  const float mean = dot * inv;
-  for (int j = 0; j < K; ++j) ds[ix[j]] += scale * inv * (g[j] - mean);
 }
 
 // ---- expert dispatch / combine -------------------------------------------------
@@ -752,12 +675,8 @@ class CudaBackend final : public ComputeBackend {
 
   void rope_forward(float* out, const float* inp, const float* cos, const float* sin, int B, int T,
                     int H, int D) override {
-    const int64_t pairs = static_cast<int64_t>(B) * T * H * (D / 2);
-    if (pairs <= 0) return;
     Use();
-    RopeForwardKernel<<<Blocks(pairs, kThreads), kThreads, 0, stream_>>>(out, inp, cos, sin, pairs,
-                                                                         T, H, D);
-    Launched("rope_forward");
+    Record(RopeForward(out, inp, cos, sin, B, T, H, D, stream_), "rope_forward");
   }
 
   void rope_backward(float* dinp, const float* dout, const float* cos, const float* sin, int B,

@@ -24,7 +24,8 @@ cudaError_t RmsnormBackward(float* dinp, float* dweight, const float* dout, cons
                             const float* weight, const float* rstd, int N, int C,
                             cudaStream_t stream);
 
-// inp/out (B, T, H, D); cos/sin (T, D/2). out may not alias inp.
+// inp/out (B, T, H, D); cos/sin (T, D/2). out may alias inp: each thread
+// reads its pair before writing it.
 cudaError_t RopeForward(float* out, const float* inp, const float* cos, const float* sin, int B,
                         int T, int H, int D, cudaStream_t stream);
 cudaError_t RopeBackward(float* dinp, const float* dout, const float* cos, const float* sin, int B,
