@@ -157,6 +157,22 @@ MUONPS_HD void TopkWeightsRowBackward(float* ds, const float* g, const float* s,
   for (int j = 0; j < K; ++j) ds[ix[j]] += scale * inv * (g[j] - mean);
 }
 
+// The aux balance loss's gradient for one token's scores s (E experts),
+// given the load fractions f: ds[e] += daux (f_e - <f, s> / S) / (N S),
+// S = sum(s), accumulated in double.
+MUONPS_HD void AuxLossRowBackward(float* ds, const float* s, const float* f, float daux, int N,
+                                  int E) {
+  double dot = 0.0;
+  double sum = 0.0;
+  for (int e = 0; e < E; ++e) {
+    dot += static_cast<double>(f[e]) * s[e];
+    sum += s[e];
+  }
+  const double mean = dot / sum;
+  const double coef = static_cast<double>(daux) / (static_cast<double>(N) * sum);
+  for (int e = 0; e < E; ++e) ds[e] += static_cast<float>(coef * (f[e] - mean));
+}
+
 }  // namespace muonps::elementwise
 
 #endif  // MUONPS_COMMON_ELEMENTWISE_H_

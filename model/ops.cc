@@ -387,17 +387,7 @@ void aux_loss_backward(float* dscores, float daux, const float* scores, const in
   const std::vector<float> f = ExpertLoadFractions(idx, N, E, K);
   // d aux / d s[n,e] = (f_e - <f, s_n> / S_n) / (N S_n), S_n = sum(s_n).
   ParallelFor(N, [&](int64_t n) {
-    const float* s = scores + n * E;
-    float* ds = dscores + n * E;
-    double dot = 0.0;
-    double sum = 0.0;
-    for (int e = 0; e < E; ++e) {
-      dot += static_cast<double>(f[e]) * s[e];
-      sum += s[e];
-    }
-    const double mean = dot / sum;
-    const double coef = static_cast<double>(daux) / (static_cast<double>(N) * sum);
-    for (int e = 0; e < E; ++e) ds[e] += static_cast<float>(coef * (f[e] - mean));
+    elementwise::AuxLossRowBackward(dscores + n * E, scores + n * E, f.data(), daux, N, E);
   });
 }
 

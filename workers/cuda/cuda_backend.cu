@@ -501,18 +501,7 @@ __global__ void LoadFractionKernel(float* f, const int32_t* idx, int64_t P, doub
 __global__ void AuxLossBackwardKernel(float* dscores, float daux, const float* scores,
                                       const float* f, int N, int E) {
   const int64_t n = GlobalThread();
-  if (n >= N) return;
-  const float* s = scores + n * E;
-  float* ds = dscores + n * E;
-  double dot = 0.0;
-  double sum = 0.0;
-  for (int e = 0; e < E; ++e) {
-    dot += static_cast<double>(f[e]) * s[e];
-    sum += s[e];
-  }
-  const double mean = dot / sum;
-  const double coef = static_cast<double>(daux) / (static_cast<double>(N) * sum);
-  for (int e = 0; e < E; ++e) ds[e] += static_cast<float>(coef * (f[e] - mean));
+  if (n < N) ew::AuxLossRowBackward(dscores + n * E, scores + n * E, f, daux, N, E);
 }
 
 // ---- the backend ------------------------------------------------------------------
