@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli/client.h"
+#include "cli/cuda_plugin.h"
 #include "cli/security_flags.h"
 #include "cli/tls_flags.h"
 #include "common/job_spec.h"
@@ -36,11 +37,6 @@
 #include "services/coordinator/placement.h"
 #include "services/shard/shard_service.h"
 #include "workers/worker/worker.h"
-#if MUONPS_HAVE_CUDA
-#include "workers/cuda/cuda_backend.h"
-#include "workers/cuda/cuda_orthogonalizer.h"
-#include "workers/cuda/cuda_status.h"
-#endif
 
 ABSL_FLAG(std::string, listen, "",
           "host:port to serve on (coordinator default 127.0.0.1:7070, shard and worker "
@@ -231,22 +227,20 @@ absl::StatusOr<int> DevicesFromFlag(const std::string& role) {
     return absl::InvalidArgumentError(
         absl::StrCat("--device: \"", device, "\" is not cpu, cuda or auto"));
   }
-#if MUONPS_HAVE_CUDA
-  std::string why = "--device cpu";
-  const int gpus = device == "cpu" ? 0 : cuda::VisibleDevices(&why);
+  if (device == "cpu") return 0;
+  std::string why;
+  int gpus = 0;
+  absl::StatusOr<const CudaPlugin*> plugin = CudaPlugin::Load();
+  if (plugin.ok()) {
+    gpus = (*plugin)->VisibleDevices(&why);
+  } else {
+    why = std::string(plugin.status().message());
+  }
   if (device == "cuda" && gpus == 0) {
     return absl::FailedPreconditionError(absl::StrCat("--device cuda: ", why));
   }
   if (gpus == 0) LogLine(absl::StrCat(role, ": computing on the CPU (", why, ")"));
   return gpus;
-#else
-  if (device == "cuda") {
-    return absl::FailedPreconditionError(
-        "--device cuda: this binary was built without CUDA (nvcc was not found when it was "
-        "configured)");
-  }
-  return 0;
-#endif
 }
 
 int ServeShard() {
@@ -260,15 +254,14 @@ int ServeShard() {
   {
     absl::StatusOr<int> gpus = DevicesFromFlag("muonps shard");
     if (!gpus.ok()) return Fail(gpus.status());
-#if MUONPS_HAVE_CUDA
     if (*gpus > 0) {
-      absl::StatusOr<std::unique_ptr<Orthogonalizer>> made = cuda::CreateCudaOrthogonalizer(0);
+      const CudaPlugin* plugin = *CudaPlugin::Load();
+      absl::StatusOr<std::unique_ptr<Orthogonalizer>> made = plugin->CreateOrthogonalizer(0);
       if (!made.ok()) return Fail(made.status());
       orthogonalizer = std::move(*made);
-      shard_device = cuda::DeviceDescription(1);
+      shard_device = plugin->DeviceDescription(1);
       LogLine(absl::StrCat("muonps shard: Newton-Schulz on ", orthogonalizer->name()));
     }
-#endif
   }
   ShardServiceImpl service((*metrics)->registry);
   service.set_orthogonalizer(orthogonalizer.get());
@@ -366,13 +359,14 @@ int ServeWorker() {
   {
     absl::StatusOr<int> gpus = DevicesFromFlag("muonps worker");
     if (!gpus.ok()) return Fail(gpus.status());
-#if MUONPS_HAVE_CUDA
     if (*gpus > 0) {
-      options.backend_factory = [n = *gpus](int lane) { return cuda::CreateCudaBackend(lane % n); };
-      options.device = cuda::DeviceDescription(*gpus);
+      const CudaPlugin* plugin = *CudaPlugin::Load();
+      options.backend_factory = [plugin, n = *gpus](int lane) {
+        return plugin->CreateBackend(lane % n);
+      };
+      options.device = plugin->DeviceDescription(*gpus);
       LogLine(absl::StrCat("muonps worker: computing on ", *gpus, " CUDA device(s)"));
     }
-#endif
   }
   options.log = [](const std::string& line) { LogLine("muonps worker: " + line); };
   options.register_timeout_seconds = 3600.0;
