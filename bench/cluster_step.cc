@@ -13,6 +13,9 @@
 //   2+2    muonps local --shards 2 --workers 2 JOB --json
 //   1+1 push after backward  1+1 with the workers' --overlap_push=false
 //          (gradients pushed after the backward pass, not during it)
+//   1+1 tasks after apply  1+1 with the coordinator's --plan_ahead=false
+//          (a step's tasks handed out once the last step is applied, not
+//          before: no pull of a tensor while the others are updated)
 //   2+2 ckpt/10  the same with checkpoint.every_steps 10 (--checkpoint_every,
 //          keep_last 2),
 //          written in the background (the default), and
@@ -26,8 +29,9 @@
 //          wire), compared with 1+1 on the median step time, with the
 //          bytes per step and worker of each
 // (the cluster's figure is job.progress.step_seconds of each STEP event: the
-// coordinator's wall time from handing out the step's tasks to the shards'
-// ApplyStep returning). A run's figure is the median step time over steps
+// coordinator's wall time from handing out the step's tasks, or from the
+// last step's ApplyStep returning when they went out before it, to the
+// shards' ApplyStep returning). A run's figure is the median step time over steps
 // warmup+1 .. steps-1: the first steps warm caches, connections and thread
 // pools, and the last step always evaluates. The runs alternate train, 1+1,
 // 2+2 for --reps rounds so that machine noise hits all alike; every figure is
@@ -71,7 +75,8 @@ ABSL_FLAG(bool, keep, false, "Keep the work directory (job, logs) after a succes
 ABSL_FLAG(std::string, preset, "default", "The job's preset (muonps defaults --preset)");
 ABSL_FLAG(int, checkpoint_every, 10, "checkpoint.every_steps of the checkpointing setups");
 ABSL_FLAG(std::string, only, "",
-          "Comma-separated setups to run (train, 1+1, 1+1-push-after, 2+2, ckpt, ckpt-sync, "
+          "Comma-separated setups to run (train, 1+1, 1+1-push-after, 1+1-plan-after, 2+2, ckpt, "
+          "ckpt-sync, "
           "replicas, bf16); empty = "
           "all. Comparisons whose setups did not run are left out");
 
@@ -100,6 +105,7 @@ struct Setup {
   int replicas = 1;           // recovery.replicas
   std::string dtype = "f32";  // transfer.dtype
   bool overlap_push = true;   // the workers' --overlap_push (MUONPS_OVERLAP_PUSH)
+  bool plan_ahead = true;     // the coordinator's --plan_ahead (MUONPS_PLAN_AHEAD)
 };
 
 // What one run measured: the median step time, and the wall time from the
@@ -195,8 +201,10 @@ RunFigures RunOnce(const Setup& setup, const std::string& binary, const std::str
   if (threads > 0) argv.push_back(absl::StrCat("--threads=", threads));
   // The environment reaches the workers `muonps local` starts.
   if (!setup.overlap_push) setenv("MUONPS_OVERLAP_PUSH", "false", 1);
+  if (!setup.plan_ahead) setenv("MUONPS_PLAN_AHEAD", "false", 1);
   const int rc = RunProcess(argv, out, err);
   unsetenv("MUONPS_OVERLAP_PUSH");
+  unsetenv("MUONPS_PLAN_AHEAD");
   if (rc != 0) {
     Die(absl::StrCat(setup.name, " exited with status ", rc, "; ", err, " ends:\n",
                      Tail(ReadFile(err), 2000)));
@@ -273,6 +281,7 @@ int Run() {
       {"train", {"train", 0, 0}},
       {"1+1", {"1+1", 1, 1}},
       {"1+1-push-after", {"1+1 push after backward", 1, 1, 0, true, 1, "f32", false}},
+      {"1+1-plan-after", {"1+1 tasks after apply", 1, 1, 0, true, 1, "f32", true, false}},
       {"2+2", {"2+2", 2, 2}},
       {"ckpt", {ckpt, 2, 2, every, true}},
       {"ckpt-sync", {ckpt + " sync", 2, 2, every, false}},
@@ -409,6 +418,15 @@ int Run() {
     std::printf("%-34s %8.1f ms/step, pushing after the backward pass %.1f: %+.1f%%\n",
                 "local 1+1, pushes during backward", during * 1e3, after * 1e3,
                 (during / after - 1.0) * 100.0);
+  }
+  // Tasks handed out before the apply (each tensor pulled as it is updated)
+  // against tasks after it.
+  if (ran("1+1") && ran("1+1-plan-after")) {
+    const double ahead = Median(seconds[index["1+1"]]);
+    const double after = Median(seconds[index["1+1-plan-after"]]);
+    std::printf("%-34s %8.1f ms/step, tasks after the apply %.1f: %+.1f%%\n",
+                "local 1+1, tasks before the apply", ahead * 1e3, after * 1e3,
+                (ahead / after - 1.0) * 100.0);
   }
   // bf16 on the wire against f32: step time, and the bytes each worker
   // moves per step (muonps plan's count of the same job).

@@ -77,6 +77,9 @@ ABSL_FLAG(std::string, device, "auto",
 ABSL_FLAG(bool, overlap_push, true,
           "worker: stream each tensor's gradient to the shards while the backward pass runs "
           "(false: push after it)");
+ABSL_FLAG(bool, plan_ahead, true,
+          "coordinator: hand out each step's tasks before the previous step is applied, so that "
+          "workers pull each tensor as the shards update it (false: after the apply)");
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port of the Prometheus /metrics endpoint (port 0 = a free port; empty = none). "
           "Env MUONPS_METRICS_LISTEN");
@@ -176,6 +179,7 @@ int ServeCoordinator() {
     options.checkpoint_root = CheckpointRootFromFlags();
     options.max_queued_jobs = MaxQueuedJobsFromFlags();
     options.task_timeout_seconds = TaskTimeoutFromFlags();
+    options.plan_ahead = absl::GetFlag(FLAGS_plan_ahead);
     if (const std::string dir = absl::GetFlag(FLAGS_state_dir); !dir.empty()) {
       absl::StatusOr<std::unique_ptr<JobStore>> store = JobStore::Open(dir);
       if (!store.ok()) return Fail(store.status());
@@ -528,6 +532,7 @@ const std::vector<std::string>& EnvironmentFlags() {
                                    "metrics_listen",
                                    "peak_tflops",
                                    "overlap_push",
+                                   "plan_ahead",
                                    "device",
                                    "blas_core",
                                    "tls_cert",

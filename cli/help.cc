@@ -42,7 +42,7 @@ const std::vector<CommandHelp>& Commands() {
        "Run the coordinator: takes jobs, leases members, places tensors, plans steps.",
        {"min_shards", "lease_seconds", "heartbeat_seconds", "cluster_secret_file", "tokens_file",
         "checkpoint_root", "memory_limit", "max_queued_jobs", "task_timeout_seconds", "state_dir",
-        MUONPS_SERVICE_FLAGS}},
+        "plan_ahead", MUONPS_SERVICE_FLAGS}},
       {"shard",
        "shard --coordinator HOST:PORT [--listen HOST:PORT] [--advertise HOST:PORT]",
        "Run an optimizer shard: holds whole tensors and their optimizer state, applies steps.",

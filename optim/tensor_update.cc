@@ -34,7 +34,7 @@ void UpdateTensor(const TensorInfo& t, const OptimizerStep& step, float* w, floa
 }
 
 void RunTensorUpdates(const std::vector<const TensorInfo*>& tensors, const std::string& optimizer,
-                      const std::function<void(size_t)>& update) {
+                      const std::function<void(size_t)>& update, bool in_order) {
   std::vector<std::pair<double, size_t>> work;  // (cost, k)
   double total_cost = 0.0, max_cost = 0.0;
   for (size_t k = 0; k < tensors.size(); ++k) {
@@ -46,8 +46,10 @@ void RunTensorUpdates(const std::vector<const TensorInfo*>& tensors, const std::
     total_cost += cost;
     max_cost = std::max(max_cost, cost);
   }
-  std::stable_sort(work.begin(), work.end(),
-                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  if (!in_order) {
+    std::stable_sort(work.begin(), work.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
+  }
   if (max_cost * NumThreads() > total_cost) {
     for (const auto& item : work) update(item.second);
   } else {

@@ -33,9 +33,11 @@ void UpdateTensor(const TensorInfo& tensor, const OptimizerStep& step, float* w,
 // Calls update(k) for every k in [0, tensors.size()). Each call must touch
 // only its tensor. Many small tensors run one per thread, largest first; a
 // set dominated by a few big matrices runs one at a time with every thread
-// inside each update. The results are the same either way.
+// inside each update. The results are the same either way. With
+// `in_order`, the updates start in the given order instead (a shard serves
+// each tensor as soon as it is updated, so the forward order comes first).
 void RunTensorUpdates(const std::vector<const TensorInfo*>& tensors, const std::string& optimizer,
-                      const std::function<void(size_t)>& update);
+                      const std::function<void(size_t)>& update, bool in_order = false);
 
 // The aux-loss-free balancing rule for one MoE layer:
 // bias[e] += rate * sign(mean(load) - load[e]).

@@ -123,8 +123,17 @@ absl::Status DecodePull(grpc::ByteBuffer* buffer, const ModelLayout& layout, flo
     }
     return (*current)->Reserve(header, bytes);
   };
-  return muonps::DecodePull(
-      &stream, place, [&](int64_t bytes) { return (*current)->Commit(bytes); }, what);
+  // A tensor is reported as soon as its last byte is in (a shard may send
+  // the next one only much later, when it has been updated).
+  auto commit = [&](int64_t bytes) -> absl::Status {
+    MUONPS_RETURN_IF_ERROR((*current)->Commit(bytes));
+    if ((*current)->complete()) {
+      if (on_tensor) on_tensor(*layout.Find((*current)->name()));
+      current->reset();
+    }
+    return absl::OkStatus();
+  };
+  return muonps::DecodePull(&stream, place, commit, what);
 }
 
 }  // namespace

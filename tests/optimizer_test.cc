@@ -540,6 +540,26 @@ TEST(OptimizerGradNorm, SumOfSquaresMatchesDoubleReference) {
   }
 }
 
+// Filled piece by piece, in pieces that cut its chunks anywhere, the stream
+// ends with SumOfSquares' bits.
+TEST(OptimizerGradNorm, SumOfSquaresStreamEqualsSumOfSquaresBitForBit) {
+  for (int64_t n : {0, 1, 7, 8191, 8192, 8193, 100003, 262144 + 5}) {
+    std::vector<float> x(std::max<int64_t>(n, 1));
+    FillNormal(x.data(), n, 29, "sum_sq_stream", 2.0);
+    const double whole = SumOfSquares(x.data(), n);
+    for (int64_t piece : {int64_t{1} << 30, int64_t{1000}, int64_t{8192}, int64_t{65531}}) {
+      SumOfSquaresStream stream(x.data(), n);
+      for (int64_t filled = 0; filled < n;) {
+        filled = std::min(n, filled + piece);
+        stream.Filled(filled);
+      }
+      const double streamed = stream.Total();
+      EXPECT_EQ(std::memcmp(&streamed, &whole, sizeof(double)), 0)
+          << "n " << n << ", pieces of " << piece << ": " << streamed << " vs " << whole;
+    }
+  }
+}
+
 TEST(OptimizerGradNorm, ScaleMultiplies) {
   std::vector<float> x = {1.0f, -2.0f, 0.5f, 0.0f, 3.0f};
   Scale(x.data(), static_cast<int64_t>(x.size()), 0.25f);

@@ -331,6 +331,60 @@ TEST_F(ShardServiceTest, PrefixPushesMatchPerSlotPushesBitForBit) {
   }
 }
 
+// A push of every slot at once is reduced as it arrives (its zeros made +0,
+// its sum of squares formed chunk by chunk) and kept as the step's sum: the
+// squares and the update equal those of the same slots pushed one by one,
+// bit for bit, whatever the chunk size and with negative zeros in the push.
+TEST_F(ShardServiceTest, AWholePushReducedOnArrivalMatchesPerSlotPushesBitForBit) {
+  std::unique_ptr<ShardServer> other = StartShard();
+  ASSERT_NE(other, nullptr);
+  const std::vector<std::string> owned = {
+      kQ, kNorm, kBias, "model.layers.1.mlp.experts.2.up_proj.weight", "model.embed_tokens.weight"};
+  ASSERT_TRUE(LoadJob(*shard_, LoadRequest("job-a", owned)).ok());
+  ASSERT_TRUE(LoadJob(*other, LoadRequest("job-a", owned)).ok());
+  for (int64_t step = 0; step < 3; ++step) {
+    SCOPED_TRACE(absl::StrCat("step ", step));
+    std::vector<std::vector<Grad>> g;
+    for (int s = 0; s < kSlots; ++s) {
+      g.push_back(SlotGradients(*layout_, owned, step, s));
+      // Zeros of either sign in every slot: the shard's sum 0 + g0 + ...
+      // holds +0 there.
+      for (Grad& t : g.back()) {
+        for (size_t i = 0; i < t.data.size(); i += 97) t.data[i] = -0.0f;
+      }
+    }
+    std::vector<Grad> whole = g[0];
+    for (int s = 1; s < kSlots; ++s) whole = Sum(whole, g[s]);
+    for (Grad& t : whole) {
+      for (size_t i = 0; i < t.data.size(); i += 97) ASSERT_TRUE(std::signbit(t.data[i]));
+    }
+    for (int s = 0; s < kSlots; ++s) {
+      ASSERT_TRUE(Push(shard_->stub.get(), PushMessages({"job-a", step, s, 1}, g[s])).ok());
+    }
+    // Chunks that cut the sums of squares' blocks anywhere.
+    const int64_t chunk = step == 0 ? 1000 : (step == 1 ? 32768 + 12 : 1 << 20);
+    ASSERT_TRUE(
+        Push(other->stub.get(), PushMessages({"job-a", step, 0, kSlots}, whole, chunk)).ok());
+    std::vector<std::pair<std::string, double>> a, b;
+    ASSERT_TRUE(Squares(*shard_, "job-a", step, &a).ok());
+    ASSERT_TRUE(Squares(*other, "job-a", step, &b).ok());
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t k = 0; k < a.size(); ++k) {
+      EXPECT_EQ(a[k].first, b[k].first);
+      EXPECT_EQ(std::memcmp(&a[k].second, &b[k].second, sizeof(double)), 0) << a[k].first;
+    }
+    const std::vector<std::vector<int64_t>> loads = {{static_cast<int64_t>(step), 5, 2, 1}};
+    ASSERT_TRUE(Apply(*shard_, "job-a", step, 0.02, step == 0 ? 0.5 : 1.0, loads).ok());
+    ASSERT_TRUE(Apply(*other, "job-a", step, 0.02, step == 0 ? 0.5 : 1.0, loads).ok());
+    Pulled pa = Pull(shard_->stub.get(), *layout_, "job-a", step + 1);
+    Pulled pb = Pull(other->stub.get(), *layout_, "job-a", step + 1);
+    ASSERT_TRUE(pa.status.ok() && pb.status.ok());
+    for (const std::string& name : owned) {
+      EXPECT_TRUE(SameBits(pa.tensors[name], pb.tensors[name])) << name;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // SaveCheckpoint
 

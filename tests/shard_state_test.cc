@@ -233,6 +233,91 @@ TEST_F(ShardStateTest, AnOrthogonalizerTakesEveryMuonMatrixAndKeepsTheTrainersBi
   }
 }
 
+// A pull of the next version is served tensor by tensor while the step
+// that makes it is applied: each tensor is published once its update is
+// done, with exactly the values the step ends with, and the version before
+// is gone for a tensor as soon as it is published.
+TEST_F(ShardStateTest, EachTensorIsServedAtTheNextVersionAsSoonAsItIsUpdated) {
+  const v1::JobSpec job = Job("muon", "aux_free_bias");
+  const ModelLayout layout(job.model());
+  std::vector<std::string> names;
+  for (const TensorInfo& t : layout.tensors()) names.push_back(t.name);
+  absl::StatusOr<std::unique_ptr<ShardState>> created = ShardState::Create(job, names);
+  ASSERT_TRUE(created.ok()) << created.status();
+  ShardState& shard = **created;
+  for (const std::string& name : names) {
+    absl::StatusOr<std::optional<ShardState::Snapshot>> now = shard.ServedTensor(name, 0);
+    ASSERT_TRUE(now.ok() && now->has_value()) << name;
+    absl::StatusOr<std::optional<ShardState::Snapshot>> next = shard.ServedTensor(name, 1);
+    ASSERT_TRUE(next.ok()) << name;
+    EXPECT_FALSE(next->has_value()) << name << ": version 1 before any step";
+  }
+  EXPECT_EQ(shard.ServedTensor("no.such.tensor", 0).status().code(), absl::StatusCode::kNotFound);
+
+  // What the publications show, as they happen (on the applying threads).
+  absl::Mutex mu;
+  std::map<std::string, std::vector<float>> seen;  // at its first sight at version 1
+  std::vector<int> ready_counts;                   // tensors at version 1, per publication
+  shard.set_on_publish([&] {
+    absl::MutexLock lock(&mu);
+    int ready = 0;
+    for (const std::string& name : names) {
+      absl::StatusOr<std::optional<ShardState::Snapshot>> s = shard.ServedTensor(name, 1);
+      if (!s.ok() || !s->has_value()) continue;
+      ++ready;
+      if (seen.count(name) == 0) seen[name] = ***s;
+      EXPECT_EQ(shard.ServedTensor(name, 0).status().code(), absl::StatusCode::kFailedPrecondition)
+          << name << ": version 0 must be gone once version 1 is served";
+    }
+    ready_counts.push_back(ready);
+  });
+  const int slots = job.batch().slots();
+  std::vector<std::vector<int64_t>> loads;
+  for (int l = job.model().first_k_dense_replace(); l < job.model().num_hidden_layers(); ++l) {
+    loads.push_back(std::vector<int64_t>(job.model().n_routed_experts(), 0));
+    for (size_t e = 0; e < loads.back().size(); ++e)
+      loads.back()[e] = static_cast<int64_t>(e * 3 + l);
+  }
+  for (int s = 0; s < slots; ++s) {
+    std::vector<ShardState::Gradient> grads;
+    std::vector<std::vector<float>> data;
+    for (const TensorInfo& t : layout.tensors()) {
+      if (!t.trainable()) continue;
+      data.push_back(std::vector<float>(t.numel));
+      for (int64_t i = 0; i < t.numel; ++i) {
+        data.back()[i] = static_cast<float>(std::sin(0.37 * i + s + t.offset)) * 1e-2f;
+      }
+    }
+    size_t k = 0;
+    for (const TensorInfo& t : layout.tensors()) {
+      if (!t.trainable()) continue;
+      grads.push_back({t.name, data[k].data(), t.numel});
+      ++k;
+    }
+    ASSERT_TRUE(shard.AddGradients(0, s, 1, grads).ok());
+  }
+  ASSERT_TRUE(shard.GradientSquares().ok());
+  ASSERT_TRUE(shard.ApplyStep(0, 0.01, 1.0, loads).ok());
+  EXPECT_EQ(shard.served_version(), 1);
+  // One publication per tensor: the first ones (the buffers, first of all)
+  // were served while the others were still being updated.
+  ASSERT_EQ(ready_counts.size(), names.size());
+  EXPECT_LT(ready_counts.front(), static_cast<int>(names.size()));
+  for (size_t i = 1; i < ready_counts.size(); ++i) EXPECT_GE(ready_counts[i], ready_counts[i - 1]);
+  EXPECT_EQ(ready_counts.back(), static_cast<int>(names.size()));
+  ASSERT_EQ(seen.size(), names.size());
+  for (const std::string& name : names) {
+    absl::StatusOr<std::vector<float>> final_values = shard.Parameter(name);
+    ASSERT_TRUE(final_values.ok());
+    ASSERT_EQ(seen.at(name).size(), final_values->size()) << name;
+    EXPECT_EQ(std::memcmp(seen.at(name).data(), final_values->data(),
+                          final_values->size() * sizeof(float)),
+              0)
+        << name;
+  }
+  shard.set_on_publish(nullptr);
+}
+
 TEST_F(ShardStateTest, BadPushesAreRefusedAndChangeNothing) {
   const v1::JobSpec job = Job("muon", "aux_free_bias");
   const std::string w = "model.layers.0.self_attn.q_proj.weight";

@@ -73,6 +73,12 @@ struct CoordinatorOptions {
   // A worker that holds a task this long without reporting it loses it to
   // another worker (its late report is refused). 0: no deadline.
   double task_timeout_seconds = 600.0;
+  // Hand out a step's tasks before the previous step's ApplyStep is sent
+  // when nothing comes between the two (an evaluation, a shard leaving):
+  // workers pull each tensor's new version as the shards publish it and
+  // start the forward pass on the first layers while the last ones are
+  // still being updated. The bits are the same either way.
+  bool plan_ahead = true;
   // What the coordinator may use, and what members that do not report their
   // own limit are assumed to have (0: not checked). See admission.h.
   int64_t memory_limit_bytes = 0;

@@ -210,10 +210,14 @@ absl::Status Coordinator::JobRun::Steps(int64_t* reached) {
 
 absl::Status Coordinator::JobRun::RunSteps(int64_t* reached) {
   *reached = start_step_;
+  // Whether this step's tasks went out before the last apply (plan_ahead),
+  // and when that apply returned: the step's time starts there.
+  bool planned = false;
+  absl::Time last_applied;
   for (int64_t step = start_step_; step < total_; ++step) {
-    const absl::Time step_start = absl::Now();
+    const absl::Time step_start = planned ? last_applied : absl::Now();
     // 2. Slot gradients.
-    absl::StatusOr<SlotSums> sums = CollectSlots(step);
+    absl::StatusOr<SlotSums> sums = CollectSlots(step, planned);
     if (!sums.ok()) return sums.status();
     // 3. Global quantities, in the trainer's order.
     const absl::Time reported = absl::Now();
@@ -225,17 +229,26 @@ absl::Status Coordinator::JobRun::RunSteps(int64_t* reached) {
       absl::MutexLock lock(&c_->mu_);
       if (c_->jobs_.at(job_id_).cancel_requested) return absl::CancelledError("cancelled");
     }
+    const int64_t done = step + 1;
+    const int eval_every = spec_.data().eval_every();
+    const bool eval_due = (eval_every > 0 && done % eval_every == 0) || done == total_;
+    // The next step's tasks go out now when nothing comes in between: the
+    // workers' pulls of version `done` then stream each tensor as its
+    // update ends. A stop before that step (an error, a cancel, a shard
+    // lost) drops them with the step; their pushes are never applied.
+    planned = c_->options_.plan_ahead && done < total_ && !eval_due && Leaving().empty();
+    if (planned) {
+      absl::MutexLock lock(&c_->mu_);
+      Plan(done, false, slots_);
+    }
     // A failed apply may have updated some shards: the job cannot go on
     // from them (a recovery loads every shard again).
     MUONPS_RETURN_IF_ERROR(Apply(step, lr, coef, *sums));
-    const int64_t done = step + 1;
     *reached = done;
     const absl::Time applied = absl::Now();
+    last_applied = applied;
     // 4. Validation.
-    const int eval_every = spec_.data().eval_every();
-    if ((eval_every > 0 && done % eval_every == 0) || done == total_) {
-      MUONPS_RETURN_IF_ERROR(Evaluate(done));
-    }
+    if (eval_due) MUONPS_RETURN_IF_ERROR(Evaluate(done));
     Publish(done, step_start, reported, applied, sums->loss, *norm, lr, *sums);
     const int every = spec_.checkpoint().every_steps();
     const bool due = every > 0 && done % every == 0 && done < total_;

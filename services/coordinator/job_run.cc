@@ -270,8 +270,9 @@ void Coordinator::JobRun::Plan(int64_t version, bool eval, int count_hint) {
   }
 }
 
-absl::StatusOr<Coordinator::JobRun::SlotSums> Coordinator::JobRun::CollectSlots(int64_t step) {
-  {
+absl::StatusOr<Coordinator::JobRun::SlotSums> Coordinator::JobRun::CollectSlots(int64_t step,
+                                                                                bool planned) {
+  if (!planned) {
     absl::MutexLock lock(&c_->mu_);
     Plan(step, false, slots_);
   }

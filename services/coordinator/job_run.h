@@ -112,8 +112,9 @@ class Coordinator::JobRun {
   absl::Status WaitFor(const std::function<bool()>& done, bool cancellable = true);
   // Plans `count_hint` tasks (at most one per live worker, at least one).
   void Plan(int64_t version, bool eval, int count_hint) ABSL_EXCLUSIVE_LOCKS_REQUIRED(c_->mu_);
-  // 2. Every slot of step `step`, reported, summed in slot order.
-  absl::StatusOr<SlotSums> CollectSlots(int64_t step);
+  // 2. Every slot of step `step`, reported, summed in slot order; its tasks
+  // are planned first unless `planned` (already handed out).
+  absl::StatusOr<SlotSums> CollectSlots(int64_t step, bool planned = false);
   // 3. The global gradient norm: per-tensor sums of squares in layout order.
   absl::StatusOr<double> GlobalNorm(int64_t step);
   absl::Status Apply(int64_t step, double lr, double coef, const SlotSums& sums);

@@ -51,13 +51,14 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
     deadline_ = absl::Now() + absl::Seconds(wait_seconds_);
   }
 
-  // Starts the stream when its version is there, finishes it on an error or
-  // an expired wait, else keeps waiting. Safe to call at any time.
+  // Starts the stream when its version is there or is being applied,
+  // resumes it when the tensor it waits for has been published, finishes it
+  // on an error or an expired wait, else keeps waiting. Safe to call at any
+  // time.
   void Wake() {
     absl::MutexLock lock(&mu_);
-    if (state_ != State::kWaiting) return;
+    if (state_ != State::kWaiting && state_ != State::kWaitingTensor) return;
     if (!error_.ok()) return FinishLocked(ToGrpcStatus(error_));
-    std::shared_ptr<ShardState> shard;
     std::vector<std::string> names;
     {
       absl::MutexLock service_lock(&service_->mu_);
@@ -69,34 +70,49 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
             absl::StatusCode::kNotFound,
             absl::StrCat("job_id: this shard does not hold job \"", request_.job_id(), "\"")));
       }
-      if (service_->version_ < request_.version()) {
-        if (absl::Now() < deadline_) return;  // keep waiting
-        return FinishLocked(Refuse(
-            absl::StatusCode::kDeadlineExceeded,
-            absl::StrCat("version ", request_.version(), " not reached within ", wait_seconds_,
-                         " s; the shard is at version ", service_->version_)));
+      if (state_ == State::kWaitingTensor) {
+        if (service_->state_ != shard_) {
+          return FinishLocked(Refuse(absl::StatusCode::kAborted,
+                                     "the job was loaded again while the pull streamed"));
+        }
+      } else {
+        names = request_.tensors().empty() ? service_->served_
+                                           : std::vector<std::string>(request_.tensors().begin(),
+                                                                      request_.tensors().end());
+        // The version itself, or the next one, streamed tensor by tensor as
+        // the step that makes it is applied. A shard that owns nothing
+        // streams nothing once it is at the version.
+        const int64_t reachable = service_->version_ + (names.empty() ? 0 : 1);
+        if (reachable < request_.version()) {
+          if (absl::Now() < deadline_) return;  // keep waiting
+          return FinishLocked(NotReachedLocked(service_->version_));
+        }
+        shard_ = service_->state_;
       }
-      shard = service_->state_;
-      // Unnamed: the owned tensors (a replica is served only when named).
-      names = request_.tensors().empty()
-                  ? service_->served_
-                  : std::vector<std::string>(request_.tensors().begin(), request_.tensors().end());
     }
-    // A shard that owns nothing streams nothing (Parameters reads an empty
-    // list as every tensor held).
-    absl::StatusOr<int64_t> version =
-        names.empty() ? shard->version() : shard->Parameters(names, &values_);
-    if (!version.ok()) return FinishLocked(ToGrpcStatus(version.status()));
-    if (*version != request_.version()) {
-      return FinishLocked(Refuse(absl::StatusCode::kFailedPrecondition,
-                                 absl::StrCat("version: ", request_.version(),
-                                              " is gone; the shard is at version ", *version)));
+    if (state_ == State::kWaiting) {
+      if (names.empty()) {
+        const int64_t now = shard_->served_version();
+        if (now != request_.version()) {
+          return FinishLocked(Refuse(absl::StatusCode::kFailedPrecondition,
+                                     absl::StrCat("version: ", request_.version(),
+                                                  " is gone; the shard is at version ", now)));
+        }
+      }
+      for (const std::string& name : names) {
+        if (shard_->layout().Find(name) == nullptr || !shard_->Holds(name)) {
+          return FinishLocked(
+              Refuse(absl::StatusCode::kNotFound,
+                     absl::StrCat("tensors: ", name.substr(0, 256), " is not on this shard")));
+        }
+      }
+      names_ = std::move(names);
+      // The version's own field, in front of every message's chunk.
+      prefix_ = EncodePullVersion(request_.version());
+      dtype_ = TransferDtypeOf(shard_->job());
+      start_ = std::chrono::steady_clock::now();
     }
-    // The version's own field, in front of every message's chunk.
-    prefix_ = EncodePullVersion(*version);
-    dtype_ = TransferDtypeOf(shard->job());
     state_ = State::kStreaming;
-    start_ = std::chrono::steady_clock::now();
     WriteNextLocked();
   }
 
@@ -112,7 +128,9 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
   void OnCancel() override {
     ReactionOrder::Scope scope(&order_);
     absl::MutexLock lock(&mu_);
-    if (state_ == State::kWaiting) FinishLocked(Refuse(absl::StatusCode::kCancelled, "cancelled"));
+    if (state_ == State::kWaiting || state_ == State::kWaitingTensor) {
+      FinishLocked(Refuse(absl::StatusCode::kCancelled, "cancelled"));
+    }
   }
 
   // The service deletes the reactor (under its pull lock) once this is set.
@@ -127,10 +145,32 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
   bool done() const { return done_.load(); }
 
  private:
-  enum class State { kWaiting, kStreaming, kFinished };
+  // kWaiting: for the version (nothing sent); kWaitingTensor: for the next
+  // tensor's new version, mid-stream.
+  enum class State { kWaiting, kStreaming, kWaitingTensor, kFinished };
+
+  grpc::Status NotReachedLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return Refuse(absl::StatusCode::kDeadlineExceeded,
+                  absl::StrCat("version ", request_.version(), " not reached within ",
+                               wait_seconds_, " s; the shard is at version ", now));
+  }
 
   void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    while (tensor_ < values_.size()) {
+    while (tensor_ < names_.size()) {
+      if (tensor_ == values_.size()) {
+        // The next tensor, once it is at the version: until then the stream
+        // waits (Wake resumes it when a tensor is published).
+        absl::StatusOr<std::optional<ShardState::Snapshot>> served =
+            shard_->ServedTensor(names_[tensor_], request_.version());
+        if (!served.ok()) return FinishLocked(ToGrpcStatus(served.status()));
+        if (!served->has_value()) {
+          if (absl::Now() >= deadline_)
+            return FinishLocked(NotReachedLocked(shard_->served_version()));
+          state_ = State::kWaitingTensor;
+          return;
+        }
+        values_.emplace_back(shard_->layout().Find(names_[tensor_]), std::move(**served));
+      }
       const TensorInfo& info = *values_[tensor_].first;
       const int64_t element = ElementBytes(dtype_);
       const int64_t total = info.numel * element;
@@ -182,6 +222,9 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
   absl::Time deadline_;
   absl::Mutex mu_;
   State state_ ABSL_GUARDED_BY(mu_) = State::kWaiting;
+  std::shared_ptr<ShardState> shard_ ABSL_GUARDED_BY(mu_);  // once streaming
+  std::vector<std::string> names_ ABSL_GUARDED_BY(mu_);     // what it streams, in order
+  // The tensors taken so far (names_' first ones), at the version.
   std::vector<std::pair<const TensorInfo*, ShardState::Snapshot>> values_ ABSL_GUARDED_BY(mu_);
   std::string prefix_ ABSL_GUARDED_BY(mu_);
   TransferDtype dtype_ ABSL_GUARDED_BY(mu_) = TransferDtype::kF32;
@@ -224,7 +267,7 @@ void ShardServiceImpl::WakePulls() {
 
 ShardServiceImpl::~ShardServiceImpl() {
   {
-    absl::MutexLock lock(&mu_);
+    absl::MutexLock lock(&wake_mu_);
     timer_stop_ = true;
   }
   pull_timer_.join();
@@ -232,11 +275,21 @@ ShardServiceImpl::~ShardServiceImpl() {
   for (PullReactor* reactor : pulls_) delete reactor;  // the server has stopped: all are done
 }
 
+void ShardServiceImpl::RequestWake() {
+  absl::MutexLock lock(&wake_mu_);
+  wake_requested_ = true;
+}
+
 void ShardServiceImpl::PullTimerLoop() {
+  auto woken = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(wake_mu_) {
+    return timer_stop_ || wake_requested_;
+  };
   while (true) {
     {
-      absl::MutexLock lock(&mu_);
-      if (mu_.AwaitWithTimeout(absl::Condition(&timer_stop_), absl::Milliseconds(50))) return;
+      absl::MutexLock lock(&wake_mu_);
+      wake_mu_.AwaitWithTimeout(absl::Condition(&woken), absl::Milliseconds(50));
+      if (timer_stop_) return;
+      wake_requested_ = false;
     }
     WakePulls();
   }

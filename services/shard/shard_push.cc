@@ -9,6 +9,8 @@
 #include "absl/time/time.h"
 #include "checkpoint/checkpoint.h"
 #include "common/job_spec.h"
+#include "common/status_macros.h"
+#include "optim/grad_norm.h"
 #include "rpc/metrics.h"
 #include "rpc/reaction_order.h"
 #include "rpc/rpc_util.h"
@@ -68,7 +70,7 @@ class ShardServiceImpl::PushSession {
     }
     if (current_ == nullptr || header.name() != current_->name()) {
       if (current_ != nullptr) {
-        if (absl::Status st = current_->Finish(); !st.ok()) return Fail(st);
+        if (absl::Status st = EndTensor(); !st.ok()) return Fail(st);
       }
       const TensorInfo* info = state_->layout().Find(header.name());
       if (info == nullptr || !state_->Owns(header.name())) {
@@ -82,6 +84,7 @@ class ShardServiceImpl::PushSession {
       std::vector<float>& buffer = buffers_[header.name()];
       buffer = state_->TakeBuffer(info->numel);
       current_buffer_ = buffer.data();
+      current_squares_ = std::make_unique<SumOfSquaresStream>(buffer.data(), info->numel);
       // Finiteness is checked here, chunk by chunk (Commit).
       current_ = std::make_unique<TensorAssembler>(header.name(), info->shape, buffer.data(),
                                                    /*require_finite=*/false,
@@ -104,7 +107,20 @@ class ShardServiceImpl::PushSession {
       return Fail(absl::InvalidArgumentError(absl::StrCat(
           "tensor ", current_->name(), ": non-finite gradient value at element ", first + bad)));
     }
+    // Reduced as it arrives, while in cache: -0 becomes +0 (what the shard's
+    // sum 0 + g makes of it, so a push of every slot is that sum already),
+    // and the sum of squares advances.
+    float* values = current_buffer_ + first;
+    for (int64_t i = 0; i < count; ++i) values[i] += 0.0f;
+    current_squares_->Filled(current_->received_elements());
     bytes_ += bytes;
+    return absl::OkStatus();
+  }
+
+  // The current tensor is complete: its sum of squares is final.
+  absl::Status EndTensor() {
+    MUONPS_RETURN_IF_ERROR(current_->Finish());
+    squares_[current_->name()] = current_squares_->Total();
     return absl::OkStatus();
   }
 
@@ -118,7 +134,7 @@ class ShardServiceImpl::PushSession {
   grpc::Status Finish(v1::PushGradientsResponse* response) {
     if (!failed_.ok()) return ToGrpcStatus(failed_);
     if (first_) return Refuse(absl::StatusCode::kInvalidArgument, "empty push: no messages");
-    if (failed_.ok() && current_ != nullptr) failed_ = current_->Finish();
+    if (failed_.ok() && current_ != nullptr) failed_ = EndTensor();
     if (!failed_.ok()) return ToGrpcStatus(failed_);
     std::vector<ShardState::Gradient> grads;
     for (const TensorInfo* info : state_->Trainable()) {
@@ -130,7 +146,7 @@ class ShardServiceImpl::PushSession {
                                    "tensor the shard owns)"));
       }
       grads.push_back({info->name, it->second.data(), info->numel, &it->second,
-                       /*finite_checked=*/true});
+                       /*finite_checked=*/true, squares_.at(info->name)});
     }
     if (grads.size() != buffers_.size()) {
       for (const auto& [name, buffer] : buffers_) {
@@ -161,7 +177,9 @@ class ShardServiceImpl::PushSession {
   int64_t run_ = -1;
   std::map<std::string, std::vector<float>> buffers_;
   std::unique_ptr<TensorAssembler> current_;
-  float* current_buffer_ = nullptr;  // where current_ assembles
+  float* current_buffer_ = nullptr;                      // where current_ assembles
+  std::unique_ptr<SumOfSquaresStream> current_squares_;  // of current_buffer_
+  std::map<std::string, double> squares_;                // of the complete tensors
   int64_t bytes_ = 0;
   absl::Status failed_;
   std::chrono::steady_clock::time_point start_;

@@ -227,6 +227,7 @@ absl::Status ShardServiceImpl::Install(const std::string& job_id, const std::str
         absl::StrCat("this shard holds job ", job_id_, "; drop it first"));
   }
   state->StartGeneration(++run_);
+  state->set_on_publish([this] { RequestWake(); });
   job_id_ = job_id;
   job_key_ = job_key;
   tensors_ = tensors;

@@ -102,7 +102,13 @@ class ShardServiceImpl final
   // Pulls in progress: woken when the version, the job or shutdown changes,
   // and by a timer for their deadlines; finished ones are deleted there.
   void WakePulls();
+  // Asks the timer thread to wake the pulls now (a tensor was published):
+  // callable from any thread holding no lock of the service's.
+  void RequestWake();
   void PullTimerLoop();
+  absl::Mutex wake_mu_;
+  bool wake_requested_ ABSL_GUARDED_BY(wake_mu_) = false;
+  bool timer_stop_ ABSL_GUARDED_BY(wake_mu_) = false;
   absl::Mutex pulls_mu_;  // taken before a reactor's lock, which is taken before mu_
   std::set<PullReactor*> pulls_ ABSL_GUARDED_BY(pulls_mu_);
   std::thread pull_timer_;
@@ -125,7 +131,6 @@ class ShardServiceImpl final
   int64_t version_ ABSL_GUARDED_BY(mu_) = 0;  // mirrors state_->version() for waits
   int64_t run_ ABSL_GUARDED_BY(mu_) = 0;      // loads of jobs so far
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
-  bool timer_stop_ ABSL_GUARDED_BY(mu_) = false;
   bool require_secret_ ABSL_GUARDED_BY(mu_) = false;
   std::string member_secret_ ABSL_GUARDED_BY(mu_);
   std::string job_key_ ABSL_GUARDED_BY(mu_);  // of the held job

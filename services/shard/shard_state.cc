@@ -71,6 +71,8 @@ absl::StatusOr<std::unique_ptr<ShardState>> ShardState::Create(
   for (const TensorInfo& info : shard->layout_.tensors()) {
     if (shard->tensors_.count(info.name) != 0) shard->order_.push_back(info.name);
   }
+  absl::MutexLock serve(&shard->serve_mu_);
+  for (const auto& [name, t] : shard->tensors_) shard->served_[name] = Served{0, t.value};
   return shard;
 }
 
@@ -106,12 +108,57 @@ absl::Status ShardState::Restore(const std::string& name, std::vector<float> val
   t.momentum = std::make_shared<std::vector<float>>(std::move(momentum));
   t.exp_avg = std::make_shared<std::vector<float>>(std::move(exp_avg));
   t.exp_avg_sq = std::make_shared<std::vector<float>>(std::move(exp_avg_sq));
+  absl::MutexLock serve(&serve_mu_);
+  served_[name].value = t.value;
   return absl::OkStatus();
 }
 
 void ShardState::set_version(int64_t version) {
   absl::MutexLock lock(&mu_);
+  AwaitReplicasLocked();
   version_ = version;
+  absl::MutexLock serve(&serve_mu_);
+  for (auto& [name, served] : served_) served.version = version;
+  served_version_ = version;
+}
+
+absl::StatusOr<std::optional<ShardState::Snapshot>> ShardState::ServedTensor(
+    const std::string& name, int64_t version) const {
+  absl::MutexLock serve(&serve_mu_);
+  auto it = served_.find(name);
+  if (it == served_.end()) {
+    return absl::NotFoundError(absl::StrCat("tensor ", name, " is not on this shard"));
+  }
+  const Served& s = it->second;
+  if (s.version > version) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("version: ", version, " is gone; the shard is at version ", served_version_));
+  }
+  if (s.version < version || s.value == nullptr) return std::optional<Snapshot>();
+  return std::optional<Snapshot>(s.value);
+}
+
+int64_t ShardState::served_version() const {
+  absl::MutexLock serve(&serve_mu_);
+  return served_version_;
+}
+
+bool ShardState::Holds(const std::string& name) const {
+  absl::MutexLock serve(&serve_mu_);
+  return served_.count(name) != 0;
+}
+
+void ShardState::Unpublish(const std::string& name) {
+  absl::MutexLock serve(&serve_mu_);
+  served_.at(name).value.reset();
+}
+
+void ShardState::Publish(const std::string& name, int64_t version, Snapshot value) {
+  {
+    absl::MutexLock serve(&serve_mu_);
+    served_.at(name) = Served{version, std::move(value)};
+  }
+  if (on_publish_) on_publish_();
 }
 
 int64_t ShardState::version() const {
@@ -141,26 +188,6 @@ absl::StatusOr<std::vector<float>> ShardState::Parameter(const std::string& name
   if (it == tensors_.end())
     return absl::NotFoundError(absl::StrCat("tensor ", name, " is not on this shard"));
   return *it->second.value;
-}
-
-absl::StatusOr<int64_t> ShardState::Parameters(
-    const std::vector<std::string>& names,
-    std::vector<std::pair<const TensorInfo*, Snapshot>>* out) const {
-  absl::MutexLock lock(&mu_);
-  const std::vector<std::string>& wanted = names.empty() ? order_ : names;
-  // A pull of owned tensors does not wait for the replicas' update.
-  if (AnyReplicaLocked(wanted)) AwaitReplicasLocked();
-  for (const std::string& name : wanted) {
-    if (tensors_.count(name) == 0) {
-      return absl::NotFoundError(absl::StrCat("tensor ", name, " is not on this shard"));
-    }
-  }
-  out->clear();
-  for (const std::string& name : wanted) {
-    const Tensor& t = tensors_.at(name);
-    out->emplace_back(t.info, t.value);
-  }
-  return version_;
 }
 
 int64_t ShardState::Visit(
@@ -277,6 +304,7 @@ absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int 
       kept.assign(grads[k].data, grads[k].data + grads[k].numel);
     }
     t.received[first_slot] = {slot_count, std::move(kept)};
+    if (first_slot == 0 && slot_count == slots) t.whole_sq = grads[k].sum_of_squares;
     for (int s = first_slot; s < first_slot + slot_count; ++s) t.covered_by[s] = first_slot;
   }
   summed_ = false;
@@ -320,7 +348,15 @@ absl::Status ShardState::SumSlotsLocked() {
   // arithmetic of each is the same as in one loop.
   std::vector<Tensor*> work;
   for (auto& [name, t] : tensors_) {
-    if (t.info->trainable()) work.push_back(&t);
+    if (!t.info->trainable()) continue;
+    if (t.whole_sq.has_value() && t.received.size() == 1) {
+      // One gradient of every slot, reduced as it arrived: 0 + g is g with
+      // +0 for -0, which the pusher made it, so it is the sum itself.
+      std::swap(t.grad, t.received.begin()->second.second);
+      t.grad_sq = *t.whole_sq;
+      continue;
+    }
+    work.push_back(&t);
   }
   std::stable_sort(work.begin(), work.end(), [](const Tensor* a, const Tensor* b) {
     return a->info->numel > b->info->numel;
@@ -396,34 +432,60 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
   }
   OptimizerStep update = MakeOptimizerStep(oc, lr, step);
   update.muon.orthogonalizer = orthogonalizer_;
+  const int64_t next = step + 1;
   // A pull may still be streaming this version, or a checkpoint writing it:
-  // update a copy then.
+  // update a copy then. Unpublish first, so that no pull takes the values
+  // while they change.
   auto copy_if_shared = [](Tensor& t) {
     for (auto* buffer : {&t.value, &t.momentum, &t.exp_avg, &t.exp_avg_sq}) {
       if (buffer->use_count() > 1) *buffer = std::make_shared<std::vector<float>>(**buffer);
     }
   };
-  std::vector<double> seconds(trainable.size(), 0.0), update_sq(trainable.size(), 0.0);
-  RunTensorUpdates(infos, oc.name(), [&](size_t k) {
-    Tensor& t = *trainable[k];
-    const auto start = std::chrono::steady_clock::now();
-    copy_if_shared(t);
-    FailPoint("shard.apply_tensor");
-    std::vector<float> before;
-    if (stats != nullptr) before = *t.value;
-    UpdateTensor(*t.info, update, t.value->data(), t.momentum->data(), t.exp_avg->data(),
-                 t.exp_avg_sq->data(), t.grad.data());
-    ApplyQkClip(*t.info, job_.model(), tau, qk, t.value->data());
-    seconds[k] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (stats != nullptr) {
-      double sq = 0.0;
-      for (size_t i = 0; i < before.size(); ++i) {
-        const double d = static_cast<double>((*t.value)[i]) - before[i];
-        sq += d * d;
-      }
-      update_sq[k] = sq;
+  // The router biases first (they need only the loads), and every tensor
+  // this step leaves as it is, so that a pull of the next version is held
+  // up by nothing but the updates still running.
+  const bool bias_update = job_.model().balancing() == "aux_free_bias" && !loads.empty();
+  for (const std::string& name : order_) {
+    Tensor& t = tensors_.at(name);
+    if (t.info->trainable()) continue;
+    const size_t moe_layer =
+        static_cast<size_t>(t.info->layer - job_.model().first_k_dense_replace());
+    if (bias_update && t.info->role == TensorRole::kBuffer && moe_layer < summed.layers().size() &&
+        summed.layers()[moe_layer].size() == static_cast<size_t>(t.info->numel)) {
+      Unpublish(name);
+      if (t.value.use_count() > 1) t.value = std::make_shared<std::vector<float>>(*t.value);
+      UpdateRouterBias(t.value->data(), summed.layers()[moe_layer],
+                       job_.model().bias_update_rate());
     }
-  });
+    Publish(name, next, t.value);
+  }
+  std::vector<double> seconds(trainable.size(), 0.0), update_sq(trainable.size(), 0.0);
+  RunTensorUpdates(
+      infos, oc.name(),
+      [&](size_t k) {
+        Tensor& t = *trainable[k];
+        const auto start = std::chrono::steady_clock::now();
+        Unpublish(t.info->name);
+        copy_if_shared(t);
+        FailPoint("shard.apply_tensor");
+        std::vector<float> before;
+        if (stats != nullptr) before = *t.value;
+        UpdateTensor(*t.info, update, t.value->data(), t.momentum->data(), t.exp_avg->data(),
+                     t.exp_avg_sq->data(), t.grad.data());
+        ApplyQkClip(*t.info, job_.model(), tau, qk, t.value->data());
+        Publish(t.info->name, next, t.value);
+        seconds[k] =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (stats != nullptr) {
+          double sq = 0.0;
+          for (size_t i = 0; i < before.size(); ++i) {
+            const double d = static_cast<double>((*t.value)[i]) - before[i];
+            sq += d * d;
+          }
+          update_sq[k] = sq;
+        }
+      },
+      /*in_order=*/true);
   if (stats != nullptr) {
     for (size_t k = 0; k < trainable.size(); ++k) {
       const bool muon = UsesMuon(*trainable[k]->info, oc.name());
@@ -433,28 +495,19 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
       stats->tensor_seconds.emplace_back(muon, seconds[k]);
     }
   }
-  if (job_.model().balancing() == "aux_free_bias" && !loads.empty()) {
-    for (const std::string& name : order_) {
-      Tensor& t = tensors_.at(name);
-      if (t.info->role != TensorRole::kBuffer) continue;
-      const size_t moe_layer =
-          static_cast<size_t>(t.info->layer - job_.model().first_k_dense_replace());
-      if (moe_layer < summed.layers().size() &&
-          summed.layers()[moe_layer].size() == static_cast<size_t>(t.info->numel)) {
-        if (t.value.use_count() > 1) t.value = std::make_shared<std::vector<float>>(*t.value);
-        UpdateRouterBias(t.value->data(), summed.layers()[moe_layer],
-                         job_.model().bias_update_rate());
-      }
-    }
-  }
   ClearGradientsLocked();
   ++version_;
+  {
+    absl::MutexLock serve(&serve_mu_);
+    served_version_ = version_;
+  }
   if (!replicas.empty()) {
-    // The same arithmetic on the replicas, on a thread of their own.
+    // The same arithmetic on the replicas, on a thread of their own; each is
+    // published when done (nobody pulls a replica unless it names it).
     replicas_pending_ =
-        std::async(std::launch::async, [replicas = std::move(replicas),
+        std::async(std::launch::async, [this, replicas = std::move(replicas),
                                         replica_infos = std::move(replica_infos), clip, clip_coef,
-                                        update, optimizer = oc.name(), copy_if_shared,
+                                        update, optimizer = oc.name(), copy_if_shared, next,
                                         model = job_.model(), tau, qk = std::move(qk)] {
           if (clip) {
             for (Tensor* t : replicas)
@@ -462,11 +515,13 @@ absl::Status ShardState::ApplyStep(int64_t step, double lr, double clip_coef,
           }
           RunTensorUpdates(replica_infos, optimizer, [&](size_t k) {
             Tensor& t = *replicas[k];
+            Unpublish(t.info->name);
             copy_if_shared(t);
             FailPoint("shard.apply_tensor");
             UpdateTensor(*t.info, update, t.value->data(), t.momentum->data(), t.exp_avg->data(),
                          t.exp_avg_sq->data(), t.grad.data());
             ApplyQkClip(*t.info, model, tau, qk, t.value->data());
+            Publish(t.info->name, next, t.value);
           });
         }).share();
   }
@@ -482,9 +537,11 @@ void ShardState::StartGeneration(int64_t generation) {
 void ShardState::ClearGradientsLocked() {
   for (auto& [name, t] : tensors_) {
     for (auto& [first, entry] : t.received) {
+      if (entry.second.empty()) continue;  // swapped with an empty `grad`
       spare_[static_cast<int64_t>(entry.second.size())].push_back(std::move(entry.second));
     }
     t.received.clear();
+    t.whole_sq.reset();
     std::fill(t.covered_by.begin(), t.covered_by.end(), -1);
   }
   summed_ = false;

@@ -13,6 +13,7 @@
 #include <future>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <utility>
@@ -40,6 +41,10 @@ class ShardState {
   // Muon's Newton-Schulz runs on `o` (null: the CPU). Set before the first
   // ApplyStep; `o` must outlive the state.
   void set_orthogonalizer(Orthogonalizer* o) { orthogonalizer_ = o; }
+  // Called (from the applying threads, with no lock of the caller's held
+  // and none of this state's that the callee may take) each time a tensor's
+  // new version is published (ServedTensor). Set before the first ApplyStep.
+  void set_on_publish(std::function<void()> f) { on_publish_ = std::move(f); }
   // Waits for the replicas' update in flight, if any.
   ~ShardState();
   ShardState(const ShardState&) = delete;
@@ -64,15 +69,7 @@ class ShardState {
   const v1::JobSpec& job() const { return job_; }
   // A copy of an owned tensor's current values; NOT_FOUND otherwise.
   absl::StatusOr<std::vector<float>> Parameter(const std::string& name) const;
-  // The named tensors' values (all owned when `names` is empty), in the
-  // order given, all of one version; returns that version. The values are
-  // shared, not copied: an update while they are held writes new buffers
-  // (copy on write), so a pull streams a consistent version without holding
-  // the shard's lock.
   using Snapshot = std::shared_ptr<const std::vector<float>>;
-  absl::StatusOr<int64_t> Parameters(
-      const std::vector<std::string>& names,
-      std::vector<std::pair<const TensorInfo*, Snapshot>>* out) const;
   // Calls `visit` on every owned tensor in layout order with its values and
   // optimizer state (empty vectors where the optimizer keeps none); returns
   // the version they belong to.
@@ -80,6 +77,25 @@ class ShardState {
       const std::function<void(
           const TensorInfo&, const std::vector<float>& value, const std::vector<float>& momentum,
           const std::vector<float>& exp_avg, const std::vector<float>& exp_avg_sq)>& visit) const;
+
+  // For a pull that streams version `version` tensor by tensor while the
+  // step that makes it is applied: the values of held tensor `name` once it
+  // has reached that version. Each tensor is published as soon as its update
+  // is done (ApplyStep), in layout order as far as the threads allow, so the
+  // first layers of a version are served while the last ones are still
+  // being updated. Never waits for the step in progress:
+  //   a snapshot       the tensor is at `version` (shared, copy on write)
+  //   nullopt          not yet (at an earlier version, or being updated)
+  //   FAILED_PRECONDITION  the tensor is past `version` (the version is gone)
+  //   NOT_FOUND        a tensor this shard does not hold
+  absl::StatusOr<std::optional<Snapshot>> ServedTensor(const std::string& name,
+                                                       int64_t version) const;
+  // The last version every held tensor has been published at (version()
+  // without waiting for an ApplyStep in progress).
+  int64_t served_version() const;
+  // Whether `name` is held (owned or a replica), without waiting for an
+  // ApplyStep in progress.
+  bool Holds(const std::string& name) const;
 
   // Every owned tensor's values and optimizer state at one version, shared,
   // not copied: an update while the snapshot is held writes new buffers
@@ -113,6 +129,11 @@ class ShardState {
     // The caller already refused NaN / Inf in `data` (e.g. chunk by chunk as
     // it arrived, while in cache).
     bool finite_checked = false;
+    // When set, the caller made every -0 in `data` +0 and this is
+    // SumOfSquares(data) (computed as it arrived): a gradient of every slot
+    // is then kept as the step's sum itself, with this share of the norm,
+    // and nothing is summed again.
+    std::optional<double> sum_of_squares = std::nullopt;
   };
   // Records the gradients of slot range [first_slot, first_slot+slot_count)
   // for `step`, all or nothing. Returns true when counted, false when this
@@ -188,8 +209,11 @@ class ShardState {
     std::map<int, std::pair<int, std::vector<float>>> received;
     std::vector<int> covered_by;
     std::vector<float> grad;  // summed, once complete
-    double grad_sq = 0.0;     // SumOfSquares(grad), with it
-    bool replica = false;     // held as a copy of another shard's tensor
+    // SumOfSquares of the received gradient of every slot, when its pusher
+    // gave it (Gradient::sum_of_squares).
+    std::optional<double> whole_sq;
+    double grad_sq = 0.0;  // SumOfSquares(grad), with it
+    bool replica = false;  // held as a copy of another shard's tensor
   };
   // Waits for the replicas' update of the last step, if still running.
   void AwaitReplicasLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -198,6 +222,10 @@ class ShardState {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   ShardState(const v1::JobSpec& job);
   absl::Status SumSlotsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Serving: `name` is about to be updated (no pull takes its values until
+  // Publish), and its values at `version` are ready.
+  void Unpublish(const std::string& name);
+  void Publish(const std::string& name, int64_t version, Snapshot value);
   void ClearGradientsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const v1::JobSpec job_;
@@ -215,6 +243,19 @@ class ShardState {
   // their values, state and summed gradients, which nothing else reads or
   // writes until it is done.
   std::shared_future<void> replicas_pending_ ABSL_GUARDED_BY(mu_);
+
+  // What pulls read, apart from everything else: each held tensor's last
+  // published version and values (null while it is being updated). Written
+  // under mu_ as well by ApplyStep, Restore and set_version, or by the
+  // replicas' thread for its own tensors; read under serve_mu_ alone.
+  struct Served {
+    int64_t version = 0;
+    Snapshot value;
+  };
+  mutable absl::Mutex serve_mu_ ABSL_ACQUIRED_AFTER(mu_);
+  std::map<std::string, Served> served_ ABSL_GUARDED_BY(serve_mu_);
+  int64_t served_version_ ABSL_GUARDED_BY(serve_mu_) = 0;
+  std::function<void()> on_publish_;
 };
 
 }  // namespace muonps
