@@ -100,7 +100,7 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
         }
       }
       for (const std::string& name : names) {
-        if (shard_->layout().Find(name) == nullptr || !shard_->Holds(name)) {
+        if (!shard_->Holds(name)) {
           return FinishLocked(
               Refuse(absl::StatusCode::kNotFound,
                      absl::StrCat("tensors: ", name.substr(0, 256), " is not on this shard")));
