@@ -18,6 +18,7 @@
 #include "data/batch_sampler.h"
 #include "data/token_source.h"
 #include "model/moe_model.h"
+#include "optim/grad_norm.h"
 #include "optim/lr_schedule.h"
 #include "optim/newton_schulz.h"
 #include "optim/orthogonalizer.h"
@@ -81,9 +82,12 @@ void RunDistributed(const v1::JobSpec& job, std::vector<std::unique_ptr<ShardSta
       ASSERT_TRUE(v.ok());
       std::copy(v->begin(), v->end(), params.begin() + t.offset);
     }
-    // Slots, pushed in reverse order: arrival order must not matter.
+    // Slot 1 first (it waits for slot 0), then slot 0 (both are summed),
+    // then the rest in order (each summed as it arrives): arrival order
+    // must not matter.
     std::vector<std::vector<int64_t>> loads;
-    for (int s = slots - 1; s >= 0; --s) {
+    for (int k = 0; k < slots; ++k) {
+      const int s = k < 2 && slots > 1 ? 1 - k : k;
       std::vector<int32_t> in(rows * T), tg(rows * T);
       sampler.Fill(step, s, in.data(), tg.data());
       std::vector<float> grads(layout.total_floats(), 0.0f);
@@ -516,6 +520,59 @@ TEST_F(ShardStateTest, SlotRangesAreCountedOnceAndNeverOverlap) {
   ASSERT_TRUE(pa.ok() && pb.ok());
   // NOLINTNEXTLINE(bugprone-suspicious-memory-comparison): the test wants bit-identical floats.
   EXPECT_EQ(std::memcmp(pa->data(), pb->data(), n * sizeof(float)), 0);
+}
+
+// Pushes are summed as they arrive, each as soon as the slots before it are
+// in, so that the squares are ready when the last push is: the shard's sum
+// is ((0 + g0) + g1) + g2 whatever the arrival order.
+TEST_F(ShardStateTest, EachPushIsSummedOnArrivalOnceTheSlotsBeforeItAreIn) {
+  const v1::JobSpec job = Job("muon", "aux_free_bias");  // 3 slots
+  const std::string w = "model.layers.0.self_attn.q_proj.weight";
+  const int64_t n = 32 * 32;
+  std::vector<std::vector<float>> g(3, std::vector<float>(n));
+  for (int s = 0; s < 3; ++s) {
+    for (int64_t i = 0; i < n; ++i) g[s][i] = static_cast<float>(std::cos(0.37 * i - s) * (s + 1));
+  }
+  g[0][5] = -0.0f;  // 0 + -0 is +0 in the sum
+  std::vector<float> sum(n, 0.0f);
+  for (int s = 0; s < 3; ++s) {
+    for (int64_t i = 0; i < n; ++i) sum[i] += g[s][i];
+  }
+  const double expected_sq = SumOfSquares(sum.data(), n);  // of the test's own sum
+
+  for (const std::vector<int>& order :
+       std::vector<std::vector<int>>{{0, 1, 2}, {2, 1, 0}, {1, 0, 2}, {2, 0, 1}}) {
+    SCOPED_TRACE(absl::StrCat("arrival order ", order[0], order[1], order[2]));
+    absl::StatusOr<std::unique_ptr<ShardState>> shard = ShardState::Create(job, {w});
+    ASSERT_TRUE(shard.ok());
+    std::vector<bool> in(3, false);
+    for (int s : order) {
+      ASSERT_TRUE(*(*shard)->AddGradients(0, s, 1, {{w, g[s].data(), n}}));
+      in[s] = true;
+      int prefix = 0;
+      while (prefix < 3 && in[prefix]) ++prefix;
+      EXPECT_EQ((*shard)->SummedSlots(w), prefix) << "after slot " << s;
+    }
+    absl::StatusOr<std::vector<std::pair<std::string, double>>> sq = (*shard)->GradientSquares();
+    ASSERT_TRUE(sq.ok()) << sq.status();
+    ASSERT_EQ(sq->size(), 1u);
+    EXPECT_EQ(sq->front().second, expected_sq);
+    // The update with this sum, bit for bit: a shard given the sum as the
+    // gradient of every slot takes it as is.
+    absl::StatusOr<std::unique_ptr<ShardState>> whole = ShardState::Create(job, {w});
+    ASSERT_TRUE(whole.ok());
+    ASSERT_TRUE(*(*whole)->AddGradients(0, 0, 3, {{w, sum.data(), n}}));
+    ASSERT_TRUE((*shard)->ApplyStep(0, 0.01, 1.0, {}).ok());
+    ASSERT_TRUE((*whole)->ApplyStep(0, 0.01, 1.0, {}).ok());
+    absl::StatusOr<std::vector<float>> pa = (*shard)->Parameter(w), pb = (*whole)->Parameter(w);
+    ASSERT_TRUE(pa.ok() && pb.ok());
+    // NOLINTNEXTLINE(bugprone-suspicious-memory-comparison): the test wants bit-identical floats.
+    EXPECT_EQ(std::memcmp(pa->data(), pb->data(), n * sizeof(float)), 0);
+    EXPECT_EQ((*shard)->SummedSlots(w), 0);  // a new step
+  }
+  absl::StatusOr<std::unique_ptr<ShardState>> shard = ShardState::Create(job, {w});
+  ASSERT_TRUE(shard.ok());
+  EXPECT_EQ((*shard)->SummedSlots("model.embed_tokens.weight"), 0);  // not its tensor
 }
 
 }  // namespace

@@ -293,6 +293,7 @@ absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int 
     targets.push_back(&t);
   }
   if (repeats == static_cast<int>(grads.size())) return false;  // already counted
+  std::vector<Tensor*> added;
   for (size_t k = 0; k < grads.size(); ++k) {
     Tensor& t = *targets[k];
     if (t.received.count(first_slot) != 0) continue;
@@ -306,9 +307,52 @@ absl::StatusOr<bool> ShardState::AddGradients(int64_t step, int first_slot, int 
     t.received[first_slot] = {slot_count, std::move(kept)};
     if (first_slot == 0 && slot_count == slots) t.whole_sq = grads[k].sum_of_squares;
     for (int s = first_slot; s < first_slot + slot_count; ++s) t.covered_by[s] = first_slot;
+    // A replica's sum may still be read by the last step's update.
+    if (t.replica) AwaitReplicasLocked();
+    added.push_back(&t);
   }
   summed_ = false;
+  // Summed now, not when the coordinator asks for the squares: each tensor
+  // on its own, the largest first, spread over the threads.
+  std::stable_sort(added.begin(), added.end(), [](const Tensor* a, const Tensor* b) {
+    return a->info->numel > b->info->numel;
+  });
+  const TransferDtype dtype = TransferDtypeOf(job_);
+  ParallelForDynamic(static_cast<int64_t>(added.size()),
+                     [&](int64_t k) { Fold(*added[k], dtype); });
   return true;
+}
+
+void ShardState::Fold(Tensor& t, TransferDtype dtype) {
+  const int slots = static_cast<int>(t.covered_by.size());
+  const int64_t n = t.info->numel;
+  while (t.summed < slots) {
+    auto it = t.received.find(t.summed);
+    if (it == t.received.end()) return;  // a slot before the rest is still missing
+    auto& [count, buffer] = it->second;
+    if (t.summed == 0 && count == slots && t.whole_sq.has_value()) {
+      // One gradient of every slot, reduced as it arrived: 0 + g is g with
+      // +0 for -0, which the pusher made it, so it is the sum itself.
+      std::swap(t.grad, buffer);
+      t.grad_sq = *t.whole_sq;
+      t.summed = slots;
+      return;
+    }
+    // ((0 + g0) + g1) + ...: the trainer's order; a prefix sum received from
+    // a worker is exactly the first terms of it. Under transfer.dtype bf16
+    // every partial sum is rounded to bf16 (common/bf16.h).
+    if (t.summed == 0) t.grad.assign(static_cast<size_t>(n), 0.0f);
+    AccumulateSlotGradient(dtype, buffer.data(), n, t.grad.data());
+    t.summed += count;
+  }
+  // Its share of the global norm, while the sum is in cache.
+  t.grad_sq = SumOfSquares(t.grad.data(), n);
+}
+
+int ShardState::SummedSlots(const std::string& name) const {
+  absl::MutexLock lock(&mu_);
+  auto it = tensors_.find(name);
+  return it == tensors_.end() ? 0 : it->second.summed;
 }
 
 std::vector<float> ShardState::TakeBuffer(int64_t numel) {
@@ -343,37 +387,12 @@ absl::Status ShardState::SumSlotsLocked() {
             "step ", version_, ": the gradient of slot ", s, " of ", name, " is still missing"));
       }
     }
-  }
-  // Each tensor on its own, the largest first, spread over the threads: the
-  // arithmetic of each is the same as in one loop.
-  std::vector<Tensor*> work;
-  for (auto& [name, t] : tensors_) {
-    if (!t.info->trainable()) continue;
-    if (t.whole_sq.has_value() && t.received.size() == 1) {
-      // One gradient of every slot, reduced as it arrived: 0 + g is g with
-      // +0 for -0, which the pusher made it, so it is the sum itself.
-      std::swap(t.grad, t.received.begin()->second.second);
-      t.grad_sq = *t.whole_sq;
-      continue;
+    // Every slot is in, and each was summed as it arrived (Fold).
+    if (t.info->trainable() && t.summed != static_cast<int>(t.covered_by.size())) {
+      return absl::InternalError(absl::StrCat("step ", version_, ": ", name, " has ", t.summed,
+                                              " of its slots summed, all of them in"));
     }
-    work.push_back(&t);
   }
-  std::stable_sort(work.begin(), work.end(), [](const Tensor* a, const Tensor* b) {
-    return a->info->numel > b->info->numel;
-  });
-  const TransferDtype dtype = TransferDtypeOf(job_);
-  ParallelForDynamic(static_cast<int64_t>(work.size()), [&](int64_t k) {
-    Tensor& t = *work[k];
-    // ((0 + g0) + g1) + ...: the trainer's order; a prefix sum received from
-    // a worker is exactly the first terms of it.
-    // Under transfer.dtype bf16 every partial sum is rounded to bf16 (common/bf16.h).
-    t.grad.assign(t.info->numel, 0.0f);
-    for (const auto& [first, entry] : t.received) {
-      AccumulateSlotGradient(dtype, entry.second.data(), t.info->numel, t.grad.data());
-    }
-    // Its share of the global norm, while the sum is in cache.
-    t.grad_sq = SumOfSquares(t.grad.data(), t.info->numel);
-  });
   summed_ = true;
   return absl::OkStatus();
 }
@@ -542,6 +561,7 @@ void ShardState::ClearGradientsLocked() {
     }
     t.received.clear();
     t.whole_sq.reset();
+    t.summed = 0;
     std::fill(t.covered_by.begin(), t.covered_by.end(), -1);
   }
   summed_ = false;

@@ -22,6 +22,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "common/bf16.h"
 #include "common/model_layout.h"
 #include "muonps/v1/job.pb.h"
 #include "optim/orthogonalizer.h"
@@ -166,6 +167,11 @@ class ShardState {
 
   // Whether every slot of every owned trainable tensor is in.
   bool GradientsComplete() const;
+  // How many slots of `name`'s gradient are summed so far (0 for a tensor
+  // this shard does not own). Each push is added to the step's sum as it
+  // arrives, as soon as every slot before it is in: the sum keeps slot
+  // order, and once the last slot is in the tensor's sum of squares is known.
+  int SummedSlots(const std::string& name) const;
 
   // For global clipping: (name, sum of squares of the step's gradient) of
   // every owned trainable tensor, in layout order. The gradient is the sum
@@ -208,11 +214,12 @@ class ShardState {
     // slots [0, count) at key 0. `covered_by[s]` = key covering slot s, -1 none.
     std::map<int, std::pair<int, std::vector<float>>> received;
     std::vector<int> covered_by;
-    std::vector<float> grad;  // summed, once complete
+    std::vector<float> grad;  // the sum of slots [0, summed), in slot order
+    int summed = 0;           // slots added to `grad` (Fold)
     // SumOfSquares of the received gradient of every slot, when its pusher
     // gave it (Gradient::sum_of_squares).
     std::optional<double> whole_sq;
-    double grad_sq = 0.0;  // SumOfSquares(grad), with it
+    double grad_sq = 0.0;  // SumOfSquares(grad), once every slot is summed
     bool replica = false;  // held as a copy of another shard's tensor
   };
   // Waits for the replicas' update of the last step, if still running.
@@ -222,6 +229,9 @@ class ShardState {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   ShardState(const v1::JobSpec& job);
   absl::Status SumSlotsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Adds to t.grad every received range that continues its summed prefix;
+  // with the last slot, sets t.grad_sq. Touches only `t` (callers hold mu_).
+  static void Fold(Tensor& t, TransferDtype dtype);
   // Serving: `name` is about to be updated (no pull takes its values until
   // Publish), and its values at `version` are ready.
   void Unpublish(const std::string& name);
