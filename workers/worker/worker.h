@@ -169,6 +169,7 @@ class Worker {
     prometheus::Gauge* mfu = nullptr;  // only with a known peak
   };
   void RecordPhase(const std::string& phase, double seconds);
+  static double Since(std::chrono::steady_clock::time_point start);  // seconds
 
   const WorkerOptions options_;
   std::shared_ptr<prometheus::Registry> registry_;
