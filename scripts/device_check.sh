@@ -23,17 +23,19 @@ start=$SECONDS
 echo "== build (CUDA target, sm_${CUDA_ARCHITECTURES:-90})"
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMUONPS_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHITECTURES:-90}" -DMUONPS_PCH=OFF > "$log/configure.txt" 2>&1
-cmake --build build-gpu -j "$(nproc)" --target cuda_ops_test coordinator_job_test bench_cuda_step \
-  muonps > "$log/build.txt" 2>&1 || { tail -40 "$log/build.txt"; exit 1; }
+cmake --build build-gpu -j "$(nproc)" --target cuda_ops_test cuda_backend_test coordinator_job_test \
+  bench_cuda_step muonps > "$log/build.txt" 2>&1 || { tail -40 "$log/build.txt"; exit 1; }
 echo "build: $((SECONDS - start)) s"
 
 echo "== GPU tests"
 status=0
-./build-gpu/tests/cuda_ops_test 2>&1 | tee "$log/cuda_ops_test.txt" || status=1
-if grep -q "SKIPPED \]" "$log/cuda_ops_test.txt"; then
-  echo "device_check: GPU tests were skipped on a machine that should have a GPU"
-  status=1
-fi
+for gpu_test in cuda_ops_test cuda_backend_test; do
+  ./build-gpu/tests/$gpu_test 2>&1 | tee "$log/$gpu_test.txt" || status=1
+  if grep -q "SKIPPED \]" "$log/$gpu_test.txt"; then
+    echo "device_check: GPU tests ($gpu_test) were skipped on a machine that should have a GPU"
+    status=1
+  fi
+done
 # The worker's backend wiring, end to end on the CPU path (no GPU needed).
 ./build-gpu/tests/coordinator_job_test --gtest_filter='*InjectedBackend*' 2>&1 |
   tee "$log/coordinator_job_test.txt" | tail -3 || status=1

@@ -2,7 +2,7 @@
 // cuBLAS call) on one device, mirroring the CPU op of model/ops.h of the
 // same name and its reduction order per output element, so repeated runs on
 // one device give the same bits and agree with the CPU within the
-// tolerances of tests/cuda_ops_test.cc.
+// tolerances of tests/cuda_backend_test.cc.
 //
 // Ops are asynchronous on the backend's stream, except those that hand a
 // result to the host or build it there (Allocate, Copy, build_routing,

@@ -99,6 +99,11 @@ __global__ void SwigluBackwardKernel(float* dgate, float* dup, const float* dout
   if (dup != nullptr) dup[i] += ew::SwigluUpGrad(dout[i], gate[i]);
 }
 
+__global__ void AddKernel(float* a, const float* b, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) a[i] += b[i];
+}
+
 }  // namespace
 
 cudaError_t RmsnormForward(float* out, float* rstd, const float* inp, const float* weight, int N,
@@ -156,6 +161,12 @@ cudaError_t SwigluBackward(float* dgate, float* dup, const float* dout, const fl
   const int64_t n = N * F;
   if (n <= 0 || (dgate == nullptr && dup == nullptr)) return cudaSuccess;
   SwigluBackwardKernel<<<Blocks(n, kThreads), kThreads, 0, stream>>>(dgate, dup, dout, gate, up, n);
+  return cudaGetLastError();
+}
+
+cudaError_t Add(float* a, const float* b, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  AddKernel<<<Blocks(n, kThreads), kThreads, 0, stream>>>(a, b, n);
   return cudaGetLastError();
 }
 

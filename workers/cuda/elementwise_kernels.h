@@ -1,9 +1,10 @@
 // CUDA twins of the element-wise ops of model/ops.h: RMSNorm, RoPE and
-// SwiGLU, forward and backward. Each kernel runs the per-element formula
-// of common/elementwise.h that the CPU op runs, so they differ from the
-// CPU only by the device's rounding (fused multiply-adds, expf) and, for
-// the reductions over a row or a channel, by the order of the additions,
-// which is fixed by the launch shape: repeated launches give the same bits.
+// SwiGLU, forward and backward, and the backend's AddInPlace. Each kernel
+// runs the per-element formula of common/elementwise.h that the CPU op
+// runs, so they differ from the CPU only by the device's rounding (fused
+// multiply-adds, expf) and, for the reductions over a row or a channel, by
+// the order of the additions, which is fixed by the launch shape: repeated
+// launches give the same bits.
 //
 // Pointers are device pointers; shapes and accumulation (backward ops ADD
 // into their outputs) are those of the CPU op of the same name. Every
@@ -36,6 +37,9 @@ cudaError_t SwigluForward(float* out, const float* gate, const float* up, int64_
                           cudaStream_t stream);
 cudaError_t SwigluBackward(float* dgate, float* dup, const float* dout, const float* gate,
                            const float* up, int64_t N, int F, cudaStream_t stream);
+
+// a[i] += b[i] for i < n: one rounding, the CPU's bits.
+cudaError_t Add(float* a, const float* b, int64_t n, cudaStream_t stream);
 
 }  // namespace muonps::cuda
 
