@@ -402,7 +402,9 @@ TEST_F(ShardServiceTest, AReplicaIsUpdatedLikeItsOwnerButServedAndWrittenOnlyWhe
   ASSERT_TRUE(Apply(*shard_, "job-a", 0, 0.01, 0.9, loads).ok());
   ASSERT_TRUE(reference->ApplyStep(0, 0.01, 0.9, loads).ok());
   const std::map<std::string, std::vector<float>> values = ReferenceValues(*reference);
-  pulled = Pull(shard_->stub.get(), *layout_, "job-a", 1, replicas);
+  // The replicas are updated on a thread of their own after the apply
+  // returns: the pull waits for each one's new version.
+  pulled = Pull(shard_->stub.get(), *layout_, "job-a", 1, replicas, /*wait_seconds=*/60.0);
   ASSERT_TRUE(pulled.status.ok()) << Describe(pulled.status);
   EXPECT_EQ(pulled.order, replicas);
   for (const std::string& name : replicas) {

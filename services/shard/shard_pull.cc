@@ -164,8 +164,13 @@ class ShardServiceImpl::PullReactor final : public grpc::ServerWriteReactor<grpc
             shard_->ServedTensor(names_[tensor_], request_.version());
         if (!served.ok()) return FinishLocked(ToGrpcStatus(served.status()));
         if (!served->has_value()) {
-          if (absl::Now() >= deadline_)
-            return FinishLocked(NotReachedLocked(shard_->served_version()));
+          if (absl::Now() >= deadline_) {
+            return FinishLocked(Refuse(
+                absl::StatusCode::kDeadlineExceeded,
+                absl::StrCat("tensor ", names_[tensor_], " not at version ", request_.version(),
+                             " within ", wait_seconds_, " s; the shard is at version ",
+                             shard_->served_version(), " (its update is still running)")));
+          }
           state_ = State::kWaitingTensor;
           return;
         }
